@@ -1,0 +1,1 @@
+"""CRM connectors: look customers up, post call records, leads and tasks."""

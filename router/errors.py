@@ -1,0 +1,147 @@
+"""Every exception callroute raises, in one hierarchy.
+
+Each class says what went wrong and what to do about it. Library errors (aiohttp,
+redis, pydantic, yaml) are translated at the boundary with ``raise ... from exc`` so
+callers only ever catch these::
+
+    CallrouteError
+    ├── ConfigError              a config or rules file is invalid: fix the file it names
+    ├── ProtocolError            a peer broke its protocol
+    │   ├── AgiProtocolError     a FastAGI session misbehaved: the call gets the safe route
+    │   │   └── AgiHangup        the channel hung up (HANGUP line, 511, EOF): stop sending
+    │   └── AmiProtocolError     an AMI message was malformed or too large: it is skipped
+    ├── AmiError                 the AMI connection failed (refused, login rejected)
+    ├── CrmError                 the CRM did not give a usable answer  (.kind, .retryable)
+    │   ├── CrmTimeout           no answer within the per-request timeout
+    │   ├── CrmUnavailable       connection refused, dropped or DNS failure
+    │   ├── CrmHttpError         an HTTP error status (.status)
+    │   │   ├── CrmClientError   4xx: credentials, URL or payload are wrong; not retried
+    │   │   ├── CrmRateLimited   429: slow down; honour .retry_after
+    │   │   └── CrmServerError   5xx: the CRM is failing; retried
+    │   ├── CrmBadResponse       the body is not the JSON that was promised
+    │   ├── CrmMappingError      the JSON does not fit the configured field mapping
+    │   └── CircuitOpen          too many recent failures: the CRM is not asked for a while
+    ├── CacheError               Redis is unreachable or answered garbage: served without it
+    └── OutboxError              a call record could not be stored durably anywhere
+"""
+
+from __future__ import annotations
+
+
+class CallrouteError(Exception):
+    """Base class of every error callroute raises on purpose."""
+
+
+class ConfigError(CallrouteError):
+    """A configuration or rules file is invalid.
+
+    ``location`` names where (file, rule, field) so the user can fix it.
+    """
+
+    def __init__(self, message: str, *, location: str | None = None) -> None:
+        self.location = location
+        super().__init__(f"{location}: {message}" if location else message)
+
+
+class ProtocolError(CallrouteError):
+    """A peer (Asterisk over AGI or AMI) sent something the protocol does not allow."""
+
+
+class AgiProtocolError(ProtocolError):
+    """A FastAGI session was broken: too large, too slow, malformed, or closed early."""
+
+
+class AgiHangup(AgiProtocolError):
+    """The channel hung up: Asterisk sent ``HANGUP``, replied ``511``, or closed the socket."""
+
+
+class AmiProtocolError(ProtocolError):
+    """An AMI message was malformed or over the size limit; it is counted and skipped."""
+
+
+class AmiError(CallrouteError):
+    """The AMI connection could not be made or kept (refused, login rejected, lost)."""
+
+
+class CrmError(CallrouteError):
+    """The CRM did not give a usable answer.
+
+    ``kind`` is a short stable label for logs and metrics; ``retryable`` says whether
+    the same request may succeed later.
+    """
+
+    kind = "error"
+    retryable = True
+
+
+class CrmTimeout(CrmError):
+    """The CRM did not answer within the per-request timeout."""
+
+    kind = "timeout"
+
+
+class CrmUnavailable(CrmError):
+    """The CRM could not be reached: connection refused, dropped, or name not resolved."""
+
+    kind = "unavailable"
+
+
+class CrmHttpError(CrmError):
+    """The CRM answered with an HTTP error status."""
+
+    kind = "http"
+
+    def __init__(self, message: str, *, status: int) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class CrmClientError(CrmHttpError):
+    """4xx other than 404/429: the request is wrong (credentials, URL, payload). Not retried."""
+
+    kind = "4xx"
+    retryable = False
+
+
+class CrmRateLimited(CrmHttpError):
+    """429 Too Many Requests: wait ``retry_after`` seconds (None when not given)."""
+
+    kind = "429"
+
+    def __init__(self, message: str, *, status: int = 429, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, status=status)
+
+
+class CrmServerError(CrmHttpError):
+    """5xx: the CRM is failing on its side; the request is retried later."""
+
+    kind = "5xx"
+
+
+class CrmBadResponse(CrmError):
+    """The CRM's body is not valid JSON (or not the JSON shape that was promised)."""
+
+    kind = "bad_json"
+    retryable = False
+
+
+class CrmMappingError(CrmError):
+    """The CRM's JSON does not fit the configured field mapping: fix the mapping."""
+
+    kind = "mapping"
+    retryable = False
+
+
+class CircuitOpen(CrmError):
+    """The circuit breaker is open after repeated failures; the CRM is not being asked."""
+
+    kind = "circuit_open"
+
+
+class CacheError(CallrouteError):
+    """Redis is unreachable, slow, or returned a value that cannot be read."""
+
+
+class OutboxError(CallrouteError):
+    """A call record could be stored neither in Redis nor in the on-disk spool."""

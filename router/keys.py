@@ -1,0 +1,67 @@
+"""Every Redis key callroute uses, defined in this one place.
+
+All keys start with the configured prefix (default ``callroute:``), so several
+deployments can share one Redis and ``SCAN prefix*`` shows everything we own.
+Phone numbers never appear in plaintext: customer keys carry a keyed hash
+(HMAC-SHA256 with the configured secret) of the E.164 number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder for one deployment's prefix and hashing secret."""
+
+    prefix: str = "callroute:"
+    secret: bytes = b"callroute"
+
+    def number_hash(self, e164: str) -> str:
+        """Keyed hash of a phone number: stable across instances, useless without the secret."""
+        return hmac.new(self.secret, e164.encode(), hashlib.sha256).hexdigest()[:32]
+
+    # --- customer cache (issue: cache) -------------------------------------------------
+    def customer(self, e164: str) -> str:
+        """String: cached lookup answer (JSON envelope) for one number."""
+        return f"{self.prefix}cust:{self.number_hash(e164)}"
+
+    def customer_index(self, customer_id: str) -> str:
+        """Set: hashed numbers cached for one CRM customer id (for webhook invalidation)."""
+        return f"{self.prefix}custidx:{customer_id}"
+
+    @property
+    def sync_cursor(self) -> str:
+        """String: the ``updated_since`` cursor of the last completed sync page."""
+        return f"{self.prefix}sync:cursor"
+
+    @property
+    def webhook_nonces(self) -> str:
+        """Prefix for webhook replay protection (one key per seen signature, with TTL)."""
+        return f"{self.prefix}webhook:seen:"
+
+    # --- outbox (issue: call records) --------------------------------------------------
+    @property
+    def outbox_stream(self) -> str:
+        """Stream: call records waiting for delivery (consumer group ``delivery``)."""
+        return f"{self.prefix}outbox"
+
+    @property
+    def outbox_dead(self) -> str:
+        """Stream: records that failed permanently, with the reason."""
+        return f"{self.prefix}outbox:dead"
+
+    def outbox_dedupe(self, record_key: str) -> str:
+        """String with TTL: marks a record key already enqueued (one record per call)."""
+        return f"{self.prefix}outbox:seen:{record_key}"
+
+    def delivered(self, record_key: str) -> str:
+        """String with TTL: marks a record key delivered to the CRM (a retry sends nothing)."""
+        return f"{self.prefix}outbox:done:{record_key}"
+
+    def ratelimit(self, crm: str) -> str:
+        """Key for the client-side rate limit towards one CRM."""
+        return f"{self.prefix}ratelimit:{crm}"

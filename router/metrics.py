@@ -1,0 +1,70 @@
+"""Every metric callroute exports, defined in this one place (Prometheus text format).
+
+The admin API serves them at ``GET /metrics``. Tests read values with
+``REGISTRY.get_sample_value(name, labels)``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# --- FastAGI / routing -------------------------------------------------------------------
+AGI_SESSIONS = Counter(
+    "callroute_agi_sessions", "FastAGI sessions by outcome", ["outcome"], registry=REGISTRY
+)
+AGI_ACTIVE = Gauge("callroute_agi_active_sessions", "FastAGI sessions in flight", registry=REGISTRY)
+AGI_REJECTED = Counter(
+    "callroute_agi_rejected", "FastAGI sessions refused (over the concurrency bound)",
+    registry=REGISTRY,
+)
+DECISIONS = Counter(
+    "callroute_decisions", "Routing decisions by rule and reason", ["rule", "reason"],
+    registry=REGISTRY,
+)
+DECISION_SECONDS = Histogram(
+    "callroute_decision_seconds", "Time from AGI environment read to decision",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0),
+    registry=REGISTRY,
+)
+
+# --- CRM lookups and cache -----------------------------------------------------------------
+LOOKUPS = Counter(
+    "callroute_lookups", "Customer lookups by where the answer came from", ["source"],
+    registry=REGISTRY,
+)
+CRM_REQUESTS = Counter(
+    "callroute_crm_requests", "HTTP requests sent to the CRM", ["op"], registry=REGISTRY
+)
+CRM_ERRORS = Counter(
+    "callroute_crm_errors", "CRM errors by operation and kind (timeout, 5xx, 429, ...)",
+    ["op", "kind"], registry=REGISTRY,
+)
+CACHE_ERRORS = Counter(
+    "callroute_cache_errors", "Redis cache failures by kind", ["kind"], registry=REGISTRY
+)
+BREAKER_STATE = Gauge(
+    "callroute_breaker_open", "1 while the CRM circuit breaker is open", registry=REGISTRY
+)
+
+# --- AMI ---------------------------------------------------------------------------------
+AMI_EVENTS = Counter("callroute_ami_events", "AMI events parsed", registry=REGISTRY)
+AMI_BAD_MESSAGES = Counter(
+    "callroute_ami_bad_messages", "AMI messages skipped as malformed", ["reason"],
+    registry=REGISTRY,
+)
+AMI_RECONNECTS = Counter("callroute_ami_reconnects", "AMI reconnections", registry=REGISTRY)
+AMI_INCOMPLETE_CALLS = Counter(
+    "callroute_ami_incomplete_calls",
+    "Calls whose record may be incomplete because events were missed during a reconnect",
+    registry=REGISTRY,
+)
+AMI_CONNECTED = Gauge("callroute_ami_connected", "1 while logged in to AMI", registry=REGISTRY)
+
+# --- outbox / delivery -------------------------------------------------------------------
+RECORDS = Counter(
+    "callroute_records", "Call records by stage (enqueued, spooled, delivered, dead, duplicate)",
+    ["stage"], registry=REGISTRY,
+)
+OUTBOX_DEPTH = Gauge("callroute_outbox_depth", "Records waiting for delivery", registry=REGISTRY)

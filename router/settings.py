@@ -1,0 +1,207 @@
+"""Typed settings, loaded from one YAML file (``callroute --config FILE``).
+
+Each section is a pydantic model with defaults, so a minimal file works. String
+values may use ``${VAR}`` or ``${VAR:-default}`` to take secrets from the
+environment. Paths (the rules file, the spool directory) are relative to the
+config file. Every error is a :class:`~router.errors.ConfigError` naming the file
+and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from router.crm.config import CrmSettings
+from router.errors import ConfigError
+from router.phone import DEFAULT_INTERNAL, valid_region
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PhoneSettings(_Section):
+    """How caller numbers are read."""
+
+    default_region: str = "CN"
+    internal_pattern: str = DEFAULT_INTERNAL
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if not valid_region(value):
+            raise ValueError(f"unknown region {value!r} (use an ISO 3166 code such as CN, US)")
+        return value.upper()
+
+    @field_validator("internal_pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
+
+
+class AgiSettings(_Section):
+    """The FastAGI server."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4573, ge=0, le=65535)
+    max_sessions: int = Field(512, ge=1)
+    env_timeout_s: float = Field(2.0, gt=0, description="deadline to read the agi_* environment")
+    command_timeout_s: float = Field(2.0, gt=0, description="deadline for each command's reply")
+    max_env_bytes: int = Field(16384, ge=1024)
+    max_line_bytes: int = Field(4096, ge=256)
+    max_env_lines: int = Field(128, ge=16)
+    shutdown_grace_s: float = Field(10.0, ge=0)
+
+
+class AmiSettings(_Section):
+    """The Asterisk Manager Interface connection."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(5038, ge=0, le=65535)
+    username: str = "callroute"
+    secret: str = ""
+    connect_timeout_s: float = Field(5.0, gt=0)
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    ping_interval_s: float = Field(20.0, gt=0)
+    max_message_bytes: int = Field(65536, ge=1024)
+
+
+class RedisSettings(_Section):
+    """The shared Redis (cache and outbox)."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "callroute:"
+    key_secret: str = Field("change-me", description="HMAC secret for hashing numbers in keys")
+    socket_timeout_s: float = Field(0.05, gt=0)
+    connect_timeout_s: float = Field(0.2, gt=0)
+
+
+class CacheSettings(_Section):
+    """The two-level customer cache."""
+
+    lru_size: int = Field(50_000, ge=0)
+    positive_ttl_s: float = Field(900.0, gt=0)
+    negative_ttl_s: float = Field(120.0, gt=0)
+    stale_max_age_s: float = Field(86_400.0, ge=0, description="stale-if-error limit")
+
+
+class BreakerSettings(_Section):
+    """The circuit breaker in front of the CRM."""
+
+    failures: int = Field(5, ge=1, description="consecutive failures that open it")
+    cooldown_s: float = Field(10.0, gt=0)
+
+
+class RoutingSettings(_Section):
+    """Routing rules and the decision deadline."""
+
+    rules: Path = Path("rules.yaml")
+    deadline_ms: int = Field(300, ge=10, le=10_000)
+    default_queue: str = "support"
+
+
+class OutboxSettings(_Section):
+    """Durable delivery of call records."""
+
+    enabled: bool = True
+    spool_dir: Path = Path("var/spool")
+    max_attempts: int = Field(12, ge=1)
+    backoff_base_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(300.0, gt=0)
+    rate_per_s: float = Field(20.0, gt=0, description="client-side rate limit per CRM")
+    claim_idle_s: float = Field(60.0, gt=0, description="reclaim entries idle this long")
+
+
+class AdminSettings(_Section):
+    """The admin HTTP API (health, metrics, webhook, outbox)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8074, ge=0, le=65535)
+    webhook_secret: str = ""
+    webhook_tolerance_s: float = Field(300.0, gt=0)
+
+
+class Settings(_Section):
+    """The whole configuration file."""
+
+    phone: PhoneSettings = Field(default_factory=PhoneSettings)
+    agi: AgiSettings = Field(default_factory=AgiSettings)
+    ami: AmiSettings = Field(default_factory=AmiSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    crm: CrmSettings = Field(default_factory=CrmSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    log_level: str = "INFO"
+    #: Directory of the config file; relative paths are resolved against it.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    def path(self, value: Path) -> Path:
+        """``value`` resolved against the config file's directory."""
+        return value if value.is_absolute() else self.base_dir / value
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a YAML tree."""
+    if isinstance(value, str):
+        return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    return value
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file, translating I/O and syntax errors into ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", location=str(path)) from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"not valid YAML: {exc}", location=where) from exc
+
+
+def validation_message(exc: ValidationError) -> str:
+    """One line per problem: ``field.path: message``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{loc}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Load and validate the config file at ``path``."""
+    file = Path(path)
+    data = read_yaml(file) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping of sections", location=str(file))
+    try:
+        settings = Settings.model_validate(expand_env(data))
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc), location=str(file)) from exc
+    settings.base_dir = file.resolve().parent
+    return settings
