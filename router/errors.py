@@ -108,7 +108,9 @@ class CrmRateLimited(CrmHttpError):
 
     kind = "429"
 
-    def __init__(self, message: str, *, status: int = 429, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int = 429, retry_after: float | None = None
+    ) -> None:
         self.retry_after = retry_after
         super().__init__(message, status=status)
 

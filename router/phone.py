@@ -34,7 +34,9 @@ def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-def normalize(raw: str | None, region: str = "CN", internal: str = DEFAULT_INTERNAL) -> CallerNumber:
+def normalize(
+    raw: str | None, region: str = "CN", internal: str = DEFAULT_INTERNAL
+) -> CallerNumber:
     """Classify and normalise a caller number for ``region`` (ISO 3166 alpha-2).
 
     ``internal`` is a regular expression matching internal extensions (after
