@@ -130,6 +130,7 @@ class AdminSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8074, ge=0, le=65535)
+    token: str = Field("", description="bearer token for the admin API; empty = none")
     webhook_secret: str = ""
     webhook_tolerance_s: float = Field(300.0, gt=0)
 
