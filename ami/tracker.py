@@ -1,0 +1,676 @@
+"""The call tracker: AMI events in, one :class:`~ami.records.CallRecord` per customer call out.
+
+Every channel of a customer call shares its ``Linkedid`` (the Local ``;1``/``;2``
+halves, the Dial to an owner, the queue's attempts). The tracker groups channels
+by Linkedid, follows a channel whose Linkedid changes (transfers), and keeps a
+Uniqueid→Linkedid map to tie ``Cdr`` events (which carry ``UniqueID`` only) to
+their call.
+
+Cdr events can arrive after the channels' ``Hangup``, so a call whose channels are
+all gone is finalised when its Cdrs are in (every channel has its own Cdr or is the
+``DestinationChannel`` of one) at the next unrelated event, or else when
+:meth:`CallTracker.flush` runs after ``cdr_grace_s``. The AMI client calls
+``flush(now)`` on a timer; replay tests call ``flush()`` at the end, so results are
+deterministic. Exactly one record is emitted per Linkedid.
+
+The customer-facing leg is the call's first channel (Uniqueid == Linkedid): its
+caller id is the caller, its hangup cause the call's. The routing decision reaches
+the tracker as ``VarSet`` events of the variables the FastAGI side sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, tzinfo
+
+from ami.protocol import Message
+from ami.records import CallRecord, HangupCause, Outcome, record_key_for
+from router.log import bind_call
+from router.phone import normalize
+from router.presence import Presence, device_of
+
+log = logging.getLogger(__name__)
+
+#: Channel variables set by the router (the AGI) that the record reports.
+ROUTE_VARS = frozenset(
+    {"CRM_CUSTOMER_ID", "CRM_TIER", "ROUTE_RULE", "ROUTE_REASON", "ROUTE_TARGET",
+     "ROUTE_QUEUE", "CALL_DID"}
+)
+#: Dial/Queue timing variables (milliseconds), read from the channel that dialled.
+TIMING_VARS = frozenset({"DIALEDTIME_MS", "ANSWEREDTIME_MS"})
+#: Caller id values that mean "no number/name".
+UNKNOWN_IDS = frozenset({"", "<unknown>", "unknown"})
+#: Q.850 causes that mean the call failed rather than that somebody hung up.
+FAILURE_CAUSES = frozenset({1, 2, 3, 21, 22, 27, 28, 34, 38, 41, 42, 44, 47, 58, 66, 88, 102,
+                            111, 127})
+#: Queue member Status codes (app_queue) to device state names.
+MEMBER_STATUS = {
+    "0": "UNKNOWN", "1": "NOT_INUSE", "2": "INUSE", "3": "BUSY", "4": "INVALID",
+    "5": "UNAVAILABLE", "6": "RINGING", "7": "RINGINUSE", "8": "ONHOLD",
+}
+#: Headers not worth keeping in a record's Cdr rows.
+_CDR_DROP = frozenset({"Event", "Privilege"})
+_DONE_MEMORY = 100_000
+
+AgentResolver = Callable[[str], str | None]
+
+
+def device_of_channel(channel: str | None) -> str | None:
+    """``Local/7001@agents`` from ``Local/7001@agents-00000001;1``; ``PJSIP/7001`` from
+    ``PJSIP/7001-0000002a``."""
+    if not channel:
+        return None
+    name = channel.split(";", 1)[0]
+    base, sep, suffix = name.rpartition("-")
+    return base if sep and suffix and "/" in base else name
+
+
+def extension_agent(device: str) -> str | None:
+    """A simple resolver: the extension of ``Local/7101@agents`` or ``PJSIP/7101`` is the agent."""
+    tail = device.split("/", 1)[-1]
+    ext = tail.split("@", 1)[0]
+    return ext or None
+
+
+class _Call:
+    """What the tracker knows about one open call."""
+
+    __slots__ = (
+        "abandon_hold", "abandoned", "answer_dest", "answer_time", "answered_by", "caller_name",
+        "caller_num", "cdr_dests", "cdr_uids", "cdrs", "closed_at", "created", "dest_uids",
+        "dial_statuses", "dialers", "end_time", "exten", "first_uid", "hangup_code",
+        "hangup_text", "incomplete", "joined_queue", "linkedid", "live", "local_pairs",
+        "names", "queue", "recording", "rung", "start_time", "suspect", "talk_time", "timing",
+        "vars",
+    )
+
+    def __init__(self, linkedid: str, now: float) -> None:
+        self.linkedid = linkedid
+        self.created = now
+        self.start_time = now
+        self.first_uid: str | None = None
+        self.live: set[str] = set()
+        self.names: dict[str, str] = {}
+        self.vars: dict[str, str] = {}
+        self.timing: dict[str, str] = {}
+        self.caller_num: str | None = None
+        self.caller_name: str | None = None
+        self.exten: str | None = None
+        self.rung: list[str] = []
+        self.dialers: set[str] = set()
+        self.dest_uids: set[str] = set()
+        self.local_pairs: dict[str, str] = {}
+        self.dial_statuses: list[str] = []
+        self.answered_by: str | None = None
+        self.answer_dest: str | None = None
+        self.answer_time: float | None = None
+        self.end_time: float | None = None
+        self.talk_time: str | None = None
+        self.queue: str | None = None
+        self.joined_queue = False
+        self.abandoned = False
+        self.abandon_hold: str | None = None
+        self.hangup_code: str | None = None
+        self.hangup_text: str | None = None
+        self.recording: str | None = None
+        self.cdrs: list[dict[str, str]] = []
+        self.cdr_uids: set[str] = set()
+        self.cdr_dests: set[str] = set()
+        self.closed_at: float | None = None
+        self.incomplete = False
+        self.suspect = False
+
+    def cdrs_in(self) -> bool:
+        """True when every channel has a Cdr of its own or is the destination of one."""
+        uids, dests = self.cdr_uids, self.cdr_dests
+        return bool(uids) and all(
+            uid in uids or name in dests for uid, name in self.names.items()
+        )
+
+
+class CallTracker:
+    """Groups AMI events into calls and emits one :class:`CallRecord` per call.
+
+    Feed every event to :meth:`handle`; call :meth:`flush` periodically (and at the
+    end of a replay); after a reconnect call :meth:`mark_disconnected` (when the link
+    drops) and :meth:`resync` (with ``CoreShowChannels``/``QueueStatus`` results).
+    """
+
+    def __init__(
+        self,
+        on_record: Callable[[CallRecord], None],
+        region: str = "CN",
+        presence: Presence | None = None,
+        agent_for_device: AgentResolver | None = None,
+        clock: Callable[[], float] = time.time,
+        *,
+        cdr_grace_s: float = 2.0,
+        max_open_calls: int = 10_000,
+        cdr_tz: tzinfo = UTC,
+    ) -> None:
+        self.on_record = on_record
+        self.region = region
+        self.presence = presence
+        self.agent_for_device = agent_for_device
+        self.clock = clock
+        self.cdr_grace_s = cdr_grace_s
+        self.max_open_calls = max_open_calls
+        self.cdr_tz = cdr_tz
+        self._calls: dict[str, _Call] = {}
+        self._uid_lid: dict[str, str] = {}
+        self._closed: dict[str, _Call] = {}
+        self._ready: dict[str, _Call] = {}
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self.records_emitted = 0
+        self.late_cdrs = 0
+        self.evicted = 0
+        self._chan_handlers: dict[str, Callable[[_Call, dict[str, str], str], None]] = {
+            "Newchannel": self._on_newchannel,
+            "VarSet": self._on_varset,
+            "DialBegin": self._on_dial_begin,
+            "DialEnd": self._on_dial_end,
+            "AgentCalled": self._on_agent_called,
+            "AgentConnect": self._on_agent_connect,
+            "AgentComplete": self._on_agent_complete,
+            "QueueCallerJoin": self._on_queue_join,
+            "QueueCallerAbandon": self._on_queue_abandon,
+            "Hangup": self._on_hangup,
+            "Rename": self._on_rename,
+            "NewCallerid": self._on_callerid,
+        }
+        self._other_handlers: dict[str, Callable[[dict[str, str]], None]] = {
+            "Cdr": self._on_cdr,
+            "LocalBridge": self._on_local_bridge,
+            "DeviceStateChange": self._on_device_state,
+            "QueueMemberStatus": self._on_member_status,
+            "QueueMember": self._on_member_status,
+        }
+
+    # --- public API -----------------------------------------------------------------------
+    @property
+    def open_calls(self) -> list[str]:
+        """Linkedids of calls not yet finalised."""
+        return list(self._calls)
+
+    def handle(self, msg: Message) -> None:
+        """Process one AMI message (non-events are ignored)."""
+        name = msg.event
+        if name is None:
+            return
+        h = msg.headers
+        if self._ready and not (
+            name == "Cdr" and self._uid_lid.get(h.get("UniqueID", "")) in self._ready
+        ):
+            self._finalise_ready()
+        uid = h.get("Uniqueid")
+        if uid is not None and uid != "<unknown>":
+            handler = self._chan_handlers.get(name)
+            call = self._channel(uid, h.get("Linkedid"), h)
+            if call is None:
+                return
+            if uid == call.first_uid and "CallerIDNum" in h:
+                self._caller(call, h)
+            if handler is not None:
+                handler(call, h, uid)
+            return
+        other = self._other_handlers.get(name)
+        if other is not None:
+            other(h)
+
+    def handle_all(self, messages: Iterable[Message]) -> None:
+        """:meth:`handle` each message in turn."""
+        for msg in messages:
+            self.handle(msg)
+
+    def flush(self, now: float | None = None) -> int:
+        """Finalise closed calls whose Cdrs are in or whose grace has passed by ``now``.
+
+        ``now=None`` finalises every closed call (end of a replay, shutdown).
+        Returns the number of records emitted.
+        """
+        before = self.records_emitted
+        self._finalise_ready()
+        for lid, call in list(self._closed.items()):
+            closed = call.closed_at if call.closed_at is not None else 0.0
+            if now is None or closed + self.cdr_grace_s <= now:
+                self._finalise(lid)
+        return self.records_emitted - before
+
+    def close(self) -> int:
+        """Finalise every call, open ones as incomplete (shutdown: no record is lost)."""
+        for call in self._calls.values():
+            if call.live:
+                call.incomplete = True
+        count = self.flush()
+        for lid in list(self._calls):
+            self._finalise(lid)
+            count += 1
+        return count
+
+    def mark_disconnected(self) -> list[str]:
+        """The AMI link dropped: every open call may miss events. Returns their Linkedids."""
+        for call in self._calls.values():
+            call.suspect = True
+        return list(self._calls)
+
+    def resync(self, channels: Iterable[Message], queue_status: Iterable[Message] = ()) -> list[str]:
+        """Reconcile with a fresh ``CoreShowChannels`` (and ``QueueStatus``) after a reconnect.
+
+        Calls open across the disconnection are marked incomplete; those no longer
+        present are finalised at once. Channels of unknown calls are adopted (the call
+        is incomplete). Returns the Linkedids of every call marked incomplete.
+        """
+        now = self.clock()
+        present: dict[str, dict[str, str]] = {}
+        for msg in channels:
+            uid = msg.get("Uniqueid")
+            if uid:
+                present[uid] = msg.headers
+        affected: list[str] = []
+        for lid, call in list(self._calls.items()):
+            if not call.suspect:
+                continue
+            call.suspect = False
+            call.incomplete = True
+            affected.append(lid)
+            for uid in list(call.live):
+                if uid not in present:
+                    call.live.discard(uid)
+            if not call.live:
+                if call.end_time is None:
+                    call.end_time = now
+                self._finalise(lid)
+        for uid, h in present.items():
+            if uid in self._uid_lid:
+                continue
+            lid = h.get("Linkedid") or uid
+            if lid in self._done:
+                continue
+            new = lid not in self._calls
+            call = self._channel(uid, lid, h)
+            if call is None:
+                continue
+            if new or not call.incomplete:
+                call.incomplete = True
+                affected.append(lid)
+            if uid == call.first_uid:
+                self._caller(call, h)
+                call.exten = call.exten or h.get("Exten")
+        self._apply_queue_status(queue_status)
+        return sorted(set(affected))
+
+    # --- channels -------------------------------------------------------------------------
+    def _event_time(self, h: dict[str, str]) -> float:
+        ts = h.get("Timestamp")
+        if ts:
+            try:
+                return float(ts)
+            except ValueError:
+                pass
+        return self.clock()
+
+    def _channel(self, uid: str, lid: str | None, h: dict[str, str]) -> _Call | None:
+        known = self._uid_lid.get(uid)
+        if known is None:
+            if not lid or lid in self._done:
+                return None
+            call = self._calls.get(lid)
+            if call is None:
+                call = self._new_call(lid, self._event_time(h))
+            self._uid_lid[uid] = lid
+            call.live.add(uid)
+            call.names[uid] = h.get("Channel", uid)
+            if call.first_uid is None or uid == lid:
+                call.first_uid = uid
+            return call
+        if lid and known != lid and lid not in self._done:
+            return self._move(uid, known, lid, h)
+        return self._calls.get(known)
+
+    def _new_call(self, lid: str, now: float) -> _Call:
+        if len(self._calls) >= self.max_open_calls:
+            oldest = next(iter(self._calls))
+            log.warning(
+                "more than %d open calls: finalising the oldest (%s) as incomplete",
+                self.max_open_calls, oldest,
+            )
+            self._calls[oldest].incomplete = True
+            self.evicted += 1
+            self._finalise(oldest)
+        call = _Call(lid, now)
+        self._calls[lid] = call
+        self._closed.pop(lid, None)
+        return call
+
+    def _move(self, uid: str, old_lid: str, new_lid: str, h: dict[str, str]) -> _Call:
+        """A channel's Linkedid changed (transfer): follow it to its new call."""
+        old = self._calls.get(old_lid)
+        new = self._calls.get(new_lid) or self._new_call(new_lid, self._event_time(h))
+        self._uid_lid[uid] = new_lid
+        new.live.add(uid)
+        new.names[uid] = h.get("Channel", uid)
+        if new.first_uid is None:
+            new.first_uid = uid
+        if old is not None:
+            old.live.discard(uid)
+            old.names.pop(uid, None)
+            if not old.live:
+                self._close(old, self._event_time(h))
+        return new
+
+    def _close(self, call: _Call, now: float) -> None:
+        call.closed_at = now
+        if call.end_time is None:
+            call.end_time = now
+        self._closed[call.linkedid] = call
+        if call.cdrs_in():
+            self._ready[call.linkedid] = call
+
+    def _caller(self, call: _Call, h: dict[str, str]) -> None:
+        num = h.get("CallerIDNum")
+        if num is not None and num not in UNKNOWN_IDS:
+            call.caller_num = num
+        name = h.get("CallerIDName")
+        if name is not None and name.lower() not in UNKNOWN_IDS:
+            call.caller_name = name
+
+    # --- channel events -------------------------------------------------------------------
+    def _on_newchannel(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        if uid == call.first_uid and call.exten is None:
+            call.exten = h.get("Exten")
+
+    def _on_callerid(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        return None  # caller id is read for the customer leg in handle()
+
+    def _on_rename(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        new = h.get("Newname")
+        if new:
+            call.names[uid] = new
+
+    def _on_varset(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        var = h.get("Variable", "").lstrip("_")
+        value = h.get("Value", "")
+        if var in ROUTE_VARS:
+            if value:
+                call.vars[var] = value
+            else:
+                call.vars.pop(var, None)
+        elif var in TIMING_VARS:
+            if value and uid in call.dialers:
+                call.timing[var] = value
+        elif var == "MIXMONITOR_FILENAME" and value:
+            call.recording = value
+
+    def _on_dial_begin(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        if uid in call.dest_uids:
+            return  # an agent's own leg dialling onwards: not a new attempt
+        dest_uid = h.get("DestUniqueid")
+        if dest_uid:
+            call.dest_uids.add(dest_uid)
+            pair = call.local_pairs.get(dest_uid)
+            if pair:
+                call.dest_uids.add(pair)
+        call.dialers.add(uid)
+        self._rang(call, device_of_channel(h.get("DestChannel")) or h.get("DialString"))
+
+    @staticmethod
+    def _rang(call: _Call, device: str | None) -> None:
+        if device and device not in call.rung:
+            call.rung.append(device)
+
+    def _on_dial_end(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        if uid in call.dest_uids:
+            return
+        status = h.get("DialStatus", "")
+        call.dial_statuses.append(status)
+        if status == "ANSWER" and call.answered_by is None:
+            call.answer_dest = h.get("DestChannel")
+            call.answered_by = device_of_channel(call.answer_dest)
+            call.answer_time = self._event_time(h)
+
+    def _on_agent_called(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        interface = h.get("Interface")
+        if interface:
+            self._rang(call, device_of(interface))
+
+    def _on_agent_connect(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        interface = h.get("Interface")
+        if interface:
+            call.answered_by = device_of(interface)
+        call.answer_dest = h.get("DestChannel") or call.answer_dest
+        if call.answer_time is None:
+            call.answer_time = self._event_time(h)
+        call.queue = h.get("Queue") or call.queue
+
+    def _on_agent_complete(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        call.talk_time = h.get("TalkTime")
+
+    def _on_queue_join(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        call.queue = h.get("Queue") or call.queue
+        call.joined_queue = True
+        call.dialers.add(uid)
+
+    def _on_queue_abandon(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        call.abandoned = True
+        call.abandon_hold = h.get("HoldTime")
+        call.queue = h.get("Queue") or call.queue
+
+    def _on_hangup(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        call.live.discard(uid)
+        if uid == call.first_uid:
+            call.hangup_code = h.get("Cause")
+            call.hangup_text = h.get("Cause-txt")
+        if not call.live:
+            now = self._event_time(h)
+            call.end_time = now
+            self._close(call, now)
+
+    # --- other events ---------------------------------------------------------------------
+    def _on_cdr(self, h: dict[str, str]) -> None:
+        uid = h.get("UniqueID") or h.get("Uniqueid") or ""
+        lid = self._uid_lid.get(uid)
+        call = self._calls.get(lid) if lid is not None else None
+        if call is None:
+            self.late_cdrs += 1
+            log.debug("Cdr for unknown or finished channel %s ignored", uid)
+            return
+        call.cdrs.append({k: v for k, v in h.items() if k not in _CDR_DROP})
+        call.cdr_uids.add(uid)
+        dest = h.get("DestinationChannel")
+        if dest:
+            call.cdr_dests.add(dest)
+        if call.closed_at is not None and not call.live and call.cdrs_in():
+            self._ready[call.linkedid] = call
+
+    def _on_local_bridge(self, h: dict[str, str]) -> None:
+        lid = h.get("LocalOneLinkedid")
+        call = self._calls.get(lid) if lid else None
+        one, two = h.get("LocalOneUniqueid"), h.get("LocalTwoUniqueid")
+        if call is None or not one or not two:
+            return
+        call.local_pairs[one] = two
+        if one in call.dest_uids:
+            call.dest_uids.add(two)
+
+    def _on_device_state(self, h: dict[str, str]) -> None:
+        device, state = h.get("Device"), h.get("State")
+        if self.presence is not None and device and state and not device.startswith("Queue:"):
+            self.presence.update(device, state)
+
+    def _on_member_status(self, h: dict[str, str]) -> None:
+        if self.presence is None:
+            return
+        device = h.get("StateInterface") or h.get("Interface") or h.get("Location")
+        state = MEMBER_STATUS.get(h.get("Status", ""))
+        if device and state and state != "UNKNOWN":
+            self.presence.update(device, state)
+
+    def _apply_queue_status(self, messages: Iterable[Message]) -> None:
+        for msg in messages:
+            if msg.event == "QueueMember":
+                self._on_member_status(msg.headers)
+            elif msg.event == "QueueEntry":
+                lid = self._uid_lid.get(msg.get("Uniqueid") or "")
+                call = self._calls.get(lid) if lid else None
+                if call is not None:
+                    call.queue = msg.get("Queue") or call.queue
+                    call.joined_queue = True
+
+    # --- finalisation ---------------------------------------------------------------------
+    def _finalise_ready(self) -> None:
+        for lid in list(self._ready):
+            self._finalise(lid)
+
+    def _finalise(self, lid: str) -> None:
+        call = self._calls.pop(lid, None)
+        self._ready.pop(lid, None)
+        self._closed.pop(lid, None)
+        if call is None or lid in self._done:
+            return
+        self._done[lid] = None
+        if len(self._done) > _DONE_MEMORY:
+            self._done.popitem(last=False)
+        for uid in call.names:
+            self._uid_lid.pop(uid, None)
+        with bind_call(lid):
+            try:
+                record = self.build_record(call)
+            except Exception:
+                log.exception("could not build the record of call %s", lid)
+                return
+            self.records_emitted += 1
+            try:
+                self.on_record(record)
+            except Exception:
+                log.exception("record consumer failed; record was %s", record.model_dump_json())
+
+    def _cdr_time(self, value: str | None) -> datetime | None:
+        if not value:
+            return None
+        try:
+            return datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=self.cdr_tz)
+        except ValueError:
+            return None
+
+    def _times(self, call: _Call) -> tuple[datetime | None, datetime | None, datetime | None]:
+        starts = [t for c in call.cdrs if (t := self._cdr_time(c.get("StartTime")))]
+        ends = [t for c in call.cdrs if (t := self._cdr_time(c.get("EndTime")))]
+        start = min(starts) if starts else datetime.fromtimestamp(call.start_time, UTC)
+        end = max(ends) if ends else (
+            datetime.fromtimestamp(call.end_time, UTC) if call.end_time is not None else None
+        )
+        answer = None
+        if call.answered_by is not None:
+            for cdr in call.cdrs:
+                if call.answer_dest and cdr.get("DestinationChannel") == call.answer_dest:
+                    answer = self._cdr_time(cdr.get("AnswerTime"))
+                    if answer:
+                        break
+            if answer is None and call.answer_time is not None:
+                answer = datetime.fromtimestamp(call.answer_time, UTC)
+        return start, answer, end
+
+    @staticmethod
+    def _ms(value: str | None) -> float | None:
+        try:
+            return int(value) / 1000.0 if value else None
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _seconds(value: str | None) -> float | None:
+        try:
+            return float(value) if value else None
+        except ValueError:
+            return None
+
+    def _outcome(self, call: _Call) -> Outcome:
+        if call.answered_by is not None:
+            return "answered"
+        if call.abandoned:
+            return "abandoned"
+        if call.joined_queue:
+            return "missed"
+        if call.dial_statuses:
+            last = call.dial_statuses[-1]
+            if last == "BUSY":
+                return "busy"
+            if last in ("NOANSWER", "CANCEL"):
+                return "missed"
+            return "failed"
+        try:
+            code = int(call.hangup_code or "0")
+        except ValueError:
+            code = 0
+        return "failed" if code in FAILURE_CAUSES else "abandoned"
+
+    def _durations(
+        self, call: _Call, start: datetime | None, answer: datetime | None, end: datetime | None
+    ) -> tuple[float | None, float | None]:
+        dialed = self._ms(call.timing.get("DIALEDTIME_MS"))
+        answered = self._ms(call.timing.get("ANSWEREDTIME_MS"))
+        if call.answered_by is not None:
+            if dialed is not None and answered:
+                return round(dialed - answered, 3), answered
+            wait = (answer - start).total_seconds() if answer and start else None
+            talk = self._seconds(call.talk_time)
+            if talk is None and answer and end:
+                talk = (end - answer).total_seconds()
+            return wait, talk
+        if dialed:
+            return dialed, 0.0
+        if start and end:
+            return (end - start).total_seconds(), 0.0
+        return self._seconds(call.abandon_hold), 0.0
+
+    def build_record(self, call: _Call) -> CallRecord:
+        """The record of ``call`` as it stands (used at finalisation)."""
+        raw = call.caller_num
+        if raw is None:
+            first = call.names.get(call.first_uid or "")
+            raw = next(
+                (c.get("Source") for c in call.cdrs if c.get("Channel") == first and
+                 c.get("Source")), None,
+            )
+        number = normalize(raw, self.region) if raw else None
+        start, answer, end = self._times(call)
+        wait, talk = self._durations(call, start, answer, end)
+        agent = None
+        if call.answered_by is not None and self.agent_for_device is not None:
+            agent = self.agent_for_device(call.answered_by)
+        cause = None
+        if call.hangup_code is not None or call.hangup_text is not None:
+            code = int(call.hangup_code) if (call.hangup_code or "").isdigit() else None
+            cause = HangupCause(code=code, text=call.hangup_text)
+        v = call.vars
+        return CallRecord(
+            record_key=record_key_for(call.linkedid),
+            linkedid=call.linkedid,
+            caller=number.e164 if number is not None else None,
+            caller_raw=raw,
+            caller_name=call.caller_name,
+            did=v.get("CALL_DID") or call.exten,
+            customer_id=v.get("CRM_CUSTOMER_ID"),
+            customer_tier=v.get("CRM_TIER"),
+            routing_rule=v.get("ROUTE_RULE"),
+            route_reason=v.get("ROUTE_REASON"),
+            route_target=v.get("ROUTE_TARGET"),
+            route_queue=v.get("ROUTE_QUEUE"),
+            queue=call.queue,
+            agents_rung=list(call.rung),
+            answered_by=call.answered_by,
+            answered_by_agent=agent,
+            start=start,
+            answer=answer,
+            end=end,
+            wait_s=wait,
+            talk_s=talk,
+            outcome=self._outcome(call),
+            hangup_cause=cause,
+            recording=call.recording,
+            incomplete=call.incomplete,
+            cdrs=call.cdrs,
+        )
