@@ -62,6 +62,20 @@ class Keys:
         """String with TTL: marks a record key delivered to the CRM (a retry sends nothing)."""
         return f"{self.prefix}outbox:done:{record_key}"
 
+    @property
+    def outbox_retry(self) -> str:
+        """Sorted set: records waiting for their next attempt (score = due time, epoch ms)."""
+        return f"{self.prefix}outbox:retry"
+
+    @property
+    def outbox_sent(self) -> str:
+        """Stream (capped): recently delivered records, kept for ``callroute outbox replay``."""
+        return f"{self.prefix}outbox:sent"
+
+    def outbox_step(self, record_key: str, step: str) -> str:
+        """String with TTL: one step (call, lead, task) of a record is done at the CRM."""
+        return f"{self.prefix}outbox:step:{step}:{record_key}"
+
     def ratelimit(self, crm: str) -> str:
         """Key for the client-side rate limit towards one CRM."""
         return f"{self.prefix}ratelimit:{crm}"

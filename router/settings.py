@@ -122,6 +122,25 @@ class OutboxSettings(_Section):
     backoff_max_s: float = Field(300.0, gt=0)
     rate_per_s: float = Field(20.0, gt=0, description="client-side rate limit per CRM")
     claim_idle_s: float = Field(60.0, gt=0, description="reclaim entries idle this long")
+    group: str = Field("delivery", min_length=1, description="consumer group of the workers")
+    concurrency: int = Field(16, ge=1, le=1024, description="records in flight per worker")
+    poll_interval_s: float = Field(0.2, gt=0, le=10, description="XREADGROUP block time")
+    rate_burst: float = Field(10.0, ge=1, description="token bucket size of the rate limit")
+    rate_shared: bool = Field(True, description="share the rate limit across instances (Redis)")
+    dedupe_ttl_s: float = Field(7 * 86_400.0, gt=0, description="how long a key stays enqueued")
+    delivered_ttl_s: float = Field(7 * 86_400.0, gt=0, description="delivered markers' life")
+    sent_keep: int = Field(10_000, ge=0, description="delivered records kept for replay")
+    spool_max_records: int = Field(100_000, ge=1)
+    spool_max_bytes: int = Field(512 * 1024 * 1024, ge=4096)
+    spool_drain_interval_s: float = Field(1.0, gt=0)
+    max_record_bytes: int = Field(256 * 1024, ge=1024)
+    redis_timeout_s: float = Field(2.0, gt=0, description="outbox Redis socket timeout")
+    create_leads: bool = Field(True, description="an unknown caller becomes a lead")
+    create_tasks: bool = Field(True, description="a missed call becomes a follow-up task")
+    task_outcomes: list[str] = Field(
+        default_factory=lambda: ["missed", "abandoned"],
+        description="record outcomes that get a follow-up task",
+    )
 
 
 class AdminSettings(_Section):
