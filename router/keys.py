@@ -27,7 +27,11 @@ class Keys:
     # --- customer cache (issue: cache) -------------------------------------------------
     def customer(self, e164: str) -> str:
         """String: cached lookup answer (JSON envelope) for one number."""
-        return f"{self.prefix}cust:{self.number_hash(e164)}"
+        return self.customer_by_hash(self.number_hash(e164))
+
+    def customer_by_hash(self, number_hash: str) -> str:
+        """The :meth:`customer` key for an already hashed number (from the index)."""
+        return f"{self.prefix}cust:{number_hash}"
 
     def customer_index(self, customer_id: str) -> str:
         """Set: hashed numbers cached for one CRM customer id (for webhook invalidation)."""

@@ -47,6 +47,18 @@ CACHE_ERRORS = Counter(
 BREAKER_STATE = Gauge(
     "callroute_breaker_open", "1 while the CRM circuit breaker is open", registry=REGISTRY
 )
+LOOKUP_BACKGROUND = Gauge(
+    "callroute_lookup_background", "CRM lookups running in the background (cache fill)",
+    registry=REGISTRY,
+)
+WEBHOOKS = Counter(
+    "callroute_webhooks", "CRM webhooks by outcome (ok, bad_signature, stale, replay, ...)",
+    ["outcome"], registry=REGISTRY,
+)
+SYNC_CUSTOMERS = Counter(
+    "callroute_sync_customers", "Customers written to the cache by the pre-warm sync",
+    registry=REGISTRY,
+)
 
 # --- AMI ---------------------------------------------------------------------------------
 AMI_EVENTS = Counter("callroute_ami_events", "AMI events parsed", registry=REGISTRY)

@@ -86,6 +86,9 @@ class RedisSettings(_Section):
     key_secret: str = Field("change-me", description="HMAC secret for hashing numbers in keys")
     socket_timeout_s: float = Field(0.05, gt=0)
     connect_timeout_s: float = Field(0.2, gt=0)
+    down_backoff_s: float = Field(
+        1.0, ge=0, description="after a Redis failure, skip Redis this long, then probe again"
+    )
 
 
 class CacheSettings(_Section):
@@ -94,7 +97,18 @@ class CacheSettings(_Section):
     lru_size: int = Field(50_000, ge=0)
     positive_ttl_s: float = Field(900.0, gt=0)
     negative_ttl_s: float = Field(120.0, gt=0)
-    stale_max_age_s: float = Field(86_400.0, ge=0, description="stale-if-error limit")
+    stale_max_age_s: float = Field(
+        86_400.0, ge=0, description="how long past its TTL an entry may still be served"
+    )
+    lru_recheck_s: float = Field(
+        5.0, ge=0, description="trust an in-process entry this long before re-reading Redis"
+    )
+    max_background: int = Field(
+        1000, ge=1, description="bound on CRM lookups running in the background"
+    )
+    sync_interval_s: float = Field(
+        0.0, ge=0, description="pre-warm sync period for serve (0: off)"
+    )
 
 
 class BreakerSettings(_Section):
@@ -152,6 +166,7 @@ class AdminSettings(_Section):
     token: str = Field("", description="bearer token for the admin API; empty = none")
     webhook_secret: str = ""
     webhook_tolerance_s: float = Field(300.0, gt=0)
+    webhook_max_bytes: int = Field(262_144, ge=1024, description="largest webhook body")
 
 
 class Settings(_Section):

@@ -1,0 +1,375 @@
+"""The two-level customer cache: a bounded in-process LRU and Redis shared by every instance.
+
+Each entry is one lookup answer (a customer, or "no such customer") with the wall-clock
+time it was fetched from the CRM. Whether it is fresh or stale is decided by the reader
+from that time and the TTLs in :class:`~router.settings.CacheSettings`, so every instance
+agrees. An entry may be served until ``ttl + stale_max_age_s`` after it was fetched
+(stale-while-revalidate and stale-if-error); the Redis key expires at exactly that time.
+
+Redis keyspace (see :class:`~router.keys.Keys`; numbers only as keyed hashes)::
+
+    <prefix>cust:<hash>         STRING  envelope JSON, TTL = ttl + stale_max_age_s
+    <prefix>custidx:<id>        SET     hashes cached for CRM customer <id>, same TTL
+
+The value is a versioned JSON envelope ``{"v": 1, "t": <fetched epoch s>, "c": <Customer
+JSON or null>}``; anything else (garbage, another version, a record that does not validate)
+reads as a miss and counts ``callroute_cache_errors{kind="corrupt"}``.
+
+Redis trouble never reaches the caller: every failure is logged, counted
+(``callroute_cache_errors{kind}``) and read as a miss; after a failure Redis is skipped for
+``RedisSettings.down_backoff_s`` (calls cost nothing), then the next operation probes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from router.errors import CacheError
+from router.keys import Keys
+from router.metrics import CACHE_ERRORS
+from router.models import Customer
+from router.settings import CacheSettings, RedisSettings
+
+log = logging.getLogger(__name__)
+
+ENVELOPE_VERSION = 1
+#: Largest envelope we accept from Redis (a customer record is a few hundred bytes).
+MAX_ENVELOPE_BYTES = 64 * 1024
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached lookup answer: ``customer`` None means "the CRM knows no such caller"."""
+
+    customer: Customer | None
+    fetched_at: float
+
+    @property
+    def found(self) -> bool:
+        """True for a positive answer."""
+        return self.customer is not None
+
+    def age(self, now: float) -> float:
+        """Seconds since the CRM gave this answer (never negative)."""
+        return max(0.0, now - self.fetched_at)
+
+
+def encode_entry(entry: CacheEntry) -> bytes:
+    """The versioned JSON envelope stored in Redis."""
+    customer = entry.customer.model_dump(mode="json") if entry.customer is not None else None
+    doc = {"v": ENVELOPE_VERSION, "t": entry.fetched_at, "c": customer}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode_entry(raw: bytes | str) -> CacheEntry | None:
+    """Read an envelope; None when it is corrupt, too large or of another version."""
+    if len(raw) > MAX_ENVELOPE_BYTES:
+        return None
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("v") != ENVELOPE_VERSION:
+        return None
+    fetched = doc.get("t")
+    if not isinstance(fetched, int | float) or isinstance(fetched, bool):
+        return None
+    body = doc.get("c")
+    if body is None:
+        return CacheEntry(None, float(fetched))
+    try:
+        return CacheEntry(Customer.model_validate(body), float(fetched))
+    except ValidationError:
+        return None
+
+
+class CachePolicy:
+    """TTL arithmetic shared by readers and writers."""
+
+    def __init__(self, settings: CacheSettings) -> None:
+        self.settings = settings
+
+    def ttl(self, entry: CacheEntry) -> float:
+        """How long after fetching the entry is fresh."""
+        s = self.settings
+        return s.positive_ttl_s if entry.found else s.negative_ttl_s
+
+    def fresh(self, entry: CacheEntry, now: float) -> bool:
+        """Within its TTL."""
+        return entry.age(now) < self.ttl(entry)
+
+    def usable(self, entry: CacheEntry, now: float) -> bool:
+        """Still servable (fresh, or stale within ``stale_max_age_s`` past its TTL)."""
+        return entry.age(now) < self.ttl(entry) + self.settings.stale_max_age_s
+
+    def redis_ttl(self, entry: CacheEntry, now: float) -> float:
+        """Seconds the Redis key should live from ``now``."""
+        return self.ttl(entry) + self.settings.stale_max_age_s - entry.age(now)
+
+
+class LruCache:
+    """A bounded in-process map from E.164 number to entry, least recently used out first.
+
+    Each slot remembers when it was stored (monotonic) so a reader can tell how long the
+    entry went without being checked against Redis. A second map, customer id -> numbers,
+    makes invalidation by customer id cheap.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[str, tuple[CacheEntry, float]] = OrderedDict()
+        self._by_customer: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, e164: str) -> tuple[CacheEntry, float] | None:
+        """The entry and its monotonic store time, or None."""
+        slot = self._data.get(e164)
+        if slot is not None:
+            self._data.move_to_end(e164)
+        return slot
+
+    def put(self, e164: str, entry: CacheEntry) -> None:
+        """Store (or replace) the entry for ``e164``, evicting the oldest over the bound."""
+        if self.size <= 0:
+            return
+        self.discard(e164)
+        self._data[e164] = (entry, time.monotonic())
+        if entry.customer is not None:
+            self._by_customer.setdefault(entry.customer.id, set()).add(e164)
+        while len(self._data) > self.size:
+            oldest = next(iter(self._data))
+            self.discard(oldest)
+
+    def discard(self, e164: str) -> None:
+        """Forget ``e164`` if present."""
+        slot = self._data.pop(e164, None)
+        if slot is None or slot[0].customer is None:
+            return
+        cid = slot[0].customer.id
+        numbers = self._by_customer.get(cid)
+        if numbers is not None:
+            numbers.discard(e164)
+            if not numbers:
+                del self._by_customer[cid]
+
+    def discard_customer(self, customer_id: str) -> list[str]:
+        """Forget every number cached for ``customer_id``; returns them."""
+        numbers = list(self._by_customer.get(customer_id, ()))
+        for e164 in numbers:
+            self.discard(e164)
+        return numbers
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._data.clear()
+        self._by_customer.clear()
+
+
+def redis_client(settings: RedisSettings) -> aioredis.Redis:
+    """A redis-py client with short socket timeouts and no client-side retries.
+
+    A down Redis must cost a call at most one socket timeout, so retries are off; the
+    cache's back-off window does the reconnecting (redis-py reconnects on the next use).
+    """
+    return aioredis.Redis.from_url(
+        settings.url,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.connect_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, RedisTimeoutError | asyncio.TimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, ConnectionError | OSError) or "Connection" in type(exc).__name__:
+        return "connection"
+    return "error"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisHealth:
+    """Tracks whether Redis is usable: after a failure, skip it for a back-off window."""
+
+    def __init__(self, backoff_s: float) -> None:
+        self.backoff_s = backoff_s
+        self._down_until = 0.0
+        self.down = False
+
+    def available(self) -> bool:
+        """False inside the back-off window after a failure."""
+        return time.monotonic() >= self._down_until
+
+    def failed(self, op: str, exc: BaseException) -> None:
+        """Record a failure: metric, one log line per outage (then debug), back off."""
+        kind = _error_kind(exc)
+        CACHE_ERRORS.labels(kind=kind).inc()
+        if not self.down:
+            log.warning("redis %s failed (%s: %s); serving without Redis for now",
+                        op, kind, exc or type(exc).__name__)
+        else:
+            log.debug("redis %s failed again (%s)", op, kind)
+        self.down = True
+        self._down_until = time.monotonic() + self.backoff_s
+
+    def ok(self) -> None:
+        """Record a success (logs the recovery once)."""
+        if self.down:
+            log.info("redis is answering again; cache back to two levels")
+            self.down = False
+
+
+class TwoLevelCache:
+    """LRU in front of Redis. Reads never raise; writes raise only when ``strict``.
+
+    ``clock`` is wall-clock time (entries are compared across instances).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        settings: CacheSettings,
+        *,
+        down_backoff_s: float = 1.0,
+        clock: Clock = time.time,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.settings = settings
+        self.policy = CachePolicy(settings)
+        self.lru = LruCache(settings.lru_size)
+        self.health = RedisHealth(down_backoff_s)
+        self.clock = clock
+
+    # --- reads ---------------------------------------------------------------------------
+    def get_local(self, e164: str) -> tuple[CacheEntry, float] | None:
+        """The LRU slot (entry, monotonic store time) for ``e164``; no I/O."""
+        return self.lru.get(e164)
+
+    async def get_shared(self, e164: str) -> tuple[bool, CacheEntry | None]:
+        """``(ok, entry)`` from Redis: ok is False when Redis was skipped or failed;
+        entry is None on a miss or a corrupt value."""
+        if not self.health.available():
+            return False, None
+        try:
+            raw = await self.redis.get(self.keys.customer(e164))
+        except (TimeoutError, RedisError, OSError) as exc:
+            self.health.failed("get", exc)
+            return False, None
+        self.health.ok()
+        if raw is None:
+            return True, None
+        entry = decode_entry(raw)
+        if entry is None:
+            CACHE_ERRORS.labels(kind="corrupt").inc()
+            log.warning("unreadable cache value under %s; treated as a miss",
+                        self.keys.customer(e164))
+        return True, entry
+
+    # --- writes --------------------------------------------------------------------------
+    async def put(self, e164: str, entry: CacheEntry, *, strict: bool = False) -> None:
+        """Store in both levels (Redis: value, TTL and the customer index)."""
+        self.lru.put(e164, entry)
+        await self._redis_put([(e164, entry)], strict=strict)
+
+    async def put_many(
+        self, items: Iterable[tuple[str, CacheEntry]], *, strict: bool = False
+    ) -> None:
+        """Store several entries with one Redis round trip."""
+        batch = list(items)
+        for e164, entry in batch:
+            self.lru.put(e164, entry)
+        await self._redis_put(batch, strict=strict)
+
+    async def _redis_put(self, batch: list[tuple[str, CacheEntry]], *, strict: bool) -> None:
+        if not batch or (not strict and not self.health.available()):
+            return
+        now = self.clock()
+        pipe = self.redis.pipeline(transaction=False)
+        queued = 0
+        for e164, entry in batch:
+            ttl_ms = int(self.policy.redis_ttl(entry, now) * 1000)
+            if ttl_ms <= 0:
+                continue
+            pipe.set(self.keys.customer(e164), encode_entry(entry), px=ttl_ms)
+            if entry.customer is not None:
+                index = self.keys.customer_index(entry.customer.id)
+                pipe.sadd(index, self.keys.number_hash(e164))
+                # the index lives as long as its longest-lived member
+                pipe.pexpire(index, ttl_ms, nx=True)
+                pipe.pexpire(index, ttl_ms, gt=True)
+            queued += 1
+        if not queued:
+            return
+        await self._run(pipe, "set", strict=strict)
+
+    async def invalidate_numbers(self, numbers: Iterable[str], *, strict: bool = False) -> int:
+        """Forget the entries of these E.164 numbers in both levels; returns how many."""
+        numbers = list(numbers)
+        for e164 in numbers:
+            self.lru.discard(e164)
+        if not numbers:
+            return 0
+        if not strict and not self.health.available():
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(*(self.keys.customer(n) for n in numbers))
+        result = await self._run(pipe, "delete", strict=strict)
+        return int(str(result[0])) if result else 0
+
+    async def invalidate_customer(self, customer_id: str, *, strict: bool = False) -> int:
+        """Forget every number cached for a CRM customer id (LRU map and Redis index)."""
+        self.lru.discard_customer(customer_id)
+        if not strict and not self.health.available():
+            return 0
+        index = self.keys.customer_index(customer_id)
+        try:
+            hashes = await self.redis.smembers(index)
+            keys = [self.keys.customer_by_hash(_text(h)) for h in hashes]
+            removed = int(await self.redis.delete(*keys)) if keys else 0
+            await self.redis.delete(index)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self.health.failed("invalidate", exc)
+            if strict:
+                raise CacheError(f"redis invalidate failed: {exc}") from exc
+            return 0
+        self.health.ok()
+        return removed
+
+    async def _run(
+        self, pipe: aioredis.client.Pipeline, op: str, *, strict: bool
+    ) -> list[object] | None:
+        try:
+            result: list[object] = await pipe.execute()
+        except (TimeoutError, RedisError, OSError) as exc:
+            self.health.failed(op, exc)
+            if strict:
+                raise CacheError(f"redis {op} failed: {exc}") from exc
+            return None
+        self.health.ok()
+        return result
+
+    async def aclose(self) -> None:
+        """Close the Redis client."""
+        await self.redis.aclose()
