@@ -281,16 +281,25 @@ class CrmSettings(_Model):
 
 def sample_crm_section(base_url: str = "http://127.0.0.1:8088") -> dict[str, Any]:
     """The ``crm:`` section (as data) that points the connector at the sample CRM."""
+    # Placeholders name fields of the call record (ami.records.CallRecord).
     record_body = {
+        "call_id": "{record.linkedid}",
+        "record_key": "{record.record_key}",
         "customer_id": "{record.customer_id}",
         "caller": "{record.caller}",
-        "agent": "{record.agent}",
-        "queue": "{record.queue}",
+        "caller_name": "{record.caller_name}",
+        "did": "{record.did}",
+        "direction": "inbound",
         "outcome": "{record.outcome}",
-        "started_at": "{record.started_at}",
-        "duration_s": "{record.duration_s}",
+        "queue": "{record.queue}",
+        "agent": "{record.answered_by_agent}",
+        "started_at": "{record.start}",
+        "answered_at": "{record.answer}",
+        "ended_at": "{record.end}",
+        "wait_s": "{record.wait_s}",
+        "talk_s": "{record.talk_s}",
         "recording_url": "{record.recording_url}",
-        "call_id": "{record.call_id}",
+        "incomplete": "{record.incomplete}",
     }
     return {
         "name": "sample",
@@ -321,15 +330,18 @@ def sample_crm_section(base_url: str = "http://127.0.0.1:8088") -> dict[str, Any
         },
         "lead": {
             "url": "/api/leads",
-            "body": {"phone": "{record.caller}", "source": "phone", "call_id": "{record.call_id}"},
+            "body": {
+                "phone": "{record.caller}", "name": "{record.caller_name}",
+                "source": "inbound call", "did": "{record.did}", "call_id": "{record.linkedid}",
+            },
             "idempotency_header": "Idempotency-Key", "id_path": "id", "duplicate_status": [200],
         },
         "task": {
             "url": "/api/tasks",
             "body": {
-                "owner": "{record.owner}", "customer_id": "{record.customer_id}",
-                "subject": "Call back {record.caller} ({record.outcome})",
-                "due_at": "{now}", "call_id": "{record.call_id}",
+                "customer_id": "{record.customer_id}",
+                "subject": "Call back {record.caller} ({record.outcome} call)",
+                "due_at": "{now}", "call_id": "{record.linkedid}",
             },
             "idempotency_header": "Idempotency-Key", "id_path": "id", "duplicate_status": [200],
         },
