@@ -38,6 +38,7 @@ import os
 import random
 import socket
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -210,6 +211,8 @@ class DeliveryWorker:
         self._dead = redis.register_script(_DEAD_LUA)
         self._promote = redis.register_script(_PROMOTE_LUA)
         self._inflight: set[asyncio.Task[Outcome]] = set()
+        #: Outcomes of this worker's deliveries (delivered, duplicate, retry, dead, pending).
+        self.stats: Counter[str] = Counter()
         self._group_ready = False
         self._recovered = False
 
@@ -228,11 +231,13 @@ class DeliveryWorker:
         """Deliver one entry (all its steps), then ack, schedule a retry or dead-letter it."""
         with bind_call(entry.key or "-"):
             try:
-                return await self._deliver(entry)
+                outcome = await self._deliver(entry)
             except (RedisError, OSError) as exc:
                 # Not acked: the entry stays pending and is reclaimed after claim_idle_s.
                 log.warning("Redis failed while delivering %s (left pending): %s", entry.key, exc)
-                return "pending"
+                outcome = "pending"
+        self.stats[outcome] += 1
+        return outcome
 
     async def _deliver(self, entry: Entry) -> Outcome:
         try:

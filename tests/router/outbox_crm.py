@@ -52,6 +52,7 @@ class FakeCrm:
     received: list[Received] = field(default_factory=list)
     created: dict[tuple[str, str], str] = field(default_factory=dict)
     faults: list[tuple[int, dict[str, str]]] = field(default_factory=list)
+    kind_faults: dict[str, list[int]] = field(default_factory=dict)
     stall_keys: set[str] = field(default_factory=set)
     stalled: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -86,6 +87,8 @@ class FakeCrm:
             return web.json_response({"error": "bad request"}, status=400)
         body = await request.json()
         self.received.append(Received(kind, key, time.monotonic(), body))
+        if self.kind_faults.get(kind):
+            return web.json_response({"error": "injected"}, status=self.kind_faults[kind].pop(0))
         if self.faults:
             status, headers = self.faults.pop(0)
             return web.json_response({"error": "injected"}, status=status, headers=headers)
