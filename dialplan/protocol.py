@@ -246,6 +246,7 @@ class AgiParser:
         self._lines = _Lines(max_line_bytes)
         self._env: dict[str, str] = {}
         self._env_bytes = 0
+        self._env_lines = 0
         self._environment: AgiEnvironment | None = None
         self._usage: list[str] | None = None
         self._error: AgiProtocolError | None = None
@@ -286,7 +287,7 @@ class AgiParser:
             raise self._fail(
                 AgiProtocolError(
                     f"connection closed before the environment was complete "
-                    f"({len(self._env)} lines read)"
+                    f"({self._env_lines} lines read)"
                 )
             )
         if self._lines.pending or self._usage is not None:
@@ -318,7 +319,8 @@ class AgiParser:
                 raise AgiProtocolError("empty environment (blank line first)")
             self._environment = AgiEnvironment(vars=dict(self._env))
             return self._environment
-        if len(self._env) >= self.max_env_lines:
+        self._env_lines += 1
+        if self._env_lines > self.max_env_lines:
             raise AgiProtocolError(f"environment has more than {self.max_env_lines} lines")
         match = _ENV_LINE.fullmatch(text)
         if match is None:
