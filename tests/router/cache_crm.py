@@ -243,8 +243,8 @@ def make_lookup(
     )
 
 
-@pytest.fixture
-async def crm() -> AsyncIterator[LoopbackCrm]:
+@pytest.fixture(name="crm")
+async def crm_fixture() -> AsyncIterator[LoopbackCrm]:
     """A running LoopbackCrm with three known customers."""
     server = LoopbackCrm()
     server.add("+8613800138000", "C1", "Alice", tier="gold")
@@ -255,16 +255,16 @@ async def crm() -> AsyncIterator[LoopbackCrm]:
     await server.close()
 
 
-@pytest.fixture
-async def directory(crm: LoopbackCrm) -> AsyncIterator[HttpDirectory]:
+@pytest.fixture(name="directory")
+async def directory_fixture(crm: LoopbackCrm) -> AsyncIterator[HttpDirectory]:
     """An HttpDirectory pointed at ``crm`` (1 s client timeout)."""
     client = HttpDirectory(crm.url, timeout_s=1.0)
     yield client
     await client.aclose()
 
 
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+@pytest.fixture(name="redis")
+async def redis_fixture(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A client of the shared, flushed test Redis with the production timeouts."""
     client = redis_client(RedisSettings(url=redis_url))
     yield client
