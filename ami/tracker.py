@@ -164,6 +164,7 @@ class CallTracker:
         self._closed: dict[str, _Call] = {}
         self._ready: dict[str, _Call] = {}
         self._done: OrderedDict[str, None] = OrderedDict()
+        self._adopted: list[str] = []
         self.records_emitted = 0
         self.late_cdrs = 0
         self.evicted = 0
@@ -293,13 +294,14 @@ class CallTracker:
             call = self._channel(uid, lid, h)
             if call is None:
                 continue
-            if new or not call.incomplete:
-                call.incomplete = True
+            if new:
                 affected.append(lid)
             if uid == call.first_uid:
                 self._caller(call, h)
                 call.exten = call.exten or h.get("Exten")
         self._apply_queue_status(queue_status)
+        affected += self._adopted
+        self._adopted.clear()
         return sorted(set(affected))
 
     # --- channels -------------------------------------------------------------------------
@@ -320,6 +322,10 @@ class CallTracker:
             call = self._calls.get(lid)
             if call is None:
                 call = self._new_call(lid, self._event_time(h))
+            if h.get("Event") != "Newchannel" and not call.incomplete:
+                # a channel first seen mid-life: its earlier events were missed
+                call.incomplete = True
+                self._adopted.append(lid)
             self._uid_lid[uid] = lid
             call.live.add(uid)
             call.names[uid] = h.get("Channel", uid)
