@@ -361,6 +361,10 @@ class _Route:
     def resolve(self, customer: Customer | None, presence: Presence | None) -> Plan:
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """What this route tries first, e.g. ``queue vip`` or ``agent 7002``."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True, slots=True)
 class _TerminalRoute(_Route):
@@ -368,6 +372,9 @@ class _TerminalRoute(_Route):
 
     def resolve(self, customer: Customer | None, presence: Presence | None) -> Plan:
         return Plan((), self.terminal)
+
+    def describe(self) -> str:
+        return self.terminal.describe()
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,10 +402,12 @@ class _DialRoute(_Route):
         rest = self.fallback.resolve(customer, presence)
         return Plan((Dial(who, entry.dial, self.ring_s), *rest.dials), rest.terminal, rest.note)
 
+    def describe(self) -> str:
+        return "owner" if self.agent_id is None else f"agent {self.agent_id}"
+
     def _skip(self, why: str, customer: Customer | None, presence: Presence | None) -> Plan:
         rest = self.fallback.resolve(customer, presence)
-        first = f"agent {rest.dials[0].who}" if rest.dials else rest.terminal.describe()
-        note = f"{why}: fallback {first}"
+        note = f"{why}: fallback {self.fallback.describe()}"
         return Plan(rest.dials, rest.terminal, f"{note}; {rest.note}" if rest.note else note)
 
 
