@@ -35,7 +35,7 @@ STREAMS = st.one_of(
 
 def outcome(chunks: list[bytes], eof: bool) -> tuple[str, list[object]]:
     """("ok"|"error", events) for one way of delivering the bytes."""
-    parser = AgiParser(**LIMITS)  # type: ignore[arg-type]
+    parser = AgiParser(**LIMITS)
     events: list[object] = []
     try:
         for chunk in chunks:
