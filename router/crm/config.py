@@ -52,6 +52,8 @@ class AuthSettings(_Model):
         needed = {"bearer": "token", "api_key": "key", "basic": "username"}.get(self.type)
         if needed and not getattr(self, needed):
             raise ValueError(f"auth type {self.type} needs crm.auth.{needed} (e.g. ${{CRM_TOKEN}})")
+        if ":" in self.username:
+            raise ValueError("crm.auth.username must not contain ':' (HTTP basic auth)")
         return self
 
     @property

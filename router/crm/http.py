@@ -25,6 +25,7 @@ numbers or keys) and never a header value that holds a secret.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import json
 import logging
@@ -244,7 +245,8 @@ def _auth(settings: CrmSettings) -> tuple[dict[str, str], dict[str, str]]:
     if auth.type == "bearer":
         headers["Authorization"] = f"Bearer {auth.token}"
     elif auth.type == "basic":
-        headers["Authorization"] = aiohttp.BasicAuth(auth.username, auth.password).encode()
+        pair = f"{auth.username}:{auth.password}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
     elif auth.type == "api_key":
         if auth.location == "query":
             params[auth.header] = auth.key
