@@ -230,6 +230,14 @@ class Harness:
         """Run the spool drainer in the background."""
         self.tasks.append(asyncio.create_task(self.outbox.run_drainer(self.stop)))
 
+    async def stop_workers(self) -> None:
+        """Stop the background workers and drainer (the harness stays usable)."""
+        self.stop.set()
+        if self.tasks:
+            await asyncio.wait_for(asyncio.gather(*self.tasks), 10)
+        self.tasks.clear()
+        self.stop = asyncio.Event()
+
     async def close(self) -> None:
         self.stop.set()
         if self.tasks:

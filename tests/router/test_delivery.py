@@ -51,7 +51,9 @@ async def test_delivers_each_record_once_and_clears_the_stream(h: Harness, crm: 
     assert await h.redis.xlen(h.keys.outbox_sent) == 30
 
 
-async def wait_until_async(h: Harness, probe: object, expected: object, limit_s: float = 10) -> None:
+async def wait_until_async(
+    h: Harness, probe: object, expected: object, limit_s: float = 10
+) -> None:
     """Poll an async probe until it returns ``expected``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s
