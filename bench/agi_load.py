@@ -1,0 +1,183 @@
+"""FastAGI load generator: plays Asterisk's side of many calls at a set rate.
+
+Open loop: call *i* starts at ``t0 + i / rate`` whether or not earlier calls have
+finished (as real calls arrive), for ``duration_s`` seconds. Each call is an
+:class:`~dialplan.peer.AsteriskAgiPeer` session; its decision time is from the
+environment fully written to the server closing the socket.
+
+Use it from code (the lead measures the real server and the floor in one run)::
+
+    report = await run_load("127.0.0.1", port, rate=500, duration_s=3)
+    print(format_table([report]))
+
+or from the shell: ``python -m bench.agi_load --port 4573 --rate 200 --duration 5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from dialplan.peer import AsteriskAgiPeer, PeerResult, build_environment
+
+MakeEnv = Callable[[int], bytes]
+Check = Callable[[PeerResult], str | None]
+
+
+def default_env(index: int) -> bytes:
+    """Call ``index``: a distinct mobile caller on DID 4008001000, a distinct uniqueid."""
+    return build_environment(
+        f"139{index % 100_000_000:08d}", "Load Test", "4008001000", f"1795300000.{index}"
+    )
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile (``nan`` for no values)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class LoadReport:
+    """What one load run measured."""
+
+    label: str
+    offered_rate: float
+    duration_s: float
+    started: int = 0
+    completed: int = 0
+    elapsed_s: float = 0.0
+    max_start_lag_ms: float = 0.0
+    decision_ms: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def achieved_cps(self) -> float:
+        """Calls completed per second, first start to last completion."""
+        return self.completed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def pct(self, p: float) -> float:
+        """Decision-time percentile in ms."""
+        return percentile(self.decision_ms, p)
+
+    @property
+    def max_ms(self) -> float:
+        """Slowest decision in ms."""
+        return max(self.decision_ms) if self.decision_ms else math.nan
+
+    def summary(self) -> dict[str, float | int | str]:
+        """The figures as a flat dict (for JSON or a table)."""
+        return {
+            "label": self.label,
+            "offered_cps": self.offered_rate,
+            "achieved_cps": round(self.achieved_cps, 1),
+            "calls": self.started,
+            "ok": self.completed,
+            "errors": sum(self.errors.values()),
+            "p50_ms": round(self.pct(50), 3),
+            "p90_ms": round(self.pct(90), 3),
+            "p99_ms": round(self.pct(99), 3),
+            "max_ms": round(self.max_ms, 3),
+            "max_start_lag_ms": round(self.max_start_lag_ms, 2),
+        }
+
+
+def format_table(reports: Sequence[LoadReport]) -> str:
+    """A fixed-width table, one row per report, then any error kinds."""
+    columns = list(reports[0].summary()) if reports else []
+    rows = [[str(r.summary()[c]) for c in columns] for r in reports]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
+    for report in reports:
+        for kind, count in report.errors.most_common():
+            lines.append(f"  {report.label}: {count} x {kind}")
+    return "\n".join(lines)
+
+
+async def run_load(
+    host: str,
+    port: int,
+    rate: float,
+    duration_s: float,
+    make_env: MakeEnv = default_env,
+    *,
+    label: str = "",
+    check: Check | None = None,
+    variables: Mapping[str, str] | None = None,
+    call_timeout_s: float = 5.0,
+) -> LoadReport:
+    """Start ``rate * duration_s`` calls on an open-loop schedule and measure them.
+
+    ``check(result)`` may return an error kind for a call that completed but is wrong
+    (e.g. no ROUTE_QUEUE set); calls that time out, are refused, or are closed before
+    deciding count as errors of their kind.
+    """
+    total = max(1, round(rate * duration_s))
+    report = LoadReport(label or f"{host}:{port}", rate, duration_s)
+    tasks: list[asyncio.Task[None]] = []
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    last_done = t0
+
+    async def call(index: int) -> None:
+        nonlocal last_done
+        peer = AsteriskAgiPeer(
+            host, port, make_env(index), variables=variables, timeout_s=call_timeout_s
+        )
+        result = await peer.run()
+        last_done = max(last_done, loop.time())
+        kind = _error_kind(result) or (check(result) if check else None)
+        if kind:
+            report.errors[kind] += 1
+            return
+        report.completed += 1
+        assert result.decision_ms is not None
+        report.decision_ms.append(result.decision_ms)
+
+    for index in range(total):
+        due = t0 + index / rate
+        now = loop.time()
+        if due > now:
+            await asyncio.sleep(due - now)
+            now = loop.time()
+        report.max_start_lag_ms = max(report.max_start_lag_ms, (now - due) * 1000.0)
+        tasks.append(asyncio.create_task(call(index)))
+        report.started += 1
+    await asyncio.gather(*tasks)
+    report.elapsed_s = last_done - t0
+    return report
+
+
+def _error_kind(result: PeerResult) -> str | None:
+    if result.error:
+        return result.error.split(":")[0]
+    if not result.closed_by_server or result.decision_ms is None:
+        return "not_closed"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: load a running FastAGI server and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=4573)
+    parser.add_argument("--rate", type=float, default=100.0, help="calls per second")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of arrivals")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    report = asyncio.run(run_load(args.host, args.port, args.rate, args.duration))
+    print(format_table([report]))
+    print(f"wall time {time.monotonic() - started:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

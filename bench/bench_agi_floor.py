@@ -1,0 +1,117 @@
+"""The FastAGI floor: how fast can *any* asyncio responder answer, with no lookup?
+
+Two responders run, each in its own process (so the load generator has its own
+core), and are driven by :func:`bench.agi_load.run_load` at the same open-loop rate:
+
+* ``floor``: raw asyncio streams. Read up to the blank line, write the four
+  ``SET VARIABLE`` commands of recording 01 one by one (reading each reply), close.
+  No parsing, no limits, no lookup: the lowest decision time this stack can show.
+* ``agiserver``: :class:`dialplan.server.AgiServer` with a handler that sets the same
+  four variables: the cost of our protocol code, limits and bookkeeping over the floor.
+
+Run: ``.venv/bin/python -m bench.bench_agi_floor [--rate 500] [--duration 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from bench.agi_load import LoadReport, format_table, run_load
+
+COMMANDS = (
+    b'SET VARIABLE ROUTE_TARGET "Local/7001@agents"\n',
+    b"SET VARIABLE ROUTE_QUEUE vip\n",
+    b'SET VARIABLE CRM_CUSTOMER_ID "C-1001"\n',
+    b"SET VARIABLE CRM_TIER gold\n",
+)
+
+
+async def floor_session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The floor: read the environment, write the commands, read replies, close."""
+    try:
+        await reader.readuntil(b"\n\n")
+        for command in COMMANDS:
+            writer.write(command)
+            await reader.readline()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(kind: str) -> None:
+    """Run one responder on a free port; print ``PORT <n>``; stop on SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if kind == "floor":
+        server = await asyncio.start_server(floor_session, "127.0.0.1", 0, backlog=1024)
+        print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
+        await stop.wait()
+        server.close()
+        return
+    from dialplan.server import AgiServer, AgiSession
+    from router.settings import AgiSettings
+
+    async def handler(session: AgiSession) -> None:
+        for name, value in (
+            ("ROUTE_TARGET", "Local/7001@agents"), ("ROUTE_QUEUE", "vip"),
+            ("CRM_CUSTOMER_ID", "C-1001"), ("CRM_TIER", "gold"),
+        ):
+            await session.set_variable(name, value)
+
+    agi = AgiServer(AgiSettings(port=0, max_sessions=4096))
+    agi.route("route", handler)
+    await agi.start()
+    print(f"PORT {agi.port}", flush=True)
+    await stop.wait()
+    await agi.stop(1.0)
+
+
+async def measure(kind: str, rate: float, duration_s: float) -> LoadReport:
+    """Start responder ``kind`` in a child process and load it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.bench_agi_floor", "--serve", kind,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 10)
+        port = int(line.split()[1])
+        await run_load("127.0.0.1", port, rate, 0.5, label="warmup")
+        return await run_load("127.0.0.1", port, rate, duration_s, label=kind)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        await proc.wait()
+
+
+async def run(rate: float, duration_s: float) -> list[LoadReport]:
+    """Measure both responders, one after the other."""
+    return [await measure(kind, rate, duration_s) for kind in ("floor", "agiserver")]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description="FastAGI floor benchmark")
+    parser.add_argument("--serve", choices=["floor", "agiserver"])
+    parser.add_argument("--rate", type=float, default=500.0)
+    parser.add_argument("--duration", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    if args.serve:
+        asyncio.run(serve(args.serve))
+        return
+    reports = asyncio.run(run(args.rate, args.duration))
+    print(f"FastAGI floor at {args.rate:g} calls/s for {args.duration:g}s (open loop)")
+    print(format_table(reports))
+
+
+if __name__ == "__main__":
+    main()
