@@ -10,7 +10,9 @@ in ``lookup``; ``{updated_since}`` and ``{cursor}`` in ``changed``;
 ``{record.<field>}``, ``{idempotency_key}`` and ``{now}`` in ``activity``/``lead``/``task``;
 ``{basename}``, ``{name}``, ``{path}`` in ``recordings.url``. A filter may follow a ``|``:
 ``{record.duration_s|ms}`` (see :data:`router.crm.mapping.FILTERS`). Values put into a
-URL path are percent-encoded. Secrets come from the environment: ``token: ${CRM_TOKEN}``.
+URL path are percent-encoded; a query parameter or header that renders empty (the
+first page's ``{cursor}``) is left out, and a lone placeholder with no value is JSON
+``null``. Secrets come from the environment: ``token: ${CRM_TOKEN}``.
 
 See ``examples/crm-*.yaml`` for the sample CRM, HubSpot, Zoho and Salesforce.
 """

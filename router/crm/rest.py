@@ -127,7 +127,7 @@ class RestConnector:
             log.warning("crm changed_since: crm.changed is not configured; nothing to sync")
             return ChangedPage(entries=[], next_cursor=None)
         since, remote = _split_cursor(cursor, spec)
-        context = {"updated_since": since, "cursor": remote}
+        context = {"updated_since": since, "cursor": remote or None}
         if spec.cursor.type == "next_url" and remote:
             url, params, body = remote, {}, None
         else:
@@ -433,7 +433,9 @@ def _read_limited(file: Path, limit: int) -> bytes | None:
 
 
 def _render_map(templates: Mapping[str, str], context: Mapping[str, Any]) -> dict[str, str]:
-    return {k: render_text(v, context) for k, v in templates.items()}
+    """Query parameters or headers rendered; those that render empty are left out."""
+    rendered = {k: render_text(v, context) for k, v in templates.items()}
+    return {k: v for k, v in rendered.items() if v != ""}
 
 
 def _split_cursor(cursor: str | None, spec: ChangedSettings) -> tuple[str, str]:

@@ -251,6 +251,7 @@ async def test_changed_since_pages_through_everything() -> None:
     assert pages == 4
     assert sorted(seen) == sorted(crm.state.customers)
     assert numbers["C-1002"] == ["+8613900139000", "+8613900139001"]
+    assert "cursor" not in crm.state.requests[0].query  # empty on the first page: left out
     assert crm.state.requests[1].query["cursor"] == "3"
 
 
