@@ -502,32 +502,40 @@ def test_empty_file_is_default_only(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ example file
 
 # The five recorded callers (tests/fixtures/asterisk-22/README.md) as the sample CRM
-# knows them.
-LI_LEI = Customer(id="C-1001", name="Li Lei", tier="gold", owner="7001", value=12000.0)
-HAN_MEIMEI = Customer(id="C-1002", name="Han Meimei", tier="platinum", owner="7009")
-NO_NAME = Customer(id="C-1003", tier="silver", owner="7008")
-CHURN = Customer(id="C-1005", name="Wu Fang", tier="bronze", tags=("churn-risk",))
+# (router/samplecrm.py) knows them; 02150501234 is not in the CRM.
+LI_LEI = Customer(id="C-1001", name="Li Lei", tier="gold", value=52_000, owner="7001",
+                  tags=("repeat-buyer",), open_tickets=1, language="zh")
+HAN_MEIMEI = Customer(id="C-1002", name="Han Meimei", tier="platinum", value=250_000,
+                      owner="7009", tags=("vip",), language="en")
+SLOW_CASE = Customer(id="C-1003", name="Slow Case", tier="silver", value=8_000, owner="7002",
+                     language="zh")
+IMPATIENT = Customer(id="C-1004", name="Impatient", tier="bronze", value=900, owner="7002",
+                     tags=("churn-risk",), open_tickets=3, language="zh")
 
 
 def test_example_rules_recorded_callers() -> None:
-    """examples/rules.yaml routes the recorded callers as the recording shows: owner
-    first then vip for the gold/platinum callers, owner then support for a customer with
-    an owner, the safe default for the caller whose lookup timed out."""
+    """examples/rules.yaml routes the recorded callers: the gold and platinum callers ring
+    their owner (Local/7XXX@agents) then the vip queue, the unknown caller on the sales
+    line goes to sales, the slow lookup gets the safe default (or its owner then support
+    when the CRM answers in time), the churn-risk caller goes to retention."""
     rules = load_rules(EXAMPLE)
     d1 = rules.decide(ctx(LI_LEI, did="4008001000"))
     assert (d1.rule, d1.action, d1.target, d1.queue, d1.priority) == (
         "vip-owner", "dial", "Local/7001@agents", "vip", 10)
     assert d1.variables["ROUTE_TIMEOUT"] == "15"
+    assert d1.variables["CALLERID(name)"] == "Li Lei"
     d2 = rules.decide(ctx(HAN_MEIMEI, did="4008001000", num=number("+8613900139000")))
     assert (d2.target, d2.queue) == ("Local/7009@agents", "vip")
-    d3 = rules.decide(ctx(NO_NAME, did="4008002000", num=number("+862150501234")))
-    assert (d3.rule, d3.target, d3.queue) == ("key-account-owner", "Local/7008@agents",
-                                              "support")
+    d3 = rules.decide(ctx(None, did="4008002000", num=number("+862150501234")))
+    assert (d3.rule, d3.action, d3.queue) == ("unknown-sales-line", "queue", "sales")
     assert "CALLERID(name)" not in d3.variables
     d4 = rules.safe_default("deadline")
     assert (d4.action, d4.queue, d4.variables["ROUTE_REASON"]) == ("queue", "support",
                                                                    "deadline")
-    d5 = rules.decide(ctx(CHURN, did="4008001000", num=number("+8613600136000")))
+    in_time = rules.decide(ctx(SLOW_CASE, num=number("+8613700137000")))
+    assert (in_time.rule, in_time.target, in_time.queue) == (
+        "key-account-owner", "Local/7002@agents", "support")
+    d5 = rules.decide(ctx(IMPATIENT, did="4008001000", num=number("+8613600136000")))
     assert (d5.rule, d5.queue, d5.priority) == ("churn-risk", "retention", 5)
 
 
