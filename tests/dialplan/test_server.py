@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 
@@ -444,3 +446,19 @@ async def _hammer(server: AgiServer) -> None:
     assert max(gaps) < 0.15
     for result in results:
         assert result.sent(ROUTER) == b'SET VARIABLE ROUTE_TARGET "Local/7001@agents"\n'
+
+
+async def test_sigterm_stops_gracefully() -> None:
+    """After install_signal_handlers(), SIGTERM runs stop(): serve_forever returns."""
+    srv = AgiServer(settings(shutdown_grace_s=0.2))
+    await srv.start()
+    srv.install_signal_handlers()
+    loop = asyncio.get_running_loop()
+    try:
+        task = asyncio.create_task(srv.serve_forever())
+        await asyncio.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(task, 2)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
