@@ -55,8 +55,11 @@ def test_defaults_verify_tls_and_fit_the_sample_crm(tmp_path: Path) -> None:
     """An empty crm section verifies TLS, looks up the sample CRM, and posts nothing."""
     crm = _load(tmp_path, "name: x")
     assert crm.verify_tls is True
-    assert crm.lookup.url == "/api/customers" and crm.lookup.params == {"phone": "{e164}"}
-    assert crm.activity is None and crm.lead is None and crm.task is None
+    assert crm.lookup.url == "/api/customers"
+    assert crm.lookup.params == {"phone": "{e164}"}
+    assert crm.activity is None
+    assert crm.lead is None
+    assert crm.task is None
 
 
 def test_secrets_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

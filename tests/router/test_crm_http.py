@@ -56,7 +56,7 @@ async def _get(settings: CrmSettings, op: str = "test") -> Any:
 async def test_auth_header_received(auth: dict[str, str], header: str, expected: str) -> None:
     """Each auth type puts the configured credentials in the header the server receives."""
     async with scripted_server(_ok) as server:
-        await _get(CrmSettings(base_url=server.url, auth=auth))  # type: ignore[arg-type]
+        await _get(CrmSettings.model_validate({"base_url": server.url, "auth": auth}))
     assert server.seen[0]["headers"][header] == expected
 
 
@@ -205,7 +205,8 @@ async def test_rate_limited_with_seconds_and_date() -> None:
         with pytest.raises(CrmRateLimited) as absent:
             await _get(CrmSettings(base_url=crm.url))
     assert seconds.value.retry_after == 7.0
-    assert date.value.retry_after is not None and 27 <= date.value.retry_after <= 30
+    assert date.value.retry_after is not None
+    assert 27 <= date.value.retry_after <= 30
     assert absent.value.retry_after is None
 
 
