@@ -107,7 +107,7 @@ async def run(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         tasks = [asyncio.create_task(w.run(stop)) for w in workers]
         deadline = time.monotonic() + args.limit_s
-        while len(crm.created) < args.records and time.monotonic() < deadline:
+        while len(crm.created) < args.records and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
         drain_s = time.perf_counter() - start
         stop.set()
