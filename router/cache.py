@@ -187,13 +187,22 @@ def redis_client(settings: RedisSettings) -> aioredis.Redis:
 
     A down Redis must cost a call at most one socket timeout, so retries are off; the
     cache's back-off window does the reconnecting (redis-py reconnects on the next use).
+    The pool is bounded (``max_connections``): a burst of calls waits for a connection
+    instead of opening hundreds at once (each connect costs the event loop ~1 ms).
+    Other users of Redis (the outbox) may want their own client with longer timeouts.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.url,
+        max_connections=settings.max_connections,
+        timeout=settings.connect_timeout_s,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.connect_timeout_s,
         retry=Retry(NoBackoff(), 0),
+        # no CLIENT SETINFO: saves a round trip per new connection, and redis-py would
+        # read its package metadata from disk, blocking the loop, for each one
+        driver_info=None,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 def _error_kind(exc: BaseException) -> str:

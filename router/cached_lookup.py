@@ -15,8 +15,11 @@
    background to fill the cache (tasks are kept referenced and bounded by
    ``max_background``). With the circuit open nothing is asked: ``"error"``/``circuit_open``.
 
-Every answer counts ``callroute_lookups{source}``; CRM failures count
-``callroute_crm_errors{op="lookup",kind}`` with a log line naming the kind.
+Every answer counts ``callroute_lookups{source}``. Every CRM failure is logged with its
+kind (timeout, unavailable, 4xx, 5xx, 429 with Retry-After, bad_json, mapping); the
+connector counts it in ``callroute_crm_errors{op,kind}`` (only an exception outside the
+:class:`~router.errors.CrmError` tree, a connector bug, is counted here, as
+``op="lookup",kind="error"``).
 """
 
 from __future__ import annotations
@@ -238,7 +241,6 @@ class CachedLookup:
 
 
 def _log_crm_error(exc: CrmError) -> None:
-    CRM_ERRORS.labels(op="lookup", kind=exc.kind).inc()
     extra = ""
     if isinstance(exc, CrmRateLimited) and exc.retry_after is not None:
         extra = f" (retry after {exc.retry_after:g}s)"

@@ -89,6 +89,10 @@ class RedisSettings(_Section):
     down_backoff_s: float = Field(
         1.0, ge=0, description="after a Redis failure, skip Redis this long, then probe again"
     )
+    max_connections: int = Field(32, ge=1, description="connection pool bound of the cache")
+    down_backoff_s: float = Field(
+        1.0, ge=0, description="after a Redis failure, skip Redis this long, then probe again"
+    )
 
 
 class CacheSettings(_Section):

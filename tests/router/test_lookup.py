@@ -220,9 +220,8 @@ async def test_stalled_crm_bounded_background(
 async def test_crm_errors_are_classified(
     crm: LoopbackCrm, redis: aioredis.Redis
 ) -> None:
-    """Each CRM failure mode ends as source='error' with its kind and counts
-    callroute_crm_errors{op='lookup',kind}: timeout, unavailable (dropped and refused),
-    5xx, 429, 4xx, bad JSON, mapping mismatch."""
+    """Each CRM failure mode ends as source='error' with its kind: timeout, unavailable
+    (dropped and refused), 5xx, 429, 4xx, bad JSON, mapping mismatch; none is cached."""
     cases = [("500", "5xx"), ("429", "429"), ("badjson", "bad_json"), ("drop", "unavailable"),
              ("401", "4xx"), ("mapping", "mapping"), ("slow", "timeout")]
     directory = HttpDirectory(crm.url, timeout_s=0.1)
@@ -231,10 +230,8 @@ async def test_crm_errors_are_classified(
     for mode, kind in cases:
         crm.behaviour.mode = "ok" if mode == "slow" else mode
         crm.behaviour.delay_s = 0.3 if mode == "slow" else 0.0
-        before = sample("callroute_crm_errors_total", {"op": "lookup", "kind": kind})
         result = await lookup.find(num(ALICE), timeout_s=1)
         assert (result.source, result.error) == ("error", kind), mode
-        assert sample("callroute_crm_errors_total", {"op": "lookup", "kind": kind}) == before + 1
     other = make_lookup(refused, redis)
     result = await other.find(num(BOB), timeout_s=1)
     assert (result.source, result.error) == ("error", "unavailable")
