@@ -1,0 +1,149 @@
+"""Static checks of the Docker harness (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from router.rules import load_rules
+from router.settings import load_settings
+
+ROOT = Path(__file__).parents[1]
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """The parsed compose file."""
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_services_and_images(compose: dict[str, Any]) -> None:
+    """The four services exist; callroute and the sample CRM build docker/Dockerfile,
+    Asterisk builds docker/asterisk/Dockerfile."""
+    services = compose["services"]
+    assert set(services) == {"redis", "sample-crm", "callroute", "asterisk"}
+    for name in ("callroute", "sample-crm"):
+        build = services[name]["build"]
+        assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == (
+            DOCKER / "Dockerfile")
+    ast = services["asterisk"]["build"]
+    assert (COMPOSE.parent / ast["context"] / ast["dockerfile"]).is_file()
+    assert services["redis"]["image"].startswith("redis:")
+
+
+def test_commands(compose: dict[str, Any]) -> None:
+    """callroute runs `serve` and the CRM `sample-crm`, both with the mounted config."""
+    services = compose["services"]
+    assert services["callroute"]["command"] == ["serve", "--config",
+                                                "/etc/callroute/config.yaml"]
+    crm = services["sample-crm"]["command"]
+    assert crm[:3] == ["sample-crm", "--config", "/etc/callroute/config.yaml"]
+    assert crm[crm.index("--port") + 1] == "8088"
+
+
+def test_every_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    """Each service has a healthcheck test; callroute's checks the admin /healthz."""
+    for name, service in compose["services"].items():
+        test = service.get("healthcheck", {}).get("test")
+        assert test, name
+        assert test[0] == "CMD", name
+    assert any("/healthz" in part for part in compose["services"]["callroute"]
+               ["healthcheck"]["test"])
+    assert any("/_health" in part for part in compose["services"]["sample-crm"]
+               ["healthcheck"]["test"])
+
+
+def test_ports_only_on_loopback(compose: dict[str, Any]) -> None:
+    """Published ports bind 127.0.0.1 only; AGI and AMI stay inside the network."""
+    published = {}
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            host, hport, cport = str(port).split(":")
+            assert host == "127.0.0.1", (name, port)
+            published[name] = (int(hport), int(cport))
+    assert published == {"callroute": (8074, 8074), "sample-crm": (8088, 8088)}
+    assert "4573" in compose["services"]["callroute"]["expose"]
+    assert "5038" in compose["services"]["asterisk"]["expose"]
+
+
+def test_mounted_files_exist(compose: dict[str, Any]) -> None:
+    """Every bind mount names a file in the repository; asterisk-conf files are mounted
+    as they are."""
+    mounts: list[tuple[str, str]] = []
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):
+                assert (COMPOSE.parent / source).is_file(), source
+                mounts.append((source, target))
+    targets = dict(mounts)
+    for name in ("extensions_callroute.conf", "queues.conf", "cdr_manager.conf"):
+        assert targets[f"../asterisk-conf/{name}"] == f"/etc/asterisk/{name}"
+    assert targets["../examples/rules.yaml"] == "/etc/callroute/rules.yaml"
+    assert targets["./config.yaml"] == "/etc/callroute/config.yaml"
+
+
+def test_depends_on_healthy(compose: dict[str, Any]) -> None:
+    """callroute waits for healthy Redis and CRM."""
+    deps = compose["services"]["callroute"]["depends_on"]
+    assert deps["redis"]["condition"] == "service_healthy"
+    assert deps["sample-crm"]["condition"] == "service_healthy"
+
+
+def test_docker_config_validates() -> None:
+    """docker/config.yaml is a valid config pointing at the compose hostnames; the rules it
+    names (examples/rules.yaml once mounted) load."""
+    settings = load_settings(DOCKER / "config.yaml")
+    assert settings.ami.host == "asterisk"
+    assert settings.ami.username == "callroute"
+    assert settings.redis.url.startswith("redis://redis:")
+    assert settings.crm.base_url == "http://sample-crm:8088"
+    assert settings.agi.port == 4573
+    assert settings.admin.port == 8074
+    assert str(settings.routing.rules) == "/etc/callroute/rules.yaml"
+    rules = load_rules(ROOT / "examples" / "rules.yaml",
+                       default_queue=settings.routing.default_queue)
+    assert rules.default_queue == "support"
+
+
+def test_harness_ami_user_matches_the_shipped_one() -> None:
+    """The harness's AMI user has the same read/write classes as asterisk-conf's, and
+    permits the compose subnet."""
+    def perms(path: Path) -> dict[str, str]:
+        section = path.read_text().split("\n[callroute]\n")[1]
+        return dict(re.findall(r"^(read|write)\s*=\s*(.+)$", section, re.M))
+
+    harness = DOCKER / "asterisk" / "manager.conf"
+    assert perms(harness) == perms(ROOT / "asterisk-conf" / "manager.conf")
+    subnet = yaml.safe_load(COMPOSE.read_text())["networks"]["default"]["ipam"]["config"][0]
+    assert subnet["subnet"] == "172.28.0.0/16"
+    assert "permit = 172.28.0.0/255.255.0.0" in harness.read_text()
+
+
+def test_harness_dialplan_points_at_callroute() -> None:
+    """The harness dialplan includes the shipped context and sets the AGI host."""
+    text = (DOCKER / "asterisk" / "extensions.conf").read_text()
+    assert "#include extensions_callroute.conf" in text
+    assert re.search(r"^CALLROUTE_HOST\s*=\s*callroute$", text, re.M)
+    assert "Goto(callroute-inbound,${EXTEN},1)" in text
+
+
+def test_dockerfile_runs_as_non_root() -> None:
+    """The service image is python:3.11-slim, switches to a non-root user and serves."""
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.findall(r"^FROM\s+(\S+)", text, re.M) == ["python:3.11-slim"]
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users
+    assert users[-1] not in ("root", "0")
+    assert 'CMD ["serve", "--config", "/etc/callroute/config.yaml"]' in text
+    for copied in re.findall(r"^COPY\s+(\S+)\s", text, re.M):
+        if not copied.startswith("--") and "*" not in copied:
+            assert (ROOT / copied).exists(), copied
