@@ -1,0 +1,138 @@
+"""The ``route`` FastAGI handler: caller in, channel variables out, within the deadline.
+
+The decision deadline starts when the AGI environment has been read
+(``session.started_at``). The lookup gets whatever is left of it; when it is not back
+in time, or the CRM failed with nothing cached, the call gets the rules file's
+default route with ``ROUTE_REASON`` saying why. Whatever happens here, the socket is
+closed afterwards and the dialplan goes on: with our variables, or (if we set none)
+with its own fallback queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from dialplan.server import AgiSession
+from router import metrics
+from router.errors import AgiHangup, CallrouteError
+from router.lookup import Lookup
+from router.models import CallerNumber, Decision, LookupResult
+from router.phone import normalize
+from router.presence import Presence
+from router.rules import CallContext, RuleSet
+from router.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: ``ROUTE_REASON`` for each degraded lookup source.
+DEGRADED_REASONS = {"deadline": "deadline", "error": "crm-error"}
+
+
+@dataclass(frozen=True)
+class RouteOutcome:
+    """Everything about one routing decision: what ``explain`` prints."""
+
+    number: CallerNumber
+    did: str | None
+    at: datetime
+    lookup: LookupResult
+    decision: Decision
+    elapsed_ms: float
+
+
+class Router:
+    """Decides where a call goes: normalise, look up (bounded), apply the rules."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        lookup: Lookup,
+        rules: Callable[[], RuleSet],
+        presence: Presence | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.lookup = lookup
+        self.rules = rules
+        self.presence = presence
+        self.deadline_s = settings.routing.deadline_ms / 1000
+
+    async def decide(
+        self,
+        caller: str | None,
+        did: str | None,
+        *,
+        at: datetime | None = None,
+        started: float | None = None,
+    ) -> RouteOutcome:
+        """Route a call from ``caller`` to ``did``; ``started`` is the monotonic time the
+        deadline counts from (now when omitted). Never raises."""
+        t0 = time.monotonic() if started is None else started
+        when = at or self.clock()
+        phone = self.settings.phone
+        number = normalize(caller, phone.default_region, phone.internal_pattern)
+        remaining = max(0.0, self.deadline_s - (time.monotonic() - t0))
+        result = await self.lookup.find(number, timeout_s=remaining)
+        ruleset = self.rules()
+        degraded = DEGRADED_REASONS.get(result.source)
+        if degraded is not None:
+            decision = ruleset.safe_default(degraded)
+        else:
+            ctx = CallContext(
+                number=number, did=did, at=when, customer=result.customer,
+                lookup_source=result.source, presence=self.presence,
+            )
+            try:
+                decision = ruleset.decide(ctx)
+            except Exception:  # a rules bug must not cost the call its route
+                log.exception("rules raised; using the default route")
+                decision = ruleset.safe_default("rules-error")
+        elapsed_ms = (time.monotonic() - t0) * 1000
+        metrics.DECISIONS.labels(decision.rule, decision.reason).inc()
+        metrics.DECISION_SECONDS.observe(elapsed_ms / 1000)
+        return RouteOutcome(number, did, when, result, decision, elapsed_ms)
+
+
+def did_of(session: AgiSession) -> str | None:
+    """The dialled number: ``?did=`` on the AGI URL, else the extension, else the DNID."""
+    env = session.env
+    for value in (session.query.get("did"), env.extension, env.dnid):
+        if value and value.lower() not in {"unknown", "s"}:
+            return value
+    return None
+
+
+def make_route_handler(router: Router) -> Callable[[AgiSession], Awaitable[None]]:
+    """The FastAGI handler for ``agi://host:4573/route``."""
+
+    async def route(session: AgiSession) -> None:
+        outcome = await router.decide(
+            session.env.callerid, did_of(session), started=session.started_at
+        )
+        decision = outcome.decision
+        log.info(
+            "caller=%s customer=%s rule=%s reason=%s target=%s queue=%s source=%s %.1fms",
+            outcome.number.e164 or outcome.number.kind.value,
+            outcome.lookup.customer.id if outcome.lookup.customer else "-",
+            decision.rule, decision.reason, decision.target or "-", decision.queue or "-",
+            outcome.lookup.source, outcome.elapsed_ms,
+        )
+        await apply(session, decision)
+
+    return route
+
+
+async def apply(session: AgiSession, decision: Decision) -> None:
+    """Set the decision's channel variables; stop quietly if the channel is gone."""
+    try:
+        for name, value in decision.variables.items():
+            await session.set_variable(name, value)
+    except AgiHangup:
+        log.info("channel hung up before all variables were set")
+    except CallrouteError as exc:
+        log.warning("could not set channel variables: %s", exc)

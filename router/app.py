@@ -1,0 +1,146 @@
+"""Assembles the service from the settings: the call path, AMI tracking, delivery, admin.
+
+``serve`` runs until SIGTERM/SIGINT and then shuts down in order: stop taking new AGI
+sessions and finish those in flight, stop AMI (flushing finished calls into the
+outbox), stop delivery (unfinished records stay in the outbox for the next run).
+SIGHUP reloads the rules file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from dialplan.route import Router, make_route_handler
+from dialplan.server import AgiServer
+from router.admin import AdminDeps, make_admin_app
+from router.cached_lookup import CachedLookup
+from router.crm.rest import RestConnector
+from router.explain import outcome_to_dict
+from router.presence import Presence
+from router.ruleswatch import RulesWatcher
+from router.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def build_router(
+    settings: Settings, presence: Presence | None = None
+) -> AsyncIterator[Router]:
+    """A :class:`Router` with the configured CRM connector, cache and rules."""
+    connector = RestConnector(settings.crm, region=settings.phone.default_region)
+    lookup = CachedLookup.from_settings(settings, connector)
+    watcher = RulesWatcher(settings.path(settings.routing.rules),
+                           default_queue=settings.routing.default_queue)
+    router = Router(settings, lookup, watcher.current, presence)
+    router.watcher = watcher  # type: ignore[attr-defined]
+    try:
+        yield router
+    finally:
+        await lookup.drain(1.0)
+        await lookup.aclose()
+        await connector.aclose()
+
+
+async def run_sync_once(settings: Settings, *, progress: bool) -> object:
+    """``callroute sync``: one pre-warm pass from the CRM's changed-customers feed."""
+    from router.sync import sync_from_settings
+
+    return await sync_from_settings(settings, progress=progress)
+
+
+def _explainer(router: Router) -> Callable[[str, str | None, datetime | None],
+                                           Awaitable[dict[str, Any]]]:
+    async def explain(number: str, did: str | None, at: datetime | None) -> dict[str, Any]:
+        return outcome_to_dict(await router.decide(number, did, at=at))
+
+    return explain
+
+
+async def _start_admin(settings: Settings, deps: AdminDeps,
+                       extra: Callable[[web.Application], None]) -> web.AppRunner:
+    app = make_admin_app(deps)
+    extra(app)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
+    await site.start()
+    log.info("admin API on http://%s:%d", settings.admin.host, settings.admin.port)
+    return runner
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
+    """Run the whole service until ``stop`` is set (or SIGTERM/SIGINT)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    presence = Presence()
+    async with AsyncExitStack() as stack:
+        router = await stack.enter_async_context(build_router(settings, presence))
+        watcher: RulesWatcher = router.watcher  # type: ignore[attr-defined]
+        watcher.start()
+        stack.push_async_callback(watcher.stop)
+
+        agi = AgiServer(settings.agi)
+        agi.route("route", make_route_handler(router))
+        await agi.start()
+        log.info("FastAGI on %s:%d", settings.agi.host, agi.port)
+        stack.push_async_callback(agi.stop, settings.agi.shutdown_grace_s)
+
+        background = await _start_records(settings, presence, stack, stop)
+
+        if settings.admin.enabled:
+            deps = AdminDeps(explain=_explainer(router), presence=presence,
+                             token=settings.admin.token, checks=background.checks)
+            deps.checks["agi"] = _true
+            deps.outbox_status = background.outbox_status
+            lookup = router.lookup
+            assert isinstance(lookup, CachedLookup)
+
+            def add_webhook(app: web.Application) -> None:
+                from router.webhook import add_webhook_routes
+
+                add_webhook_routes(app, lookup.cache, settings)
+
+            runner = await _start_admin(settings, deps, add_webhook)
+            stack.push_async_callback(runner.cleanup)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, watcher.reload)
+        log.info("callroute is running")
+        await stop.wait()
+        log.info("shutting down")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+async def _true() -> bool:
+    return True
+
+
+class _Background:
+    """Readiness checks and status of the AMI/outbox/delivery side."""
+
+    def __init__(self) -> None:
+        self.checks: dict[str, Callable[[], Awaitable[bool]]] = {}
+        self.outbox_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
+
+
+async def _start_records(settings: Settings, presence: Presence, stack: AsyncExitStack,
+                         stop: asyncio.Event) -> _Background:
+    """AMI tracking → outbox → delivery (filled in by the call-record integration)."""
+    del settings, presence, stack, stop
+    return _Background()
+
+
+__all__ = ["build_router", "contextlib", "run_sync_once", "serve"]
