@@ -9,10 +9,9 @@ SIGHUP reloads the rules file.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -25,7 +24,7 @@ from router.admin import AdminDeps, make_admin_app
 from router.cached_lookup import CachedLookup
 from router.crm.rest import RestConnector
 from router.explain import outcome_to_dict
-from router.presence import Presence
+from router.presence import Presence, device_of
 from router.ruleswatch import RulesWatcher
 from router.settings import Settings
 
@@ -95,7 +94,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         log.info("FastAGI on %s:%d", settings.agi.host, agi.port)
         stack.push_async_callback(agi.stop, settings.agi.shutdown_grace_s)
 
-        background = await _start_records(settings, presence, stack, stop)
+        def agents() -> dict[str, str]:
+            return {device_of(a.dial): agent for agent, a in watcher.current().agents.items()}
+
+        background = await _start_records(settings, presence, stack, agents)
 
         if settings.admin.enabled:
             deps = AdminDeps(explain=_explainer(router), presence=presence,
@@ -137,10 +139,97 @@ class _Background:
 
 
 async def _start_records(settings: Settings, presence: Presence, stack: AsyncExitStack,
-                         stop: asyncio.Event) -> _Background:
-    """AMI tracking → outbox → delivery (filled in by the call-record integration)."""
-    del settings, presence, stack, stop
-    return _Background()
+                         agents: Callable[[], Mapping[str, str]]) -> _Background:
+    """AMI tracking → outbox → delivery, each stopped in that order on exit.
+
+    Posting uses a connector (HTTP pool) of its own, so slow posts never queue in front
+    of the lookups of the call path.
+    """
+    from ami.client import AmiClient
+    from ami.tracker import CallTracker
+    from router.delivery import DeliveryWorker
+    from router.outbox import Outbox, connect_redis
+
+    bg = _Background()
+    if not settings.outbox.enabled:
+        return bg
+    redis = connect_redis(settings)
+    stack.push_async_callback(redis.aclose)
+    sink = RestConnector(settings.crm, region=settings.phone.default_region)
+    stack.push_async_callback(sink.aclose)
+    outbox = Outbox.from_settings(settings, redis)
+    worker = DeliveryWorker.from_settings(settings, redis, sink)
+    delivery_stop = asyncio.Event()
+    tasks = [asyncio.create_task(worker.run(delivery_stop), name="delivery"),
+             asyncio.create_task(outbox.run_drainer(delivery_stop), name="spool-drainer")]
+
+    async def stop_delivery() -> None:
+        delivery_stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    stack.push_async_callback(stop_delivery)
+
+    async def outbox_ready() -> bool:
+        return bool(await redis.ping())
+
+    bg.checks["outbox"] = outbox_ready
+
+    async def outbox_status() -> dict[str, Any]:
+        from router.outbox_cli import status
+
+        return await status(redis, outbox.keys, settings.outbox.group, outbox.spool)
+
+    bg.outbox_status = outbox_status
+
+    if settings.ami.enabled:
+        pending = RecordQueue(outbox.enqueue)
+        tracker = CallTracker(
+            pending.put, settings.phone.default_region, presence,
+            agent_for_device=lambda device: agents().get(device_of(device)),
+            cdr_grace_s=settings.ami.cdr_grace_s, max_open_calls=settings.ami.max_open_calls,
+        )
+        ami = AmiClient(settings.ami, tracker=tracker)
+        await ami.start()
+
+        async def stop_ami() -> None:
+            await ami.stop()
+            tracker.flush(float("inf"))  # every finished call goes to the outbox
+            await pending.drain()
+
+        stack.push_async_callback(stop_ami)
+
+        async def ami_ready() -> bool:
+            return ami.connected
+
+        bg.checks["ami"] = ami_ready
+    return bg
 
 
-__all__ = ["build_router", "contextlib", "run_sync_once", "serve"]
+class RecordQueue:
+    """Hands call records from the (synchronous) tracker to the (async) outbox, keeping
+    every enqueue task referenced until it is done; shutdown waits for them all."""
+
+    def __init__(self, enqueue: Callable[[Any], Awaitable[object]]) -> None:
+        self.enqueue = enqueue
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def put(self, record: Any) -> None:
+        """Schedule one record for the outbox (called by the tracker)."""
+        task = asyncio.get_running_loop().create_task(self._enqueue(record))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _enqueue(self, record: Any) -> None:
+        try:
+            await self.enqueue(record)
+        except Exception:
+            # Outbox.enqueue already fell back to the spool; this is the last line.
+            log.critical("call record %s could not be stored: %s",
+                         getattr(record, "record_key", "?"), record, exc_info=True)
+
+    async def drain(self) -> None:
+        """Wait for every scheduled enqueue."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+

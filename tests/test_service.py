@@ -1,0 +1,113 @@
+"""The whole service as `callroute serve` runs it: FastAGI routing, AMI call tracking
+from a replayed Asterisk recording, durable delivery of call records to the CRM, and
+the admin API, all on loopback against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from ami.peer import AmiPeer
+from dialplan.peer import AsteriskAgiPeer, build_environment
+from router.app import serve
+from router.samplecrm import make_app, start_sample_crm, state_of
+from router.settings import Settings, load_settings
+from tests.redis_server import free_port
+
+ROOT = Path(__file__).parents[1]
+
+
+@dataclass
+class Service:
+    """A running service and the peers around it."""
+
+    settings: Settings
+    crm: web.Application
+    ami: AmiPeer
+
+
+def activities(app: web.Application) -> list[dict[str, object]]:
+    """Activities the sample CRM has stored."""
+    state = state_of(app)
+    return [o for o in state.objects.get("activities", {}).values()]
+
+
+async def wait_for(predicate: object, timeout_s: float = 15.0) -> None:
+    """Poll ``predicate()`` until true (bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def service(redis_url: str, tmp_path: Path, fixtures_dir: Path) -> AsyncIterator[Service]:
+    """`serve()` with the example config, pointed at loopback peers."""
+    app = make_app(token="demo-token")
+    runner, crm_url = await start_sample_crm("127.0.0.1", 0, app)
+    ami = AmiPeer(fixtures_dir / "ami-basic.raw", pace_s=0.0)
+    await ami.start()
+    base = load_settings(ROOT / "examples" / "config.yaml")
+    settings = base.model_copy(update={
+        "agi": base.agi.model_copy(update={"port": free_port()}),
+        "ami": base.ami.model_copy(update={"port": ami.port, "reconnect_min_s": 0.05,
+                                           "cdr_grace_s": 0.2}),
+        "admin": base.admin.model_copy(update={"port": free_port()}),
+        "crm": base.crm.model_copy(update={"base_url": crm_url}),
+        "redis": base.redis.model_copy(update={"url": redis_url}),
+        "outbox": base.outbox.model_copy(update={"spool_dir": tmp_path / "spool"}),
+    })
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop))
+    try:
+        await wait_for(lambda: ami.logins >= 1 or task.done())
+        assert not task.done(), task.exception()
+        yield Service(settings, app, ami)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await ami.stop()
+        await runner.cleanup()
+
+
+async def test_every_recorded_call_reaches_the_crm_once(service: Service) -> None:
+    """The four calls of ami-basic.raw become exactly four activities, keyed by Linkedid,
+    with the outcome the recording shows."""
+    await wait_for(lambda: len(activities(service.crm)) >= 4)
+    await asyncio.sleep(0.5)  # nothing more should arrive
+    acts = activities(service.crm)
+    assert len(acts) == 4
+    posts = [r for r in state_of(service.crm).requests if r.path == "/api/activities"]
+    keys = {r.idempotency_key for r in posts}
+    assert keys == {"call:1795338333.0", "call:1795338363.4", "call:1795338393.10",
+                    "call:1795338423.18"}
+    by_call = {a["call_id"]: a for a in acts}  # type: ignore[index]
+    first = by_call["1795338333.0"]
+    assert first["caller"] == "+8613800138000"
+    assert first["customer_id"] == "C-1001"
+    assert first["outcome"] == "answered"
+
+
+async def test_routes_calls_and_reports_ready(service: Service) -> None:
+    """While running, FastAGI answers calls and the admin API reports readiness."""
+    port = service.settings.agi.port
+    env = build_environment("+8613800138000", "Li Lei", "4008001000", port=port)
+    result = await AsteriskAgiPeer("127.0.0.1", port, env).run()
+    assert result.variables["CRM_CUSTOMER_ID"] == "C-1001"
+    admin = f"http://127.0.0.1:{service.settings.admin.port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{admin}/readyz") as r:
+            body = await r.json()
+            assert body["checks"]["ami"] is True
+            assert body["checks"]["outbox"] is True
+        async with http.get(f"{admin}/api/outbox") as r:
+            assert r.status == 200
+        async with http.get(f"{admin}/metrics") as r:
+            assert "callroute_decisions_total" in await r.text()
