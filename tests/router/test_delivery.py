@@ -160,8 +160,10 @@ async def test_two_workers_share_the_work_without_duplicates(h: Harness, crm: Fa
     posted twice."""
     for n in range(300):
         await h.outbox.enqueue(call_record(n))
-    w1 = h.start("w1", concurrency=4)
-    w2 = h.start("w2", concurrency=4)
+    # Reclaiming is tested elsewhere; a long idle time keeps a loaded machine from
+    # reclaiming (and legitimately re-posting) slow in-flight entries here.
+    w1 = h.start("w1", concurrency=4, claim_idle_s=30.0)
+    w2 = h.start("w2", concurrency=4, claim_idle_s=30.0)
     await wait_until(lambda: len(crm.objects()) == 300)
     assert set(crm.count().values()) == {1}
     await wait_until_async(h, lambda: h.redis.xlen(h.keys.outbox_sent), 300)
