@@ -147,7 +147,8 @@ async def test_stalled_crm_times_out() -> None:
         started = time.monotonic()
         with pytest.raises(CrmTimeout):
             await _get(CrmSettings(base_url=crm.url, timeout_s=0.2))
-    assert time.monotonic() - started < 0.45
+        elapsed = time.monotonic() - started  # measured before the server shuts down
+    assert 0.2 <= elapsed < 0.45
 
 
 async def test_refused_is_unavailable() -> None:
