@@ -127,6 +127,7 @@ async def run_demo(settings: Settings, *, extra_calls: int = 0) -> int:
             print(f"FastAGI: agi://{settings.agi.host}:{agi.port}/route  "
                   f"(deadline {settings.routing.deadline_ms} ms)\n")
             rows = []
+            sets: list[str] = []
             calls = CALLS + [CALLS[i % 4] for i in range(extra_calls)]
             for n, call in enumerate(calls, start=1):
                 clock["now"] = call.at
@@ -137,7 +138,11 @@ async def run_demo(settings: Settings, *, extra_calls: int = 0) -> int:
                 if result.error or "ROUTE_ACTION" not in result.variables:
                     failures += 1
                 rows.append(_row(call, result))
+                sets.append(" ".join(f"{k}={v}" for k, v in result.variables.items() if v))
             _print_table(rows)
+            print("\nchannel variables set (non-empty):")
+            for call, line in zip(calls, sets, strict=True):
+                print(f"  {call.callerid:<16} {line}")
             print("\nnotes:")
             for call in CALLS:
                 print(f"  {call.callerid:<16} {call.note}")
