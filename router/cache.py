@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -213,6 +214,11 @@ def _error_kind(exc: BaseException) -> str:
     return "error"
 
 
+def _pool_exhausted(exc: BaseException) -> bool:
+    """redis-py's BlockingConnectionPool found no free connection in time."""
+    return isinstance(exc, RedisConnectionError) and "No connection available" in str(exc)
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -248,6 +254,82 @@ class RedisHealth:
             self.down = False
 
 
+ReadOutcome = tuple[bool, bytes | str | None]
+
+#: Most keys in one coalesced MGET.
+MAX_BATCH = 256
+
+
+class ReadBatcher:
+    """Coalesces concurrent GETs into one MGET per event-loop tick.
+
+    Each caller awaits a future resolved to ``(ok, raw)``; a Redis failure resolves every
+    waiter of the batch to ``(False, None)`` and is recorded once in :class:`RedisHealth`.
+    Batch tasks are kept referenced until done. A waiter cancelled by its deadline just
+    stops waiting.
+    """
+
+    def __init__(self, redis: aioredis.Redis, health: RedisHealth) -> None:
+        self.redis = redis
+        self.health = health
+        self._pending: dict[str, list[asyncio.Future[ReadOutcome]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def get(self, key: str) -> ReadOutcome:
+        """The raw value of ``key`` (None when missing), or ``(False, None)`` on failure."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ReadOutcome] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.setdefault(key, []).append(future)
+        if len(self._pending) >= MAX_BATCH:
+            self._flush()
+        return await future
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: dict[str, list[asyncio.Future[ReadOutcome]]]) -> None:
+        keys = list(batch)
+        outcomes: list[ReadOutcome]
+        try:
+            values = await self.redis.mget(keys)
+        except (TimeoutError, RedisError, OSError) as exc:
+            if _pool_exhausted(exc):
+                # every pooled connection busy: local congestion, Redis itself is fine
+                CACHE_ERRORS.labels(kind="pool").inc()
+            else:
+                self.health.failed("get", exc)
+            outcomes = [(False, None)] * len(keys)
+        except asyncio.CancelledError:
+            self._resolve(batch, [(False, None)] * len(keys))
+            raise
+        else:
+            self.health.ok()
+            outcomes = [(True, v) for v in values]
+        self._resolve(batch, outcomes)
+
+    @staticmethod
+    def _resolve(
+        batch: dict[str, list[asyncio.Future[ReadOutcome]]], outcomes: list[ReadOutcome]
+    ) -> None:
+        for futures, outcome in zip(batch.values(), outcomes, strict=True):
+            for future in futures:
+                if not future.done():
+                    future.set_result(outcome)
+
+    async def aclose(self) -> None:
+        """Let running batches finish (they are bounded by the socket timeout)."""
+        self._flush()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=1.0)
+
+
 class TwoLevelCache:
     """LRU in front of Redis. Reads never raise; writes raise only when ``strict``.
 
@@ -269,6 +351,7 @@ class TwoLevelCache:
         self.policy = CachePolicy(settings)
         self.lru = LruCache(settings.lru_size)
         self.health = RedisHealth(down_backoff_s)
+        self.reads = ReadBatcher(redis, self.health)
         self.clock = clock
 
     # --- reads ---------------------------------------------------------------------------
@@ -278,17 +361,16 @@ class TwoLevelCache:
 
     async def get_shared(self, e164: str) -> tuple[bool, CacheEntry | None]:
         """``(ok, entry)`` from Redis: ok is False when Redis was skipped or failed;
-        entry is None on a miss or a corrupt value."""
+        entry is None on a miss or a corrupt value.
+
+        Concurrent reads are coalesced into one ``MGET`` per event-loop tick (see
+        :class:`ReadBatcher`), so a burst of calls costs Redis and the loop one command.
+        """
         if not self.health.available():
             return False, None
-        try:
-            raw = await self.redis.get(self.keys.customer(e164))
-        except (TimeoutError, RedisError, OSError) as exc:
-            self.health.failed("get", exc)
-            return False, None
-        self.health.ok()
-        if raw is None:
-            return True, None
+        ok, raw = await self.reads.get(self.keys.customer(e164))
+        if not ok or raw is None:
+            return ok, None
         entry = decode_entry(raw)
         if entry is None:
             CACHE_ERRORS.labels(kind="corrupt").inc()
@@ -380,5 +462,6 @@ class TwoLevelCache:
         return result
 
     async def aclose(self) -> None:
-        """Close the Redis client."""
+        """Finish pending reads and close the Redis client."""
+        await self.reads.aclose()
         await self.redis.aclose()

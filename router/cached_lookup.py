@@ -13,7 +13,9 @@
    (single-flight). An answer back in time is ``"crm"``; a failure is ``"error"`` with the
    error kind; no answer in time is ``"deadline"``, and the request goes on in the
    background to fill the cache (tasks are kept referenced and bounded by
-   ``max_background``). With the circuit open nothing is asked: ``"error"``/``circuit_open``.
+   ``max_background``; at most ``max_crm_inflight`` requests are on the wire at once, so a
+   burst of cold callers neither floods the CRM nor starves the event loop). With the
+   circuit open nothing is asked: ``"error"``/``circuit_open``.
 
 Every answer counts ``callroute_lookups{source}``. Every CRM failure is logged with its
 kind (timeout, unavailable, 4xx, 5xx, 429 with Retry-After, bad_json, mapping); the
@@ -91,6 +93,7 @@ class CachedLookup:
         self._wall = clock or time.time
         self._inflight: dict[str, asyncio.Task[FetchOutcome]] = {}
         self._tasks: set[asyncio.Task[FetchOutcome]] = set()
+        self._crm_slots = asyncio.Semaphore(cache_settings.max_crm_inflight)
 
     @classmethod
     def from_settings(cls, settings: Settings, directory: CustomerDirectory) -> CachedLookup:
@@ -121,6 +124,8 @@ class CachedLookup:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._owns_redis:
             await self.cache.aclose()
+        else:
+            await self.cache.reads.aclose()
 
     # --- the call path ---------------------------------------------------------------------
     async def find(self, number: CallerNumber, *, timeout_s: float) -> LookupResult:
@@ -130,13 +135,14 @@ class CachedLookup:
             result = await self._find(number, start + timeout_s)
         except Exception:  # a bug must not cost the call its route
             log.exception("lookup failed unexpectedly")
-            result = LookupResult(customer=None, source="error", error="internal")
+            result = _empty("error", "internal")
         LOOKUPS.labels(source=result.source).inc()
-        return result.model_copy(update={"elapsed_ms": (time.monotonic() - start) * 1000})
+        result.elapsed_ms = (time.monotonic() - start) * 1000
+        return result
 
     async def _find(self, number: CallerNumber, deadline: float) -> LookupResult:
         if not number.lookupable or number.e164 is None:
-            return LookupResult(customer=None, source="skipped")
+            return _empty("skipped")
         e164 = number.e164
         entry, source = await self._cached(e164, deadline)
         now = self._wall()
@@ -148,15 +154,15 @@ class CachedLookup:
             return _result(entry, "stale", now, error=error)
         task = self._fetch_task(number)
         if task is None:
-            return LookupResult(customer=None, source="error", error=self._refusal())
+            return _empty("error", self._refusal())
         remaining = deadline - time.monotonic()
         if remaining > 0:
             await asyncio.wait({task}, timeout=remaining)
         if not task.done():
-            return LookupResult(customer=None, source="deadline", error="deadline")
+            return _empty("deadline", "deadline")
         outcome = task.result()
         if isinstance(outcome, CrmError):
-            return LookupResult(customer=None, source="error", error=outcome.kind)
+            return _empty("error", outcome.kind)
         return _result(outcome, "crm", self._wall())
 
     async def _cached(self, e164: str, deadline: float) -> tuple[CacheEntry | None, LookupSource]:
@@ -217,7 +223,8 @@ class CachedLookup:
         assert number.e164 is not None
         try:
             try:
-                customer = await self.directory.find_by_number(number)
+                async with self._crm_slots:
+                    customer = await self.directory.find_by_number(number)
             except CrmError as exc:
                 self.breaker.failure(exc)
                 _log_crm_error(exc)
@@ -252,5 +259,14 @@ def _log_crm_error(exc: CrmError) -> None:
 def _result(
     entry: CacheEntry, source: LookupSource, now: float, *, error: str | None = None
 ) -> LookupResult:
-    return LookupResult(customer=entry.customer, source=source, found=entry.found,
-                        age_s=round(entry.age(now), 3), error=error)
+    # model_construct: our own, already valid data; validation would cost the hot path
+    return LookupResult.model_construct(
+        customer=entry.customer, source=source, found=entry.found,
+        age_s=round(entry.age(now), 3), error=error, elapsed_ms=0.0,
+    )
+
+
+def _empty(source: LookupSource, error: str | None = None) -> LookupResult:
+    return LookupResult.model_construct(
+        customer=None, source=source, found=False, age_s=None, error=error, elapsed_ms=0.0
+    )

@@ -90,9 +90,6 @@ class RedisSettings(_Section):
         1.0, ge=0, description="after a Redis failure, skip Redis this long, then probe again"
     )
     max_connections: int = Field(32, ge=1, description="connection pool bound of the cache")
-    down_backoff_s: float = Field(
-        1.0, ge=0, description="after a Redis failure, skip Redis this long, then probe again"
-    )
 
 
 class CacheSettings(_Section):
@@ -109,6 +106,9 @@ class CacheSettings(_Section):
     )
     max_background: int = Field(
         1000, ge=1, description="bound on CRM lookups running in the background"
+    )
+    max_crm_inflight: int = Field(
+        32, ge=1, description="CRM lookup requests on the wire at once (others queue)"
     )
     sync_interval_s: float = Field(
         0.0, ge=0, description="pre-warm sync period for serve (0: off)"

@@ -151,3 +151,23 @@ async def test_lookup_deadline_bounds_a_slow_redis(
     await lookup.aclose()
     await client.aclose()
     await admin.aclose()
+
+
+async def test_concurrent_reads_are_one_mget(
+    directory: HttpDirectory, crm: LoopbackCrm, redis: aioredis.Redis
+) -> None:
+    """50 concurrent calls served from Redis cost Redis one MGET, not 50 GETs (the
+    server's own command statistics say so)."""
+    lookup = make_lookup(directory, redis, lru_size=0)
+    callers = [num(n) for n in (ALICE, BOB, CAROL)]
+    for n in callers:
+        await lookup.find(n, timeout_s=1)
+    await redis.config_resetstat()
+    results = await asyncio.gather(*(lookup.find(callers[i % 3], timeout_s=1)
+                                     for i in range(50)))
+    assert {r.source for r in results} == {"redis"}
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_mget"]["calls"] == 1
+    assert "cmdstat_get" not in stats
+    assert crm.total == 3
+    await lookup.aclose()
