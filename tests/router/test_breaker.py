@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
 from router.breaker import CircuitBreaker, State
@@ -24,6 +25,7 @@ from tests.router.cache_crm import (  # noqa: F401  (fixtures)
     crm_fixture,
     directory_fixture,
     make_lookup,
+    no_gc_fixture,
     num,
     redis_fixture,
 )
@@ -31,6 +33,8 @@ from tests.router.cache_crm import (  # noqa: F401  (fixtures)
 ALICE = "+8613800138000"
 BOB = "+8613900139000"
 NUMBERS = [f"+86138{i:08d}" for i in range(20)]
+
+pytestmark = pytest.mark.usefixtures("no_gc")
 
 
 def gauge() -> float:

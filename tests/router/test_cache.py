@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import redis.asyncio as aioredis
 
 from router.cache import CacheEntry, LruCache, decode_entry, encode_entry, redis_client
@@ -19,6 +20,7 @@ from tests.router.cache_crm import (  # noqa: F401  (fixtures)
     crm_fixture,
     directory_fixture,
     make_lookup,
+    no_gc_fixture,
     num,
     redis_fixture,
 )
@@ -26,6 +28,8 @@ from tests.router.cache_crm import (  # noqa: F401  (fixtures)
 ALICE = "+8613800138000"
 BOB = "+8613900139000"
 CAROL = "+8613700137000"
+
+pytestmark = pytest.mark.usefixtures("no_gc")
 
 
 def errors(kind: str) -> float:

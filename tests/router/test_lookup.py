@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import redis.asyncio as aioredis
 
 from router.cache import encode_entry
@@ -17,6 +18,7 @@ from tests.router.cache_crm import (  # noqa: F401  (fixtures)
     crm_fixture,
     directory_fixture,
     make_lookup,
+    no_gc_fixture,
     num,
     redis_fixture,
 )
@@ -24,6 +26,8 @@ from tests.router.cache_crm import (  # noqa: F401  (fixtures)
 ALICE = "+8613800138000"
 BOB = "+8613900139000"
 NOBODY = "+8613600136000"
+
+pytestmark = pytest.mark.usefixtures("no_gc")
 
 
 def sample(name: str, labels: dict[str, str]) -> float:
@@ -297,4 +301,21 @@ async def test_lookups_metric_counts_sources(
     await lookup.find(num("anonymous"), timeout_s=1)
     after = {s: sample("callroute_lookups_total", {"source": s}) for s in before}
     assert {s: after[s] - before[s] for s in before} == {"crm": 1, "lru": 1, "skipped": 1}
+    await lookup.aclose()
+
+
+async def test_crm_requests_in_flight_are_bounded(
+    directory: HttpDirectory, crm: LoopbackCrm, redis: aioredis.Redis
+) -> None:
+    """A burst of cold callers puts at most max_crm_inflight requests on the wire at once;
+    the rest queue in the background and still fill the cache."""
+    crm.behaviour.delay_s = 0.05
+    lookup = make_lookup(directory, redis, max_crm_inflight=2)
+    callers = [num(f"+86138{i:08d}") for i in range(6)]
+    await asyncio.gather(*(lookup.find(n, timeout_s=0.02) for n in callers))
+    await lookup.drain()
+    assert crm.total == 6
+    assert crm.peak == 2
+    results = await asyncio.gather(*(lookup.find(n, timeout_s=0.02) for n in callers))
+    assert {r.source for r in results} == {"lru"}
     await lookup.aclose()

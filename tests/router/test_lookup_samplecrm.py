@@ -15,9 +15,11 @@ from router.crm.config import CrmSettings, sample_crm_section
 from router.crm.rest import RestConnector
 from router.metrics import REGISTRY
 from router.samplecrm import SampleCrm, make_app, seed_customers, start_sample_crm, state_of
-from tests.router.cache_crm import make_lookup, num, redis_fixture  # noqa: F401  (fixture)
+from tests.router.cache_crm import make_lookup, no_gc_fixture, num, redis_fixture  # noqa: F401  (fixtures)
 
 LI_LEI = "+8613800138000"
+
+pytestmark = pytest.mark.usefixtures("no_gc")
 
 
 @dataclass

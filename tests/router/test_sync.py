@@ -17,10 +17,13 @@ from tests.router.cache_crm import (  # noqa: F401  (fixtures)
     LoopbackCrm,
     crm_fixture,
     directory_fixture,
+    no_gc_fixture,
     redis_fixture,
 )
 
 NUMBERS = [f"+8613{i}0013{i}000" for i in range(1, 8)]  # 7 customers, 4 pages of 2
+
+pytestmark = pytest.mark.usefixtures("no_gc")
 
 
 @pytest.fixture

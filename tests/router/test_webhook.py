@@ -18,12 +18,14 @@ from router.models import Customer
 from router.settings import AdminSettings, CacheSettings, RedisSettings, Settings
 from router.webhook import PATH, add_webhook_routes, sign
 from tests.redis_server import RedisServer
-from tests.router.cache_crm import KEYS, redis_fixture  # noqa: F401  (fixture)
+from tests.router.cache_crm import KEYS, no_gc_fixture, redis_fixture  # noqa: F401  (fixtures)
 
 SECRET = "s3cret-for-tests"
 ALICE = "+8613800138000"
 ALICE_2 = "+8613800138001"
 BOB = "+8613900139000"
+
+pytestmark = pytest.mark.usefixtures("no_gc")
 
 
 def outcomes(outcome: str) -> float:
