@@ -1,6 +1,12 @@
 """Customer lookup as the call path sees it.
 
-PLACEHOLDER for the interface; the cache/deadline work implements :class:`CachedLookup`.
+The implementation is :class:`router.cached_lookup.CachedLookup` (two-level cache,
+stale-while-revalidate / stale-if-error, single-flight, deadline, circuit breaker)::
+
+    lookup = CachedLookup.from_settings(settings, RestConnector(settings.crm))
+    result = await lookup.find(number, timeout_s=remaining_budget)
+    ...
+    await lookup.aclose()
 """
 
 from __future__ import annotations
