@@ -319,3 +319,22 @@ async def test_crm_requests_in_flight_are_bounded(
     results = await asyncio.gather(*(lookup.find(n, timeout_s=0.02) for n in callers))
     assert {r.source for r in results} == {"lru"}
     await lookup.aclose()
+
+
+async def test_from_settings_uses_prefix_secret_and_owns_its_client(
+    directory: HttpDirectory, crm: LoopbackCrm, redis_url: str
+) -> None:
+    """from_settings() builds the keys from redis.prefix/key_secret and its own client,
+    which aclose() closes."""
+    from router.cached_lookup import CachedLookup
+    from router.keys import Keys
+    from router.settings import RedisSettings, Settings
+    settings = Settings(redis=RedisSettings(url=redis_url, prefix="site1:", key_secret="k1"))
+    lookup = CachedLookup.from_settings(settings, directory)
+    assert (await lookup.find(num(ALICE), timeout_s=1)).source == "crm"
+    check = aioredis.Redis.from_url(redis_url)
+    keys = {k.decode() async for k in check.scan_iter(match="*")}
+    site = Keys(prefix="site1:", secret=b"k1")
+    assert keys == {site.customer(ALICE), site.customer_index("C1")}
+    await lookup.aclose()
+    await check.aclose()
