@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ami.protocol import AmiParser, FieldValue, Message, build_action
 from ami.tracker import CallTracker
@@ -54,6 +55,16 @@ class _Pending:
         self.future = future
         self.on_complete = on_complete
         self.result: ActionResult | None = None
+
+
+async def reap(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait for it, without swallowing our own cancellation."""
+    if task is None or task.done():
+        if task is not None and not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning
+        return
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
@@ -115,15 +126,12 @@ class AmiClient:
             with contextlib.suppress(Exception):
                 await self.send_action("Logoff", timeout=0.5)
         for task in (self._run_task, self._flush_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await reap(task)
         self._run_task = self._flush_task = None
         if self.tracker is not None:
             self.tracker.flush(self.clock())
 
-    async def wait_connected(self, timeout: float = 5.0) -> None:
+    async def wait_connected(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait until logged in and the view has been rebuilt."""
         await asyncio.wait_for(self._connected_event.wait(), timeout)
 
@@ -133,7 +141,7 @@ class AmiClient:
         name: str,
         fields: Mapping[str, FieldValue] | None = None,
         *,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
         on_complete: Callable[[ActionResult], None] | None = None,
         **kwargs: FieldValue,
     ) -> ActionResult:
@@ -145,7 +153,7 @@ class AmiClient:
         """
         writer = self._writer
         if writer is None or writer.is_closing():
-            raise AmiError("AMI is not connected")
+            raise AmiError(f"cannot send {name}: the AMI connection is closed")
         action_id = f"callroute-{next(self._ids)}"
         data = build_action(name, action_id, fields, **kwargs)
         future: asyncio.Future[ActionResult] = asyncio.get_running_loop().create_future()
@@ -208,7 +216,7 @@ class AmiClient:
     # --- connection loop ------------------------------------------------------------------
     async def _run(self) -> None:
         attempt = 0
-        while not self._stopping:
+        while not self._stop_requested():
             try:
                 await self._session()
             except AmiError as exc:
@@ -220,7 +228,7 @@ class AmiClient:
                             self.settings.port, exc)
             finally:
                 self._lost()
-            if self._stopping:
+            if self._stop_requested():
                 break
             if self.last_error is None:
                 attempt = 0
@@ -230,6 +238,9 @@ class AmiClient:
             attempt += 1
             log.info("AMI reconnecting in %.2fs (attempt %d)", delay, attempt)
             await asyncio.sleep(delay)
+
+    def _stop_requested(self) -> bool:
+        return self._stopping
 
     def _fail_pending(self) -> None:
         for pending in self._pending.values():
@@ -267,12 +278,9 @@ class AmiClient:
             pinging = asyncio.create_task(self._ping_loop())
             await reading
         finally:
-            for task in (pinging, reading):
-                if task is not None and not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
-            writer.close()
+            writer.close()  # first: nothing below may skip it
+            await reap(pinging)
+            await reap(reading)
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
@@ -284,7 +292,7 @@ class AmiClient:
         done, _ = await asyncio.wait({waiter, reading}, timeout=s.connect_timeout_s,
                                      return_when=asyncio.FIRST_COMPLETED)
         if waiter not in done:
-            waiter.cancel()
+            await reap(waiter)
             raise AmiError("no AMI banner from the server")
         self.banner = parser.banner
         if not (parser.banner or "").startswith("Asterisk Call Manager"):

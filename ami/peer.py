@@ -156,11 +156,10 @@ class AmiPeer:
             self._server.close()
         for writer in list(self._writers):
             writer.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -174,7 +173,7 @@ class AmiPeer:
     ) -> None:
         await self.stop()
 
-    async def wait_replayed(self, timeout: float = 10.0) -> None:
+    async def wait_replayed(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Wait until every event of the recording was sent (or skipped)."""
         await asyncio.wait_for(self._done.wait(), timeout)
 
@@ -211,8 +210,8 @@ class AmiPeer:
             if value is not None:
                 snap[key] = value
         if msg.event == "Newexten":
-            snap["Application"] = msg.get("Application", "")
-            snap["ApplicationData"] = msg.get("AppData", "")
+            snap["Application"] = msg.get("Application") or ""
+            snap["ApplicationData"] = msg.get("AppData") or ""
 
     # --- connections ----------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -220,7 +219,7 @@ class AmiPeer:
         self._writers.add(writer)
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)  # type: ignore[arg-type]
+            self._tasks.add(task)
         replay: asyncio.Task[None] | None = None
         parser = AmiParser(expect_banner=False)
         try:
@@ -250,16 +249,15 @@ class AmiPeer:
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            if replay is not None:
-                replay.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await replay
             self._writers.discard(writer)
             writer.close()
+            if replay is not None:
+                replay.cancel()
+                await asyncio.gather(replay, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             if task is not None:
-                self._tasks.discard(task)  # type: ignore[arg-type]
+                self._tasks.discard(task)
 
     def _login(self, action: Message, writer: asyncio.StreamWriter) -> bool | None:
         """Handle an action before login: True logged in, False refused (close), None other."""
@@ -323,8 +321,12 @@ class AmiPeer:
                               "ListItems": "0"})]
         out = []
         for msg in items:
-            pairs = [(k, aid if k == "ActionID" and aid is not None else v)
-                     for k, v in msg.headers.items() if k != "ActionID" or aid is not None]
+            pairs = [(k, v) for k, v in msg.headers.items() if k != "ActionID"]
+            if aid is not None:
+                # keep Asterisk's position of the header when the recording has one
+                keys = list(msg.headers)
+                pos = keys.index("ActionID") if "ActionID" in keys else 1
+                pairs.insert(pos, ("ActionID", aid))
             out.append(encode_message(pairs))
         return b"".join(out)
 
@@ -337,7 +339,7 @@ class AmiPeer:
                 await writer.drain()
                 for _ in range(min(self.gap_events, len(events) - self.position)):
                     self._advance()
-                writer.transport.abort()
+                writer.close()  # after what was written so far has gone out
                 return
             writer.write(events[self.position] + b"\r\n\r\n")
             self._advance()

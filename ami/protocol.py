@@ -88,7 +88,7 @@ def parse_block(text: str, max_line: int) -> Message | str:
     if len(text) > max_line and any(len(line) > max_line for line in lines):
         return REASON_LINE_TOO_LONG
     try:
-        headers = dict(line.split(": ", 1) for line in lines)  # type: ignore[misc]
+        headers = dict(line.split(": ", 1) for line in lines)
     except ValueError:
         return _parse_slow(lines)
     if len(headers) != len(lines):

@@ -257,7 +257,9 @@ class CallTracker:
             call.suspect = True
         return list(self._calls)
 
-    def resync(self, channels: Iterable[Message], queue_status: Iterable[Message] = ()) -> list[str]:
+    def resync(
+        self, channels: Iterable[Message], queue_status: Iterable[Message] = ()
+    ) -> list[str]:
         """Reconcile with a fresh ``CoreShowChannels`` (and ``QueueStatus``) after a reconnect.
 
         Calls open across the disconnection are marked incomplete; those no longer
@@ -291,14 +293,14 @@ class CallTracker:
             if lid in self._done:
                 continue
             new = lid not in self._calls
-            call = self._channel(uid, lid, h)
-            if call is None:
+            adopted = self._channel(uid, lid, h)
+            if adopted is None:
                 continue
             if new:
                 affected.append(lid)
-            if uid == call.first_uid:
-                self._caller(call, h)
-                call.exten = call.exten or h.get("Exten")
+            if uid == adopted.first_uid:
+                self._caller(adopted, h)
+                adopted.exten = adopted.exten or h.get("Exten")
         self._apply_queue_status(queue_status)
         affected += self._adopted
         self._adopted.clear()
@@ -649,7 +651,8 @@ class CallTracker:
             agent = self.agent_for_device(call.answered_by)
         cause = None
         if call.hangup_code is not None or call.hangup_text is not None:
-            code = int(call.hangup_code) if (call.hangup_code or "").isdigit() else None
+            text = call.hangup_code or ""
+            code = int(text) if text.isdigit() else None
             cause = HangupCause(code=code, text=call.hangup_text)
         v = call.vars
         return CallRecord(
@@ -677,6 +680,6 @@ class CallTracker:
             outcome=self._outcome(call),
             hangup_cause=cause,
             recording=call.recording,
-            incomplete=call.incomplete,
+            incomplete=call.incomplete or call.suspect,
             cdrs=call.cdrs,
         )

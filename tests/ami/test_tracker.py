@@ -174,7 +174,8 @@ def test_without_cdrs_the_grace_period_finalises(abandon: list[Message]) -> None
     assert records[0].outcome == "abandoned"
     assert records[0].cdrs == []
     # without Cdrs the times come from the events (the clock here)
-    assert records[0].start is not None and records[0].start.timestamp() == 100.0
+    assert records[0].start is not None
+    assert records[0].start.timestamp() == 100.0
     assert records[0].wait_s == 7.008
 
 
