@@ -76,6 +76,12 @@ class AmiSettings(_Section):
     reconnect_max_s: float = Field(30.0, gt=0)
     ping_interval_s: float = Field(20.0, gt=0)
     max_message_bytes: int = Field(65536, ge=1024)
+    max_line_bytes: int = Field(8192, ge=256, description="longest header line accepted")
+    action_timeout_s: float = Field(5.0, gt=0, description="deadline for an action's response")
+    cdr_grace_s: float = Field(
+        2.0, ge=0, description="after a call's last hangup, wait this long for its Cdr events"
+    )
+    max_open_calls: int = Field(10_000, ge=1, description="bound on calls tracked at once")
 
 
 class RedisSettings(_Section):
