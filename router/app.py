@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -187,13 +188,14 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
             pending.put, settings.phone.default_region, presence,
             agent_for_device=lambda device: agents().get(device_of(device)),
             cdr_grace_s=settings.ami.cdr_grace_s, max_open_calls=settings.ami.max_open_calls,
+            cdr_tz=ZoneInfo(settings.ami.cdr_timezone),
         )
         ami = AmiClient(settings.ami, tracker=tracker)
         await ami.start()
 
         async def stop_ami() -> None:
             await ami.stop()
-            tracker.flush(float("inf"))  # every finished call goes to the outbox
+            tracker.close()  # finished calls, and those still up (as incomplete): none lost
             await pending.drain()
 
         stack.push_async_callback(stop_ami)

@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -82,6 +83,16 @@ class AmiSettings(_Section):
         2.0, ge=0, description="after a call's last hangup, wait this long for its Cdr events"
     )
     max_open_calls: int = Field(10_000, ge=1, description="bound on calls tracked at once")
+    cdr_timezone: str = Field("UTC", description="time zone of the Cdr times Asterisk writes")
+
+    @field_validator("cdr_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
 
 
 class RedisSettings(_Section):
