@@ -232,6 +232,12 @@ class Phase:
     other_cpu: float
     reasons: Counter[str] = field(default_factory=Counter)
     lookups: dict[str, float] = field(default_factory=dict)
+    commands: int = 0
+
+    @property
+    def rest_share(self) -> float:
+        """CPU used outside the bench during the phase, in cores."""
+        return self.other_cpu / max(self.report.elapsed_s, 1e-9)
 
     @property
     def errors(self) -> int:
@@ -248,13 +254,14 @@ class Phase:
             str(self.errors), f"{r.pct(50):.2f}", f"{r.pct(90):.2f}", f"{r.pct(99):.2f}",
             f"{r.max_ms:.1f}", f"{r.max_start_lag_ms:.1f}",
             f"{100 * self.gen_cpu / wall:.0f}", f"{100 * self.srv_cpu / wall:.0f}",
-            f"{1000 * self.srv_cpu / max(r.started, 1):.3f}", f"{100 * self.other_cpu / wall:.0f}",
+            f"{1000 * self.srv_cpu / max(r.started, 1):.3f}",
+            f"{self.commands / max(r.completed, 1):.1f}", f"{100 * self.other_cpu / wall:.0f}",
         ]
 
 
 HEAD = ["phase", "offered/s", "achieved/s", "calls", "errors", "p50 ms", "p90 ms", "p99 ms",
         "max ms", "gen lag ms", "gen cpu%", "srv cpu%", "srv cpu ms/call",
-        "rest cpu%"]
+        "cmds/call", "rest cpu%"]
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -280,8 +287,11 @@ def print_phases(title: str, phases: Sequence[Phase]) -> None:
 class Server:
     """A server under test: its port, its pid, and (for callroute) its counters."""
 
-    def __init__(self, child: Child, helpers: Sequence[int] = ()) -> None:
+    def __init__(self, child: Child, helpers: Sequence[int] = (),
+                 measured: list[Phase] | None = None) -> None:
         self.child = child
+        #: every phase measured (shared between servers: the machine-load warning)
+        self.measured = measured if measured is not None else []
         self.port = int(child.value)
         self.is_route = "route" in child.args
         #: pids of the bench's other processes (CRM, Redis): "rest cpu" excludes them
@@ -301,8 +311,11 @@ class Server:
         """One open-loop run; every completed call must carry ROUTE_ACTION (callroute)."""
         reasons: Counter[str] = Counter()
         needs_action = self.is_route
+        commands = 0
 
         def check(result: PeerResult) -> str | None:
+            nonlocal commands
+            commands += len(result.commands)
             reason = result.variables.get("ROUTE_REASON", "-")
             reasons[f"{result.variables.get('ROUTE_RULE', '-')}/{reason}"] += 1
             if needs_action and "ROUTE_ACTION" not in result.variables:
@@ -320,7 +333,9 @@ class Server:
         other = max(0.0, machine_busy() - all0 - ours)
         after = await self.lookups()
         delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
-        return Phase(name, report, gen, srv, other, reasons, delta)
+        phase = Phase(name, report, gen, srv, other, reasons, delta, commands)
+        self.measured.append(phase)
+        return phase
 
 
 def sustainable(phase: Phase) -> bool:
@@ -528,7 +543,9 @@ async def start(stack: contextlib.AsyncExitStack, profile: str | None, log_path:
     floor_child = await Child("floor", ["-m", "bench.bench_agi_floor", "--serve", "floor"]).start()
     stack.push_async_callback(floor_child.stop)
     helpers = [crm_child.pid] + ([redis.proc.pid] if redis.proc else [])
-    env = Env(redis, crm, Server(route_child, helpers), Server(floor_child, helpers), crm_child)
+    measured: list[Phase] = []
+    env = Env(redis, crm, Server(route_child, helpers, measured),
+              Server(floor_child, helpers, measured), crm_child)
     # warm the generator and both servers' code paths (not the cache: internal numbers)
     for server in (env.floor, env.route):
         await server.measure("warmup", 300, 0.5, ["7001"])
@@ -558,6 +575,13 @@ async def run(phase_s: float, step_s: float, profile: str | None) -> int:
         mix = await issue_route(env, phase_s, verdicts)
         await issue_in_time(env, mix, phase_s, step_s, verdicts)
     summary(verdicts)
+    busy = [p for p in env.route.measured if p.rest_share > 0.2]
+    if busy:
+        worst = max(busy, key=lambda p: p.rest_share)
+        print(f"\nWARNING: processes outside this bench used CPU during {len(busy)} of "
+              f"{len(env.route.measured)} phases (up to {100 * worst.rest_share:.0f}% of a core, "
+              f"in '{worst.name}'): latencies are pessimistic; CPU per call is the robust "
+              "figure. Re-run on an idle machine for the targets.")
     print(f"\nload average after the run: {os.getloadavg()[0]:.2f}")
     print(f"wall time {time.monotonic() - started:.0f} s")
     if profile:
