@@ -112,9 +112,16 @@ async def cmd_explain(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_sync(settings: Settings, args: argparse.Namespace) -> int:
     """Run one pre-warm sync."""
     from router.app import run_sync_once
+    from router.errors import CacheError, CrmError
 
-    report = await run_sync_once(settings, progress=not args.no_progress)
-    print(report)
+    try:
+        report = await run_sync_once(settings, progress=not args.no_progress)
+    except (CrmError, CacheError) as exc:
+        print(f"callroute sync: stopped, will resume from the last saved page: {exc}",
+              file=sys.stderr)
+        return 1
+    print(f"synced {report.customers} customers ({report.numbers} numbers) in "
+          f"{report.pages} pages; cursor {report.cursor}")
     return 0
 
 

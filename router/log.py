@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
+from typing import TextIO
 
 call_id: ContextVar[str] = ContextVar("call_id", default="-")
 
@@ -35,12 +37,25 @@ def bind_call(value: str) -> Iterator[None]:
         call_id.reset(token)
 
 
+class StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (so a replaced or
+    captured stderr never leaves the handler writing to a closed file)."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def setup(level: str = "INFO") -> None:
     """Configure the root logger once: one line per event, with the call id."""
     root = logging.getLogger()
     root.setLevel(level.upper())
     if not any(isinstance(f, CallContextFilter) for h in root.handlers for f in h.filters):
-        handler = logging.StreamHandler()
+        handler = StderrHandler()
         handler.addFilter(CallContextFilter())
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)

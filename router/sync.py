@@ -17,6 +17,7 @@ import asyncio
 import logging
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -64,6 +65,10 @@ async def save_cursor(redis: aioredis.Redis, keys: Keys, cursor: str) -> None:
         raise CacheError(f"cannot save the sync cursor: {exc}") from exc
 
 
+def _stamp(value: datetime | None) -> float:
+    return value.timestamp() if value is not None else float("-inf")
+
+
 async def run_sync(
     directory: CustomerDirectory,
     cache: TwoLevelCache,
@@ -80,6 +85,7 @@ async def run_sync(
     start = await load_cursor(redis, keys)
     cursor = start
     pages = customers = numbers = 0
+    newest: datetime | None = None
     show = progress and sys.stderr.isatty()
     bar = tqdm(desc="sync", unit=" customers", file=sys.stderr, disable=not show)
     try:
@@ -94,7 +100,14 @@ async def run_sync(
             numbers += len(items)
             SYNC_CUSTOMERS.inc(len(page.entries))
             bar.update(len(page.entries))
+            newest = max([newest, *(c.updated_at for c, _ in page.entries)],
+                         key=_stamp, default=None)
             if page.next_cursor is None or page.next_cursor == cursor:
+                # The feed is exhausted: next time, start from the newest change seen
+                # (an ISO time is a valid cursor; re-reading that instant is harmless).
+                if newest is not None:
+                    cursor = newest.isoformat()
+                    await save_cursor(redis, keys, cursor)
                 break
             cursor = page.next_cursor
             await save_cursor(redis, keys, cursor)

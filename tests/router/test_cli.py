@@ -30,6 +30,18 @@ def write_config(tmp_path: Path, crm_url: str, redis_url: str, rules: Path | Non
     return path
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """`main()` configures the root logger as the console script would; undo it after."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture
 def sample_crm(tmp_path: Path, redis_server: RedisServer) -> Iterator[Path]:
     """`callroute sample-crm` running in a subprocess; yields a config pointing at it."""
@@ -127,3 +139,27 @@ def test_demo_runs(tmp_path: Path, redis_server: RedisServer) -> None:
     assert "vip-owner" in proc.stdout
     assert "C-1001 Li Lei" in proc.stdout
     assert "deadline" in proc.stdout
+
+
+def test_sync_prewarms_the_cache(sample_crm: Path, redis_server: RedisServer,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`callroute sync` pulls every changed customer into Redis and saves its cursor;
+    with the CRM gone it exits 1 saying it will resume."""
+    import redis as syncredis
+
+    client = syncredis.Redis.from_url(redis_server.url)
+    client.flushall()
+    assert main(["sync", "--config", str(sample_crm), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "synced" in out
+    keys = {k.decode() for k in client.scan_iter("callroute:*")}
+    assert "callroute:sync:cursor" in keys
+    assert sum(k.startswith("callroute:cust:") for k in keys) >= 8
+    assert not any("138" in k for k in keys)  # numbers never in plaintext
+    client.close()
+    broken = sample_crm.parent / "broken.yaml"
+    port = sample_crm.read_text().split("base_url: http://127.0.0.1:")[1].split("\n")[0]
+    broken.write_text(sample_crm.read_text().replace(f"127.0.0.1:{port}",
+                                                      f"127.0.0.1:{free_port()}"))
+    assert main(["sync", "--config", str(broken), "--no-progress"]) == 1
+    assert "resume" in capsys.readouterr().err
