@@ -5,7 +5,8 @@
     Router built by :func:`router.app.build_router` from ``examples/config.yaml`` (REST
     connector + CachedLookup on the given Redis + the example rules), its clock fixed to
     a Monday 10:30 in Shanghai (inside business hours), logging set up as ``callroute
-    serve`` does it (one INFO line per call, to stderr). Prints ``PORT <n>``.
+    serve`` does it (one INFO line per call, to stderr), ``gc.freeze()`` after start-up
+    as ``serve`` does. Prints ``PORT <n>``.
 ``python -m bench.route_server crm``
     the sample CRM (seed customers, token ``demo-token``, no per-customer delays: the
     "Slow Case" 3 s record is a test fixture; the bench injects its own delays as
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 import sys
@@ -112,6 +114,8 @@ async def serve_route(redis_url: str, crm_url: str, max_sessions: int | None) ->
         agi = AgiServer(settings.agi)
         agi.route("route", make_route_handler(router))
         await agi.start()
+        gc.collect()  # as serve does after start-up: long-lived objects out of the collector
+        gc.freeze()
         print(f"PORT {agi.port}", flush=True)
         reading = asyncio.create_task(_stdin_lines(stop, on_line))
         await stop.wait()
