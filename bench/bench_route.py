@@ -301,6 +301,16 @@ class Server:
         """CPU seconds used so far by this bench's processes other than the server."""
         return time.process_time() + sum(cpu_seconds(pid) for pid in self.helpers)
 
+    async def settle(self, limit_s: float = 10.0) -> None:
+        """Wait (bounded) until the route server has no session in flight and no
+        background fetch left from the previous phase (phases stay independent)."""
+        deadline = time.monotonic() + limit_s
+        while self.is_route and time.monotonic() < deadline:
+            stats = await self.child.stats()
+            if not stats["active"].get("value") and not stats["background"].get("value"):
+                return
+            await asyncio.sleep(0.1)
+
     async def lookups(self) -> dict[str, float]:
         if not self.is_route:
             return {}
@@ -322,6 +332,7 @@ class Server:
                 return "no_ROUTE_ACTION"
             return None
 
+        await self.settle()
         before = await self.lookups()
         gen0, srv0 = time.process_time(), cpu_seconds(self.child.pid)
         ours0, all0 = self.bench_cpu(), machine_busy()

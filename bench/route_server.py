@@ -14,7 +14,7 @@
 
 Both stop on SIGTERM or when stdin closes. The ``route`` server answers one command per
 stdin line: ``stats`` prints one JSON line of its counters (lookups by source, AGI
-sessions by outcome, refusals, CRM requests and errors, background fetches). With
+sessions by outcome and in flight, refusals, CRM requests and errors, background fetches). With
 ``--profile FILE`` the route server runs under cProfile and writes the stats to FILE.
 """
 
@@ -62,6 +62,7 @@ def counters() -> dict[str, Any]:
     for name, metric in (("lookups", metrics.LOOKUPS), ("sessions", metrics.AGI_SESSIONS),
                          ("crm_requests", metrics.CRM_REQUESTS),
                          ("crm_errors", metrics.CRM_ERRORS), ("rejected", metrics.AGI_REJECTED),
+                         ("active", metrics.AGI_ACTIVE),
                          ("background", metrics.LOOKUP_BACKGROUND),
                          ("breaker_open", metrics.BREAKER_STATE)):
         values: dict[str, float] = {}
