@@ -20,7 +20,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from dialplan import protocol
 from dialplan.protocol import (
@@ -121,20 +121,30 @@ class AgiSession:
         :class:`AgiProtocolError` on a malformed reply or no reply in time (the session
         cannot be used after that).
         """
+        return (await self.commands([data]))[0]
+
+    async def commands(self, lines: Sequence[bytes]) -> list[AgiReply]:
+        """Send command lines one after another, each after the previous reply, under
+        one lock and one deadline of ``command_timeout_s`` per command: the cheap path
+        for a handler that sets many variables. Errors as for :meth:`command`."""
+        replies: list[AgiReply] = []
+        if not lines:
+            return replies
         async with self._lock:
             self._check_usable()
-            loop = asyncio.get_running_loop()
-            future: asyncio.Future[AgiReply] = loop.create_future()
-            self._pending = future
             try:
-                self._writer.write(data)
-                async with asyncio.timeout(self.command_timeout_s):
-                    await self._writer.drain()
-                    reply = await future
+                async with asyncio.timeout(self.command_timeout_s * len(lines)):
+                    for data in lines:
+                        reply = await self._roundtrip(data)
+                        replies.append(reply)
+                        if reply.code == 511:
+                            self._mark_hungup("511 reply")
+                            break
             except TimeoutError as exc:
                 self.timed_out = True
+                sent = lines[len(replies)] if len(replies) < len(lines) else b""
                 self._broken = AgiProtocolError(
-                    f"no reply within {self.command_timeout_s}s to {data[:60]!r}"
+                    f"no reply within {self.command_timeout_s}s to {sent[:60]!r}"
                 )
                 raise self._broken from exc
             except (ConnectionError, RuntimeError) as exc:
@@ -142,9 +152,22 @@ class AgiSession:
                 raise AgiHangup(f"connection lost while sending: {exc}") from exc
             finally:
                 self._pending = None
-        if reply.code == 511:
-            self._mark_hungup("511 reply")
-        return reply
+        return replies
+
+    async def _roundtrip(self, data: bytes) -> AgiReply:
+        future: asyncio.Future[AgiReply] = asyncio.get_running_loop().create_future()
+        self._pending = future
+        self._writer.write(data)
+        if self._writer.transport.get_write_buffer_size():
+            await self._writer.drain()
+        return await future
+
+    async def set_variables(self, items: Iterable[tuple[str, str]]) -> None:
+        """``SET VARIABLE`` for each (name, value), in order, through :meth:`commands`;
+        raises AgiHangup on 511, AgiProtocolError if a reply is not 200."""
+        lines = [protocol.set_variable(name, value) for name, value in items]
+        for reply in await self.commands(lines):
+            self._expect_ok(reply)
 
     async def set_variable(self, name: str, value: str) -> None:
         """``SET VARIABLE``; raises AgiHangup on 511, AgiProtocolError if not 200."""

@@ -152,6 +152,11 @@ class CachedLookup:
             task = self._fetch_task(number)
             error = None if task is not None else self._refusal()
             return _result(entry, "stale", now, error=error)
+        # A fetch for this number may have finished (and left the in-flight table) while
+        # we waited on Redis: take its answer rather than asking the CRM a second time.
+        slot = self.cache.get_local(e164)
+        if slot is not None and self.policy.fresh(slot[0], now):
+            return _result(slot[0], "lru", now)
         task = self._fetch_task(number)
         if task is None:
             return _empty("error", self._refusal())

@@ -111,7 +111,7 @@ async def test_presence_skips_a_busy_owner(stack: Stack) -> None:
     assert first.variables["ROUTE_TARGET"] == "Local/7009@agents"
     stack.presence.update("Local/7009@agents", "INUSE")
     second = await stack.call("13900139000", "Han Meimei")
-    assert second.variables["ROUTE_TARGET"] == ""
+    assert "ROUTE_TARGET" not in second.variables  # empty values are not sent
     assert second.variables["ROUTE_QUEUE"] == "vip"
     assert second.variables["CRM_CUSTOMER_ID"] == "C-1002"
 
@@ -122,7 +122,7 @@ async def test_unknown_caller_and_did(stack: Stack) -> None:
     sales = await stack.call("02150501234", None, did="4008002000")
     assert sales.variables["ROUTE_QUEUE"] == "sales"
     assert sales.variables["ROUTE_RULE"] == "unknown-sales-line"
-    assert sales.variables["CRM_CUSTOMER_ID"] == ""
+    assert "CRM_CUSTOMER_ID" not in sales.variables  # unknown: nothing to set
     other = await stack.call("02150501234", None, did="4008001000")
     assert other.variables["ROUTE_QUEUE"] == "support"
     assert other.variables["ROUTE_RULE"] == "default"
@@ -192,6 +192,14 @@ async def test_hostile_crm_name_cannot_inject_commands(redis_url: str) -> None:
         assert "\n" not in name
         assert "\r" not in name
         assert name.startswith('Bob" \\')
+
+
+async def test_only_non_empty_variables_are_sent_route_action_last(stack: Stack) -> None:
+    """An unknown caller costs four SET VARIABLE round trips, not one per variable, and
+    ROUTE_ACTION is the last one, so it is only there when the decision is complete."""
+    result = await stack.call("02150501234", None, did="4008001000")
+    names = [c.split(b" ")[2] for c in result.commands]
+    assert names == [b"ROUTE_QUEUE", b"ROUTE_RULE", b"ROUTE_REASON", b"ROUTE_ACTION"]
 
 
 async def test_caller_hanging_up_mid_session(stack: Stack) -> None:
