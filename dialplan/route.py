@@ -60,7 +60,9 @@ class Router:
         self.lookup = lookup
         self.rules = rules
         self.presence = presence
-        self.deadline_s = settings.routing.deadline_ms / 1000
+        routing = settings.routing
+        #: The lookup's budget: the deadline less what setting the variables needs.
+        self.deadline_s = max(routing.deadline_ms - routing.apply_reserve_ms, 1) / 1000
 
     async def decide(
         self,

@@ -144,6 +144,10 @@ class RoutingSettings(_Section):
 
     rules: Path = Path("rules.yaml")
     deadline_ms: int = Field(300, ge=10, le=10_000)
+    apply_reserve_ms: int = Field(
+        25, ge=0, le=1000,
+        description="part of the deadline kept for writing the variables to Asterisk",
+    )
     default_queue: str = "support"
 
 
