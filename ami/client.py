@@ -63,7 +63,11 @@ async def reap(task: asyncio.Task[Any] | None) -> None:
         if task is not None and not task.cancelled():
             task.exception()  # retrieved: no "never retrieved" warning
         return
-    task.cancel()
+    # A cancellation can be swallowed (e.g. by wait_for racing a completed inner future
+    # on Python 3.11): cancel again until the task really ends.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
     await asyncio.gather(task, return_exceptions=True)
 
 
@@ -125,6 +129,8 @@ class AmiClient:
         if self.connected:
             with contextlib.suppress(Exception):
                 await self.send_action("Logoff", timeout=0.5)
+        if self._writer is not None:
+            self._writer.close()  # the reader sees EOF even if a cancellation is lost
         for task in (self._run_task, self._flush_task):
             await reap(task)
         self._run_task = self._flush_task = None
@@ -351,6 +357,10 @@ class AmiClient:
                 self._dispatch(msg)
             if parser.banner is not None and not banner_seen.is_set():
                 banner_seen.set()
+            # StreamReader.read() returns without suspending while data is buffered: on a
+            # busy AMI link this loop would otherwise keep the event loop from the FastAGI
+            # sessions (and from our own handshake) for as long as Asterisk keeps talking.
+            await asyncio.sleep(0)
 
     async def _ping_loop(self) -> None:
         while True:

@@ -30,7 +30,9 @@ def settings(peer: AmiPeer, **kw: Any) -> AmiSettings:
     base: dict[str, Any] = {
         "host": "127.0.0.1", "port": peer.port, "username": USER, "secret": SECRET,
         "reconnect_min_s": 0.02, "reconnect_max_s": 0.1, "connect_timeout_s": 1.0,
-        "action_timeout_s": 1.0,
+        # The list answers queue behind the replayed events; under coverage tracing a
+        # 1 s action deadline was missed and the client (rightly) reconnected.
+        "action_timeout_s": 5.0,
     }
     base.update(kw)
     return AmiSettings(**base)
@@ -44,6 +46,8 @@ async def run_until_replayed(
     tracker = CallTracker(records.append, agent_for_device=extension_agent, cdr_grace_s=1.0)
     client = AmiClient(settings(peer, **kw), tracker=tracker, flush_interval_s=0.02)
     await client.start()
+    if kw.get("secret", SECRET) == SECRET:
+        await client.wait_connected(10.0)
     await peer.wait_replayed(5.0)
     for _ in range(800):
         if len(records) >= expected:
