@@ -14,11 +14,13 @@ import asyncio
 import itertools
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from router.crm.base import PostResult
@@ -245,3 +247,20 @@ class Harness:
         for sink in self.sinks:
             await sink.aclose()
         await self.redis.aclose()
+
+
+@pytest.fixture(name="crm")
+async def crm_fixture() -> AsyncIterator[FakeCrm]:
+    """A running FakeCrm on loopback."""
+    server = FakeCrm()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(name="h")
+async def harness_fixture(redis_url: str, crm: FakeCrm, tmp_path: Path) -> AsyncIterator[Harness]:
+    """An outbox + worker harness on the test Redis, delivering to ``crm``."""
+    harness = Harness(redis_url, crm, tmp_path / "spool")
+    yield harness
+    await harness.close()

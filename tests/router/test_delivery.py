@@ -5,30 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 
 from router.delivery import Entry, backoff_delay, plan
 from router.outbox import ensure_group
 from router.settings import OutboxSettings
-from tests.router.outbox_crm import FakeCrm, Harness, call_record, wait_until
-
-
-@pytest.fixture
-async def crm() -> AsyncIterator[FakeCrm]:
-    server = FakeCrm()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def h(redis_url: str, crm: FakeCrm, tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = Harness(redis_url, crm, tmp_path / "spool")
-    yield harness
-    await harness.close()
+from tests.router.outbox_crm import (  # noqa: F401  (fixtures)
+    FakeCrm,
+    Harness,
+    call_record,
+    crm_fixture,
+    harness_fixture,
+    wait_until,
+)
 
 
 async def dead_entries(h: Harness) -> list[dict[str, str]]:

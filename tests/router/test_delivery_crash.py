@@ -6,22 +6,11 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
-from tests.router.outbox_crm import FakeCrm, Harness, call_record, wait_until
+from tests.router.outbox_crm import FakeCrm, Harness, call_record, crm_fixture, wait_until  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-async def crm() -> AsyncIterator[FakeCrm]:
-    server = FakeCrm()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def spawn(redis_url: str, crm: FakeCrm, *flags: str) -> asyncio.subprocess.Process:

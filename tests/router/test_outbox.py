@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,15 +12,7 @@ from ami.records import CallRecord
 from router.errors import OutboxError
 from router.spool import Spool
 from tests.redis_server import RedisServer
-from tests.router.outbox_crm import FakeCrm, Harness, call_record, wait_until
-
-
-@pytest.fixture
-async def crm() -> AsyncIterator[FakeCrm]:
-    server = FakeCrm()
-    await server.start()
-    yield server
-    await server.stop()
+from tests.router.outbox_crm import FakeCrm, Harness, call_record, crm_fixture, wait_until  # noqa: F401  (fixtures)
 
 
 async def test_enqueue_is_idempotent_across_instances(

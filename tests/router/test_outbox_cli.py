@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +12,14 @@ import pytest
 
 from router.outbox_cli import register, replay, retry_dead, status
 from router.settings import load_settings
-from tests.router.outbox_crm import FakeCrm, Harness, call_record, wait_until
-
-
-@pytest.fixture
-async def crm() -> AsyncIterator[FakeCrm]:
-    server = FakeCrm()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def h(redis_url: str, crm: FakeCrm, tmp_path: Path) -> AsyncIterator[Harness]:
-    harness = Harness(redis_url, crm, tmp_path / "spool")
-    yield harness
-    await harness.close()
+from tests.router.outbox_crm import (  # noqa: F401  (fixtures)
+    FakeCrm,
+    Harness,
+    call_record,
+    crm_fixture,
+    harness_fixture,
+    wait_until,
+)
 
 
 def config_file(tmp_path: Path, redis_url: str) -> Path:
