@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from dialplan.server import AgiSession
 from router import metrics
@@ -25,6 +26,9 @@ from router.phone import normalize
 from router.presence import Presence
 from router.rules import CallContext, RuleSet
 from router.settings import Settings
+
+if TYPE_CHECKING:
+    from router.ruleswatch import RulesWatcher
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ class Router:
     ) -> None:
         self.settings = settings
         self.clock = clock or (lambda: datetime.now(UTC))
+        #: Set by :func:`router.app.build_router` when the rules come from a watched file.
+        self.watcher: RulesWatcher | None = None
         self.lookup = lookup
         self.rules = rules
         self.presence = presence

@@ -44,7 +44,7 @@ async def build_router(
     watcher = RulesWatcher(settings.path(settings.routing.rules),
                            default_queue=settings.routing.default_queue)
     router = Router(settings, lookup, watcher.current, presence)
-    router.watcher = watcher  # type: ignore[attr-defined]
+    router.watcher = watcher
     try:
         yield router
     finally:
@@ -93,7 +93,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     presence = Presence()
     async with AsyncExitStack() as stack:
         router = await stack.enter_async_context(build_router(settings, presence))
-        watcher: RulesWatcher = router.watcher  # type: ignore[attr-defined]
+        watcher = router.watcher
+        assert watcher is not None  # build_router always sets it
         watcher.start()
         stack.push_async_callback(watcher.stop)
 
