@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qsl
 
@@ -56,7 +56,6 @@ VARIABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\([A-Za-z0-9_,.:\-]*\
 _PLAIN_WORD = re.compile(r"[A-Za-z0-9_]+")
 _BARE_EXPRESSION = re.compile(r'[^\s"\\\x00]+')
 _VERB = re.compile(r"[A-Z][A-Z ]*[A-Z]|[A-Z]")
-_ENV_LINE = re.compile(r"(agi_[A-Za-z0-9_]+): ?(.*)")
 _REPLY_200 = re.compile(r"200 result=(\S*)(?: (.*))?")
 _INT = re.compile(r"-?\d{1,18}")
 _UNSAFE = str.maketrans({"\r": " ", "\n": " ", "\x00": " "})
@@ -182,35 +181,47 @@ AgiEvent = AgiEnvironment | AgiReply | HangupNotice | EndOfStream
 # --- the parser -----------------------------------------------------------------------------
 
 
-@dataclass
 class _Lines:
     """Splits bytes into ``\\n``-terminated lines with a hard per-line limit."""
 
-    max_line_bytes: int
-    buffer: bytearray = field(default_factory=bytearray)
-    scanned: int = 0
+    __slots__ = ("buffer", "max_line_bytes")
 
-    def push(self, data: bytes) -> None:
-        self.buffer += data
+    def __init__(self, max_line_bytes: int) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.buffer = b""
 
-    def pop(self) -> bytes | None:
-        """The next complete line without ``\\n`` (``\\r`` kept), or None if incomplete."""
-        end = self.buffer.find(b"\n", self.scanned)
+    def push(self, data: bytes) -> list[bytes]:
+        """Add ``data``; return the lines it completes, without ``\\n`` (``\\r`` kept).
+
+        Raises :class:`AgiProtocolError` when a line (complete or not) is too long.
+        """
+        buffer = self.buffer + data if self.buffer else data
+        end = buffer.rfind(b"\n")
         if end < 0:
-            self.scanned = len(self.buffer)
-            if self.scanned > self.max_line_bytes:
+            lines: list[bytes] = []
+            self.buffer = buffer
+        else:
+            lines = buffer[:end].split(b"\n")
+            self.buffer = buffer[end + 1 :]
+            if max(map(len, lines)) > self.max_line_bytes:
                 raise AgiProtocolError(f"line longer than {self.max_line_bytes} bytes")
-            return None
-        line = bytes(self.buffer[:end])
-        del self.buffer[: end + 1]
-        self.scanned = 0
-        if len(line) > self.max_line_bytes:
+        if len(self.buffer) > self.max_line_bytes:
             raise AgiProtocolError(f"line longer than {self.max_line_bytes} bytes")
-        return line
+        return lines
 
     @property
     def pending(self) -> int:
         return len(self.buffer)
+
+
+def _is_env_name(name: str) -> bool:
+    """``agi_`` and at least one more of ``[A-Za-z0-9_]`` (what Asterisk writes)."""
+    rest = name[4:]
+    return (
+        name.startswith("agi_")
+        and rest.isascii()
+        and (rest.isalnum() or rest.replace("_", "x").isalnum())
+    )
 
 
 def _text(line: bytes) -> str:
@@ -262,11 +273,15 @@ class AgiParser:
         self._check_usable()
         if self._eof:
             raise self._fail(AgiProtocolError("data fed after end of stream"))
-        self._lines.push(data)
         events: list[AgiEvent] = []
         try:
-            while (line := self._lines.pop()) is not None:
-                event = self._line(line)
+            lines = self._lines.push(data)
+            if self._environment is None:
+                env, lines = self._env_lines_of(lines)
+                if env is not None:
+                    events.append(env)
+            for line in lines:
+                event = self._reply_line(_text(line))
                 if event is not None:
                     events.append(event)
         except AgiProtocolError as exc:
@@ -304,29 +319,28 @@ class AgiParser:
         self._error = exc
         return exc
 
-    def _line(self, line: bytes) -> AgiEvent | None:
-        if self._environment is None:
-            return self._env_line(line)
-        return self._reply_line(_text(line))
-
-    def _env_line(self, line: bytes) -> AgiEnvironment | None:
-        self._env_bytes += len(line) + 1
-        if self._env_bytes > self.max_env_bytes:
-            raise AgiProtocolError(f"environment larger than {self.max_env_bytes} bytes")
-        text = _text(line)
-        if text == "":
-            if not self._env:
-                raise AgiProtocolError("empty environment (blank line first)")
-            self._environment = AgiEnvironment(vars=dict(self._env))
-            return self._environment
-        self._env_lines += 1
-        if self._env_lines > self.max_env_lines:
-            raise AgiProtocolError(f"environment has more than {self.max_env_lines} lines")
-        match = _ENV_LINE.fullmatch(text)
-        if match is None:
-            raise AgiProtocolError(f"not an agi_* environment line: {text[:80]!r}")
-        self._env[match.group(1)[4:]] = match.group(2)
-        return None
+    def _env_lines_of(self, lines: list[bytes]) -> tuple[AgiEnvironment | None, list[bytes]]:
+        """Take environment lines from ``lines``: the environment if the blank line that
+        ends it is among them, and the lines after it."""
+        env = self._env
+        for index, line in enumerate(lines):
+            self._env_bytes += len(line) + 1
+            if self._env_bytes > self.max_env_bytes:
+                raise AgiProtocolError(f"environment larger than {self.max_env_bytes} bytes")
+            text = _text(line)
+            if not text:
+                if not env:
+                    raise AgiProtocolError("empty environment (blank line first)")
+                self._environment = AgiEnvironment(vars=dict(env))
+                return self._environment, lines[index + 1 :]
+            self._env_lines += 1
+            if self._env_lines > self.max_env_lines:
+                raise AgiProtocolError(f"environment has more than {self.max_env_lines} lines")
+            name, colon, value = text.partition(":")
+            if not (colon and _is_env_name(name)):
+                raise AgiProtocolError(f"not an agi_* environment line: {text[:80]!r}")
+            env[name[4:]] = value[1:] if value.startswith(" ") else value
+        return None, []
 
     def _reply_line(self, text: str) -> AgiEvent | None:
         if self._usage is not None:
