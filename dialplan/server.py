@@ -11,16 +11,28 @@ without a command, and counted); deadlines on the environment and on every reply
 input (early close, garbage, megabytes, silence) can crash the server or stall the
 event loop; handler exceptions are logged and contained; every log line of a session
 carries its ``uniqueid``; ``stop()`` drains in-flight sessions within a grace period.
+
+Shape: each connection is an :class:`asyncio.Protocol` (:class:`AgiConnection`) that
+feeds the bytes it receives to an :class:`~dialplan.protocol.AgiParser` and hands the
+events to its session. A batch of commands (:meth:`AgiSession.commands`) runs from
+those callbacks: each reply writes the next command at once, and the handler's task
+wakes up once, when the whole batch is answered. There is no reader task, no stream
+buffer and no per-command future: on the call path every wake-up of a task costs more
+than the bytes it moves. The handler runs in its own task, created once the
+environment is complete, in a context where the call's ``uniqueid`` is bound for
+logging (as are the connection's own callbacks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import cast
 
 from dialplan import protocol
 from dialplan.protocol import (
@@ -32,33 +44,42 @@ from dialplan.protocol import (
     HangupNotice,
 )
 from router.errors import AgiHangup, AgiProtocolError
-from router.log import bind_call
+from router.log import call_id
 from router.metrics import AGI_ACTIVE, AGI_REJECTED, AGI_SESSIONS
 from router.settings import AgiSettings
 
 log = logging.getLogger("callroute.agi")
 
 Handler = Callable[["AgiSession"], Awaitable[None]]
-READ_CHUNK = 65536
 CLOSE_TIMEOUT_S = 1.0
+
+
+class _Batch:
+    """Command lines in flight: the next one is written when the previous is answered."""
+
+    __slots__ = ("future", "lines", "replies")
+
+    def __init__(self, lines: Sequence[bytes], future: asyncio.Future[list[AgiReply]]) -> None:
+        self.lines = lines
+        self.replies: list[AgiReply] = []
+        self.future = future
 
 
 class AgiSession:
     """One call's FastAGI conversation, as the route handler sees it.
 
-    Commands are sent one at a time; each waits for its reply at most
-    ``command_timeout_s``. A background reader keeps parsing what Asterisk writes so
-    that :attr:`hungup` turns true as soon as ``HANGUP`` (or EOF) arrives, even while
-    the handler is busy elsewhere. After ``HANGUP`` commands may still be sent
-    (Asterisk answers them); after EOF they raise :class:`AgiHangup`.
+    Commands are sent one at a time, each after the previous reply; a command (or a
+    batch of ``n``) waits for its replies at most ``command_timeout_s`` (``n`` times
+    that). What Asterisk writes is parsed as it arrives, so :attr:`hungup` turns true
+    as soon as ``HANGUP`` (or EOF) arrives, even while the handler is busy elsewhere.
+    After ``HANGUP`` commands may still be sent (Asterisk answers them); after EOF
+    they raise :class:`AgiHangup`.
     """
 
     def __init__(
         self,
         env: AgiEnvironment,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        parser: AgiParser,
+        transport: asyncio.WriteTransport,
         *,
         command_timeout_s: float,
         started_at: float,
@@ -69,15 +90,12 @@ class AgiSession:
         self.hungup = False
         #: True once a command went unanswered for ``command_timeout_s``.
         self.timed_out = False
-        self._reader = reader
-        self._writer = writer
-        self._parser = parser
+        self._transport = transport
         self._lock = asyncio.Lock()
-        self._pending: asyncio.Future[AgiReply] | None = None
+        self._batch: _Batch | None = None
         self._hangup_event = asyncio.Event()
         self._eof = False
         self._broken: AgiProtocolError | None = None
-        self._reader_task: asyncio.Task[None] | None = None
 
     @property
     def script(self) -> str:
@@ -88,29 +106,6 @@ class AgiSession:
     def query(self) -> dict[str, str]:
         """The query parameters of the AGI URL (``{"did": "4008001000"}``)."""
         return self.env.query
-
-    # -- lifecycle (used by the server) -------------------------------------------------------
-
-    def start_reading(self, first_events: list[AgiEvent]) -> None:
-        """Apply events that arrived with the environment, then read in the background."""
-        try:
-            for event in first_events:
-                self._on_event(event)
-        except AgiProtocolError as exc:
-            log.warning("protocol error from Asterisk: %s", exc)
-            self._broken = exc
-            return
-        self._reader_task = asyncio.create_task(self._read_loop(), name="agi-reader")
-
-    async def close(self) -> None:
-        """Stop the reader and close the socket (idempotent)."""
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
-        if self._pending is not None and not self._pending.done():
-            self._pending.set_exception(AgiHangup("session closed"))
-        await close_writer(self._writer)
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -125,42 +120,24 @@ class AgiSession:
 
     async def commands(self, lines: Sequence[bytes]) -> list[AgiReply]:
         """Send command lines one after another, each after the previous reply, under
-        one lock and one deadline of ``command_timeout_s`` per command: the cheap path
-        for a handler that sets many variables. Errors as for :meth:`command`."""
-        replies: list[AgiReply] = []
+        one deadline of ``command_timeout_s`` per command; a ``511`` (dead channel)
+        reply ends the batch early. The cheap path for a handler that sets many
+        variables: the task waits once for the whole batch. Errors as for
+        :meth:`command`."""
         if not lines:
-            return replies
+            return []
         async with self._lock:
             self._check_usable()
+            loop = asyncio.get_running_loop()
+            batch = _Batch(lines, loop.create_future())
+            self._batch = batch
+            timer = loop.call_later(self.command_timeout_s * len(lines), self._on_timeout)
             try:
-                async with asyncio.timeout(self.command_timeout_s * len(lines)):
-                    for data in lines:
-                        reply = await self._roundtrip(data)
-                        replies.append(reply)
-                        if reply.code == 511:
-                            self._mark_hungup("511 reply")
-                            break
-            except TimeoutError as exc:
-                self.timed_out = True
-                sent = lines[len(replies)] if len(replies) < len(lines) else b""
-                self._broken = AgiProtocolError(
-                    f"no reply within {self.command_timeout_s}s to {sent[:60]!r}"
-                )
-                raise self._broken from exc
-            except (ConnectionError, RuntimeError) as exc:
-                self._eof = self.hungup = True
-                raise AgiHangup(f"connection lost while sending: {exc}") from exc
+                self._transport.write(lines[0])
+                return await batch.future
             finally:
-                self._pending = None
-        return replies
-
-    async def _roundtrip(self, data: bytes) -> AgiReply:
-        future: asyncio.Future[AgiReply] = asyncio.get_running_loop().create_future()
-        self._pending = future
-        self._writer.write(data)
-        if self._writer.transport.get_write_buffer_size():
-            await self._writer.drain()
-        return await future
+                timer.cancel()
+                self._batch = None
 
     async def set_variables(self, items: Iterable[tuple[str, str]]) -> None:
         """``SET VARIABLE`` for each (name, value), in order, through :meth:`commands`;
@@ -198,7 +175,62 @@ class AgiSession:
                 await self._hangup_event.wait()
         return self.hungup
 
+    # -- events from the connection ------------------------------------------------------------
+
+    def on_event(self, event: AgiEvent) -> None:
+        """Take one event parsed from Asterisk's bytes (called by the connection).
+
+        Raises :class:`AgiProtocolError` for a reply nobody asked for.
+        """
+        if isinstance(event, AgiReply):
+            self._on_reply(event)
+        elif isinstance(event, HangupNotice):
+            self._mark_hungup("HANGUP line")
+        elif isinstance(event, EndOfStream):
+            self.on_closed("connection closed", AgiHangup("Asterisk closed the connection"))
+
+    def on_broken(self, exc: AgiProtocolError) -> None:
+        """Asterisk sent something the parser rejects: the session is unusable."""
+        log.warning("protocol error from Asterisk: %s", exc)
+        self._broken = exc
+        self._finish(exc)
+
+    def on_closed(self, why: str, exc: AgiProtocolError) -> None:
+        """The connection is gone (EOF or an error): pending commands fail with ``exc``."""
+        self._eof = True
+        self._mark_hungup(why)
+        self._finish(exc)
+
     # -- internals -----------------------------------------------------------------------------
+
+    def _on_reply(self, reply: AgiReply) -> None:
+        batch = self._batch
+        if batch is None or batch.future.done():
+            raise AgiProtocolError(f"reply without a command: {reply.text[:80]!r}")
+        batch.replies.append(reply)
+        if reply.code == 511:
+            self._mark_hungup("511 reply")
+        elif len(batch.replies) < len(batch.lines):
+            self._transport.write(batch.lines[len(batch.replies)])
+            return
+        batch.future.set_result(batch.replies)
+
+    def _on_timeout(self) -> None:
+        batch = self._batch
+        if batch is None or batch.future.done():
+            return
+        self.timed_out = True
+        index = len(batch.replies)
+        sent = batch.lines[index] if index < len(batch.lines) else b""
+        self._broken = AgiProtocolError(
+            f"no reply within {self.command_timeout_s}s to {sent[:60]!r}"
+        )
+        batch.future.set_exception(self._broken)
+
+    def _finish(self, exc: AgiProtocolError) -> None:
+        batch = self._batch
+        if batch is not None and not batch.future.done():
+            batch.future.set_exception(exc)
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -219,45 +251,153 @@ class AgiSession:
             log.info("caller hung up (%s)", why)
         self._hangup_event.set()
 
-    def _on_event(self, event: AgiEvent) -> None:
-        if isinstance(event, HangupNotice):
-            self._mark_hungup("HANGUP line")
-        elif isinstance(event, EndOfStream):
-            self._eof = True
-            self._mark_hungup("connection closed")
-            self._fail_pending(AgiHangup("Asterisk closed the connection"))
-        elif isinstance(event, AgiReply):
-            if self._pending is None or self._pending.done():
-                raise AgiProtocolError(f"reply without a command: {event.text[:80]!r}")
-            self._pending.set_result(event)
 
-    def _fail_pending(self, exc: AgiProtocolError) -> None:
-        if self._pending is not None and not self._pending.done():
-            self._pending.set_exception(exc)
+class AgiConnection(asyncio.Protocol):
+    """One FastAGI connection: bytes to the parser, events to the session.
 
-    async def _read_loop(self) -> None:
+    Before the environment is complete it enforces the environment deadline and the
+    parser's limits (a violation closes the connection and is counted as
+    ``bad_environment``); then it starts the handler's task and forwards every later
+    event to the :class:`AgiSession`.
+    """
+
+    def __init__(self, server: AgiServer) -> None:
+        self._server = server
+        self._settings = server.settings
+        self._transport: asyncio.Transport | None = None
+        self._parser = AgiParser(
+            max_env_bytes=self._settings.max_env_bytes,
+            max_env_lines=self._settings.max_env_lines,
+            max_line_bytes=self._settings.max_line_bytes,
+        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._session: AgiSession | None = None
+        self._context: contextvars.Context | None = None
+        self._done = False  # counted and closing: nothing more to do
+
+    # -- asyncio callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream transport (uvloop's do not subclass asyncio.Transport)
+        self._transport = cast(asyncio.Transport, transport)
+        if not self._server.admit(self):
+            self._done = True
+            transport.close()
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._settings.env_timeout_s, self._env_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
         try:
-            while not self._eof:
-                data = await self._reader.read(READ_CHUNK)
-                events = self._parser.feed(data) if data else self._parser.feed_eof()
-                for event in events:
-                    self._on_event(event)
+            events = self._parser.feed(data)
         except AgiProtocolError as exc:
-            log.warning("protocol error from Asterisk: %s", exc)
-            self._broken = exc
-            self._fail_pending(exc)
-        except ConnectionError as exc:
-            self._eof = True
-            self._mark_hungup(f"connection error: {exc}")
-            self._fail_pending(AgiHangup(str(exc)))
+            self._protocol_error(exc)
+            return
+        if events:
+            self._dispatch(events)
 
+    def eof_received(self) -> bool:
+        if not self._done:
+            try:
+                events = self._parser.feed_eof()
+            except AgiProtocolError as exc:
+                self._protocol_error(exc)
+            else:
+                self._dispatch(events)
+        return False  # close our side too
 
-async def close_writer(writer: asyncio.StreamWriter) -> None:
-    """Close a stream, waiting briefly for the transport; never raises."""
-    writer.close()
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(CLOSE_TIMEOUT_S):
-            await writer.wait_closed()
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.release(self)
+        if self._done:
+            return
+        why = f"connection lost: {exc}" if exc else "connection closed"
+        if self._session is None:
+            self._bad_environment(f"{why} while reading the environment")
+        else:
+            self._in_context(self._session.on_closed, why, AgiHangup(why))
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _dispatch(self, events: list[AgiEvent]) -> None:
+        if self._session is None:
+            env = events[0]
+            if not isinstance(env, AgiEnvironment):  # the parser yields the env first
+                return
+            self._start(env)
+            events = events[1:]
+            if not events:
+                return
+        self._in_context(self._forward, events)
+
+    def _forward(self, events: list[AgiEvent]) -> None:
+        session = self._session
+        assert session is not None
+        try:
+            for event in events:
+                session.on_event(event)
+        except AgiProtocolError as exc:
+            session.on_broken(exc)
+
+    def _protocol_error(self, exc: AgiProtocolError) -> None:
+        if self._session is None:
+            self._bad_environment(str(exc))
+            self.close()
+        else:
+            self._in_context(self._session.on_broken, exc)
+
+    def _start(self, env: AgiEnvironment) -> None:
+        """The environment is complete: run the handler in a task of its own."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        assert self._transport is not None
+        self._session = AgiSession(
+            env,
+            self._transport,
+            command_timeout_s=self._settings.command_timeout_s,
+            started_at=time.monotonic(),
+        )
+        self._context = contextvars.copy_context()
+        self._context.run(call_id.set, env.uniqueid or "-")
+        self._server.start_session(self, self._session, self._context)
+
+    def _env_timeout(self) -> None:
+        self._timer = None
+        if self._session is None and not self._done:
+            self._bad_environment(
+                f"no complete environment within {self._settings.env_timeout_s}s"
+            )
+            self.close()
+
+    def _bad_environment(self, why: str) -> None:
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        AGI_SESSIONS.labels(outcome="bad_environment").inc()
+        log.warning("bad FastAGI connection: %s", why)
+
+    def _in_context(self, func: Callable[..., None], *args: object) -> None:
+        if self._context is None:
+            func(*args)
+        else:
+            self._context.run(func, *args)
+
+    @property
+    def started(self) -> bool:
+        """True once the environment is complete and the handler's task runs."""
+        return self._session is not None
+
+    def close(self) -> None:
+        """Close the socket after what was written has been sent (idempotent)."""
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
 
 
 class AgiServer:
@@ -272,7 +412,8 @@ class AgiServer:
         self.settings = settings or AgiSettings()
         self._routes: dict[str, Handler] = {}
         self._server: asyncio.Server | None = None
-        self._sessions: set[asyncio.Task[None]] = set()
+        self._connections: set[AgiConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
 
@@ -291,16 +432,16 @@ class AgiServer:
     @property
     def active(self) -> int:
         """Connections being served right now."""
-        return len(self._sessions)
+        return len(self._connections)
 
     async def start(self) -> None:
         """Bind and start accepting connections."""
         self._stopped.clear()
-        self._server = await asyncio.start_server(
-            self._on_connect,
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: AgiConnection(self),
             self.settings.host,
             self.settings.port,
-            limit=self.settings.max_line_bytes * 2,
             backlog=max(128, self.settings.max_sessions),
         )
         log.info("FastAGI server listening on %s:%d", self.settings.host, self.port)
@@ -316,9 +457,12 @@ class AgiServer:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         if self._server is not None:
             self._server.close()
-        if self._sessions:
-            log.info("stopping: waiting up to %.1fs for %d sessions", grace, len(self._sessions))
-            _, late = await asyncio.wait(set(self._sessions), timeout=grace)
+        for conn in list(self._connections):
+            if not conn.started:
+                conn.close()  # still sending its environment: the dialplan falls back
+        if self._tasks:
+            log.info("stopping: waiting up to %.1fs for %d sessions", grace, len(self._tasks))
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in late:
                 task.cancel()
             if late:
@@ -347,83 +491,50 @@ class AgiServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    # -- per connection ------------------------------------------------------------------------
+    # -- per connection (called by AgiConnection) ----------------------------------------------
 
-    async def _on_connect(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        if len(self._sessions) >= self.settings.max_sessions:
+    def admit(self, conn: AgiConnection) -> bool:
+        """A new connection: False (and counted) when ``max_sessions`` are in flight."""
+        if len(self._connections) >= self.settings.max_sessions:
             AGI_REJECTED.inc()
             log.warning(
                 "refused a FastAGI connection: %d sessions in flight (max_sessions)",
-                len(self._sessions),
+                len(self._connections),
             )
-            await close_writer(writer)
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._sessions.add(task)
+            return False
+        self._connections.add(conn)
         AGI_ACTIVE.inc()
-        try:
-            outcome = await self._serve(reader, writer)
-        except asyncio.CancelledError:
-            AGI_SESSIONS.labels(outcome="cancelled").inc()
-            raise
-        else:
-            AGI_SESSIONS.labels(outcome=outcome).inc()
-        finally:
+        return True
+
+    def release(self, conn: AgiConnection) -> None:
+        """A connection is gone."""
+        if conn in self._connections:
+            self._connections.discard(conn)
             AGI_ACTIVE.dec()
-            self._sessions.discard(task)
-            await close_writer(writer)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-        parser = AgiParser(
-            max_env_bytes=self.settings.max_env_bytes,
-            max_env_lines=self.settings.max_env_lines,
-            max_line_bytes=self.settings.max_line_bytes,
+    def start_session(
+        self, conn: AgiConnection, session: AgiSession, context: contextvars.Context
+    ) -> None:
+        """Run the handler for ``session`` in a task, in the call's logging context."""
+        task = asyncio.get_running_loop().create_task(
+            self._run(conn, session), context=context
         )
-        try:
-            env, extra = await self._read_environment(reader, parser)
-        except AgiProtocolError as exc:
-            log.warning("bad FastAGI connection: %s", exc)
-            return "bad_environment"
-        with bind_call(env.uniqueid or "-"):
-            handler = self._routes.get(env.script)
-            if handler is None:
-                log.warning("unknown AGI script %r: closing (the dialplan falls back)", env.script)
-                return "unknown_script"
-            session = AgiSession(
-                env,
-                reader,
-                writer,
-                parser,
-                command_timeout_s=self.settings.command_timeout_s,
-                started_at=time.monotonic(),
-            )
-            try:
-                session.start_reading(extra)
-                return await self._run_handler(handler, session)
-            finally:
-                await session.close()
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _read_environment(
-        self, reader: asyncio.StreamReader, parser: AgiParser
-    ) -> tuple[AgiEnvironment, list[AgiEvent]]:
+    async def _run(self, conn: AgiConnection, session: AgiSession) -> None:
+        outcome = "cancelled"
         try:
-            async with asyncio.timeout(self.settings.env_timeout_s):
-                while True:
-                    data = await reader.read(READ_CHUNK)
-                    events = parser.feed(data) if data else parser.feed_eof()
-                    if events and isinstance(events[0], AgiEnvironment):
-                        return events[0], events[1:]
-        except TimeoutError as exc:
-            raise AgiProtocolError(
-                f"no complete environment within {self.settings.env_timeout_s}s"
-            ) from exc
-        except ConnectionError as exc:
-            raise AgiProtocolError(f"connection lost while reading the environment: {exc}") from exc
+            outcome = await self._run_handler(session)
+        finally:
+            AGI_SESSIONS.labels(outcome=outcome).inc()
+            conn.close()
 
-    async def _run_handler(self, handler: Handler, session: AgiSession) -> str:
+    async def _run_handler(self, session: AgiSession) -> str:
+        handler = self._routes.get(session.script)
+        if handler is None:
+            log.warning("unknown AGI script %r: closing (the dialplan falls back)", session.script)
+            return "unknown_script"
         try:
             await handler(session)
         except AgiHangup as exc:
