@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from datetime import datetime
 
 from router import __version__, log
 from router.errors import ConfigError
+from router.runner import run
 from router.settings import Settings, load_settings
 
 DEFAULT_CONFIG = "examples/config.yaml"
@@ -148,22 +148,24 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
     if command == "check":
         return cmd_check(settings)
     if command == "explain":
-        return asyncio.run(cmd_explain(settings, args))
+        return run(cmd_explain(settings, args), settings.event_loop)
     if command == "sync":
-        return asyncio.run(cmd_sync(settings, args))
+        return run(cmd_sync(settings, args), settings.event_loop)
     if command == "serve":
         from router.app import serve
 
-        return asyncio.run(serve(settings))
+        return run(serve(settings), settings.event_loop)
     if command == "demo":
         from router.demo import run_demo
 
-        demo_code: int = asyncio.run(run_demo(settings, extra_calls=args.calls))
+        demo_code: int = run(run_demo(settings, extra_calls=args.calls), settings.event_loop)
         return demo_code
     if command == "sample-crm":
         from router.samplecrm import serve_forever
 
-        return asyncio.run(serve_forever(settings, host=args.host, port=args.port))
+        return run(
+            serve_forever(settings, host=args.host, port=args.port), settings.event_loop
+        )
     if command == "outbox":
         handler = args.outbox_handler
         result: int = handler(settings, args)

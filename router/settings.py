@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -208,6 +208,9 @@ class Settings(_Section):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     log_level: str = "INFO"
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="auto: uvloop when installed, else asyncio's own loop"
+    )
     #: Directory of the config file; relative paths are resolved against it.
     base_dir: Path = Field(default=Path("."), exclude=True)
 

@@ -17,6 +17,7 @@ from dialplan.server import AgiServer, AgiSession
 from router.errors import AgiHangup, AgiProtocolError
 from router.log import CallContextFilter
 from router.metrics import REGISTRY
+from router.runner import loop_name
 from router.settings import AgiSettings
 
 HOST = "127.0.0.1"
@@ -462,3 +463,9 @@ async def test_sigterm_stops_gracefully() -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def test_runs_on_the_loop_its_id_names(request: pytest.FixtureRequest) -> None:
+    """Each async test here runs once per event loop (tests/dialplan/conftest.py), on
+    the loop its id names: the server is proven on uvloop and on asyncio's own loop."""
+    assert loop_name(asyncio.get_running_loop()) == request.node.callspec.id

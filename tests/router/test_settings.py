@@ -48,6 +48,7 @@ def test_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         ("phone:\n  default_region: XX\n", "phone.default_region"),
         ("phone:\n  internal_pattern: '('\n", "phone.internal_pattern"),
         ("routing:\n  deadline_ms: 1\n", "routing.deadline_ms"),
+        ("event_loop: libuv\n", "event_loop"),
     ],
 )
 def test_invalid_values_name_the_field(tmp_path: Path, text: str, where: str) -> None:
