@@ -9,7 +9,10 @@ core), and are driven by :func:`bench.agi_load.run_load` at the same open-loop r
 * ``agiserver``: :class:`dialplan.server.AgiServer` with a handler that sets the same
   four variables: the cost of our protocol code, limits and bookkeeping over the floor.
 
-Run: ``.venv/bin/python -m bench.bench_agi_floor [--rate 500] [--duration 3]``.
+Both responders, and the load generator, run on the event loop ``--loop`` selects
+(``auto``: uvloop, as ``callroute serve`` does; ``asyncio``: the stock loop).
+
+Run: ``.venv/bin/python -m bench.bench_agi_floor [--rate 500] [--duration 3] [--loop auto]``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import sys
 from collections.abc import Sequence
 
 from bench.agi_load import LoadReport, format_table, run_load
+from router.runner import LoopChoice
+from router.runner import run as run_on
 
 COMMANDS = (
     b'SET VARIABLE ROUTE_TARGET "Local/7001@agents"\n',
@@ -75,10 +80,10 @@ async def serve(kind: str) -> None:
     await agi.stop(1.0)
 
 
-async def measure(kind: str, rate: float, duration_s: float) -> LoadReport:
-    """Start responder ``kind`` in a child process and load it."""
+async def measure(kind: str, rate: float, duration_s: float, loop: str) -> LoadReport:
+    """Start responder ``kind`` in a child process (on event loop ``loop``) and load it."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.bench_agi_floor", "--serve", kind,
+        sys.executable, "-m", "bench.bench_agi_floor", "--serve", kind, "--loop", loop,
         stdout=subprocess.PIPE,
     )
     try:
@@ -93,9 +98,9 @@ async def measure(kind: str, rate: float, duration_s: float) -> LoadReport:
         await proc.wait()
 
 
-async def run(rate: float, duration_s: float) -> list[LoadReport]:
+async def run(rate: float, duration_s: float, loop: str) -> list[LoadReport]:
     """Measure both responders, one after the other."""
-    return [await measure(kind, rate, duration_s) for kind in ("floor", "agiserver")]
+    return [await measure(kind, rate, duration_s, loop) for kind in ("floor", "agiserver")]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -104,12 +109,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--serve", choices=["floor", "agiserver"])
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                        help="event loop of the responders and the load generator")
     args = parser.parse_args(argv)
+    choice: LoopChoice = args.loop
     if args.serve:
-        asyncio.run(serve(args.serve))
+        run_on(serve(args.serve), choice)
         return
-    reports = asyncio.run(run(args.rate, args.duration))
-    print(f"FastAGI floor at {args.rate:g} calls/s for {args.duration:g}s (open loop)")
+    reports = run_on(run(args.rate, args.duration, args.loop), choice)
+    print(f"FastAGI floor at {args.rate:g} calls/s for {args.duration:g}s (open loop, "
+          f"event loop {args.loop})")
     print(format_table(reports))
 
 

@@ -55,6 +55,8 @@ import aiohttp  # noqa: E402
 
 from bench.agi_load import LoadReport, run_load  # noqa: E402
 from dialplan.peer import PeerResult, build_environment  # noqa: E402
+from router.runner import loop_name  # noqa: E402
+from router.runner import run as run_on  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
 DEADLINE_MS = 300.0  # routing.deadline_ms of examples/config.yaml
@@ -391,6 +393,9 @@ class Env:
     route: Server
     floor: Server
     crm_child: Child
+    #: the floor on asyncio's stock loop, for reference (None when that is the loop)
+    floor_stock: Server | None = None
+    loop: str = "uvloop"
 
 
 async def wait_quiet(route: Server, crm: Crm, limit_s: float = 6.0) -> int:
@@ -413,13 +418,17 @@ async def issue_route(env: Env, phase_s: float, verdicts: list[Verdict]) -> Mix:
     cold_callers = mix.distinct()
     warm_callers = mix.draw(int(500 * phase_s))
     floor = await env.floor.measure("floor 500/s", 500, phase_s, warm_callers)
+    stock = []
+    if env.floor_stock is not None:
+        stock.append(await env.floor_stock.measure("floor 500/s, stock asyncio loop", 500,
+                                                   phase_s, warm_callers))
     cold = await env.route.measure("callroute cold pass", 500, len(cold_callers) / 500,
                                    cold_callers)
     await asyncio.sleep(0.3)
     warm = await env.route.measure("callroute warm 500/s", 500, phase_s, warm_callers)
     print_phases("Issue 'Route inbound calls': 500 calls/s, sample CRM on loopback "
                  f"(mix: {len(KNOWN)} customer numbers 30%, {len(mix.unknown)} unknown 65%, "
-                 "withheld 3%, internal 2%)", [floor, cold, warm])
+                 f"withheld 3%, internal 2%); event loop: {env.loop}", [floor, *stock, cold, warm])
     print_lookups([cold, warm])
     print(f"  ratio callroute/floor at 500/s: p50 x{warm.p(50) / floor.p(50):.1f}, "
           f"p99 x{warm.p(99) / floor.p(99):.1f}, "
@@ -548,28 +557,38 @@ async def stall(env: Env, rate: float, phase_s: float, verdicts: list[Verdict]) 
         f"{phase.errors} lost/wrong of {phase.report.started}"))
 
 
-async def start(stack: contextlib.AsyncExitStack, profile: str | None, log_path: Path) -> Env:
+async def start(stack: contextlib.AsyncExitStack, profile: str | None, log_path: Path,
+                loop: str = "auto") -> Env:
     redis = RedisServer()
     redis.start()
     stack.callback(redis.close)
-    crm_child = await Child("sample CRM", ["-m", "bench.route_server", "crm"]).start()
+    on_loop = ["--loop", loop]
+    crm_child = await Child("sample CRM", ["-m", "bench.route_server", "crm", *on_loop]).start()
     stack.push_async_callback(crm_child.stop)
     session = await stack.enter_async_context(aiohttp.ClientSession())
     crm = Crm(crm_child.value, session)
     log_file = stack.enter_context(log_path.open("w"))
     args = ["-m", "bench.route_server", "route", "--redis-url", redis.url, "--crm-url", crm.url,
-            "--max-sessions", str(MAX_SESSIONS)] + (["--profile", profile] if profile else [])
+            "--max-sessions", str(MAX_SESSIONS), *on_loop] + (
+                ["--profile", profile] if profile else [])
     route_child = await Child("callroute", args, stderr=log_file).start()
     stack.push_async_callback(route_child.stop)
-    floor_child = await Child("floor", ["-m", "bench.bench_agi_floor", "--serve", "floor"]).start()
+    floor_args = ["-m", "bench.bench_agi_floor", "--serve", "floor"]
+    floor_child = await Child("floor", [*floor_args, *on_loop]).start()
     stack.push_async_callback(floor_child.stop)
     helpers = [crm_child.pid] + ([redis.proc.pid] if redis.proc else [])
     measured: list[Phase] = []
     env = Env(redis, crm, Server(route_child, helpers, measured),
-              Server(floor_child, helpers, measured), crm_child)
-    # warm the generator and both servers' code paths (not the cache: internal numbers)
-    for server in (env.floor, env.route):
-        await server.measure("warmup", 300, 0.5, ["7001"])
+              Server(floor_child, helpers, measured), crm_child,
+              loop=loop_name(asyncio.get_running_loop()))
+    if env.loop != "asyncio":
+        stock_child = await Child("floor (asyncio)", [*floor_args, "--loop", "asyncio"]).start()
+        stack.push_async_callback(stock_child.stop)
+        env.floor_stock = Server(stock_child, helpers, [])
+    # warm the generator and the servers' code paths (not the cache: internal numbers)
+    for server in (env.floor, env.route, env.floor_stock):
+        if server is not None:
+            await server.measure("warmup", 300, 0.5, ["7001"])
     return env
 
 
@@ -579,12 +598,12 @@ def summary(verdicts: Sequence[Verdict]) -> None:
         print(f"  [{'PASS' if v.ok else 'FAIL'}] {v.target}: {v.detail}")
 
 
-async def run(phase_s: float, step_s: float, profile: str | None) -> int:
+async def run(phase_s: float, step_s: float, profile: str | None, loop: str = "auto") -> int:
     started = time.monotonic()
     verdicts: list[Verdict] = []
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "bench_route-server.log"
     async with contextlib.AsyncExitStack() as stack:
-        env = await start(stack, profile, log_path)
+        env = await start(stack, profile, log_path, loop)
         redis_pid = env.redis.proc.pid if env.redis.proc else "-"
         print(f"bench_route: callroute (pid {env.route.child.pid}) and the floor "
               f"(pid {env.floor.child.pid}) in child processes, sample CRM in its own "
@@ -624,10 +643,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--phase-s", type=float, default=3.0, help="seconds of arrivals")
     parser.add_argument("--step-s", type=float, default=2.0, help="seconds per rate step")
     parser.add_argument("--profile", default=None, help="cProfile the route server to FILE")
+    parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                        help="event loop of every process (auto: uvloop, as callroute serve)")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when a target is missed (default 0: ./dev bench goes on)")
     args = parser.parse_args(argv)
-    code = asyncio.run(run(args.phase_s, args.step_s, args.profile))
+    code = run_on(run(args.phase_s, args.step_s, args.profile, args.loop), args.loop)
     sys.exit(code if args.strict else 0)
 
 

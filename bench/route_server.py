@@ -149,19 +149,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--crm-url", default="http://127.0.0.1:8088")
     parser.add_argument("--max-sessions", type=int, default=None)
     parser.add_argument("--profile", default=None, help="cProfile the route server to FILE")
+    parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                        help="event loop (auto: uvloop when installed, as callroute serve)")
     args = parser.parse_args(argv)
+    from router.runner import run as run_on
+
     if args.role == "crm":
-        asyncio.run(serve_crm())
+        run_on(serve_crm(), args.loop)
         return
-    run = serve_route(args.redis_url, args.crm_url, args.max_sessions)
+    main_coro = serve_route(args.redis_url, args.crm_url, args.max_sessions)
     if args.profile:
         import cProfile
 
         with cProfile.Profile() as prof:
-            asyncio.run(run)
+            run_on(main_coro, args.loop)
         prof.dump_stats(args.profile)
     else:
-        asyncio.run(run)
+        run_on(main_coro, args.loop)
 
 
 if __name__ == "__main__":
