@@ -41,6 +41,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 from urllib.parse import parse_qsl
 
@@ -454,9 +455,13 @@ def _fit(prefix: str, value: str, suffix: str = "") -> str:
     return quote(value[:low])
 
 
+@lru_cache(maxsize=4096)
 def set_variable(name: str, value: str, *, truncate: bool = True) -> bytes:
     """``SET VARIABLE <name> <value>``; a value too long for one line is shortened
-    (``truncate=True``) or refused with AgiProtocolError."""
+    (``truncate=True``) or refused with AgiProtocolError.
+
+    Remembered for the last 4,096 (name, value) pairs: most calls set the same queue,
+    rule and reason lines, and quoting is most of a call's command-building time."""
     prefix = f"SET VARIABLE {check_variable_name(name)} "
     arg = _fit(prefix, value) if truncate else quote(value)
     return _line([prefix + arg])

@@ -101,7 +101,7 @@ class Router:
                 log.exception("rules raised; using the default route")
                 decision = ruleset.safe_default("rules-error")
         elapsed_ms = (time.monotonic() - t0) * 1000
-        metrics.DECISIONS.labels(decision.rule, decision.reason).inc()
+        metrics.child(metrics.DECISIONS, decision.rule, decision.reason).inc()
         metrics.DECISION_SECONDS.observe(elapsed_ms / 1000)
         return RouteOutcome(number, did, when, result, decision, elapsed_ms)
 

@@ -45,7 +45,7 @@ from dialplan.protocol import (
 )
 from router.errors import AgiHangup, AgiProtocolError
 from router.log import call_id
-from router.metrics import AGI_ACTIVE, AGI_REJECTED, AGI_SESSIONS
+from router.metrics import AGI_ACTIVE, AGI_REJECTED, AGI_SESSIONS, child
 from router.settings import AgiSettings
 
 log = logging.getLogger("callroute.agi")
@@ -527,7 +527,7 @@ class AgiServer:
         try:
             outcome = await self._run_handler(session)
         finally:
-            AGI_SESSIONS.labels(outcome=outcome).inc()
+            child(AGI_SESSIONS, outcome).inc()
             conn.close()
 
     async def _run_handler(self, session: AgiSession) -> str:

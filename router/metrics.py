@@ -6,9 +6,22 @@ The admin API serves them at ``GET /metrics``. Tests read values with
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+@lru_cache(maxsize=1024)
+def child(metric: M, *values: str) -> M:
+    """``metric.labels(*values)``, remembered: the per-call paths count with it
+    (``labels()`` validates and locks on every call; the children never change)."""
+    return metric.labels(*values)
+
 
 # --- FastAGI / routing -------------------------------------------------------------------
 AGI_SESSIONS = Counter(

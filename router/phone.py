@@ -34,6 +34,7 @@ def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
+@lru_cache(maxsize=8192)
 def normalize(
     raw: str | None, region: str = "CN", internal: str = DEFAULT_INTERNAL
 ) -> CallerNumber:
@@ -42,6 +43,9 @@ def normalize(
     ``internal`` is a regular expression matching internal extensions (after
     separators are removed); it is checked after short codes, so ``110`` is a short
     code and ``7001`` an extension.
+
+    Remembered for the last 8,192 arguments (the result is immutable): repeat callers
+    are most calls, and parsing with phonenumbers is the costliest step of a decision.
     """
     text = (raw or "").strip()
     compact = _SEPARATORS.sub("", text)
