@@ -62,7 +62,10 @@ from tests.redis_server import RedisServer  # noqa: E402
 DEADLINE_MS = 300.0  # routing.deadline_ms of examples/config.yaml
 P99_TARGET_MS = 5.0
 STEP_P99_BOUND_MS = 50.0
-STEP_RATES = (100, 200, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000)
+STEP_RATES = (100, 200, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000, 4000, 5000,
+              6000, 8000)
+#: a step whose generator used this share of its core was limited by the generator
+GEN_BOUND = 0.9
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: agi.max_sessions for the run: examples/config.yaml says 512, which a burst of 1,000
 #: simultaneous callers exceeds (the excess would be refused, falling back in the dialplan).
@@ -351,6 +354,14 @@ class Server:
         return phase
 
 
+def cpu_capacity(steps: Sequence[Phase]) -> float:
+    """Calls/s one core could serve at the server CPU per call of the sustainable steps
+    at >= 1000 calls/s (the per-call cost falls as the loop batches more work per wake-up)."""
+    costs = [p.srv_cpu / p.report.started for p in steps
+             if p.report.offered_rate >= 1000 and sustainable(p) and p.srv_cpu > 0]
+    return 1.0 / (sum(costs) / len(costs)) if costs else math.nan
+
+
 def sustainable(phase: Phase) -> bool:
     """The step criterion: no errors, achieved >= 95 % offered, p99 within the bound."""
     r = phase.report
@@ -485,6 +496,16 @@ async def issue_in_time(env: Env, mix: Mix, phase_s: float, step_s: float,
     ratio = route_max / floor_max if floor_max else math.nan
     print(f"  max sustainable: floor {floor_max:g}/s, callroute {route_max:g}/s, "
           f"ratio {ratio:.2f}")
+    for label, steps in (("floor", floor_steps), ("callroute", route_steps)):
+        last = steps[-1]
+        share = last.gen_cpu / max(last.report.elapsed_s, 1e-9)
+        if not sustainable(last) and share >= GEN_BOUND:
+            print(f"  {label}: the step that failed ({last.report.offered_rate:g}/s) had the load "
+                  f"generator at {100 * share:.0f}% of its core: the limit found is the "
+                  "generator's, the server's own is higher")
+    cap_floor, cap_route = cpu_capacity(floor_steps), cpu_capacity(route_steps)
+    print(f"  CPU capacity (one core / server CPU per call, steps >= 1000/s): floor "
+          f"{cap_floor:.0f}/s, callroute {cap_route:.0f}/s, ratio {cap_route / cap_floor:.2f}")
     floor_capped = floor_max >= STEP_RATES[-1]
     verdicts.append(Verdict(
         "2b. callroute max rate >= half the floor's",
