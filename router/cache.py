@@ -10,6 +10,8 @@ Redis keyspace (see :class:`~router.keys.Keys`; numbers only as keyed hashes)::
 
     <prefix>cust:<hash>         STRING  envelope JSON, TTL = ttl + stale_max_age_s
     <prefix>custidx:<id>        SET     hashes cached for CRM customer <id>, same TTL
+    <prefix>cache:events        pub/sub channel: every write above is announced there, so
+                                other instances drop their LRU copies (router.cachefeed)
 
 The value is a versioned JSON envelope ``{"v": 1, "t": <fetched epoch s>, "c": <Customer
 JSON or null>}``; anything else (garbage, another version, a record that does not validate)
@@ -38,6 +40,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from router.cachefeed import InvalidationFeed, customer_message, number_message
 from router.errors import CacheError
 from router.keys import Keys
 from router.metrics import CACHE_ERRORS
@@ -131,10 +134,13 @@ class LruCache:
     makes invalidation by customer id cheap.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, hasher: Callable[[str], str] | None = None) -> None:
         self.size = size
         self._data: OrderedDict[str, tuple[CacheEntry, float]] = OrderedDict()
         self._by_customer: dict[str, set[str]] = {}
+        #: keyed hash -> number, for invalidations that name hashes (None: no such index)
+        self._hasher = hasher
+        self._by_hash: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._data)
@@ -152,6 +158,8 @@ class LruCache:
             return
         self.discard(e164)
         self._data[e164] = (entry, time.monotonic())
+        if self._hasher is not None:
+            self._by_hash[self._hasher(e164)] = e164
         if entry.customer is not None:
             self._by_customer.setdefault(entry.customer.id, set()).add(e164)
         while len(self._data) > self.size:
@@ -161,6 +169,8 @@ class LruCache:
     def discard(self, e164: str) -> None:
         """Forget ``e164`` if present."""
         slot = self._data.pop(e164, None)
+        if slot is not None and self._hasher is not None:
+            self._by_hash.pop(self._hasher(e164), None)
         if slot is None or slot[0].customer is None:
             return
         cid = slot[0].customer.id
@@ -177,10 +187,21 @@ class LruCache:
             self.discard(e164)
         return numbers
 
+    def discard_hashes(self, hashes: Iterable[str]) -> int:
+        """Forget the numbers with these keyed hashes; returns how many were held."""
+        dropped = 0
+        for number_hash in hashes:
+            e164 = self._by_hash.get(number_hash)
+            if e164 is not None:
+                self.discard(e164)
+                dropped += 1
+        return dropped
+
     def clear(self) -> None:
         """Forget everything."""
         self._data.clear()
         self._by_customer.clear()
+        self._by_hash.clear()
 
 
 def redis_client(settings: RedisSettings) -> aioredis.Redis:
@@ -349,10 +370,21 @@ class TwoLevelCache:
         self.keys = keys
         self.settings = settings
         self.policy = CachePolicy(settings)
-        self.lru = LruCache(settings.lru_size)
+        self.lru = LruCache(settings.lru_size, hasher=keys.number_hash)
         self.health = RedisHealth(down_backoff_s)
         self.reads = ReadBatcher(redis, self.health)
         self.clock = clock
+        self.feed = InvalidationFeed(redis, keys.cache_events, self.lru.discard_hashes,
+                                     lambda cid: len(self.lru.discard_customer(cid)))
+
+    def trusted(self, stored_at: float) -> bool:
+        """Whether an LRU slot stored at ``stored_at`` (monotonic) may be served without
+        re-reading Redis: for ``lru_trust_s`` when the invalidation feed covers it, else
+        for ``lru_recheck_s`` (see :mod:`router.cachefeed`)."""
+        age = time.monotonic() - stored_at
+        if self.feed.covers(stored_at):
+            return age < self.settings.lru_trust_s
+        return age < self.settings.lru_recheck_s
 
     # --- reads ---------------------------------------------------------------------------
     def get_local(self, e164: str) -> tuple[CacheEntry, float] | None:
@@ -399,11 +431,13 @@ class TwoLevelCache:
         now = self.clock()
         pipe = self.redis.pipeline(transaction=False)
         queued = 0
+        hashes: list[str] = []
         for e164, entry in batch:
             ttl_ms = int(self.policy.redis_ttl(entry, now) * 1000)
             if ttl_ms <= 0:
                 continue
-            pipe.set(self.keys.customer(e164), encode_entry(entry), px=ttl_ms)
+            hashes.append(self.keys.number_hash(e164))
+            pipe.set(self.keys.customer_by_hash(hashes[-1]), encode_entry(entry), px=ttl_ms)
             if entry.customer is not None:
                 index = self.keys.customer_index(entry.customer.id)
                 pipe.sadd(index, self.keys.number_hash(e164))
@@ -413,6 +447,7 @@ class TwoLevelCache:
             queued += 1
         if not queued:
             return
+        pipe.publish(self.keys.cache_events, number_message(self.feed.sender, hashes))
         await self._run(pipe, "set", strict=strict)
 
     async def invalidate_numbers(self, numbers: Iterable[str], *, strict: bool = False) -> int:
@@ -424,8 +459,10 @@ class TwoLevelCache:
             return 0
         if not strict and not self.health.available():
             return 0
+        hashes = [self.keys.number_hash(n) for n in numbers]
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(*(self.keys.customer(n) for n in numbers))
+        pipe.delete(*(self.keys.customer_by_hash(h) for h in hashes))
+        pipe.publish(self.keys.cache_events, number_message(self.feed.sender, hashes))
         result = await self._run(pipe, "delete", strict=strict)
         return int(str(result[0])) if result else 0
 
@@ -440,6 +477,8 @@ class TwoLevelCache:
             keys = [self.keys.customer_by_hash(_text(h)) for h in hashes]
             removed = int(await self.redis.delete(*keys)) if keys else 0
             await self.redis.delete(index)
+            await self.redis.publish(self.keys.cache_events,
+                                     customer_message(self.feed.sender, customer_id))
         except (TimeoutError, RedisError, OSError) as exc:
             self.health.failed("invalidate", exc)
             if strict:
@@ -462,6 +501,7 @@ class TwoLevelCache:
         return result
 
     async def aclose(self) -> None:
-        """Finish pending reads and close the Redis client."""
+        """Stop the feed, finish pending reads and close the Redis client."""
+        await self.feed.aclose()
         await self.reads.aclose()
         await self.redis.aclose()

@@ -4,8 +4,10 @@
 
 1. A number that is not lookup-able (anonymous, internal, short code, invalid) is
    ``source="skipped"`` without any I/O.
-2. A fresh entry in the in-process LRU (checked against Redis at most every
-   ``lru_recheck_s``) is ``"lru"``; a fresh entry in Redis is ``"redis"``.
+2. A fresh entry in the in-process LRU is ``"lru"``; a fresh entry in Redis is
+   ``"redis"``. An LRU entry is re-read from Redis once it is older than ``lru_trust_s``
+   while the invalidation feed (:mod:`router.cachefeed`) covers it, ``lru_recheck_s``
+   otherwise: other instances' changes reach this LRU through the feed, at once.
 3. A stale entry (past its TTL, within ``stale_max_age_s`` more) is served at once as
    ``"stale"`` while one background refresh runs (stale-while-revalidate); while the CRM
    fails or the breaker is open the same entry keeps being served (stale-if-error).
@@ -125,12 +127,14 @@ class CachedLookup:
         if self._owns_redis:
             await self.cache.aclose()
         else:
+            await self.cache.feed.aclose()
             await self.cache.reads.aclose()
 
     # --- the call path ---------------------------------------------------------------------
     async def find(self, number: CallerNumber, *, timeout_s: float) -> LookupResult:
         """Answer within ``timeout_s`` (see the module docstring). Never raises."""
         start = time.monotonic()
+        self.cache.feed.start()
         try:
             result = await self._find(number, start + timeout_s)
         except Exception:  # a bug must not cost the call its route
@@ -175,7 +179,7 @@ class CachedLookup:
         now = self._wall()
         slot = self.cache.get_local(e164)
         local = slot[0] if slot is not None and self.policy.usable(slot[0], now) else None
-        trusted = slot is not None and time.monotonic() - slot[1] < self.settings.lru_recheck_s
+        trusted = slot is not None and self.cache.trusted(slot[1])
         if local is not None and self.policy.fresh(local, now) and trusted:
             return local, "lru"
         remaining = deadline - time.monotonic()

@@ -38,6 +38,12 @@ class Keys:
         return f"{self.prefix}custidx:{customer_id}"
 
     @property
+    def cache_events(self) -> str:
+        """Pub/sub channel (not a key: nothing stored): cache invalidations between
+        instances (:mod:`router.cachefeed`)."""
+        return f"{self.prefix}cache:events"
+
+    @property
     def sync_cursor(self) -> str:
         """String: the ``updated_since`` cursor of the last completed sync page."""
         return f"{self.prefix}sync:cursor"

@@ -57,6 +57,10 @@ CRM_ERRORS = Counter(
 CACHE_ERRORS = Counter(
     "callroute_cache_errors", "Redis cache failures by kind", ["kind"], registry=REGISTRY
 )
+CACHE_FEED = Gauge(
+    "callroute_cache_feed_up",
+    "1 while the cache invalidation feed (Redis pub/sub) is subscribed", registry=REGISTRY,
+)
 BREAKER_STATE = Gauge(
     "callroute_breaker_open", "1 while the CRM circuit breaker is open", registry=REGISTRY
 )

@@ -119,7 +119,12 @@ class CacheSettings(_Section):
         86_400.0, ge=0, description="how long past its TTL an entry may still be served"
     )
     lru_recheck_s: float = Field(
-        5.0, ge=0, description="trust an in-process entry this long before re-reading Redis"
+        5.0, ge=0, description="trust an in-process entry this long before re-reading Redis, "
+        "while the invalidation feed is down"
+    )
+    lru_trust_s: float = Field(
+        60.0, ge=0, description="trust an in-process entry this long before re-reading Redis, "
+        "while the invalidation feed (Redis pub/sub) is up"
     )
     max_background: int = Field(
         1000, ge=1, description="bound on CRM lookups running in the background"

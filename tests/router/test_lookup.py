@@ -269,10 +269,11 @@ async def test_corrupt_or_old_format_value_is_a_miss(
 async def test_lru_rechecks_redis_and_follows_invalidation(
     directory: HttpDirectory, crm: LoopbackCrm, redis: aioredis.Redis
 ) -> None:
-    """An LRU entry older than lru_recheck_s is checked against Redis: a newer value there
-    wins, and a key deleted there (webhook on another instance) drops the local copy."""
+    """An LRU entry past its trust (lru_recheck_s, or lru_trust_s while the invalidation
+    feed listens) is checked against Redis: a newer value written there without an
+    announcement wins, and a key deleted there drops the local copy."""
     clock = FakeClock()
-    lookup = make_lookup(directory, redis, clock=clock, lru_recheck_s=0)
+    lookup = make_lookup(directory, redis, clock=clock, lru_recheck_s=0, lru_trust_s=0)
     await lookup.find(num(ALICE), timeout_s=1)
     from router.cache import CacheEntry
     from router.models import Customer
