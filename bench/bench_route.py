@@ -6,7 +6,8 @@ generator of :mod:`bench.agi_load`); the server under test runs in a child proce
 connector, CachedLookup and the example rules, logging one line per call as ``serve``
 does), the sample CRM in a third process (``bench.route_server crm``), the cache in a
 private ``redis-server`` (tests/redis_server.py). The floor is ``bench_agi_floor``'s raw
-asyncio responder (four ``SET VARIABLE`` round trips, no lookup), also a child process.
+asyncio responder (the ``SET VARIABLE`` lines callroute writes for that kind of caller:
+four for an unknown caller, ten for a customer; no lookup), also a child process.
 
 Decision time is what Asterisk sees: from the environment fully written to the server
 closing the socket. Every phase is bounded (a few seconds of arrivals).
@@ -594,7 +595,7 @@ async def start(stack: contextlib.AsyncExitStack, profile: str | None, log_path:
                 ["--profile", profile] if profile else [])
     route_child = await Child("callroute", args, stderr=log_file).start()
     stack.push_async_callback(route_child.stop)
-    floor_args = ["-m", "bench.bench_agi_floor", "--serve", "floor"]
+    floor_args = ["-m", "bench.bench_agi_floor", "--serve", "floor", "--known", ",".join(KNOWN)]
     floor_child = await Child("floor", [*floor_args, *on_loop]).start()
     stack.push_async_callback(floor_child.stop)
     helpers = [crm_child.pid] + ([redis.proc.pid] if redis.proc else [])
