@@ -374,10 +374,12 @@ class AgiParser:
         return None
 
 
+@lru_cache(maxsize=256)
 def parse_reply_line(text: str) -> AgiReply | None:
     """Parse one single-line reply; None for an intermediate ``100`` line.
 
     Raises :class:`AgiProtocolError` for anything that is not a reply Asterisk sends.
+    Remembered for the last 256 lines (replies are immutable; most are ``200 result=1``).
     """
     if text.startswith("200 "):
         match = _REPLY_200.fullmatch(text)

@@ -183,7 +183,7 @@ class AgiSession:
         Raises :class:`AgiProtocolError` for a reply nobody asked for.
         """
         if isinstance(event, AgiReply):
-            self._on_reply(event)
+            self.on_reply(event)
         elif isinstance(event, HangupNotice):
             self._mark_hungup("HANGUP line")
         elif isinstance(event, EndOfStream):
@@ -203,7 +203,11 @@ class AgiSession:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _on_reply(self, reply: AgiReply) -> None:
+    def on_reply(self, reply: AgiReply) -> None:
+        """A reply: the next command of the batch goes out, or the batch is answered.
+
+        Raises :class:`AgiProtocolError` for a reply nobody asked for.
+        """
         batch = self._batch
         if batch is None or batch.future.done():
             raise AgiProtocolError(f"reply without a command: {reply.text[:80]!r}")
@@ -295,7 +299,11 @@ class AgiConnection(asyncio.Protocol):
         except AgiProtocolError as exc:
             self._protocol_error(exc)
             return
-        if events:
+        if not events:
+            return
+        if self._context is not None:  # the session runs: replies, HANGUP
+            self._context.run(self._forward, events)
+        else:
             self._dispatch(events)
 
     def eof_received(self) -> bool:
@@ -336,7 +344,10 @@ class AgiConnection(asyncio.Protocol):
         assert session is not None
         try:
             for event in events:
-                session.on_event(event)
+                if type(event) is AgiReply:
+                    session.on_reply(event)
+                else:
+                    session.on_event(event)
         except AgiProtocolError as exc:
             session.on_broken(exc)
 

@@ -28,7 +28,7 @@ def outcome_to_dict(outcome: RouteOutcome) -> dict[str, Any]:
         "rule": decision.rule,
         "reason": decision.reason,
         "action": decision.action,
-        "trace": [t.model_dump() for t in decision.trace],
+        "trace": [{"rule": t.rule, "matched": t.matched, "why": t.why} for t in decision.trace],
         "variables": dict(decision.variables),
         "elapsed_ms": round(outcome.elapsed_ms, 3),
     }

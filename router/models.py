@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Literal
@@ -79,8 +80,13 @@ class CallerNumber(BaseModel):
         return self.e164[1:] if self.e164 else None
 
 
-class RuleTrace(BaseModel):
-    """One rule tried during a decision and why it matched or not."""
+@dataclass(frozen=True, slots=True)
+class RuleTrace:
+    """One rule tried during a decision and why it matched or not.
+
+    A plain dataclass, not a model: a decision records one per rule tried, on every
+    call, and only ``explain`` reads them (pydantic keeps the instances as they are).
+    """
 
     rule: str
     matched: bool
