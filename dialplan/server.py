@@ -21,6 +21,11 @@ buffer and no per-command future: on the call path every wake-up of a task costs
 than the bytes it moves. The handler runs in its own task, created once the
 environment is complete, in a context where the call's ``uniqueid`` is bound for
 logging (as are the connection's own callbacks).
+
+Deadlines (the environment's, each batch's) are not timers: the server sweeps its
+connections every :func:`sweep_interval` and fails what is overdue, so a deadline fires at
+most one interval late. A timer per call would cost more than the rest of the protocol
+work: on uvloop each one is a libuv handle to create, stop and close.
 """
 
 from __future__ import annotations
@@ -54,15 +59,25 @@ Handler = Callable[["AgiSession"], Awaitable[None]]
 CLOSE_TIMEOUT_S = 1.0
 
 
+def sweep_interval(settings: AgiSettings) -> float:
+    """How often the server checks deadlines: a tenth of the shortest, 10 to 100 ms."""
+    shortest = min(settings.env_timeout_s, settings.command_timeout_s)
+    return min(0.1, max(0.01, shortest / 10))
+
+
 class _Batch:
     """Command lines in flight: the next one is written when the previous is answered."""
 
-    __slots__ = ("future", "lines", "replies")
+    __slots__ = ("deadline", "future", "lines", "replies")
 
-    def __init__(self, lines: Sequence[bytes], future: asyncio.Future[list[AgiReply]]) -> None:
+    def __init__(
+        self, lines: Sequence[bytes], future: asyncio.Future[list[AgiReply]], deadline: float
+    ) -> None:
         self.lines = lines
         self.replies: list[AgiReply] = []
         self.future = future
+        #: loop time by which every reply must be in
+        self.deadline = deadline
 
 
 class AgiSession:
@@ -129,14 +144,13 @@ class AgiSession:
         async with self._lock:
             self._check_usable()
             loop = asyncio.get_running_loop()
-            batch = _Batch(lines, loop.create_future())
+            deadline = loop.time() + self.command_timeout_s * len(lines)
+            batch = _Batch(lines, loop.create_future(), deadline)
             self._batch = batch
-            timer = loop.call_later(self.command_timeout_s * len(lines), self._on_timeout)
             try:
                 self._transport.write(lines[0])
                 return await batch.future
             finally:
-                timer.cancel()
                 self._batch = None
 
     async def set_variables(self, items: Iterable[tuple[str, str]]) -> None:
@@ -219,6 +233,12 @@ class AgiSession:
             return
         batch.future.set_result(batch.replies)
 
+    def check_deadline(self, now: float) -> None:
+        """Fail the batch in flight if its deadline (loop time) has passed."""
+        batch = self._batch
+        if batch is not None and now >= batch.deadline:
+            self._on_timeout()
+
     def _on_timeout(self) -> None:
         batch = self._batch
         if batch is None or batch.future.done():
@@ -274,7 +294,7 @@ class AgiConnection(asyncio.Protocol):
             max_env_lines=self._settings.max_env_lines,
             max_line_bytes=self._settings.max_line_bytes,
         )
-        self._timer: asyncio.TimerHandle | None = None
+        self._env_deadline = 0.0
         self._session: AgiSession | None = None
         self._context: contextvars.Context | None = None
         self._done = False  # counted and closing: nothing more to do
@@ -288,8 +308,7 @@ class AgiConnection(asyncio.Protocol):
             self._done = True
             transport.close()
             return
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._settings.env_timeout_s, self._env_timeout)
+        self._env_deadline = self._server.loop_time() + self._settings.env_timeout_s
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -360,9 +379,6 @@ class AgiConnection(asyncio.Protocol):
 
     def _start(self, env: AgiEnvironment) -> None:
         """The environment is complete: run the handler in a task of its own."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         assert self._transport is not None
         self._session = AgiSession(
             env,
@@ -374,8 +390,15 @@ class AgiConnection(asyncio.Protocol):
         self._context.run(call_id.set, env.uniqueid or "-")
         self._server.start_session(self, self._session, self._context)
 
+    def check_deadlines(self, now: float) -> None:
+        """Called by the server's sweep: close an overdue environment, fail an overdue
+        command batch."""
+        if self._session is not None:
+            self._in_context(self._session.check_deadline, now)
+        elif not self._done and now >= self._env_deadline:
+            self._env_timeout()
+
     def _env_timeout(self) -> None:
-        self._timer = None
         if self._session is None and not self._done:
             self._bad_environment(
                 f"no complete environment within {self._settings.env_timeout_s}s"
@@ -384,9 +407,6 @@ class AgiConnection(asyncio.Protocol):
 
     def _bad_environment(self, why: str) -> None:
         self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         AGI_SESSIONS.labels(outcome="bad_environment").inc()
         log.warning("bad FastAGI connection: %s", why)
 
@@ -404,9 +424,6 @@ class AgiConnection(asyncio.Protocol):
     def close(self) -> None:
         """Close the socket after what was written has been sent (idempotent)."""
         self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
@@ -427,6 +444,7 @@ class AgiServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     def route(self, script: str, handler: Handler) -> None:
         """Send sessions whose ``agi_network_script`` path is ``script`` to ``handler``."""
@@ -455,6 +473,8 @@ class AgiServer:
             self.settings.port,
             backlog=max(128, self.settings.max_sessions),
         )
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep(), name="agi-deadlines")
         log.info("FastAGI server listening on %s:%d", self.settings.host, self.port)
 
     async def serve_forever(self) -> None:
@@ -482,6 +502,11 @@ class AgiServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         self._stopped.set()
 
     def install_signal_handlers(self) -> None:
@@ -503,6 +528,23 @@ class AgiServer:
         await self.stop()
 
     # -- per connection (called by AgiConnection) ----------------------------------------------
+
+    def loop_time(self) -> float:
+        """The event loop's clock, which deadlines are kept in."""
+        return asyncio.get_running_loop().time()
+
+    async def _sweep(self) -> None:
+        """Every :func:`sweep_interval`: fail what is past its deadline."""
+        interval = sweep_interval(self.settings)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for conn in list(self._connections):
+                try:
+                    conn.check_deadlines(now)
+                except Exception:  # one broken connection must not stop the sweep
+                    log.exception("deadline check failed")
 
     def admit(self, conn: AgiConnection) -> bool:
         """A new connection: False (and counted) when ``max_sessions`` are in flight."""
