@@ -272,6 +272,8 @@ class AgiParser:
 
     def feed(self, data: bytes) -> list[AgiEvent]:
         """Take more bytes; return the events they complete."""
+        if data == _OK_LINE and self._between_replies():
+            return [_OK_REPLY]  # the answer to nearly every command, parsed once
         self._check_usable()
         if self._eof:
             raise self._fail(AgiProtocolError("data fed after end of stream"))
@@ -316,6 +318,11 @@ class AgiParser:
     def _check_usable(self) -> None:
         if self._error is not None:
             raise self._error
+
+    def _between_replies(self) -> bool:
+        """The environment is done and no line or 520 block is half read."""
+        return (self._environment is not None and not self._lines.buffer
+                and self._usage is None and self._error is None and not self._eof)
 
     def _fail(self, exc: AgiProtocolError) -> AgiProtocolError:
         self._error = exc
@@ -393,6 +400,11 @@ def parse_reply_line(text: str) -> AgiReply | None:
     if text[:4] in ("510 ", "511 ", "520 "):
         return AgiReply(int(text[:3]), None, None, text)
     raise AgiProtocolError(f"not an AGI reply: {text[:80]!r}")
+
+
+#: The reply to a successful ``SET VARIABLE`` (and most commands), and its event.
+_OK_LINE: Final = b"200 result=1\n"
+_OK_REPLY: Final = AgiReply(200, 1, None, "200 result=1")
 
 
 def _paren_data(rest: str | None) -> str | None:

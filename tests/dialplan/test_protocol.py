@@ -352,3 +352,32 @@ def test_parse_args_follows_res_agi(line: str, args: list[str]) -> None:
 def test_parse_args_keeps_at_most_127_words() -> None:
     """Like Asterisk (MAX_ARGS 128), extra words are dropped."""
     assert len(parse_args(" ".join(["w"] * 200))) == 127
+
+
+def test_ok_reply_fast_path_gives_the_same_events_as_the_full_parse() -> None:
+    """A whole ``200 result=1`` line (the common reply) is the same event whether it comes
+    alone, byte by byte, after half a line, or inside a 520 block, and it is never taken
+    before the environment is complete."""
+    whole = AgiParser()
+    whole.feed(ENV)
+    fast = whole.feed(b"200 result=1\n")
+    split = AgiParser()
+    split.feed(ENV)
+    slow = [e for byte in b"200 result=1\n" for e in split.feed(bytes([byte]))]
+    assert fast == slow == [AgiReply(200, 1, None, "200 result=1")]
+    partial = AgiParser()
+    partial.feed(ENV)
+    assert partial.feed(b"200 resu") == []
+    with pytest.raises(AgiProtocolError, match="malformed 200 reply"):
+        partial.feed(b"200 result=1\n")  # completes the line "200 resu200 result=1"
+    usage = AgiParser()
+    usage.feed(ENV)
+    assert usage.feed(b"520-Invalid command syntax.\n") == []
+    assert usage.feed(b"200 result=1\n") == []  # a line of the usage block, not a reply
+    (block,) = usage.feed(b"520 End of proper usage.\n")
+    assert isinstance(block, AgiReply)
+    assert block.code == 520
+    assert "200 result=1" in block.text
+    fresh = AgiParser()
+    with pytest.raises(AgiProtocolError):
+        fresh.feed(b"200 result=1\n")  # not an agi_* line: no shortcut before the env
