@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Final
 from urllib.parse import parse_qsl
 
@@ -136,14 +136,15 @@ class AgiEnvironment:
         """The Asterisk version (``22.10.1``)."""
         return self.get("version")
 
-    @property
+    @cached_property
     def script(self) -> str:
         """The script part of ``agi_network_script`` without the query (``route``)."""
         return self.network_script.partition("?")[0].strip("/")
 
-    @property
+    @cached_property
     def query(self) -> dict[str, str]:
-        """The query string of ``agi_network_script`` as a dict (``{"did": "4008001000"}``)."""
+        """The query string of ``agi_network_script`` as a dict (``{"did": "4008001000"}``),
+        parsed once (do not modify it)."""
         query = self.network_script.partition("?")[2]
         return dict(parse_qsl(query, keep_blank_values=True))
 

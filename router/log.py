@@ -51,7 +51,15 @@ class StderrHandler(logging.StreamHandler[TextIO]):
 
 
 def setup(level: str = "INFO") -> None:
-    """Configure the root logger once: one line per event, with the call id."""
+    """Configure the root logger once: one line per event, with the call id.
+
+    The record fields our format does not print (caller's file and line, thread and
+    process names) are not collected: finding the caller walks the stack on every line,
+    and a call logs one line (the logging HOWTO's "Optimization" section)."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.setLevel(level.upper())
     if not any(isinstance(f, CallContextFilter) for h in root.handlers for f in h.filters):

@@ -683,9 +683,10 @@ def _owner_available(wanted: bool, agents: Mapping[str, AgentEntry]) -> Check:
 _CONTROL = re.compile(r"\s+")
 
 
+@functools.lru_cache(maxsize=4096)
 def clean_caller_name(name: str | None) -> str:
     """A name safe for CALLERID(name): control/format characters dropped, spaces
-    collapsed, at most :data:`MAX_CALLER_NAME` characters."""
+    collapsed, at most :data:`MAX_CALLER_NAME` characters (remembered: repeat callers)."""
     if not name:
         return ""
     kept = "".join(" " if c.isspace() else c for c in name
