@@ -386,11 +386,13 @@ async def step_up(server: Server, label: str, callers: Sequence[str],
 
 @dataclass
 class Verdict:
-    """One target: PASS/FAIL and the figures that decide it."""
+    """One target: PASS/FAIL and the figures that decide it (``info``: a figure shown
+    beside the targets, printed as INFO and not counted by ``--strict``)."""
 
     target: str
     ok: bool
     detail: str
+    info: bool = False
 
 
 # --- the run --------------------------------------------------------------------------
@@ -450,9 +452,11 @@ async def issue_route(env: Env, phase_s: float, verdicts: list[Verdict]) -> Mix:
         warm.errors == 0 and warm.p(99) <= P99_TARGET_MS,
         f"p99 {warm.p(99):.2f} ms, {warm.errors} errors (floor p99 {floor.p(99):.2f} ms)"))
     verdicts.append(Verdict(
-        "1. 500 calls/s cold pass (every number's first call): p99 <= 5 ms, no errors",
-        cold.errors == 0 and cold.p(99) <= P99_TARGET_MS,
-        f"p99 {cold.p(99):.2f} ms, {cold.errors} errors (informative: first calls go to the CRM)"))
+        "1. 500 calls/s cold pass (every number's first call goes to the CRM)",
+        cold.errors == 0,
+        f"p50 {cold.p(50):.2f} ms, p99 {cold.p(99):.2f} ms, {cold.errors} errors, "
+        f"server CPU {1000 * cold.srv_cpu / max(cold.report.started, 1):.2f} ms/call",
+        info=True))
     return mix
 
 
@@ -507,6 +511,11 @@ async def issue_in_time(env: Env, mix: Mix, phase_s: float, step_s: float,
     cap_floor, cap_route = cpu_capacity(floor_steps), cpu_capacity(route_steps)
     print(f"  CPU capacity (one core / server CPU per call, steps >= 1000/s): floor "
           f"{cap_floor:.0f}/s, callroute {cap_route:.0f}/s, ratio {cap_route / cap_floor:.2f}")
+    verdicts.append(Verdict(
+        "2b. CPU capacity (what each server could carry if the generator were not the limit)",
+        cap_route >= 0.5 * cap_floor,
+        f"callroute {cap_route:.0f}/s vs floor {cap_floor:.0f}/s "
+        f"(ratio {cap_route / cap_floor:.2f})", info=True))
     floor_capped = floor_max >= STEP_RATES[-1]
     verdicts.append(Verdict(
         "2b. callroute max rate >= half the floor's",
@@ -617,7 +626,8 @@ async def start(stack: contextlib.AsyncExitStack, profile: str | None, log_path:
 def summary(verdicts: Sequence[Verdict]) -> None:
     print("\nSummary")
     for v in verdicts:
-        print(f"  [{'PASS' if v.ok else 'FAIL'}] {v.target}: {v.detail}")
+        mark = "INFO" if v.info else "PASS" if v.ok else "FAIL"
+        print(f"  [{mark}] {v.target}: {v.detail}")
 
 
 async def run(phase_s: float, step_s: float, profile: str | None, loop: str = "auto") -> int:
@@ -648,7 +658,7 @@ async def run(phase_s: float, step_s: float, profile: str | None, loop: str = "a
     print(f"wall time {time.monotonic() - started:.0f} s")
     if profile:
         print_profile(profile)
-    return 0 if all(v.ok for v in verdicts) else 1
+    return 0 if all(v.ok or v.info for v in verdicts) else 1
 
 
 def print_profile(path: str, top: int = 25) -> None:
