@@ -503,11 +503,15 @@ async def issue_in_time(env: Env, mix: Mix, phase_s: float, step_s: float,
           f"ratio {ratio:.2f}")
     for label, steps in (("floor", floor_steps), ("callroute", route_steps)):
         last = steps[-1]
-        share = last.gen_cpu / max(last.report.elapsed_s, 1e-9)
-        if not sustainable(last) and share >= GEN_BOUND:
+        wall = max(last.report.elapsed_s, 1e-9)
+        gen, srv = last.gen_cpu / wall, last.srv_cpu / wall
+        if not sustainable(last) and gen >= GEN_BOUND and srv < GEN_BOUND:
             print(f"  {label}: the step that failed ({last.report.offered_rate:g}/s) had the load "
-                  f"generator at {100 * share:.0f}% of its core: the limit found is the "
-                  "generator's, the server's own is higher")
+                  f"generator at {100 * gen:.0f}% of its core and the server at {100 * srv:.0f}%:"
+                  " the limit found is the generator's, the server's own is higher")
+        elif not sustainable(last):
+            print(f"  {label}: the step that failed ({last.report.offered_rate:g}/s) had the "
+                  f"server at {100 * srv:.0f}% of its core: the limit found is the server's")
     cap_floor, cap_route = cpu_capacity(floor_steps), cpu_capacity(route_steps)
     print(f"  CPU capacity (one core / server CPU per call, steps >= 1000/s): floor "
           f"{cap_floor:.0f}/s, callroute {cap_route:.0f}/s, ratio {cap_route / cap_floor:.2f}")
