@@ -10,8 +10,9 @@ Redis keyspace (see :class:`~router.keys.Keys`; numbers only as keyed hashes)::
 
     <prefix>cust:<hash>         STRING  envelope JSON, TTL = ttl + stale_max_age_s
     <prefix>custidx:<id>        SET     hashes cached for CRM customer <id>, same TTL
-    <prefix>cache:events        pub/sub channel: every write above is announced there, so
-                                other instances drop their LRU copies (router.cachefeed)
+    <prefix>cache:events        pub/sub channel: invalidations, webhook records and sync
+                                pages are announced there, so other instances drop their
+                                LRU copies (router.cachefeed)
 
 The value is a versioned JSON envelope ``{"v": 1, "t": <fetched epoch s>, "c": <Customer
 JSON or null>}``; anything else (garbage, another version, a record that does not validate)
@@ -411,21 +412,30 @@ class TwoLevelCache:
         return True, entry
 
     # --- writes --------------------------------------------------------------------------
-    async def put(self, e164: str, entry: CacheEntry, *, strict: bool = False) -> None:
-        """Store in both levels (Redis: value, TTL and the customer index)."""
+    async def put(
+        self, e164: str, entry: CacheEntry, *, strict: bool = False, announce: bool = True
+    ) -> None:
+        """Store in both levels (Redis: value, TTL and the customer index).
+
+        ``announce``: tell the other instances to drop their LRU copy (a webhook's new
+        record, a sync page). The call path's own CRM answers pass False: they are no
+        news to the others, whose copies are still within their own TTL (and every
+        instance, this one too, would have to read the message)."""
         self.lru.put(e164, entry)
-        await self._redis_put([(e164, entry)], strict=strict)
+        await self._redis_put([(e164, entry)], strict=strict, announce=announce)
 
     async def put_many(
         self, items: Iterable[tuple[str, CacheEntry]], *, strict: bool = False
     ) -> None:
-        """Store several entries with one Redis round trip."""
+        """Store several entries with one Redis round trip, announced to the others."""
         batch = list(items)
         for e164, entry in batch:
             self.lru.put(e164, entry)
         await self._redis_put(batch, strict=strict)
 
-    async def _redis_put(self, batch: list[tuple[str, CacheEntry]], *, strict: bool) -> None:
+    async def _redis_put(
+        self, batch: list[tuple[str, CacheEntry]], *, strict: bool, announce: bool = True
+    ) -> None:
         if not batch or (not strict and not self.health.available()):
             return
         now = self.clock()
@@ -447,7 +457,8 @@ class TwoLevelCache:
             queued += 1
         if not queued:
             return
-        pipe.publish(self.keys.cache_events, number_message(self.feed.sender, hashes))
+        if announce:
+            pipe.publish(self.keys.cache_events, number_message(self.feed.sender, hashes))
         await self._run(pipe, "set", strict=strict)
 
     async def invalidate_numbers(self, numbers: Iterable[str], *, strict: bool = False) -> int:

@@ -249,7 +249,7 @@ class CachedLookup:
                 return err
             self.breaker.success()
             entry = CacheEntry(customer, self._wall())
-            await self.cache.put(number.e164, entry)
+            await self.cache.put(number.e164, entry, announce=False)
             return entry
         finally:
             if self._inflight.get(number.e164) is asyncio.current_task():

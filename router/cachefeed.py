@@ -1,8 +1,8 @@
 """Cache invalidations between callroute instances, over Redis pub/sub.
 
 Every instance keeps an in-process LRU in front of the Redis entries they share. When
-one instance changes a shared entry (a CRM answer stored, a webhook invalidation or
-replacement, a sync page), it publishes the keyed hashes of the numbers (and the
+one instance changes a shared entry on purpose (a webhook invalidation or replacement, a
+sync page), it publishes the keyed hashes of the numbers (and the
 customer id) on the channel :attr:`~router.keys.Keys.cache_events`, in the same pipeline
 as the write; every other instance drops those numbers from its LRU, so its next call
 from them reads Redis. Messages carry no phone number in plaintext.
