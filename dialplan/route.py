@@ -123,6 +123,8 @@ def make_route_handler(router: Router) -> Callable[[AgiSession], Awaitable[None]
             session.env.callerid, did_of(session), started=session.started_at
         )
         decision = outcome.decision
+        await apply(session, decision)
+        session.close()  # the caller waits on the answer, not on the log line
         log.info(
             "caller=%s customer=%s rule=%s reason=%s target=%s queue=%s source=%s %.1fms",
             outcome.number.e164 or outcome.number.kind.value,
@@ -130,7 +132,6 @@ def make_route_handler(router: Router) -> Callable[[AgiSession], Awaitable[None]
             decision.rule, decision.reason, decision.target or "-", decision.queue or "-",
             outcome.lookup.source, outcome.elapsed_ms,
         )
-        await apply(session, decision)
 
     return route
 

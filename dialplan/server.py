@@ -98,6 +98,7 @@ class AgiSession:
         *,
         command_timeout_s: float,
         started_at: float,
+        closer: Callable[[], None] | None = None,
     ) -> None:
         self.env = env
         self.started_at = started_at
@@ -111,6 +112,7 @@ class AgiSession:
         self._hangup_event = asyncio.Event()
         self._eof = False
         self._broken: AgiProtocolError | None = None
+        self._closer = closer
 
     @property
     def script(self) -> str:
@@ -121,6 +123,13 @@ class AgiSession:
     def query(self) -> dict[str, str]:
         """The query parameters of the AGI URL (``{"did": "4008001000"}``)."""
         return self.env.query
+
+    def close(self) -> None:
+        """End the session now: Asterisk goes on with the dialplan while the handler
+        finishes its bookkeeping (the server closes the connection anyway when the
+        handler returns; this only does it sooner)."""
+        if self._closer is not None:
+            self._closer()
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -385,6 +394,7 @@ class AgiConnection(asyncio.Protocol):
             self._transport,
             command_timeout_s=self._settings.command_timeout_s,
             started_at=time.monotonic(),
+            closer=self.close,
         )
         self._context = contextvars.copy_context()
         self._context.run(call_id.set, env.uniqueid or "-")
@@ -580,8 +590,8 @@ class AgiServer:
         try:
             outcome = await self._run_handler(session)
         finally:
+            conn.close()  # Asterisk goes on with the dialplan as soon as we close
             child(AGI_SESSIONS, outcome).inc()
-            conn.close()
 
     async def _run_handler(self, session: AgiSession) -> str:
         handler = self._routes.get(session.script)

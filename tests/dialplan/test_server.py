@@ -469,3 +469,31 @@ async def test_runs_on_the_loop_its_id_names(request: pytest.FixtureRequest) -> 
     """Each async test here runs once per event loop (tests/dialplan/conftest.py), on
     the loop its id names: the server is proven on uvloop and on asyncio's own loop."""
     assert loop_name(asyncio.get_running_loop()) == request.node.callspec.id
+
+
+async def test_handler_can_close_before_returning(caplog: pytest.LogCaptureFixture) -> None:
+    """session.close() hands the channel back to Asterisk at once (the peer sees the
+    close while the handler still runs its bookkeeping); the session still counts as ok
+    and is not mistaken for a caller hanging up."""
+    finished = asyncio.Event()
+    closed_first: list[bool] = []
+
+    async def handler(session: AgiSession) -> None:
+        await set_target(session)
+        session.close()
+        await asyncio.sleep(0.3)  # bookkeeping after the answer
+        finished.set()
+
+    async with AgiServer(settings()) as srv:
+        srv.route("route", handler)
+        before = sessions("ok")
+        with caplog.at_level(logging.INFO, logger="callroute.agi"):
+            result = await (await peer(srv)).run()
+            closed_first.append(not finished.is_set())
+            await asyncio.wait_for(finished.wait(), 2)
+            await asyncio.sleep(0.05)
+        assert result.closed_by_server
+        assert result.variables == {"ROUTE_TARGET": "Local/7001@agents"}
+        assert closed_first == [True]
+        assert sessions("ok") == before + 1
+        assert not [r for r in caplog.records if "hung up" in r.getMessage()]
