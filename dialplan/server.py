@@ -327,11 +327,7 @@ class AgiConnection(asyncio.Protocol):
         except AgiProtocolError as exc:
             self._protocol_error(exc)
             return
-        if not events:
-            return
-        if self._context is not None:  # the session runs: replies, HANGUP
-            self._context.run(self._forward, events)
-        else:
+        if events:
             self._dispatch(events)
 
     def eof_received(self) -> bool:
@@ -372,10 +368,7 @@ class AgiConnection(asyncio.Protocol):
         assert session is not None
         try:
             for event in events:
-                if type(event) is AgiReply:
-                    session.on_reply(event)
-                else:
-                    session.on_event(event)
+                session.on_event(event)
         except AgiProtocolError as exc:
             session.on_broken(exc)
 
