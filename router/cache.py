@@ -440,7 +440,6 @@ class TwoLevelCache:
             return
         now = self.clock()
         pipe = self.redis.pipeline(transaction=False)
-        queued = 0
         hashes: list[str] = []
         for e164, entry in batch:
             ttl_ms = int(self.policy.redis_ttl(entry, now) * 1000)
@@ -450,12 +449,11 @@ class TwoLevelCache:
             pipe.set(self.keys.customer_by_hash(hashes[-1]), encode_entry(entry), px=ttl_ms)
             if entry.customer is not None:
                 index = self.keys.customer_index(entry.customer.id)
-                pipe.sadd(index, self.keys.number_hash(e164))
+                pipe.sadd(index, hashes[-1])
                 # the index lives as long as its longest-lived member
                 pipe.pexpire(index, ttl_ms, nx=True)
                 pipe.pexpire(index, ttl_ms, gt=True)
-            queued += 1
-        if not queued:
+        if not hashes:
             return
         if announce:
             pipe.publish(self.keys.cache_events, number_message(self.feed.sender, hashes))
