@@ -187,10 +187,11 @@ class CrmHttp:
                 op, method, _path(target), (time.monotonic() - started) * 1000, exc,
             )
             raise
-        log.debug(
-            "crm %s %s %s -> %d in %.1f ms",
-            op, method, _path(target), response.status, (time.monotonic() - started) * 1000,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "crm %s %s %s -> %d in %.1f ms", op, method, _path(target), response.status,
+                (time.monotonic() - started) * 1000,
+            )
         return response
 
     async def _send(
@@ -204,35 +205,41 @@ class CrmHttp:
         data: aiohttp.FormData | None,
         accept_status: Collection[int],
     ) -> CrmResponse:
-        query = {**(params or {}), **self._auth_params} or None
-        where = f"{method} {_path(target)}"
+        query = {**params, **self._auth_params} if params else self._auth_params or None
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._session().request(
                     method, target, params=query, json=json_body, headers=headers, data=data,
                 ) as resp:
-                    raw = await self._read(resp, where)
-                    status, resp_headers = resp.status, dict(resp.headers)
+                    raw = await self._read(resp, method, target)
+                    status, resp_headers = resp.status, resp.headers
         except TimeoutError as exc:
-            raise CrmTimeout(f"{where}: no answer within {self._timeout:g} s") from exc
+            raise CrmTimeout(
+                f"{_where(method, target)}: no answer within {self._timeout:g} s"
+            ) from exc
         except aiohttp.ClientConnectorError as exc:
-            raise CrmUnavailable(f"{where}: cannot connect: {exc}") from exc
+            raise CrmUnavailable(f"{_where(method, target)}: cannot connect: {exc}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise CrmUnavailable(
-                f"{where}: connection failed: {type(exc).__name__}: {exc}"
+                f"{_where(method, target)}: connection failed: {type(exc).__name__}: {exc}"
             ) from exc
-        return _classify(where, status, resp_headers, raw, accept_status)
+        return _classify(method, target, status, resp_headers, raw, accept_status)
 
-    async def _read(self, resp: aiohttp.ClientResponse, where: str) -> bytes:
+    async def _read(self, resp: aiohttp.ClientResponse, method: str, target: str) -> bytes:
         limit = self.settings.max_response_bytes
-        if resp.content_length is not None and resp.content_length > limit:
-            raise CrmBadResponse(f"{where}: body of {resp.content_length} bytes over {limit}")
+        length = resp.content_length
+        if length is not None:
+            if length > limit:
+                raise CrmBadResponse(
+                    f"{_where(method, target)}: body of {length} bytes over {limit}"
+                )
+            return await resp.read()  # bounded by the announced length
         chunks: list[bytes] = []
         size = 0
         async for chunk in resp.content.iter_chunked(65536):
             size += len(chunk)
             if size > limit:
-                raise CrmBadResponse(f"{where}: body over {limit} bytes")
+                raise CrmBadResponse(f"{_where(method, target)}: body over {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -256,6 +263,11 @@ def _auth(settings: CrmSettings) -> tuple[dict[str, str], dict[str, str]]:
     return headers, params
 
 
+def _where(method: str, url: str) -> str:
+    """``METHOD /path`` of a request, for error messages (built only when one is raised)."""
+    return f"{method} {_path(url)}"
+
+
 def _path(url: str) -> str:
     """The URL without query string or credentials, for logs."""
     try:
@@ -266,17 +278,19 @@ def _path(url: str) -> str:
 
 
 def _classify(
-    where: str, status: int, headers: Mapping[str, str], raw: bytes, accept: Collection[int]
+    method: str, target: str, status: int, headers: Mapping[str, str], raw: bytes,
+    accept: Collection[int],
 ) -> CrmResponse:
     if 200 <= status < 300:
-        body = _parse_json(where, raw) if status != 204 and raw.strip() else None
+        body = _parse_json(method, target, raw) if status != 204 and raw.strip() else None
         return CrmResponse(status=status, body=body, headers=headers)
     if status in accept:  # e.g. 404 "no such caller": the body may be an HTML error page
         try:
-            body = _parse_json(where, raw) if raw.strip() else None
+            body = _parse_json(method, target, raw) if raw.strip() else None
         except CrmBadResponse:
             body = None
         return CrmResponse(status=status, body=body, headers=headers)
+    where = _where(method, target)
     if status == 429:
         retry = parse_retry_after(headers.get("Retry-After"))
         raise CrmRateLimited(f"{where}: HTTP 429 rate limited", retry_after=retry)
@@ -287,8 +301,10 @@ def _classify(
     raise CrmBadResponse(f"{where}: unexpected HTTP status {status}")
 
 
-def _parse_json(where: str, raw: bytes) -> Any:
+def _parse_json(method: str, target: str, raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CrmBadResponse(f"{where}: body is not valid JSON: {exc}") from exc
+        raise CrmBadResponse(
+            f"{_where(method, target)}: body is not valid JSON: {exc}"
+        ) from exc
