@@ -11,6 +11,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from functools import lru_cache
+
+
+@lru_cache(maxsize=8192)
+def keyed_hash(secret: bytes, e164: str) -> str:
+    """HMAC-SHA256 of ``e164`` under ``secret``, 32 hex digits (remembered: a number's
+    hash is needed by every read and write of its cache entry)."""
+    return hmac.new(secret, e164.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -22,7 +30,7 @@ class Keys:
 
     def number_hash(self, e164: str) -> str:
         """Keyed hash of a phone number: stable across instances, useless without the secret."""
-        return hmac.new(self.secret, e164.encode(), hashlib.sha256).hexdigest()[:32]
+        return keyed_hash(self.secret, e164)
 
     # --- customer cache (issue: cache) -------------------------------------------------
     def customer(self, e164: str) -> str:
