@@ -110,9 +110,11 @@ class CachedLookup:
         return len(self._tasks)
 
     async def drain(self, timeout_s: float = 5.0) -> None:
-        """Wait (bounded) for background fetches to finish (tests, shutdown)."""
+        """Wait (bounded) for background fetches to finish and their cache writes to reach
+        Redis (tests, shutdown)."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        await self.cache.writes.drain()
 
     async def aclose(self) -> None:
         """Cancel background fetches and close the Redis client if this object made it.
@@ -129,6 +131,7 @@ class CachedLookup:
         else:
             await self.cache.feed.aclose()
             await self.cache.reads.aclose()
+            await self.cache.writes.drain()
 
     # --- the call path ---------------------------------------------------------------------
     async def find(self, number: CallerNumber, *, timeout_s: float) -> LookupResult:
@@ -192,6 +195,8 @@ class CachedLookup:
             return local, "lru"
         if not ok:
             return local, "lru"
+        if shared is None and local is not None and self.cache.writes.pending(e164):
+            return local, "lru"  # our own answer is on its way to Redis, not invalidated
         if shared is None or not self.policy.usable(shared, self._wall()):
             # Redis is the shared truth: a miss there (e.g. a webhook invalidated it on
             # another instance) drops our copy too.
@@ -249,7 +254,7 @@ class CachedLookup:
                 return err
             self.breaker.success()
             entry = CacheEntry(customer, self._wall())
-            await self.cache.put(number.e164, entry, announce=False)
+            self.cache.put_behind(number.e164, entry)
             return entry
         finally:
             if self._inflight.get(number.e164) is asyncio.current_task():

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import gc
 import json
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,3 +289,19 @@ def no_gc_fixture() -> Iterator[None]:
     gc.disable()
     yield
     gc.enable()
+
+
+async def eventually(check: Callable[[], bool], limit_s: float = 3.0) -> None:
+    """Wait (bounded) until ``check()`` holds; fail the test if it never does."""
+    deadline = time.monotonic() + limit_s
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def listening(*lookups: CachedLookup) -> None:
+    """Start the lookups' feeds and wait until each is subscribed."""
+    for lookup in lookups:
+        lookup.cache.feed.start()
+    await eventually(lambda: all(lk.cache.feed.since is not None for lk in lookups))

@@ -70,6 +70,7 @@ async def test_invalidate_customer_uses_the_index(
     lookup = make_lookup(directory, redis)
     for n in (ALICE, BOB, CAROL):
         await lookup.find(num(n), timeout_s=1)
+    await lookup.drain()
     removed = await lookup.cache.invalidate_customer("C2")
     assert removed == 2
     keys = {k.decode() async for k in redis.scan_iter(match="*")}
@@ -107,6 +108,7 @@ async def test_redis_stopped_mid_test_calls_still_answered_then_used_again(
     await asyncio.sleep(0.25)
     again = await lookup.find(num(CAROL), timeout_s=1)
     assert again.source == "crm"
+    await lookup.drain()
     assert not lookup.cache.health.down
     assert await client.exists(KEYS.customer(CAROL)) == 1
     await lookup.aclose()
@@ -166,6 +168,7 @@ async def test_concurrent_reads_are_one_mget(
     callers = [num(n) for n in (ALICE, BOB, CAROL)]
     for n in callers:
         await lookup.find(n, timeout_s=1)
+    await lookup.drain()
     await redis.config_resetstat()
     results = await asyncio.gather(*(lookup.find(callers[i % 3], timeout_s=1)
                                      for i in range(50)))

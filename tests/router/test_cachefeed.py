@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
 
-import pytest
 import redis.asyncio as aioredis
 
 from router.cache import CacheEntry
-from router.cached_lookup import CachedLookup
 from router.cachefeed import InvalidationFeed, customer_message, number_message
 from router.metrics import REGISTRY
 from router.models import Customer
@@ -20,6 +16,8 @@ from tests.router.cache_crm import (  # noqa: F401  (fixtures)
     LoopbackCrm,
     crm_fixture,
     directory_fixture,
+    eventually,
+    listening,
     make_lookup,
     num,
     redis_fixture,
@@ -28,22 +26,6 @@ from tests.router.cache_crm import (  # noqa: F401  (fixtures)
 ALICE = "+8613800138000"
 BOB = "+8613900139000"
 BOB2 = "+8613700137000"
-
-
-async def eventually(check: Callable[[], bool], limit_s: float = 3.0) -> None:
-    """Wait (bounded) until ``check()`` holds; fail the test if it never does."""
-    deadline = time.monotonic() + limit_s
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-async def listening(*lookups: CachedLookup) -> None:
-    """Start the lookups' feeds and wait until each is subscribed."""
-    for lookup in lookups:
-        lookup.cache.feed.start()
-    await eventually(lambda: all(lk.cache.feed.since is not None for lk in lookups))
 
 
 async def test_invalidation_on_one_instance_reaches_the_others_lru(
@@ -55,6 +37,7 @@ async def test_invalidation_on_one_instance_reaches_the_others_lru(
     b = make_lookup(directory, redis, lru_recheck_s=3600)
     await listening(a, b)
     assert (await a.find(num(ALICE), timeout_s=1)).source == "crm"
+    await a.drain()  # A's answer reaches Redis in the background
     assert (await b.find(num(ALICE), timeout_s=1)).source == "redis"
     assert (await b.find(num(ALICE), timeout_s=1)).source == "lru"
     assert await a.cache.invalidate_numbers([ALICE], strict=True) == 1
@@ -75,6 +58,7 @@ async def test_customer_invalidation_drops_every_number_of_the_customer(
     await listening(a, b)
     for number in (BOB, BOB2, ALICE):
         await a.find(num(number), timeout_s=1)
+        await a.drain()
         await b.find(num(number), timeout_s=1)
     assert await a.cache.invalidate_customer("C2", strict=True) == 2
     await eventually(lambda: b.cache.get_local(BOB) is None and b.cache.get_local(BOB2) is None)
@@ -115,6 +99,7 @@ async def test_lru_is_trusted_while_the_feed_covers_it_and_rechecked_when_not(
     lookup = make_lookup(directory, redis, lru_recheck_s=0, lru_trust_s=3600)
     await listening(lookup)
     assert (await lookup.find(num(ALICE), timeout_s=1)).source == "crm"
+    await lookup.drain()
     assert (await lookup.find(num(ALICE), timeout_s=1)).source == "lru"
     killed = await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
     assert int(killed) >= 1

@@ -60,6 +60,7 @@ async def test_miss_then_lru_then_redis_for_another_instance(
     assert sample("callroute_lookups_total", {"source": "crm"}) == before + 1
     r2 = await first.find(num("+86 138 0013 8000"), timeout_s=1)
     assert (r2.source, r2.customer) == ("lru", r1.customer)
+    await first.drain()  # the answer reaches Redis in the background
     second = make_lookup(directory, redis)
     r3 = await second.find(num(ALICE), timeout_s=1)
     assert (r3.source, r3.customer) == ("redis", r1.customer)
@@ -99,6 +100,7 @@ async def test_exact_keyspace_and_ttls(
                          stale_max_age_s=600)
     await lookup.find(num(ALICE), timeout_s=1)
     await lookup.find(num(NOBODY), timeout_s=1)
+    await lookup.drain()  # the answers reach Redis in the background
     keys = {k.decode() async for k in redis.scan_iter(match="*")}
     assert keys == {KEYS.customer(ALICE), KEYS.customer(NOBODY), KEYS.customer_index("C1")}
     assert all("13800138000" not in k and "13600136000" not in k for k in keys)
@@ -260,6 +262,7 @@ async def test_corrupt_or_old_format_value_is_a_miss(
         assert (result.source, result.found) == ("crm", True)
         assert sample("callroute_cache_errors_total", {"kind": "corrupt"}) == before + 1
         assert crm.lookups[ALICE] == i + 1
+        await lookup.drain()
         stored = await redis.get(KEYS.customer(ALICE))
         assert stored is not None
         assert stored.startswith(b'{"v":1,')
@@ -275,6 +278,7 @@ async def test_lru_rechecks_redis_and_follows_invalidation(
     clock = FakeClock()
     lookup = make_lookup(directory, redis, clock=clock, lru_recheck_s=0, lru_trust_s=0)
     await lookup.find(num(ALICE), timeout_s=1)
+    await lookup.drain()
     from router.cache import CacheEntry
     from router.models import Customer
     newer = CacheEntry(Customer(id="C1", name="Alice (from Redis)"), clock())
@@ -333,6 +337,7 @@ async def test_from_settings_uses_prefix_secret_and_owns_its_client(
     settings = Settings(redis=RedisSettings(url=redis_url, prefix="site1:", key_secret="k1"))
     lookup = CachedLookup.from_settings(settings, directory)
     assert (await lookup.find(num(ALICE), timeout_s=1)).source == "crm"
+    await lookup.drain()
     check = aioredis.Redis.from_url(redis_url)
     keys = {k.decode() async for k in check.scan_iter(match="*")}
     site = Keys(prefix="site1:", secret=b"k1")
