@@ -31,7 +31,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -57,8 +57,7 @@ MAX_ENVELOPE_BYTES = 64 * 1024
 Clock = Callable[[], float]
 
 
-@dataclass(frozen=True)
-class CacheEntry:
+class CacheEntry(NamedTuple):
     """One cached lookup answer: ``customer`` None means "the CRM knows no such caller"."""
 
     customer: Customer | None
@@ -131,13 +130,17 @@ class LruCache:
     """A bounded in-process map from E.164 number to entry, least recently used out first.
 
     Each slot remembers when it was stored (monotonic) so a reader can tell how long the
-    entry went without being checked against Redis. A second map, customer id -> numbers,
+    entry went without being checked against Redis. Slots are plain tuples of the entry's
+    fields: the cyclic garbage collector stops tracking a plain tuple of atoms (a "no
+    such caller" slot), and its full passes pause the event loop in proportion to the
+    objects it tracks; the LRU holds tens of thousands. A second map, customer id -> numbers,
     makes invalidation by customer id cheap.
     """
 
     def __init__(self, size: int, hasher: Callable[[str], str] | None = None) -> None:
         self.size = size
-        self._data: OrderedDict[str, tuple[CacheEntry, float]] = OrderedDict()
+        #: number -> (customer, fetched_at, stored_at)
+        self._data: OrderedDict[str, tuple[Customer | None, float, float]] = OrderedDict()
         self._by_customer: dict[str, set[str]] = {}
         #: keyed hash -> number, for invalidations that name hashes (None: no such index)
         self._hasher = hasher
@@ -149,16 +152,17 @@ class LruCache:
     def get(self, e164: str) -> tuple[CacheEntry, float] | None:
         """The entry and its monotonic store time, or None."""
         slot = self._data.get(e164)
-        if slot is not None:
-            self._data.move_to_end(e164)
-        return slot
+        if slot is None:
+            return None
+        self._data.move_to_end(e164)
+        return CacheEntry(slot[0], slot[1]), slot[2]
 
     def put(self, e164: str, entry: CacheEntry) -> None:
         """Store (or replace) the entry for ``e164``, evicting the oldest over the bound."""
         if self.size <= 0:
             return
         self.discard(e164)
-        self._data[e164] = (entry, time.monotonic())
+        self._data[e164] = (entry.customer, entry.fetched_at, time.monotonic())
         if self._hasher is not None:
             self._by_hash[self._hasher(e164)] = e164
         if entry.customer is not None:
@@ -172,9 +176,9 @@ class LruCache:
         slot = self._data.pop(e164, None)
         if slot is not None and self._hasher is not None:
             self._by_hash.pop(self._hasher(e164), None)
-        if slot is None or slot[0].customer is None:
+        if slot is None or slot[0] is None:
             return
-        cid = slot[0].customer.id
+        cid = slot[0].id
         numbers = self._by_customer.get(cid)
         if numbers is not None:
             numbers.discard(e164)

@@ -34,7 +34,12 @@ def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-@lru_cache(maxsize=8192)
+#: What :func:`_classify` remembers of a number: kind, raw, e164, national, country. Plain
+#: strings in a plain tuple, which the cyclic garbage collector stops tracking (a model
+#: instance is three tracked objects, and the memo holds thousands).
+_Fields = tuple[str, str, str | None, str | None, str | None]
+
+
 def normalize(
     raw: str | None, region: str = "CN", internal: str = DEFAULT_INTERNAL
 ) -> CallerNumber:
@@ -44,31 +49,38 @@ def normalize(
     separators are removed); it is checked after short codes, so ``110`` is a short
     code and ``7001`` an extension.
 
-    Remembered for the last 8,192 arguments (the result is immutable): repeat callers
-    are most calls, and parsing with phonenumbers is the costliest step of a decision.
+    The classification is remembered for the last 8,192 arguments: repeat callers are
+    most calls, and parsing with phonenumbers is the costliest step of a decision.
     """
+    kind, text, e164, national, country = _classify(raw, region, internal)
+    return CallerNumber(raw=text, kind=NumberKind(kind), e164=e164, national=national,
+                        country=country)
+
+
+@lru_cache(maxsize=8192)
+def _classify(raw: str | None, region: str, internal: str) -> _Fields:
     text = (raw or "").strip()
     compact = _SEPARATORS.sub("", text)
     if compact.lower() in ANONYMOUS or not any(ch.isdigit() for ch in compact):
-        return CallerNumber(raw=text, kind=NumberKind.ANONYMOUS)
+        return NumberKind.ANONYMOUS.value, text, None, None, None
     if len(compact) > 32:
-        return CallerNumber(raw=text[:32], kind=NumberKind.INVALID)
+        return NumberKind.INVALID.value, text[:32], None, None, None
     if compact.isdigit() and len(compact) <= 6 and _is_short_code(compact, region):
-        return CallerNumber(raw=text, kind=NumberKind.SHORT_CODE)
+        return NumberKind.SHORT_CODE.value, text, None, None, None
     if _compiled(internal).match(compact):
-        return CallerNumber(raw=text, kind=NumberKind.INTERNAL)
+        return NumberKind.INTERNAL.value, text, None, None, None
     try:
         parsed = phonenumbers.parse(compact, region)
     except phonenumbers.NumberParseException:
-        return CallerNumber(raw=text, kind=NumberKind.INVALID)
+        return NumberKind.INVALID.value, text, None, None, None
     if not phonenumbers.is_valid_number(parsed):
-        return CallerNumber(raw=text, kind=NumberKind.INVALID)
-    return CallerNumber(
-        raw=text,
-        kind=NumberKind.E164,
-        e164=phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164),
-        national=str(parsed.national_number),
-        country=phonenumbers.region_code_for_number(parsed),
+        return NumberKind.INVALID.value, text, None, None, None
+    return (
+        NumberKind.E164.value,
+        text,
+        phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164),
+        str(parsed.national_number),
+        phonenumbers.region_code_for_number(parsed),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import pytest
@@ -60,6 +61,21 @@ def test_lru_is_bounded_and_indexes_customers() -> None:
     assert lru.discard_customer("C2") == [BOB]
     assert lru.get(BOB) is None
     assert lru.get(ALICE) is not None
+
+
+def test_unknown_callers_in_the_lru_cost_the_garbage_collector_nothing() -> None:
+    """The LRU's slots for "no such caller" answers are not tracked by the cyclic
+    collector (a full pass would otherwise grow with the cache), and read back whole."""
+    lru = LruCache(10_000, hasher=KEYS.number_hash)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(5000):
+        lru.put(f"+861860098{i:04d}", CacheEntry(None, 1_800_000_000.0 + i))
+    gc.collect()
+    assert len(gc.get_objects()) - before < 100
+    slot = lru.get("+8618600980007")
+    assert slot is not None
+    assert slot[0] == CacheEntry(None, 1_800_000_007.0)
 
 
 async def test_invalidate_customer_uses_the_index(
