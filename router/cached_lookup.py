@@ -185,7 +185,8 @@ class CachedLookup:
         trusted = slot is not None and self.cache.trusted(slot[1])
         if local is not None and self.policy.fresh(local, now) and trusted:
             return local, "lru"
-        remaining = deadline - time.monotonic()
+        read_at = time.monotonic()
+        remaining = deadline - read_at
         if remaining <= 0 or not self.cache.health.available():
             return local, "lru"
         try:
@@ -195,9 +196,16 @@ class CachedLookup:
             return local, "lru"
         if not ok:
             return local, "lru"
+        now = self._wall()
+        fresh_slot = self.cache.get_local(e164)
+        if fresh_slot is not None and fresh_slot[1] >= read_at:
+            # stored while we read Redis (a CRM answer that just landed): newer than
+            # whatever Redis said, which may be "not there yet"
+            entry = fresh_slot[0]
+            return (entry if self.policy.usable(entry, now) else None), "lru"
         if shared is None and local is not None and self.cache.writes.pending(e164):
             return local, "lru"  # our own answer is on its way to Redis, not invalidated
-        if shared is None or not self.policy.usable(shared, self._wall()):
+        if shared is None or not self.policy.usable(shared, now):
             # Redis is the shared truth: a miss there (e.g. a webhook invalidated it on
             # another instance) drops our copy too.
             self.cache.lru.discard(e164)

@@ -180,6 +180,26 @@ async def test_single_flight_one_request_per_number(
     await lookup.aclose()
 
 
+async def test_single_flight_holds_while_calls_keep_arriving(
+    directory: HttpDirectory, crm: LoopbackCrm, redis: aioredis.Redis
+) -> None:
+    """Calls from a few numbers arrive every millisecond while their CRM requests (20 ms)
+    complete: one request per number. A call whose Redis read was under way when the
+    answer landed must not take Redis's "not there yet" for an invalidation and drop
+    the fresh LRU entry (which would ask the CRM again)."""
+    crm.behaviour.delay_s = 0.02
+    lookup = make_lookup(directory, redis)
+    callers = [ALICE, BOB, NOBODY]
+    calls = []
+    for i in range(150):
+        calls.append(asyncio.create_task(lookup.find(num(callers[i % 3]), timeout_s=1)))
+        await asyncio.sleep(0.001)
+    results = await asyncio.gather(*calls)
+    assert {r.source for r in results} <= {"crm", "lru"}
+    assert dict(crm.lookups) == {ALICE: 1, BOB: 1, NOBODY: 1}
+    await lookup.aclose()
+
+
 async def test_deadline_returns_in_time_and_fills_cache_in_background(
     directory: HttpDirectory, crm: LoopbackCrm, redis: aioredis.Redis
 ) -> None:
