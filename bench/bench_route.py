@@ -158,12 +158,12 @@ class Child:
         assert self.proc is not None
         return self.proc.pid
 
-    async def stats(self) -> dict[str, Any]:
-        """The route server's counters (``stats`` on stdin)."""
+    async def stats(self, word: str = "stats") -> dict[str, Any]:
+        """The route server's counters (``stats`` on stdin) or GC passes (``gc``)."""
         assert self.proc is not None
         assert self.proc.stdin is not None
         assert self.proc.stdout is not None
-        self.proc.stdin.write(b"stats\n")
+        self.proc.stdin.write(word.encode() + b"\n")
         await self.proc.stdin.drain()
         stats: dict[str, Any] = json.loads(await asyncio.wait_for(self.proc.stdout.readline(), 5))
         return stats
@@ -239,6 +239,8 @@ class Phase:
     reasons: Counter[str] = field(default_factory=Counter)
     lookups: dict[str, float] = field(default_factory=dict)
     commands: int = 0
+    #: the route server's garbage collector during the phase (passes, full, max_ms)
+    gc: dict[str, float] = field(default_factory=dict)
 
     @property
     def rest_share(self) -> float:
@@ -262,12 +264,13 @@ class Phase:
             f"{100 * self.gen_cpu / wall:.0f}", f"{100 * self.srv_cpu / wall:.0f}",
             f"{1000 * self.srv_cpu / max(r.started, 1):.3f}",
             f"{self.commands / max(r.completed, 1):.1f}", f"{100 * self.other_cpu / wall:.0f}",
+            f"{self.gc['max_ms']:.1f}/{self.gc['full']:g}" if self.gc else "-",
         ]
 
 
 HEAD = ["phase", "offered/s", "achieved/s", "calls", "errors", "p50 ms", "p90 ms", "p99 ms",
         "max ms", "gen lag ms", "gen cpu%", "srv cpu%", "srv cpu ms/call",
-        "cmds/call", "rest cpu%"]
+        "cmds/call", "rest cpu%", "srv gc ms/full"]
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -339,6 +342,8 @@ class Server:
             return None
 
         await self.settle()
+        if self.is_route:
+            await self.child.stats("gc")  # from zero
         before = await self.lookups()
         gen0, srv0 = time.process_time(), cpu_seconds(self.child.pid)
         ours0, all0 = self.bench_cpu(), machine_busy()
@@ -350,7 +355,8 @@ class Server:
         other = max(0.0, machine_busy() - all0 - ours)
         after = await self.lookups()
         delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
-        phase = Phase(name, report, gen, srv, other, reasons, delta, commands)
+        gc_passes = await self.child.stats("gc") if self.is_route else {}
+        phase = Phase(name, report, gen, srv, other, reasons, delta, commands, gc_passes)
         self.measured.append(phase)
         return phase
 

@@ -14,7 +14,9 @@
 
 Both stop on SIGTERM or when stdin closes. The ``route`` server answers one command per
 stdin line: ``stats`` prints one JSON line of its counters (lookups by source, AGI
-sessions by outcome and in flight, refusals, CRM requests and errors, background fetches). With
+sessions by outcome and in flight, refusals, CRM requests and errors, background fetches);
+``gc`` prints its garbage collector passes since the last ``gc`` (count, full passes,
+longest pause). With
 ``--profile FILE`` the route server runs under cProfile and writes the stats to FILE.
 """
 
@@ -27,6 +29,7 @@ import gc
 import json
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -52,6 +55,33 @@ def bench_settings(redis_url: str, crm_url: str, max_sessions: int | None) -> An
         "redis": settings.redis.model_copy(update={"url": redis_url}),
         "crm": settings.crm.model_copy(update={"base_url": crm_url, "auth": crm_auth}),
     })
+
+
+class GcPauses:
+    """The cyclic garbage collector's passes in this process since the last :meth:`take`
+    (each pass stops the event loop): how many, how many full, and the longest."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.passes = self.full = 0
+        self.longest_ms = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._started = now
+            return
+        self.passes += 1
+        self.full += info["generation"] == 2
+        self.longest_ms = max(self.longest_ms, (now - self._started) * 1000)
+
+    def take(self) -> dict[str, float]:
+        """The figures so far, then start again from zero."""
+        out = {"passes": self.passes, "full": self.full, "max_ms": round(self.longest_ms, 2)}
+        self.passes = self.full = 0
+        self.longest_ms = 0.0
+        return out
 
 
 def counters() -> dict[str, Any]:
@@ -106,9 +136,13 @@ async def serve_route(redis_url: str, crm_url: str, max_sessions: int | None) ->
     router_log.setup(settings.log_level)
     stop = _stop_event()
 
+    pauses = GcPauses()
+
     def on_line(line: str) -> None:
         if line == "stats":
             print(json.dumps(counters()), flush=True)
+        elif line == "gc":
+            print(json.dumps(pauses.take()), flush=True)
 
     async with build_router(settings, Presence()) as router:
         router.clock = lambda: OPEN
