@@ -14,8 +14,9 @@ closing the socket. Every phase is bounded (a few seconds of arrivals).
 
 Phases and targets (the two issues):
 
-1. "Route inbound calls": 500 calls/s, p99 <= 5 ms, no errors, CRM on loopback.
-   A cold pass (each number of the caller mix once, cache empty), then the mix warm.
+1. "Route inbound calls": 500 calls/s, p99 <= 5 ms, no errors, CRM on loopback, both
+   for a cold pass (each number of the caller mix once, cache empty: every call is a
+   CRM lookup) and for the mix warm.
 2. "Answer every call in time":
    a. CRM answering after 100 ms, cache warm: 1000 calls/s, p99 <= 5 ms.
    b. Max sustainable rate (no error, achieved >= 95 % of offered, p99 <= 50 ms),
@@ -458,11 +459,10 @@ async def issue_route(env: Env, phase_s: float, verdicts: list[Verdict]) -> Mix:
         warm.errors == 0 and warm.p(99) <= P99_TARGET_MS,
         f"p99 {warm.p(99):.2f} ms, {warm.errors} errors (floor p99 {floor.p(99):.2f} ms)"))
     verdicts.append(Verdict(
-        "1. 500 calls/s cold pass (every number's first call goes to the CRM)",
-        cold.errors == 0,
+        "1. 500 calls/s cold pass (every call a CRM lookup): p99 <= 5 ms, no errors",
+        cold.errors == 0 and cold.p(99) <= P99_TARGET_MS,
         f"p50 {cold.p(50):.2f} ms, p99 {cold.p(99):.2f} ms, {cold.errors} errors, "
-        f"server CPU {1000 * cold.srv_cpu / max(cold.report.started, 1):.2f} ms/call",
-        info=True))
+        f"server CPU {1000 * cold.srv_cpu / max(cold.report.started, 1):.2f} ms/call"))
     return mix
 
 
