@@ -159,11 +159,6 @@ class CachedLookup:
             task = self._fetch_task(number)
             error = None if task is not None else self._refusal()
             return _result(entry, "stale", now, error=error)
-        # A fetch for this number may have finished (and left the in-flight table) while
-        # we waited on Redis: take its answer rather than asking the CRM a second time.
-        slot = self.cache.get_local(e164)
-        if slot is not None and self.policy.fresh(slot[0], now):
-            return _result(slot[0], "lru", now)
         task = self._fetch_task(number)
         if task is None:
             return _empty("error", self._refusal())
@@ -193,16 +188,17 @@ class CachedLookup:
             async with asyncio.timeout(remaining):
                 ok, shared = await self.cache.get_shared(e164)
         except TimeoutError:
-            return local, "lru"
-        if not ok:
-            return local, "lru"
+            ok, shared = False, None
         now = self._wall()
         fresh_slot = self.cache.get_local(e164)
         if fresh_slot is not None and fresh_slot[1] >= read_at:
-            # stored while we read Redis (a CRM answer that just landed): newer than
-            # whatever Redis said, which may be "not there yet"
+            # stored while we waited on Redis (a fetch for this number that just finished
+            # and left the in-flight table): newer than whatever Redis said, which may be
+            # "not there yet", and no reason to ask the CRM a second time
             entry = fresh_slot[0]
             return (entry if self.policy.usable(entry, now) else None), "lru"
+        if not ok:
+            return local, "lru"
         if shared is None and local is not None and self.cache.writes.pending(e164):
             return local, "lru"  # our own answer is on its way to Redis, not invalidated
         if shared is None or not self.policy.usable(shared, now):
