@@ -18,17 +18,7 @@ from router.errors import (
     CrmUnavailable,
 )
 from router.metrics import REGISTRY
-from tests.router.cache_crm import (  # noqa: F401  (fixtures)
-    FakeClock,
-    HttpDirectory,
-    LoopbackCrm,
-    crm_fixture,
-    directory_fixture,
-    make_lookup,
-    no_gc_fixture,
-    num,
-    redis_fixture,
-)
+from tests.router.cache_crm import FakeClock, HttpDirectory, LoopbackCrm, make_lookup, num
 
 ALICE = "+8613800138000"
 BOB = "+8613900139000"

@@ -14,17 +14,7 @@ from router.metrics import REGISTRY
 from router.models import Customer
 from router.settings import RedisSettings
 from tests.redis_server import RedisServer
-from tests.router.cache_crm import (  # noqa: F401  (fixtures)
-    KEYS,
-    HttpDirectory,
-    LoopbackCrm,
-    crm_fixture,
-    directory_fixture,
-    make_lookup,
-    no_gc_fixture,
-    num,
-    redis_fixture,
-)
+from tests.router.cache_crm import KEYS, HttpDirectory, LoopbackCrm, make_lookup, num
 
 ALICE = "+8613800138000"
 BOB = "+8613900139000"

@@ -10,17 +10,14 @@ from router.cache import CacheEntry
 from router.cachefeed import InvalidationFeed, customer_message, number_message
 from router.metrics import REGISTRY
 from router.models import Customer
-from tests.router.cache_crm import (  # noqa: F401  (fixtures)
+from tests.router.cache_crm import (
     KEYS,
     HttpDirectory,
     LoopbackCrm,
-    crm_fixture,
-    directory_fixture,
     eventually,
     listening,
     make_lookup,
     num,
-    redis_fixture,
 )
 
 ALICE = "+8613800138000"

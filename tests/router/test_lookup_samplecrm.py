@@ -15,7 +15,7 @@ from router.crm.config import CrmSettings, sample_crm_section
 from router.crm.rest import RestConnector
 from router.metrics import REGISTRY
 from router.samplecrm import SampleCrm, make_app, seed_customers, start_sample_crm, state_of
-from tests.router.cache_crm import make_lookup, no_gc_fixture, num, redis_fixture  # noqa: F401  (fixtures)
+from tests.router.cache_crm import make_lookup, num
 
 LI_LEI = "+8613800138000"
 

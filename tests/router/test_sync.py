@@ -11,15 +11,7 @@ from router.cache import TwoLevelCache, decode_entry
 from router.errors import CrmServerError
 from router.settings import CacheSettings
 from router.sync import periodic_sync, run_sync
-from tests.router.cache_crm import (  # noqa: F401  (fixtures)
-    KEYS,
-    HttpDirectory,
-    LoopbackCrm,
-    crm_fixture,
-    directory_fixture,
-    no_gc_fixture,
-    redis_fixture,
-)
+from tests.router.cache_crm import KEYS, HttpDirectory, LoopbackCrm
 
 NUMBERS = [f"+8613{i}0013{i}000" for i in range(1, 8)]  # 7 customers, 4 pages of 2
 

@@ -18,7 +18,7 @@ from router.models import Customer
 from router.settings import AdminSettings, CacheSettings, RedisSettings, Settings
 from router.webhook import PATH, add_webhook_routes, sign
 from tests.redis_server import RedisServer
-from tests.router.cache_crm import KEYS, no_gc_fixture, redis_fixture  # noqa: F401  (fixtures)
+from tests.router.cache_crm import KEYS
 
 SECRET = "s3cret-for-tests"
 ALICE = "+8613800138000"
