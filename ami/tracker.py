@@ -30,7 +30,7 @@ from ami.protocol import Message
 from ami.records import CallRecord, HangupCause, Outcome, record_key_for
 from router.log import bind_call
 from router.phone import normalize
-from router.presence import Presence, device_of
+from router.rules.presence import Presence, device_of
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from ami.protocol import AmiParser
 from ami.records import CallRecord
 from ami.tracker import CallTracker, extension_agent
-from router.presence import Presence
+from router.rules.presence import Presence
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "asterisk-22"
 CHUNK = 65536

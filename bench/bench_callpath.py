@@ -124,7 +124,7 @@ def bare_handler() -> Callable[[AgiSession], Awaitable[None]]:
 
 async def main(calls: int, rounds: int) -> None:
     from router.app import build_router
-    from router.presence import Presence
+    from router.rules.presence import Presence
     from router.samplecrm import make_app, start_sample_crm
 
     router_log.setup("INFO")  # one INFO line per call, as serve; written to /dev/null here

@@ -31,11 +31,11 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from router.cache import redis_client
-from router.cached_lookup import CachedLookup
 from router.crm.config import CrmSettings, sample_crm_section
 from router.crm.rest import RestConnector
 from router.keys import Keys
+from router.lookup.cache import redis_client
+from router.lookup.cached_lookup import CachedLookup
 from router.models import CallerNumber
 from router.phone import normalize
 from router.settings import BreakerSettings, CacheSettings, RedisSettings

@@ -26,12 +26,12 @@ from pathlib import Path
 import aiohttp
 from redis.asyncio import Redis
 
-from router.delivery import DeliveryWorker
 from router.keys import Keys
-from router.outbox import Outbox
-from router.spool import Spool
+from router.records.delivery import DeliveryWorker
+from router.records.outbox import Outbox
+from router.records.spool import Spool
 from tests.redis_server import RedisServer
-from tests.router.outbox_crm import FakeCrm, HttpSink, call_record, outbox_settings
+from tests.router.records.outbox_crm import FakeCrm, HttpSink, call_record, outbox_settings
 
 
 def pct(values: list[float], p: float) -> float:

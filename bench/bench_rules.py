@@ -14,8 +14,8 @@ from zoneinfo import ZoneInfo
 
 from router.models import Customer
 from router.phone import normalize
-from router.presence import Presence
-from router.rules import CallContext, RuleSet, load_rules
+from router.rules.decide import CallContext, RuleSet, load_rules
+from router.rules.presence import Presence
 
 ROOT = Path(__file__).resolve().parents[1]
 AT = datetime(2026, 11, 23, 10, 30, tzinfo=ZoneInfo("Asia/Shanghai"))

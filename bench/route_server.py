@@ -130,7 +130,7 @@ async def serve_route(redis_url: str, crm_url: str, max_sessions: int | None) ->
     from dialplan.server import AgiServer
     from router import log as router_log
     from router.app import build_router
-    from router.presence import Presence
+    from router.rules.presence import Presence
 
     settings = bench_settings(redis_url, crm_url, max_sessions)
     router_log.setup(settings.log_level)

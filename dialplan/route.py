@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING
 from dialplan.server import AgiSession
 from router import metrics
 from router.errors import AgiHangup, CallrouteError
-from router.lookup import Lookup
+from router.lookup.base import Lookup
 from router.models import CallerNumber, Decision, LookupResult
 from router.phone import normalize
-from router.presence import Presence
-from router.rules import CallContext, RuleSet
+from router.rules.decide import CallContext, RuleSet
+from router.rules.presence import Presence
 from router.settings import Settings
 
 if TYPE_CHECKING:
-    from router.ruleswatch import RulesWatcher
+    from router.rules.ruleswatch import RulesWatcher
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Bound to loopback by default. When ``admin.token`` is set, every route except
 ``GET /api/explain``  ``?number=&did=&at=``: the decision trace, as ``callroute explain --json``
 ``GET /api/presence`` agent device states as AMI last reported them
 ``GET /api/outbox``   outbox depth, oldest entry age, dead letters
-``POST /webhooks/crm`` the CRM says a customer changed (signed; see router.webhook)
+``POST /webhooks/crm`` the CRM says a customer changed (signed; see router.lookup.webhook)
 ====================  =================================================================
 """
 
@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.metrics import REGISTRY
-from router.presence import Presence
+from router.rules.presence import Presence
 
 Check = Callable[[], Awaitable[bool]]
 Explain = Callable[[str, str | None, datetime | None], Awaitable[Mapping[str, Any]]]

@@ -20,16 +20,16 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from dialplan.explain import outcome_to_dict
 from dialplan.route import Router, make_route_handler
 from dialplan.server import AgiServer
 from router.admin import AdminDeps, make_admin_app
-from router.cached_lookup import CachedLookup
 from router.crm.rest import RestConnector
-from router.explain import outcome_to_dict
-from router.presence import Presence, device_of
-from router.ruleswatch import RulesWatcher
+from router.lookup.cached_lookup import CachedLookup
+from router.lookup.sync import SyncReport, periodic_sync, run_sync
+from router.rules.presence import Presence, device_of
+from router.rules.ruleswatch import RulesWatcher
 from router.settings import Settings
-from router.sync import SyncReport, periodic_sync, run_sync
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
             assert isinstance(lookup, CachedLookup)
 
             def add_webhook(app: web.Application) -> None:
-                from router.webhook import add_webhook_routes
+                from router.lookup.webhook import add_webhook_routes
 
                 add_webhook_routes(app, lookup.cache, settings)
 
@@ -175,8 +175,8 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
     """
     from ami.client import AmiClient
     from ami.tracker import CallTracker
-    from router.delivery import DeliveryWorker
-    from router.outbox import Outbox, connect_redis
+    from router.records.delivery import DeliveryWorker
+    from router.records.outbox import Outbox, connect_redis
 
     bg = _Background()
     if not settings.outbox.enabled:
@@ -203,7 +203,7 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
     bg.checks["outbox"] = outbox_ready
 
     async def outbox_status() -> dict[str, Any]:
-        from router.outbox_cli import status
+        from router.records.outbox_cli import status
 
         return await status(redis, outbox.keys, settings.outbox.group, outbox.spool)
 

@@ -67,12 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    try:
-        from router import outbox_cli
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    else:
-        outbox_cli.register(sub)
+    from router.records import outbox_cli
+
+    outbox_cli.register(sub)
     return parser
 
 
@@ -85,8 +82,8 @@ def _iso_time(text: str) -> datetime:
 
 def cmd_check(settings: Settings) -> int:
     """Validate rules too; print a summary."""
-    from router.rules import load_rules
-    from router.ruleswatch import summary
+    from router.rules.decide import load_rules
+    from router.rules.ruleswatch import summary
 
     path = settings.path(settings.routing.rules)
     ruleset = load_rules(path, default_queue=settings.routing.default_queue)
@@ -97,8 +94,8 @@ def cmd_check(settings: Settings) -> int:
 
 async def cmd_explain(settings: Settings, args: argparse.Namespace) -> int:
     """Decide for one number with the configured CRM and cache, and print the trace."""
+    from dialplan.explain import format_text, outcome_to_dict
     from router.app import build_router
-    from router.explain import format_text, outcome_to_dict
 
     async with build_router(settings) as router:
         outcome = await router.decide(args.number, args.did, at=args.at)

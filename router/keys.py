@@ -48,7 +48,7 @@ class Keys:
     @property
     def cache_events(self) -> str:
         """Pub/sub channel (not a key: nothing stored): cache invalidations between
-        instances (:mod:`router.cachefeed`)."""
+        instances (:mod:`router.lookup.cachefeed`)."""
         return f"{self.prefix}cache:events"
 
     @property

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from router.models import Customer
-from router.rules import Dial, Plan, Terminal, build_variables, load_rules
+from router.rules.decide import Dial, Plan, Terminal, build_variables, load_rules
 
 ROOT = Path(__file__).parents[1]
 CONF = ROOT / "asterisk-conf"

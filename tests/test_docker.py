@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from router.rules import load_rules
+from router.rules.decide import load_rules
 from router.settings import load_settings
 
 ROOT = Path(__file__).parents[1]

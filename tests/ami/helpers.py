@@ -8,7 +8,7 @@ from typing import Any
 from ami.protocol import AmiParser, Message
 from ami.records import CallRecord
 from ami.tracker import CallTracker, extension_agent
-from router.presence import Presence
+from router.rules.presence import Presence
 
 
 def parse(data: bytes) -> list[Message]:

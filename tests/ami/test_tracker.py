@@ -12,7 +12,7 @@ from ami.protocol import AmiParser, Message
 from ami.records import CallRecord
 from ami.tracker import CallTracker, device_of_channel, extension_agent
 from router.metrics import REGISTRY
-from router.presence import Presence
+from router.rules.presence import Presence
 from tests.ami.helpers import dumps, parse, replay
 
 MONITOR = "/opt/asterisk/var/spool/asterisk/monitor/"

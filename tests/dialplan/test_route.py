@@ -19,7 +19,7 @@ from dialplan.peer import AsteriskAgiPeer, PeerResult, build_environment, load_r
 from dialplan.route import Router, make_route_handler
 from dialplan.server import AgiServer
 from router.app import build_router
-from router.presence import Presence
+from router.rules.presence import Presence
 from router.samplecrm import make_app, seed_customers, start_sample_crm, state_of
 from router.settings import Settings, load_settings
 from tests.redis_server import free_port
@@ -229,7 +229,7 @@ async def test_concurrent_calls(stack: Stack) -> None:
 
 async def test_explain_dict_has_the_documented_keys(stack: Stack) -> None:
     """The explain object carries number, customer, rule, variables and the trace."""
-    from router.explain import format_text, outcome_to_dict
+    from dialplan.explain import format_text, outcome_to_dict
 
     outcome = await stack.router.decide("138 0013 8000", "4008001000")
     data = outcome_to_dict(outcome)

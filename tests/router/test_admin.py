@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from router import metrics
 from router.admin import AdminDeps, make_admin_app
-from router.presence import Presence
+from router.rules.presence import Presence
 
 
 async def _serve(app: web.Application) -> AsyncIterator[str]:

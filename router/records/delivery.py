@@ -1,0 +1,483 @@
+"""The delivery worker: takes records from the outbox stream and posts them to the CRM.
+
+Each record goes through up to three steps, each with its own idempotency key, so a
+retry never creates a second object at the CRM:
+
+- ``call``: :meth:`RecordSink.post_call` with key ``record_key``;
+- ``lead``: :meth:`RecordSink.create_lead` with ``record_key + ":lead"`` when the caller
+  is unknown (no ``customer_id``) and ``create_leads`` is on;
+- ``task``: :meth:`RecordSink.create_task` with ``record_key + ":task"`` when the outcome
+  is one of ``task_outcomes`` and ``create_tasks`` is on.
+
+A step that succeeded is marked (``outbox:step:<step>:<key>``) so a retry of a
+partially done record skips it. When all steps are done, one Lua script sets the
+delivered marker, XACKs and XDELs the entry and appends it to ``outbox:sent``; a
+reclaimed entry whose delivered marker exists is acked without sending anything.
+
+Failures: a retryable :class:`CrmError` moves the entry (atomically: XACK + XDEL +
+ZADD) to the ``outbox:retry`` sorted set, due after a capped exponential backoff with
+full jitter (``uniform(0, min(cap, base * 2**(n-1)))`` after the n-th failure), at least
+the CRM's ``Retry-After``. Any worker moves due entries back into the stream (one Lua
+script, safe to run from several instances), so attempts survive restarts and a
+waiting record never blocks the others. Non-retryable errors, and retryable ones
+after ``max_attempts``, go to the ``outbox:dead`` stream with the reason, the attempt
+count and the last error. Entries of a crashed worker are reclaimed with XAUTOCLAIM
+after ``claim_idle_s``.
+
+Run one with ``python -m router.records.delivery --config FILE`` (needs a RecordSink for the
+configured CRM) or embed :class:`DeliveryWorker` and call :meth:`DeliveryWorker.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from router.crm.base import PostResult, RecordSink
+from router.errors import CrmError, CrmRateLimited
+from router.keys import Keys
+from router.log import bind_call
+from router.metrics import OUTBOX_DEPTH, RECORDS
+from router.records.outbox import ensure_group, keys_from_settings, now_ms
+from router.records.ratelimit import TokenBucket
+from router.settings import OutboxSettings, Settings
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["delivered", "duplicate", "retry", "dead", "pending"]
+STEPS = ("call", "lead", "task")
+MAX_ERROR_CHARS = 500
+
+# KEYS: stream, delivered, sent; ARGV: group, id, ttl ms, key, record, keep, attempt, enq
+_DONE_LUA = """
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if n == 1 and tonumber(ARGV[6]) > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'key', ARGV[4], 'record', ARGV[5],
+             'attempt', ARGV[7], 'enq', ARGV[8])
+end
+return n
+"""
+
+# KEYS: stream, retry zset; ARGV: group, id, due ms, member
+_RETRY_LUA = """
+local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if n == 1 then
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+end
+return n
+"""
+
+# KEYS: stream, dead; ARGV: group, id, key, record, attempt, enq, reason, error, now ms
+_DEAD_LUA = """
+local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if n == 1 then
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  redis.call('XADD', KEYS[2], '*', 'key', ARGV[3], 'record', ARGV[4], 'attempt', ARGV[5],
+             'enq', ARGV[6], 'reason', ARGV[7], 'error', ARGV[8], 'dead_at', ARGV[9])
+end
+return n
+"""
+
+# KEYS: retry zset, stream; ARGV: now ms, limit. Moves due entries back into the stream.
+_PROMOTE_LUA = """
+local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(items) do
+  local ok, d = pcall(cjson.decode, m)
+  if ok and type(d) == 'table' then
+    redis.call('XADD', KEYS[2], '*', 'key', tostring(d.key), 'record', tostring(d.record),
+               'attempt', tostring(d.attempt), 'enq', tostring(d.enq),
+               'error', tostring(d.error))
+  end
+  redis.call('ZREM', KEYS[1], m)
+end
+return #items
+"""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One outbox stream entry."""
+
+    id: str
+    key: str
+    record: str
+    attempt: int
+    enq: int
+    error: str = ""
+
+    @classmethod
+    def from_fields(cls, entry_id: str, fields: Mapping[str, str]) -> Entry:
+        """Parse stream fields; missing numbers default to 0 (never raises)."""
+
+        def number(name: str) -> int:
+            try:
+                return int(fields.get(name, "0"))
+            except ValueError:
+                return 0
+
+        return cls(
+            id=entry_id,
+            key=fields.get("key", ""),
+            record=fields.get("record", ""),
+            attempt=number("attempt"),
+            enq=number("enq"),
+            error=fields.get("error", ""),
+        )
+
+    def retry_member(self, attempt: int, error: str) -> str:
+        """The JSON kept in the retry sorted set (all values strings)."""
+        return json.dumps(
+            {"key": self.key, "record": self.record, "attempt": str(attempt),
+             "enq": str(self.enq), "error": error, "nonce": f"{time.time_ns()}"},
+            separators=(",", ":"),
+        )
+
+
+def backoff_delay(
+    failures: int, base: float, cap: float, rng: random.Random, retry_after: float | None = None
+) -> float:
+    """Seconds to wait after the ``failures``-th failure: full jitter, at least Retry-After."""
+    ceiling = min(cap, base * 2.0 ** min(max(failures - 1, 0), 60))
+    delay = rng.uniform(0.0, ceiling)
+    if retry_after is not None and retry_after > delay:
+        delay = retry_after
+    return delay
+
+
+def plan(record: Mapping[str, Any], settings: OutboxSettings) -> list[str]:
+    """The steps a record needs: always ``call``; ``lead`` and ``task`` per configuration."""
+    steps = ["call"]
+    if settings.create_leads and not record.get("customer_id"):
+        steps.append("lead")
+    if settings.create_tasks and str(record.get("outcome", "")) in settings.task_outcomes:
+        steps.append("task")
+    return steps
+
+
+def idempotency_key(record_key: str, step: str) -> str:
+    """The idempotency key of one step: ``record_key`` for the call, else ``key:step``."""
+    return record_key if step == "call" else f"{record_key}:{step}"
+
+
+def default_consumer() -> str:
+    """A consumer name unique to this process (host and pid)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class DeliveryWorker:
+    """Reads the outbox stream in a consumer group and delivers each record once."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        sink: RecordSink,
+        *,
+        keys: Keys,
+        settings: OutboxSettings,
+        crm_name: str = "crm",
+        consumer: str | None = None,
+        limiter: TokenBucket | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.redis = redis
+        self.sink = sink
+        self.keys = keys
+        self.settings = settings
+        self.group = settings.group
+        self.consumer = consumer or default_consumer()
+        self.limiter = limiter or TokenBucket(
+            settings.rate_per_s, settings.rate_burst,
+            redis=redis if settings.rate_shared else None, key=keys.ratelimit(crm_name),
+        )
+        self.rng = rng or random.Random()
+        self._done = redis.register_script(_DONE_LUA)
+        self._retry = redis.register_script(_RETRY_LUA)
+        self._dead = redis.register_script(_DEAD_LUA)
+        self._promote = redis.register_script(_PROMOTE_LUA)
+        self._inflight: set[asyncio.Task[Outcome]] = set()
+        #: Outcomes of this worker's deliveries (delivered, duplicate, retry, dead, pending).
+        self.stats: Counter[str] = Counter()
+        self._group_ready = False
+        self._recovered = False
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, redis: Redis, sink: RecordSink, *, consumer: str | None = None
+    ) -> DeliveryWorker:
+        """Build from the config (use :func:`router.records.outbox.connect_redis` for ``redis``)."""
+        return cls(
+            redis, sink, keys=keys_from_settings(settings), settings=settings.outbox,
+            crm_name=settings.crm.name, consumer=consumer,
+        )
+
+    # --- one record ----------------------------------------------------------------------
+    async def deliver(self, entry: Entry) -> Outcome:
+        """Deliver one entry (all its steps), then ack, schedule a retry or dead-letter it."""
+        with bind_call(entry.key or "-"):
+            try:
+                outcome = await self._deliver(entry)
+            except (RedisError, OSError) as exc:
+                # Not acked: the entry stays pending and is reclaimed after claim_idle_s.
+                log.warning("Redis failed while delivering %s (left pending): %s", entry.key, exc)
+                outcome = "pending"
+        self.stats[outcome] += 1
+        return outcome
+
+    async def _deliver(self, entry: Entry) -> Outcome:
+        try:
+            record = json.loads(entry.record)
+            if not entry.key or not isinstance(record, dict):
+                raise ValueError("entry has no key or its record is not a JSON object")
+        except ValueError as exc:
+            return await self._dead_letter(entry, entry.attempt, "bad_entry", str(exc))
+        steps = plan(record, self.settings)
+        markers = [self.keys.delivered(entry.key)]
+        markers += [self.keys.outbox_step(entry.key, step) for step in steps]
+        state = await self.redis.mget(markers)
+        if state[0] is not None:
+            await self._finish(entry, duplicate=True)
+            return "duplicate"
+        try:
+            for step, done in zip(steps, state[1:], strict=True):
+                if done is None:
+                    await self._send(step, record, entry.key)
+        except CrmError as exc:
+            return await self._failed(entry, exc)
+        except Exception as exc:  # a connector bug must not lose the record: retried
+            log.exception("unexpected error delivering %s", entry.key)
+            return await self._failed(entry, exc)
+        await self._finish(entry, duplicate=False)
+        return "delivered"
+
+    async def _send(self, step: str, record: Mapping[str, Any], key: str) -> PostResult:
+        await self.limiter.acquire()
+        idem = idempotency_key(key, step)
+        if step == "call":
+            result = await self.sink.post_call(record, idem)
+        elif step == "lead":
+            result = await self.sink.create_lead(record, idem)
+        else:
+            result = await self.sink.create_task(record, idem)
+        ttl = int(self.settings.delivered_ttl_s * 1000)
+        await self.redis.set(self.keys.outbox_step(key, step), result.remote_id or "1", px=ttl)
+        log.debug("%s step %s done (remote id %s, duplicate=%s)", key, step,
+                  result.remote_id, result.duplicate)
+        return result
+
+    async def _finish(self, entry: Entry, *, duplicate: bool) -> None:
+        """Delivered: marker + XACK + XDEL (+ keep in outbox:sent), atomically."""
+        await self._done(
+            keys=[self.keys.outbox_stream, self.keys.delivered(entry.key), self.keys.outbox_sent],
+            args=[self.group, entry.id, int(self.settings.delivered_ttl_s * 1000), entry.key,
+                  entry.record, 0 if duplicate else self.settings.sent_keep,
+                  entry.attempt + 1, entry.enq],
+        )
+        RECORDS.labels("duplicate" if duplicate else "delivered").inc()
+        if duplicate:
+            log.info("record %s was already delivered: acked without sending", entry.key)
+
+    async def _failed(self, entry: Entry, exc: Exception) -> Outcome:
+        attempt = entry.attempt + 1
+        kind = exc.kind if isinstance(exc, CrmError) else "internal"
+        error = f"{kind}: {exc}"[:MAX_ERROR_CHARS]
+        retryable = exc.retryable if isinstance(exc, CrmError) else True
+        if not retryable:
+            return await self._dead_letter(entry, attempt, "rejected", error)
+        if attempt >= self.settings.max_attempts:
+            return await self._dead_letter(entry, attempt, "max_attempts", error)
+        retry_after = exc.retry_after if isinstance(exc, CrmRateLimited) else None
+        if retry_after:
+            await self.limiter.penalize(retry_after)
+        delay = backoff_delay(
+            attempt, self.settings.backoff_base_s, self.settings.backoff_max_s, self.rng,
+            retry_after,
+        )
+        due = now_ms() + int(delay * 1000) + (1 if retry_after else 0)
+        await self._retry(
+            keys=[self.keys.outbox_stream, self.keys.outbox_retry],
+            args=[self.group, entry.id, due, entry.retry_member(attempt, error)],
+        )
+        RECORDS.labels("retry").inc()
+        log.warning("record %s attempt %d failed (%s): retry in %.2fs",
+                    entry.key, attempt, error, delay)
+        return "retry"
+
+    async def _dead_letter(self, entry: Entry, attempt: int, reason: str, error: str) -> Outcome:
+        await self._dead(
+            keys=[self.keys.outbox_stream, self.keys.outbox_dead],
+            args=[self.group, entry.id, entry.key, entry.record, attempt, entry.enq, reason,
+                  error, now_ms()],
+        )
+        RECORDS.labels("dead").inc()
+        log.error("record %s dead-lettered after %d attempt(s): %s (%s)",
+                  entry.key, attempt, reason, error)
+        return "dead"
+
+    # --- the stream ----------------------------------------------------------------------
+    async def promote_due(self, limit: int = 500) -> int:
+        """Move retry entries whose time has come back into the stream."""
+        moved: int = await self._promote(
+            keys=[self.keys.outbox_retry, self.keys.outbox_stream], args=[now_ms(), limit]
+        )
+        return moved
+
+    async def claim_stale(self, count: int = 100) -> list[Entry]:
+        """XAUTOCLAIM entries idle longer than ``claim_idle_s`` (a crashed worker's)."""
+        idle = int(self.settings.claim_idle_s * 1000)
+        result = await self.redis.xautoclaim(
+            self.keys.outbox_stream, self.group, self.consumer, idle, start_id="0-0", count=count
+        )
+        claimed = result[1]
+        deleted = result[2] if len(result) > 2 else []
+        if deleted:  # entries deleted from the stream while pending: nothing left to do
+            await self.redis.xack(self.keys.outbox_stream, self.group, *deleted)
+        entries = [Entry.from_fields(eid, fields) for eid, fields in claimed if fields]
+        if entries:
+            log.info("reclaimed %d stale entr(ies) from crashed or slow workers", len(entries))
+        return entries
+
+    async def read(self, count: int, block_ms: int | None, *, own: bool = False) -> list[Entry]:
+        """XREADGROUP new entries (or, with ``own``, this consumer's pending ones)."""
+        reply: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.keys.outbox_stream: "0" if own else ">"},
+            count=count, block=None if own else block_ms,
+        )
+        entries: list[Entry] = []
+        for _stream, items in reply or []:
+            entries += [Entry.from_fields(eid, fields) for eid, fields in items if fields]
+        return entries
+
+    async def update_depth(self) -> int:
+        """Set OUTBOX_DEPTH to stream length + waiting retries; return it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.keys.outbox_stream)
+            pipe.zcard(self.keys.outbox_retry)
+            xlen, zcard = await pipe.execute()
+        depth = int(xlen) + int(zcard)
+        OUTBOX_DEPTH.set(depth)
+        return depth
+
+    def _spawn(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            task = asyncio.create_task(self.deliver(entry))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _prepare(self) -> None:
+        await ensure_group(self.redis, self.keys, self.group)
+        self._group_ready = True
+        if not self._recovered:  # entries this consumer name held before a restart
+            self._recovered = True
+            self._spawn(await self.read(self.settings.concurrency * 4, None, own=True))
+
+    async def _iteration(self, state: dict[str, float]) -> None:
+        now = time.monotonic()
+        if not self._group_ready:
+            await self._prepare()
+        await self.promote_due()
+        if now - state["claimed"] >= min(self.settings.claim_idle_s / 2, 5.0):
+            state["claimed"] = now
+            self._spawn(await self.claim_stale())
+        if now - state["depth"] >= 1.0:
+            state["depth"] = now
+            await self.update_depth()
+        free = self.settings.concurrency - len(self._inflight)
+        if free <= 0:
+            await asyncio.wait(
+                set(self._inflight), timeout=self.settings.poll_interval_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            return
+        block = max(1, int(self.settings.poll_interval_s * 1000))
+        self._spawn(await self.read(free, block))
+
+    async def run(self, stop: asyncio.Event | None = None, *, grace_s: float = 10.0) -> None:
+        """Deliver until ``stop`` is set; Redis outages are logged and waited out."""
+        stop = stop or asyncio.Event()
+        state = {"claimed": 0.0, "depth": 0.0}
+        pause = 0.05
+        try:
+            while not stop.is_set():
+                try:
+                    await self._iteration(state)
+                    pause = 0.05
+                except (RedisError, OSError) as exc:
+                    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                        log.error("the outbox consumer group vanished (Redis lost its data?)")
+                    log.warning("outbox Redis error (retrying in %.2fs): %s", pause, exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), pause)
+                    pause = min(pause * 2, 2.0)
+                    self._group_ready = False  # re-check the group once Redis answers
+        finally:
+            await self._drain_inflight(grace_s)
+
+    async def _drain_inflight(self, grace_s: float) -> None:
+        if not self._inflight:
+            return
+        _done, pending = await asyncio.wait(set(self._inflight), timeout=grace_s)
+        for task in pending:  # left pending in the stream: reclaimed later, never lost
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run one delivery worker and the spool drainer with the configured REST connector."""
+    from router.crm.rest import RestConnector
+    from router.records.outbox import Outbox, connect_redis
+
+    redis = connect_redis(settings)
+    sink = RestConnector(settings.crm, region=settings.phone.default_region)
+    outbox = Outbox.from_settings(settings, redis)
+    worker = DeliveryWorker.from_settings(settings, redis, sink)
+    stop = stop or asyncio.Event()
+    try:
+        await asyncio.gather(worker.run(stop), outbox.run_drainer(stop))
+    finally:
+        await sink.aclose()
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m router.records.delivery --config FILE``: deliver until interrupted."""
+    import argparse
+
+    from router import log as logsetup
+    from router.errors import ConfigError
+    from router.settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m router.records.delivery")
+    parser.add_argument("--config", "-c", required=True, metavar="FILE")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"invalid configuration: {exc}")
+        return 1
+    logsetup.setup(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""``callroute outbox status|list|retry|replay``: look into and repair the outbox.
+
+- ``status``: backlog (stream entries: ready + in flight; plus retries waiting), age of
+  the oldest record, dead letters, spooled records, kept delivered records.
+- ``list``: entries with key, state, age, attempts and last error (``--dead`` for dead
+  letters only, ``--limit``).
+- ``retry``: move dead letters (all, or ``--key K`` ...) back into the outbox with a
+  fresh attempt count.
+- ``replay``: send records again: by ``--key`` (delivered ones still kept in
+  ``outbox:sent``, or dead ones), all delivered in a window (``--since``/``--until``,
+  ISO 8601), or ``--dead``. Replay clears the delivered and step markers, so every step
+  runs again; the idempotency keys are unchanged, so a CRM that still remembers a key
+  answers "duplicate" instead of creating a second object.
+
+Every command prints a human-readable table, or one JSON document with ``--json``. The
+functions below are the programmatic API (also used by the admin API if it wants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from router.errors import ConfigError
+from router.keys import Keys
+from router.records.outbox import Outbox, connect_redis, keys_from_settings, now_ms
+from router.records.spool import Spool
+from router.settings import Settings
+
+DEFAULT_CONFIG = "examples/config.yaml"
+SCAN_CHUNK = 1000
+SCAN_LIMIT = 200_000
+
+# KEYS: dead stream, outbox stream; ARGV: dead id, note. Dead letter -> fresh outbox entry.
+_REVIVE_LUA = """
+local e = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #e == 0 then return false end
+local f = {}
+local fields = e[1][2]
+for i = 1, #fields, 2 do f[fields[i]] = fields[i + 1] end
+local id = redis.call('XADD', KEYS[2], '*', 'key', f['key'] or '', 'record', f['record'] or '',
+                      'attempt', '0', 'enq', f['enq'] or '0', 'error', ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[1])
+return id
+"""
+
+
+def _age_s(enq_ms: int, now: int) -> float | None:
+    return round((now - enq_ms) / 1000, 3) if enq_ms > 0 else None
+
+
+async def _scan_stream(
+    redis: Redis, key: str, limit: int = SCAN_LIMIT, lo: str = "-", hi: str = "+"
+) -> list[tuple[str, Any]]:
+    """Entries of a stream between ids ``lo`` and ``hi`` (in chunks, up to ``limit``)."""
+    out: list[tuple[str, Any]] = []
+    start = lo
+    while len(out) < limit:
+        chunk: Any = await redis.xrange(
+            key, min=start, max=hi, count=SCAN_CHUNK
+        )
+        if not chunk:
+            break
+        out += chunk
+        start = "(" + chunk[-1][0]
+        if len(chunk) < SCAN_CHUNK:
+            break
+    return out[:limit]
+
+
+async def _in_flight(redis: Redis, keys: Keys, group: str) -> dict[str, tuple[str, int]]:
+    """Pending (delivered to a consumer, not acked) entries: id -> (consumer, idle ms)."""
+    try:
+        rows: Any = await redis.xpending_range(
+            keys.outbox_stream, group, min="-", max="+", count=SCAN_LIMIT
+        )
+    except ResponseError as exc:
+        if "NOGROUP" in str(exc):
+            return {}
+        raise
+    return {r["message_id"]: (r["consumer"], int(r["time_since_delivered"])) for r in rows}
+
+
+async def list_entries(
+    redis: Redis, keys: Keys, group: str, *, dead_only: bool = False, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Outbox entries (ready, in_flight, retry) and dead letters, oldest first."""
+    now = now_ms()
+    rows: list[dict[str, Any]] = []
+    if not dead_only:
+        flight = await _in_flight(redis, keys, group)
+        for eid, f in await _scan_stream(redis, keys.outbox_stream):
+            consumer = flight.get(eid, ("", 0))[0]
+            rows.append(_row(eid, f, "in_flight" if eid in flight else "ready", now,
+                             consumer=consumer or None))
+        retries: Any = await redis.zrange(
+            keys.outbox_retry, 0, SCAN_LIMIT, withscores=True
+        )
+        for member, score in retries:
+            try:
+                f = json.loads(member)
+            except ValueError:
+                continue
+            rows.append(_row("", f, "retry", now, due_in_s=round((score - now) / 1000, 3)))
+    for eid, f in await _scan_stream(redis, keys.outbox_dead):
+        rows.append(_row(eid, f, "dead", now, reason=f.get("reason")))
+    rows.sort(key=lambda r: -(r["age_s"] or 0))
+    return rows[:limit]
+
+
+def _row(eid: str, f: dict[str, Any], state: str, now: int, **extra: Any) -> dict[str, Any]:
+    try:
+        enq = int(f.get("enq", 0))
+        attempts = int(f.get("attempt", 0))
+    except (TypeError, ValueError):
+        enq, attempts = 0, 0
+    row = {"key": f.get("key", ""), "state": state, "id": eid or None,
+           "age_s": _age_s(enq, now), "attempts": attempts, "last_error": f.get("error") or None}
+    row.update(extra)
+    return row
+
+
+async def status(redis: Redis, keys: Keys, group: str, spool: Spool) -> dict[str, Any]:
+    """Depth (ready + in flight + waiting retry), oldest age, dead letters, spool size."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xlen(keys.outbox_stream)
+        pipe.zcard(keys.outbox_retry)
+        pipe.xlen(keys.outbox_dead)
+        pipe.xlen(keys.outbox_sent)
+        stream_len, retry, dead, sent = await pipe.execute()
+    flight = await _in_flight(redis, keys, group)
+    rows = await list_entries(redis, keys, group, limit=SCAN_LIMIT)
+    waiting = [r for r in rows if r["state"] != "dead" and r["age_s"] is not None]
+    spooled, spool_bytes = await asyncio.to_thread(spool.usage)
+    return {
+        "depth": int(stream_len) + int(retry),
+        "ready": int(stream_len) - len(flight),
+        "in_flight": len(flight),
+        "waiting_retry": int(retry),
+        "oldest_age_s": max((r["age_s"] for r in waiting), default=None),
+        "dead": int(dead),
+        "spool_records": spooled,
+        "spool_bytes": spool_bytes,
+        "kept_delivered": int(sent),
+    }
+
+
+async def _dead_ids(redis: Redis, keys: Keys, record_keys: Sequence[str] | None) -> list[str]:
+    wanted = set(record_keys) if record_keys else None
+    return [eid for eid, f in await _scan_stream(redis, keys.outbox_dead)
+            if wanted is None or f.get("key") in wanted]
+
+
+async def _clear_markers(redis: Redis, keys: Keys, record_key: str) -> None:
+    await redis.delete(keys.delivered(record_key),
+                       *(keys.outbox_step(record_key, s) for s in ("call", "lead", "task")))
+
+
+async def retry_dead(
+    redis: Redis, keys: Keys, record_keys: Sequence[str] | None = None
+) -> list[str]:
+    """Move dead letters (all, or those of ``record_keys``) back into the outbox;
+    return the record keys moved. Steps already done stay done."""
+    revive = redis.register_script(_REVIVE_LUA)
+    moved: list[str] = []
+    dead = dict(await _scan_stream(redis, keys.outbox_dead))
+    for eid in await _dead_ids(redis, keys, record_keys):
+        if await revive(keys=[keys.outbox_dead, keys.outbox_stream],
+                        args=[eid, f"retried from dead letters at {now_ms()}"]):
+            moved.append(dead[eid].get("key", ""))
+    return moved
+
+
+async def replay(
+    redis: Redis,
+    keys: Keys,
+    *,
+    record_keys: Sequence[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    dead: bool = False,
+) -> list[str]:
+    """Send records again (kept delivered ones by key or delivery window, and/or dead
+    letters); clears their delivered/step markers. Returns the record keys queued."""
+    queued: list[str] = []
+    if dead or record_keys:
+        for key in await retry_dead(redis, keys, record_keys if not dead else None):
+            await _clear_markers(redis, keys, key)
+            queued.append(key)
+    if record_keys or since or until:
+        lo = f"{int(since.timestamp() * 1000)}-0" if since else "-"
+        hi = f"{int(until.timestamp() * 1000)}-0" if until else "+"
+        wanted = set(record_keys) if record_keys else None
+        latest: dict[str, dict[str, Any]] = {}
+        for _eid, f in await _scan_stream(redis, keys.outbox_sent, lo=lo, hi=hi):
+            if (wanted is None or f.get("key") in wanted) and f.get("key") not in queued:
+                latest[f["key"]] = f
+        for key, f in latest.items():
+            await _clear_markers(redis, keys, key)
+            await redis.xadd(keys.outbox_stream, {
+                "key": key, "record": f.get("record", ""), "attempt": "0",
+                "enq": str(now_ms()), "error": "replayed",
+            })
+            queued.append(key)
+    return queued
+
+
+# --- command line ------------------------------------------------------------------------
+Handler = Callable[[Settings, argparse.Namespace], int]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+                        help=f"config file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _iso(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
+    return value if value.tzinfo else value.astimezone()
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``outbox status|list|retry|replay`` to the ``callroute`` parser; each sets
+    ``outbox_handler(settings, args) -> exit code``."""
+    outbox = subparsers.add_parser("outbox", help="inspect and repair call record delivery")
+    sub = outbox.add_subparsers(dest="outbox_command", required=True)
+    p = sub.add_parser("status", help="backlog, oldest age, dead letters, spool")
+    _common(p)
+    p.set_defaults(outbox_handler=_sync(_cmd_status))
+    p = sub.add_parser("list", help="list entries (pending, retrying, dead)")
+    _common(p)
+    p.add_argument("--dead", action="store_true", help="dead letters only")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(outbox_handler=_sync(_cmd_list))
+    p = sub.add_parser("retry", help="move dead letters back into the outbox")
+    _common(p)
+    p.add_argument("--key", action="append", help="record key (repeatable); default: all")
+    p.set_defaults(outbox_handler=_sync(_cmd_retry))
+    p = sub.add_parser("replay", help="send records again")
+    _common(p)
+    p.add_argument("--key", action="append", help="record key (repeatable)")
+    p.add_argument("--since", type=_iso, help="delivered at or after (ISO 8601)")
+    p.add_argument("--until", type=_iso, help="delivered before (ISO 8601)")
+    p.add_argument("--dead", action="store_true", help="all dead letters")
+    p.set_defaults(outbox_handler=_sync(_cmd_replay))
+
+
+def _sync(
+    func: Callable[[Redis, Settings, argparse.Namespace], Coroutine[Any, Any, int]],
+) -> Handler:
+    def handler(settings: Settings, args: argparse.Namespace) -> int:
+        async def main() -> int:
+            redis = connect_redis(settings)
+            try:
+                return await func(redis, settings, args)
+            except (RedisError, OSError) as exc:
+                print(f"callroute outbox: Redis unavailable at {settings.redis.url}: {exc}")
+                return 2
+            finally:
+                await redis.aclose()
+
+        return asyncio.run(main())
+
+    return handler
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else text)
+
+
+async def _cmd_status(redis: Redis, settings: Settings, args: argparse.Namespace) -> int:
+    spool = Outbox.from_settings(settings, redis).spool
+    data = await status(redis, keys_from_settings(settings), settings.outbox.group, spool)
+    width = max(len(k) for k in data)
+    _emit(args, data, "\n".join(f"{k:<{width}}  {v if v is not None else '-'}"
+                                for k, v in data.items()))
+    return 0
+
+
+async def _cmd_list(redis: Redis, settings: Settings, args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    rows = await list_entries(redis, keys_from_settings(settings), settings.outbox.group,
+                              dead_only=args.dead, limit=args.limit)
+    lines = [f"{'KEY':<40} {'STATE':<9} {'AGE_S':>9} {'TRIES':>5}  LAST ERROR"]
+    for r in rows:
+        age = "-" if r["age_s"] is None else f"{r['age_s']:.1f}"
+        error = (r["last_error"] or "")[:60]
+        lines.append(f"{r['key']:<40} {r['state']:<9} {age:>9} {r['attempts']:>5}  {error}")
+    if not rows:
+        lines.append("(no entries)")
+    _emit(args, rows, "\n".join(lines))
+    return 0
+
+
+async def _cmd_retry(redis: Redis, settings: Settings, args: argparse.Namespace) -> int:
+    moved = await retry_dead(redis, keys_from_settings(settings), args.key)
+    _emit(args, {"retried": moved}, f"moved {len(moved)} dead letter(s) back to the outbox")
+    return 0 if moved or not args.key else 1
+
+
+async def _cmd_replay(redis: Redis, settings: Settings, args: argparse.Namespace) -> int:
+    if not (args.key or args.since or args.until or args.dead):
+        print("callroute outbox replay: give --key, --since/--until or --dead")
+        return 2
+    queued = await replay(redis, keys_from_settings(settings), record_keys=args.key,
+                          since=args.since, until=args.until, dead=args.dead)
+    _emit(args, {"replayed": queued}, f"queued {len(queued)} record(s) for delivery again")
+    return 0 if queued else 1
+

@@ -1,0 +1,84 @@
+"""The ``crm:`` section: defaults, the example files, and error messages naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from router.crm.config import CrmSettings
+from router.errors import ConfigError
+from router.settings import load_settings
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+
+
+def _load(tmp_path: Path, crm_yaml: str) -> CrmSettings:
+    config = tmp_path / "config.yaml"
+    config.write_text("crm:\n" + "\n".join("  " + line for line in crm_yaml.splitlines()))
+    return load_settings(config).crm
+
+
+@pytest.mark.parametrize(
+    ("crm_yaml", "message"),
+    [
+        ("auth: {type: oauth}", "crm.auth.type: Input should be 'none', 'bearer'"),
+        ("auth: {type: bearer}", "crm.auth: Value error, auth type bearer needs crm.auth.token"),
+        ("auth: {type: basic, username: 'a:b'}", "must not contain ':'"),
+        ("base_url: ftp://crm", "crm.base_url: Value error, must start with http"),
+        ("timeout_s: 0", "crm.timeout_s: Input should be greater than 0"),
+        ("lookup: {url: '/c?phone={phone}'}", "crm.lookup.url: Value error, unknown placeholder"),
+        ("lookup: {params: {q: '{e164|bogus}'}}", "crm.lookup.params: Value error, unknown filter"),
+        ("lookup: {url: 'contacts'}", "crm.lookup.url: Value error, must be a path"),
+        ("lookup: {multiple: cheapest}", "crm.lookup.multiple.rule: Input should be"),
+        ("lookup: {fields: {phone: x}}", "crm.lookup.fields.phone: Extra inputs are not permitted"),
+        ("activity: {url: /a, body: {x: '{e164}'}}", "crm.activity.body: Value error, unknown"),
+        ("activity: {url: /a, body: {}, fields: {}}", "give either body or fields"),
+        ("changed: {cursor: {type: path, path: null}}", "needs crm.changed.cursor.path"),
+        ("changed: {url: '/c?since={cursor}&x={record.id}'}", "crm.changed.url"),
+        ("recordings: {mode: stream, url: /r}", "crm.recordings.mode"),
+        ("recordings: {url: '/r/{file}'}", "crm.recordings.url: Value error, unknown"),
+        ("lookup: {url: '/c/{e164'}", "unbalanced brace"),
+        ("verify_ssl: false", "crm.verify_ssl: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_crm_section_names_the_field(tmp_path: Path, crm_yaml: str, message: str) -> None:
+    """Each invalid crm setting raises ConfigError whose text names the field."""
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, crm_yaml)
+    assert message in str(info.value)
+    assert "config.yaml" in str(info.value)
+
+
+def test_defaults_verify_tls_and_fit_the_sample_crm(tmp_path: Path) -> None:
+    """An empty crm section verifies TLS, looks up the sample CRM, and posts nothing."""
+    crm = _load(tmp_path, "name: x")
+    assert crm.verify_tls is True
+    assert crm.lookup.url == "/api/customers"
+    assert crm.lookup.params == {"phone": "{e164}"}
+    assert crm.activity is None
+    assert crm.lead is None
+    assert crm.task is None
+
+
+def test_secrets_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``${CRM_TOKEN}`` in the auth section is taken from the environment."""
+    monkeypatch.setenv("CRM_TOKEN", "from-env")
+    crm = _load(tmp_path, "auth: {type: bearer, token: '${CRM_TOKEN}'}")
+    assert crm.auth.token == "from-env"
+    assert crm.auth.secrets == ["from-env"]
+
+
+@pytest.mark.parametrize("name", ["crm-sample.yaml", "crm-hubspot.yaml", "crm-zoho.yaml",
+                                  "crm-salesforce.yaml"])
+def test_example_files_are_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every examples/crm-*.yaml snippet validates as a crm section."""
+    for var in ("CRM_TOKEN", "HUBSPOT_TOKEN", "ZOHO_TOKEN", "SALESFORCE_TOKEN"):
+        monkeypatch.setenv(var, "x")
+    from router.settings import expand_env
+
+    data = yaml.safe_load((EXAMPLES / name).read_text(encoding="utf-8"))
+    crm = CrmSettings.model_validate(expand_env(data["crm"]))
+    assert crm.lookup.fields.id
+    assert crm.activity is not None
