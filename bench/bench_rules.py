@@ -14,7 +14,8 @@ from zoneinfo import ZoneInfo
 
 from router.models import Customer
 from router.phone import normalize
-from router.rules.decide import CallContext, RuleSet, load_rules
+from router.rules.compiler import CallContext
+from router.rules.decide import RuleSet, load_rules
 from router.rules.presence import Presence
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,8 @@ from router.errors import AgiHangup, CallrouteError
 from router.lookup.base import Lookup
 from router.models import CallerNumber, Decision, LookupResult
 from router.phone import normalize
-from router.rules.decide import CallContext, RuleSet
+from router.rules.compiler import CallContext
+from router.rules.decide import RuleSet
 from router.rules.presence import Presence
 from router.settings import Settings
 

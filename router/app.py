@@ -66,6 +66,30 @@ async def run_sync_once(settings: Settings, *, progress: bool) -> SyncReport:
         await connector.aclose()
 
 
+
+async def deliver(settings: Settings, stop: asyncio.Event | None = None) -> int:
+    """``callroute deliver``: one delivery worker and the spool drainer alone, posting the
+    outbox's call records with the configured connector until ``stop`` (or SIGTERM)."""
+    from router.records.delivery import DeliveryWorker
+    from router.records.outbox import Outbox, connect_redis
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    redis = connect_redis(settings)
+    sink = RestConnector(settings.crm, region=settings.phone.default_region)
+    outbox = Outbox.from_settings(settings, redis)
+    worker = DeliveryWorker.from_settings(settings, redis, sink)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await asyncio.gather(worker.run(stop), outbox.run_drainer(stop))
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await sink.aclose()
+        await redis.aclose()
+    return 0
+
 def _explainer(router: Router) -> Callable[[str, str | None, datetime | None],
                                            Awaitable[dict[str, Any]]]:
     async def explain(number: str, did: str | None, at: datetime | None) -> dict[str, Any]:

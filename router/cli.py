@@ -2,6 +2,7 @@
 
 ==============  ===================================================================
 ``serve``       run the service: FastAGI, AMI tracking, delivery, admin API
+``deliver``     run a delivery worker alone (posts the outbox's call records)
 ``check``       validate the config file and the rules file; exit 1 naming the problem
 ``explain``     show the whole decision for one number, as a trace or ``--json``
 ``demo``        sample CRM + FastAGI server + example rules, and a set of calls played
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the service")
+    _config_arg(p)
+
+    p = sub.add_parser("deliver", help="run a delivery worker alone")
     _config_arg(p)
 
     p = sub.add_parser("check", help="validate config and rules")
@@ -152,6 +156,10 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         from router.app import serve
 
         return run(serve(settings), settings.event_loop)
+    if command == "deliver":
+        from router.app import deliver
+
+        return run(deliver(settings), settings.event_loop)
     if command == "demo":
         from router.demo import run_demo
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from router.models import Customer
-from router.rules.decide import Dial, Plan, Terminal, build_variables, load_rules
+from router.rules.compiler import Dial, Plan, Terminal
+from router.rules.decide import build_variables, load_rules
 
 ROOT = Path(__file__).parents[1]
 CONF = ROOT / "asterisk-conf"

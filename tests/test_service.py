@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from ami.peer import AmiPeer
+from ami.records import CallRecord, record_key_for
 from dialplan.peer import AsteriskAgiPeer, build_environment
 from router.app import serve
 from router.samplecrm import make_app, start_sample_crm, state_of
@@ -111,3 +112,36 @@ async def test_routes_calls_and_reports_ready(service: Service) -> None:
             assert r.status == 200
         async with http.get(f"{admin}/metrics") as r:
             assert "callroute_decisions_total" in await r.text()
+
+
+async def test_deliver_alone_posts_what_waits_in_the_outbox(
+        redis_url: str, tmp_path: Path) -> None:
+    """``callroute deliver`` (no FastAGI, no AMI) posts a record that waits in the outbox
+    to the CRM, once, and stops cleanly when told to."""
+    from router.app import deliver
+    from router.records.outbox import Outbox, connect_redis
+
+    app = make_app(token="demo-token")
+    runner, crm_url = await start_sample_crm("127.0.0.1", 0, app)
+    base = load_settings(ROOT / "examples" / "config.yaml")
+    settings = base.model_copy(update={
+        "crm": base.crm.model_copy(update={"base_url": crm_url}),
+        "redis": base.redis.model_copy(update={"url": redis_url}),
+        "outbox": base.outbox.model_copy(update={"spool_dir": tmp_path / "spool"}),
+    })
+    redis = connect_redis(settings)
+    record = CallRecord(record_key=record_key_for("1700000000.1"), linkedid="1700000000.1",
+                        caller="+8613800138000", customer_id="C-1001", outcome="answered")
+    await Outbox.from_settings(settings, redis).enqueue(record)
+    stop = asyncio.Event()
+    task = asyncio.create_task(deliver(settings, stop))
+    try:
+        await wait_for(lambda: len(activities(app)) >= 1 or task.done())
+        assert not task.done(), task.exception()
+        await asyncio.sleep(0.3)
+        assert [a["call_id"] for a in activities(app)] == ["1700000000.1"]
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 10) == 0
+        await redis.aclose()
+        await runner.cleanup()

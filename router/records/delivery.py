@@ -24,8 +24,8 @@ after ``max_attempts``, go to the ``outbox:dead`` stream with the reason, the at
 count and the last error. Entries of a crashed worker are reclaimed with XAUTOCLAIM
 after ``claim_idle_s``.
 
-Run one with ``python -m router.records.delivery --config FILE`` (needs a RecordSink for the
-configured CRM) or embed :class:`DeliveryWorker` and call :meth:`DeliveryWorker.run`.
+``callroute serve`` runs one; ``callroute deliver`` runs one alone (more delivery beside
+the service); or embed :class:`DeliveryWorker` and call :meth:`DeliveryWorker.run`.
 """
 
 from __future__ import annotations
@@ -437,47 +437,3 @@ class DeliveryWorker:
         if pending:
             await asyncio.wait(pending)
 
-
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run one delivery worker and the spool drainer with the configured REST connector."""
-    from router.crm.rest import RestConnector
-    from router.records.outbox import Outbox, connect_redis
-
-    redis = connect_redis(settings)
-    sink = RestConnector(settings.crm, region=settings.phone.default_region)
-    outbox = Outbox.from_settings(settings, redis)
-    worker = DeliveryWorker.from_settings(settings, redis, sink)
-    stop = stop or asyncio.Event()
-    try:
-        await asyncio.gather(worker.run(stop), outbox.run_drainer(stop))
-    finally:
-        await sink.aclose()
-        await redis.aclose()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m router.records.delivery --config FILE``: deliver until interrupted."""
-    import argparse
-
-    from router import log as logsetup
-    from router.errors import ConfigError
-    from router.settings import load_settings
-
-    parser = argparse.ArgumentParser(prog="python -m router.records.delivery")
-    parser.add_argument("--config", "-c", required=True, metavar="FILE")
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"invalid configuration: {exc}")
-        return 1
-    logsetup.setup(settings.log_level)
-    try:
-        asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -11,15 +11,10 @@ import yaml
 
 from router.errors import ConfigError
 from router.models import CallerNumber, Customer, Decision, NumberKind
-from router.rules.decide import (
-    MAX_CALLER_NAME,
-    CallContext,
-    RuleSet,
-    clean_caller_name,
-    compile_did_pattern,
-    load_rules,
-)
+from router.rules.compiler import CallContext
+from router.rules.decide import MAX_CALLER_NAME, RuleSet, clean_caller_name, load_rules
 from router.rules.presence import Presence
+from router.rules.spec import compile_did_pattern
 
 EXAMPLE = Path(__file__).parents[3] / "examples" / "rules.yaml"
 #: Thursday 2025-11-20 10:00 in Shanghai (business hours of the example file).
