@@ -23,8 +23,9 @@ from aiohttp import web
 from dialplan.explain import outcome_to_dict
 from dialplan.route import Router, make_route_handler
 from dialplan.server import AgiServer
-from router.admin import AdminDeps, make_admin_app
+from router.admin import AdminDeps, add_crm_webhook, make_admin_app
 from router.crm.rest import RestConnector
+from router.lookup.cache import TwoLevelCache
 from router.lookup.cached_lookup import CachedLookup
 from router.lookup.sync import SyncReport, periodic_sync, run_sync
 from router.rules.presence import Presence, device_of
@@ -98,15 +99,27 @@ def _explainer(router: Router) -> Callable[[str, str | None, datetime | None],
     return explain
 
 
-async def _start_admin(settings: Settings, deps: AdminDeps,
-                       extra: Callable[[web.Application], None]) -> web.AppRunner:
+def assemble_admin(settings: Settings, deps: AdminDeps, cache: TwoLevelCache,
+                   extra: Callable[[web.Application], None] | None = None) -> web.Application:
+    """The admin HTTP application as ``serve`` runs it: the API, the CRM webhook and what
+    ``extra`` adds (every route with its access rule; tests enumerate them all)."""
     app = make_admin_app(deps)
-    extra(app)
+    add_crm_webhook(app, cache, settings)
+    if extra is not None:
+        extra(app)
+    return app
+
+
+async def _start_admin(settings: Settings, app: web.Application) -> web.AppRunner:
+    from router.auth.setup import server_ssl
+
+    context = server_ssl(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
+    site = web.TCPSite(runner, settings.admin.host, settings.admin.port, ssl_context=context)
     await site.start()
-    log.info("admin API on http://%s:%d", settings.admin.host, settings.admin.port)
+    log.info("admin API on %s://%s:%d", "https" if context else "http", settings.admin.host,
+             settings.admin.port)
     return runner
 
 
@@ -116,6 +129,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     loop = asyncio.get_running_loop()
     presence = Presence()
     async with AsyncExitStack() as stack:
+        from router.auth.setup import start_auth
+
+        # first: an admin API that would be exposed unprotected stops the start here
+        auth = await start_auth(settings, stack) if settings.admin.enabled else None
         router = await stack.enter_async_context(build_router(settings, presence))
         watcher = router.watcher
         assert watcher is not None  # build_router always sets it
@@ -135,18 +152,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
 
         if settings.admin.enabled:
             deps = AdminDeps(explain=_explainer(router), presence=presence,
-                             token=settings.admin.token, checks=background.checks)
+                             auth=auth, checks=background.checks)
             deps.checks["agi"] = _true
             deps.outbox_status = background.outbox_status
             lookup = router.lookup
             assert isinstance(lookup, CachedLookup)
 
-            def add_webhook(app: web.Application) -> None:
-                from router.lookup.webhook import add_webhook_routes
-
-                add_webhook_routes(app, lookup.cache, settings)
-
-            runner = await _start_admin(settings, deps, add_webhook)
+            runner = await _start_admin(settings, assemble_admin(settings, deps, lookup.cache))
             stack.push_async_callback(runner.cleanup)
 
         lookup_ = router.lookup

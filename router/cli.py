@@ -9,6 +9,7 @@
 ``sample-crm``  serve the sample CRM alone (to try ``serve``/``explain`` against it)
 ``sync``        pre-warm the cache with customers changed since the last sync
 ``outbox``      inspect and re-send call records (``status|list|retry|replay``)
+``users``       manage users, roles and tokens (``add|list|disable|enable|role|rotate``)
 ==============  ===================================================================
 """
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     from router.records import outbox_cli
 
     outbox_cli.register(sub)
+    from router.auth import users_cli
+
+    users_cli.register(sub)
     return parser
 
 
@@ -175,6 +179,10 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         handler = args.outbox_handler
         result: int = handler(settings, args)
         return result
+    security = getattr(args, "security_handler", None)
+    if security is not None:
+        code: int = security(settings, args)
+        return code
     raise SystemExit(f"unknown command {command}")  # pragma: no cover - argparse guards
 
 

@@ -147,3 +147,11 @@ class CacheError(CallrouteError):
 
 class OutboxError(CallrouteError):
     """A call record could be stored neither in Redis nor in the on-disk spool."""
+
+
+class AuthError(CallrouteError):
+    """A user or token operation was refused (unknown user, bad role, store unreadable)."""
+
+
+class CryptoError(CallrouteError):
+    """A value encrypted at rest cannot be read: unknown key id, or it was altered."""

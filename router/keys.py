@@ -97,3 +97,19 @@ class Keys:
     def ratelimit(self, crm: str) -> str:
         """Key for the client-side rate limit towards one CRM."""
         return f"{self.prefix}ratelimit:{crm}"
+
+    # --- users, audit trail (issue: security) ------------------------------------------
+    @property
+    def users(self) -> str:
+        """Hash: user name -> JSON of the user (role, agent id, scrypt hash of its token)."""
+        return f"{self.prefix}users"
+
+    @property
+    def users_version(self) -> str:
+        """String (counter): bumped on every change of :attr:`users`; instances poll it."""
+        return f"{self.prefix}users:version"
+
+    @property
+    def audit(self) -> str:
+        """Stream: the append-only audit trail (trimmed by MINID to the retention)."""
+        return f"{self.prefix}audit"

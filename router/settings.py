@@ -16,7 +16,15 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from router.crm.config import CrmSettings
 from router.errors import ConfigError
@@ -197,6 +205,26 @@ class AdminSettings(_Section):
     webhook_secret: str = ""
     webhook_tolerance_s: float = Field(300.0, gt=0)
     webhook_max_bytes: int = Field(262_144, ge=1024, description="largest webhook body")
+    tls_cert: Path | None = Field(None, description="PEM certificate: serve over TLS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> AdminSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("admin.tls_cert and admin.tls_key go together")
+        return self
+
+
+class AuthSettings(_Section):
+    """Users and sign-in (router.auth): where users are kept, how sessions are signed."""
+
+    users_file: Path | None = Field(
+        None, description="keep users in this JSON file instead of Redis")
+    session_secret: SecretStr = Field(
+        SecretStr(""), description="HMAC key of sign-in cookies; empty: random per process")
+    session_ttl_s: float = Field(12 * 3600.0, gt=0, le=7 * 86400)
+    refresh_s: float = Field(
+        2.0, gt=0, le=300, description="how often the users are re-read from their store")
 
 
 class Settings(_Section):
@@ -212,6 +240,7 @@ class Settings(_Section):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     log_level: str = "INFO"
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="auto: uvloop when installed, else asyncio's own loop"

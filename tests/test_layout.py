@@ -28,7 +28,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "router.rules": (),
     "router.records": ("router.crm.base",),
     "router.crm": (),
-    "router.web": ("router.lookup", "router.rules", "router.records", "router.crm.base"),
+    "router.auth": (),
+    "router.web": ("router.lookup", "router.rules", "router.records", "router.crm.base",
+                   "router.auth"),
     "dialplan": ("router.lookup.base", "router.rules"),
     "ami": ("router.rules.presence",),
 }
