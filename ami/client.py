@@ -82,6 +82,8 @@ class AmiClient:
 
     ``on_event`` receives every event that is not part of an action's answer;
     ``tracker`` (optional) also gets them, plus ``resync``/``mark_disconnected``/``flush``.
+    Callables in :attr:`listeners` get each event after the tracker, each on its own (one
+    that raises is logged and never keeps the event from the tracker or the others).
     """
 
     def __init__(
@@ -112,6 +114,8 @@ class AmiClient:
         self._flush_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._connected_event = asyncio.Event()
+        #: Extra consumers of every event (e.g. the screen pop), called after the tracker.
+        self.listeners: list[Callable[[Message], None]] = []
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -218,6 +222,11 @@ class AmiClient:
                 self.tracker.handle(msg)
         except Exception:
             log.exception("AMI event %s could not be processed; skipped", msg.event)
+        for listener in self.listeners:
+            try:
+                listener(msg)
+            except Exception:
+                log.exception("AMI event listener failed on %s; skipped", msg.event)
 
     # --- connection loop ------------------------------------------------------------------
     async def _run(self) -> None:

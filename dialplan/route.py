@@ -116,7 +116,14 @@ def did_of(session: AgiSession) -> str | None:
     return None
 
 
-def make_route_handler(router: Router) -> Callable[[AgiSession], Awaitable[None]]:
+#: Told of each decision once the channel has its answer: the session (its AGI
+#: environment names the channel) and the outcome. Used by the screen pop.
+DecisionListener = Callable[[AgiSession, RouteOutcome], None]
+
+
+def make_route_handler(
+    router: Router, on_decision: DecisionListener | None = None
+) -> Callable[[AgiSession], Awaitable[None]]:
     """The FastAGI handler for ``agi://host:4573/route``."""
 
     async def route(session: AgiSession) -> None:
@@ -133,6 +140,11 @@ def make_route_handler(router: Router) -> Callable[[AgiSession], Awaitable[None]
             decision.rule, decision.reason, decision.target or "-", decision.queue or "-",
             outcome.lookup.source, outcome.elapsed_ms,
         )
+        if on_decision is not None:
+            try:
+                on_decision(session, outcome)
+            except Exception:
+                log.exception("decision listener failed")
 
     return route
 

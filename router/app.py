@@ -15,7 +15,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from aiohttp import web
@@ -31,6 +31,9 @@ from router.lookup.sync import SyncReport, periodic_sync, run_sync
 from router.rules.presence import Presence, device_of
 from router.rules.ruleswatch import RulesWatcher
 from router.settings import Settings
+
+if TYPE_CHECKING:
+    from router.web.assemble import WebParts
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +142,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         watcher.start()
         stack.push_async_callback(watcher.stop)
 
+        web_parts = _web_parts(settings, presence, router) if settings.web.enabled else None
         agi = AgiServer(settings.agi)
-        agi.route("route", make_route_handler(router))
+        agi.route("route", make_route_handler(
+            router, web_parts.decisions.put if web_parts is not None else None))
         await agi.start()
         log.info("FastAGI on %s:%d", settings.agi.host, agi.port)
         stack.push_async_callback(agi.stop, settings.agi.shutdown_grace_s)
@@ -148,7 +153,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         def agents() -> dict[str, str]:
             return {device_of(a.dial): agent for agent, a in watcher.current().agents.items()}
 
-        background = await _start_records(settings, presence, stack, agents)
+        background = await _start_records(settings, presence, stack, agents, web_parts)
 
         if settings.admin.enabled:
             deps = AdminDeps(explain=_explainer(router), presence=presence,
@@ -158,7 +163,24 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
             lookup = router.lookup
             assert isinstance(lookup, CachedLookup)
 
-            runner = await _start_admin(settings, assemble_admin(settings, deps, lookup.cache))
+            web_service = None
+            if web_parts is not None:
+                from router.web.assemble import make_service
+
+                web_service = make_service(web_parts, settings,
+                                           outbox_status=background.outbox_status,
+                                           ami_connected=background.ami_connected)
+                await web_service.start()
+                stack.push_async_callback(web_service.stop)
+
+            def add_pages(app: web.Application) -> None:
+                if web_service is not None:
+                    from router.web.routes import add_web_routes
+
+                    add_web_routes(app, web_service)
+
+            runner = await _start_admin(settings, assemble_admin(settings, deps, lookup.cache,
+                                                                 add_pages))
             stack.push_async_callback(runner.cleanup)
 
         lookup_ = router.lookup
@@ -185,6 +207,21 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     return 0
 
 
+def _web_parts(settings: Settings, presence: Presence, router: Router) -> WebParts:
+    """The screen pop's live view and decision store (``router.web``)."""
+    from router.web.assemble import build_parts
+
+    watcher = router.watcher
+    assert watcher is not None
+
+    def describe(rule: str) -> str | None:
+        return next((r.description for r in watcher.current().rules if r.name == rule), None)
+
+    lookup = router.lookup
+    find = lookup.find if isinstance(lookup, CachedLookup) else None
+    return build_parts(settings, presence, lambda: watcher.current().agents, describe, find)
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
@@ -200,10 +237,12 @@ class _Background:
     def __init__(self) -> None:
         self.checks: dict[str, Callable[[], Awaitable[bool]]] = {}
         self.outbox_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        self.ami_connected: Callable[[], bool] | None = None
 
 
 async def _start_records(settings: Settings, presence: Presence, stack: AsyncExitStack,
-                         agents: Callable[[], Mapping[str, str]]) -> _Background:
+                         agents: Callable[[], Mapping[str, str]],
+                         web_parts: WebParts | None = None) -> _Background:
     """AMI tracking → outbox → delivery, each stopped in that order on exit.
 
     Posting uses a connector (HTTP pool) of its own, so slow posts never queue in front
@@ -246,7 +285,12 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
     bg.outbox_status = outbox_status
 
     if settings.ami.enabled:
-        pending = RecordQueue(outbox.enqueue)
+        consumer: Callable[[Any], Awaitable[object]] = outbox.enqueue
+        if web_parts is not None:
+            from router.web.assemble import attach_records
+
+            consumer = attach_records(web_parts, settings, redis, outbox.keys, outbox.enqueue)
+        pending = RecordQueue(consumer)
         tracker = CallTracker(
             pending.put, settings.phone.default_region, presence,
             agent_for_device=lambda device: agents().get(device_of(device)),
@@ -254,6 +298,8 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
             cdr_tz=ZoneInfo(settings.ami.cdr_timezone),
         )
         ami = AmiClient(settings.ami, tracker=tracker)
+        if web_parts is not None:
+            ami.listeners.append(web_parts.live.handle)
         await ami.start()
 
         async def stop_ami() -> None:
@@ -267,6 +313,7 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
             return ami.connected
 
         bg.checks["ami"] = ami_ready
+        bg.ami_connected = lambda: ami.connected
     return bg
 
 

@@ -113,3 +113,30 @@ class Keys:
     def audit(self) -> str:
         """Stream: the append-only audit trail (trimmed by MINID to the retention)."""
         return f"{self.prefix}audit"
+
+    # --- screen pop and supervisor view (issue: web) -----------------------------------
+    def web_hold(self, record_key: str) -> str:
+        """String (JSON): a finished call's record waiting for the agent's disposition."""
+        return f"{self.prefix}web:hold:{record_key}"
+
+    @property
+    def web_holds(self) -> str:
+        """Sorted set: record keys held for a disposition (score = release time, epoch ms)."""
+        return f"{self.prefix}web:holds"
+
+    def web_online(self, agent: str) -> str:
+        """String with TTL: an agent's page is connected to some instance."""
+        return f"{self.prefix}web:online:{agent}"
+
+    def web_recent(self, subject: str) -> str:
+        """List (newest first, capped): summaries of the last calls of one customer id (or
+        of one keyed number hash for callers the CRM does not know)."""
+        return f"{self.prefix}web:recent:{subject}"
+
+    def web_day(self, day: str) -> str:
+        """Hash of counters for one day (``YYYY-MM-DD``): the supervisor's charts."""
+        return f"{self.prefix}web:day:{day}"
+
+    def web_day_calls(self, day: str) -> str:
+        """List: one JSON row per call of one day, for the CSV export."""
+        return f"{self.prefix}web:calls:{day}"

@@ -227,6 +227,90 @@ class AuthSettings(_Section):
         2.0, gt=0, le=300, description="how often the users are re-read from their store")
 
 
+Role = Literal["viewer", "agent", "supervisor", "engineer", "admin"]
+
+
+class WebUser(_Section):
+    """One user of the pages and their API: a name, a role and a token (an agent is
+    bound to its agent id). Give the token through the environment (``${VAR}``) or as its
+    SHA-256 (``token_sha256``, 64 hex digits)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    role: Role
+    token: str = ""
+    token_sha256: str = Field("", pattern=r"^([0-9a-fA-F]{64})?$")
+    agent: str | None = Field(None, description="the agent id (rules' agents table) of an agent")
+
+    @model_validator(mode="after")
+    def _complete(self) -> WebUser:
+        if not self.token and not self.token_sha256:
+            raise ValueError(f"user {self.name!r} needs a token or token_sha256")
+        if self.token and len(self.token) < 12:
+            raise ValueError(f"user {self.name!r}: the token must be at least 12 characters")
+        if self.role == "agent" and not self.agent:
+            raise ValueError(f"user {self.name!r} has the agent role but no agent id")
+        return self
+
+
+class Disposition(_Section):
+    """A reason code an agent can give a finished call, with its label per language."""
+
+    code: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
+    en: str = Field(min_length=1, max_length=60)
+    zh: str = Field(min_length=1, max_length=60)
+
+
+def _default_dispositions() -> list[Disposition]:
+    return [Disposition(code="resolved", en="Resolved", zh="已解决"),
+            Disposition(code="follow-up", en="Needs follow-up", zh="需要跟进"),
+            Disposition(code="sale", en="Sale", zh="成交"),
+            Disposition(code="complaint", en="Complaint", zh="投诉"),
+            Disposition(code="wrong-number", en="Wrong number", zh="打错电话")]
+
+
+class WebSettings(_Section):
+    """The agent's screen pop and the supervisor's live view (served by the admin API)."""
+
+    enabled: bool = True
+    users: list[WebUser] = Field(default_factory=list)
+    session_secret: str = Field(
+        "", description="HMAC key of sign-in cookies; empty: a random one per process "
+        "(set it when several instances serve the pages)")
+    session_ttl_s: float = Field(12 * 3600.0, gt=0, le=7 * 86400)
+    crm_url: str = Field("", description="link to a customer in the CRM, e.g. "
+                         "https://crm.example.com/contacts/{id}")
+    dispositions: list[Disposition] = Field(default_factory=_default_dispositions)
+    wrapup_s: float = Field(
+        120.0, ge=0, le=3600, description="how long an answered call's record waits for the "
+        "agent's disposition before it is sent without one (0: never wait)")
+    last_calls: int = Field(5, ge=0, le=20, description="earlier calls shown on the card")
+    history_days: int = Field(8, ge=1, le=400, description="days of figures kept in Redis")
+    timezone: str = Field("UTC", description="the day of the supervisor's daily figures")
+    language: Literal["en", "zh"] = "zh"
+    alert_success_rate: float = Field(0.99, ge=0, le=1)
+    alert_window_s: float = Field(900.0, gt=0)
+    alert_oldest_s: float = Field(300.0, gt=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _unique(self) -> WebSettings:
+        names = [u.name for u in self.users]
+        if len(set(names)) != len(names):
+            raise ValueError("web.users: user names must be unique")
+        codes = [d.code for d in self.dispositions]
+        if len(set(codes)) != len(codes):
+            raise ValueError("web.dispositions: codes must be unique")
+        return self
+
+
 class Settings(_Section):
     """The whole configuration file."""
 
@@ -241,6 +325,7 @@ class Settings(_Section):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
     log_level: str = "INFO"
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="auto: uvloop when installed, else asyncio's own loop"

@@ -1,0 +1,122 @@
+"""Builds the screen pop's parts from the settings, for :func:`router.app.serve`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from router.keys import Keys
+from router.phone import normalize
+from router.rules.presence import Presence, device_of
+from router.settings import Settings
+from router.web.auth import Authenticator, TokenTable
+from router.web.decisions import DecisionStore
+from router.web.history import History
+from router.web.live import LiveState
+from router.web.routes import WebService
+from router.web.wrapup import Enqueue, Wrapup
+
+log = logging.getLogger(__name__)
+
+AgentsOf = Callable[[], Mapping[str, Any]]  # agent id -> AgentEntry (dial, name)
+Find = Callable[..., Any]
+
+
+class Roster:
+    """Agent ids by device, from the rules' agents table (rebuilt when the rules are)."""
+
+    def __init__(self, agents: AgentsOf) -> None:
+        self.agents = agents
+        self._source: object = None
+        self._by_device: dict[str, str] = {}
+        self._names: dict[str, tuple[str | None, str]] = {}
+
+    def _refresh(self) -> None:
+        table = self.agents()
+        if table is not self._source:
+            self._source = table
+            self._by_device = {device_of(a.dial): agent for agent, a in table.items()}
+            self._names = {agent: (getattr(a, "name", None), a.dial)
+                           for agent, a in table.items()}
+
+    def agent_of(self, device: str) -> str | None:
+        """The agent id whose dial string rings ``device``."""
+        self._refresh()
+        return self._by_device.get(device_of(device))
+
+    def names(self) -> dict[str, tuple[str | None, str]]:
+        """Agent id → (name, dial string)."""
+        self._refresh()
+        return self._names
+
+
+@dataclass
+class WebParts:
+    """The screen pop's objects, before the admin server exists."""
+
+    live: LiveState
+    decisions: DecisionStore
+    roster: Roster
+    history: History | None = None
+    wrapup: Wrapup | None = None
+
+
+def build_parts(settings: Settings, presence: Presence, agents: AgentsOf,
+                describe: Callable[[str], str | None], find: Find | None = None) -> WebParts:
+    """The live view and the decision store (Redis parts come with :func:`attach_records`)."""
+    roster = Roster(agents)
+    parts: WebParts
+    live = LiveState(roster.agent_of, presence=presence, roster=roster.names,
+                     crm_url=settings.web.crm_url, wrapup_s=settings.web.wrapup_s)
+    decisions = DecisionStore(describe=describe, on_lookup=live.note_lookup)
+    live.decisions = decisions
+    parts = WebParts(live, decisions, roster)
+    region = settings.phone.default_region
+
+    async def enrich(card: dict[str, Any]) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        customer = card.get("customer") or {}
+        caller = card.get("caller")
+        number = normalize(caller, region) if caller else None
+        e164 = number.e164 if number is not None else None
+        if find is not None and customer and "name" not in customer and number is not None \
+                and number.lookupable:
+            result = await find(number, timeout_s=0.5)
+            if result.customer is not None:
+                extra["customer"] = result.customer.model_dump(
+                    mode="json", exclude={"updated_at"})
+        if parts.history is not None:
+            extra["last_calls"] = await parts.history.recent(customer.get("id"), e164)
+        return extra
+
+    live.enrich = enrich
+    return parts
+
+
+def attach_records(parts: WebParts, settings: Settings, redis: Redis, keys: Keys,
+                   enqueue: Enqueue) -> Enqueue:
+    """History and wrap-up on the outbox's Redis; returns the tracker's record consumer."""
+    web = settings.web
+    parts.history = History(redis, keys, tz=web.timezone, days=web.history_days,
+                            last_calls=web.last_calls)
+    parts.wrapup = Wrapup(redis, keys, enqueue, web.wrapup_s, filed=parts.history.add,
+                          noted=parts.live.note_record)
+    return parts.wrapup.put
+
+
+def make_service(parts: WebParts, settings: Settings, *, auth: Authenticator | None = None,
+                 outbox_status: Any = None, ami_connected: Callable[[], bool] | None = None
+                 ) -> WebService:
+    """The pages' service; ``auth`` defaults to the token table of the config (the role
+    store of the users' issue is passed here instead)."""
+    return WebService(
+        settings=settings.web,
+        auth=auth or TokenTable.from_settings(settings.web, settings.admin.token),
+        live=parts.live, history=parts.history, wrapup=parts.wrapup,
+        outbox_status=outbox_status, ami_connected=ami_connected,
+        roster_names=parts.roster.names,
+    )

@@ -1,0 +1,492 @@
+"""The pages and their API on the admin HTTP server, and the WebSocket push.
+
+====================================  ==============================  =================
+path                                  what                            who
+====================================  ==============================  =================
+``GET  /ui/login``, ``POST /ui/login``  sign in with a token (cookie)  anyone
+``POST /ui/logout``                     sign out                      anyone
+``GET  /ui/``                           to the page of one's role     signed in
+``GET  /ui/agent``                      the agent's page              cards
+``GET  /ui/supervisor``                 the supervisor's page         live
+``GET  /ui/static/*``                   CSS, JS, strings (no data)    anyone
+``GET  /ui/api/me``                     who am I, page settings       signed in
+``GET  /ui/api/cards``                  my cards (``?agent=``)        cards (own id)
+``POST /ui/api/calls/{call}/disposition``  after-call disposition     dispose (own call)
+``GET  /ui/api/live``                   the live figures              live
+``GET  /ui/api/today``                  today's charts (``?day=``)    live
+``GET  /ui/api/today.csv``              the day's calls as CSV        customers
+``GET  /ui/ws/agent``                   cards pushed (``?agent=``)    cards (own id)
+``GET  /ui/ws/live``                    live figures pushed           live
+====================================  ==============================  =================
+
+Every handler is wrapped by :func:`_guard`, which asks :func:`router.web.auth.principal_of`
+and the role's permissions; agents are held to their own agent id here and in the push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from router.metrics import BREAKER_STATE, RECORDS, REGISTRY
+from router.settings import WebSettings
+from router.web.auth import (
+    COOKIE,
+    Authenticator,
+    Permission,
+    Principal,
+    SessionCodec,
+    principal_of,
+    same_origin,
+)
+from router.web.history import History
+from router.web.live import LiveState, Sink
+from router.web.stats import CounterRate
+from router.web.wrapup import Wrapup
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+PAGES = {"agent": "agent.html", "supervisor": "supervisor.html", "login": "login.html"}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+LOGIN_FAILURES_PER_MIN = 20
+Status = Callable[[], Awaitable[Mapping[str, Any]]]
+KEY: web.AppKey[WebService] = web.AppKey("callroute_web", object)  # type: ignore[arg-type]
+
+
+@dataclass
+class WebService:
+    """Everything the pages need, assembled by :func:`router.app.serve`."""
+
+    settings: WebSettings
+    auth: Authenticator
+    live: LiveState
+    history: History | None = None
+    wrapup: Wrapup | None = None
+    outbox_status: Status | None = None
+    ami_connected: Callable[[], bool] | None = None
+    roster_names: Callable[[], Mapping[str, tuple[str | None, str]]] | None = None
+    tick_s: float = 1.0
+    codec: SessionCodec = field(init=False)
+    sync: CounterRate = field(init=False)
+    _outbox: dict[str, Any] = field(default_factory=dict)
+    _outbox_at: float = 0.0
+    _failures: dict[str, list[float]] = field(default_factory=dict)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.codec = SessionCodec(self.settings.session_secret, self.settings.session_ttl_s)
+        self.sync = CounterRate(self.settings.alert_window_s)
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the supervisor ticker and the wrap-up releaser."""
+        self._stop.clear()
+        self._tasks.append(asyncio.create_task(self._ticker(), name="web-ticker"))
+        if self.wrapup is not None:
+            self._tasks.append(asyncio.create_task(
+                self.wrapup.run(self.live.online_agents, self._stop), name="web-wrapup"))
+
+    async def stop(self) -> None:
+        """Stop the background tasks (held records stay in Redis for the next run)."""
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.live.aclose()
+
+    async def _ticker(self) -> None:
+        last_full = 0.0
+        while not self._stop.is_set():
+            try:
+                await self._tick(last_full)
+                now = time.monotonic()
+                if now - last_full >= 5.0:
+                    last_full = now
+            except Exception:
+                log.exception("live view update failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.tick_s)
+
+    async def _tick(self, last_full: float) -> None:
+        self.sync.sample(_metric("callroute_records_total", {"stage": "delivered"}),
+                         _metric("callroute_records_total", {"stage": "retry"}) +
+                         _metric("callroute_records_total", {"stage": "dead"}))
+        self.live.sweep()
+        sinks = self.live.live_sinks
+        if not sinks:
+            return
+        if not (self.live.dirty or time.monotonic() - last_full >= 5.0):
+            return
+        self.live.dirty = False
+        texts: dict[bool, str] = {}
+        for sink in list(sinks):
+            if sink.customers not in texts:
+                body = await self.figures(customers=sink.customers)
+                texts[sink.customers] = json.dumps({"type": "live", "live": body},
+                                                   ensure_ascii=False, default=str)
+            sink.send(texts[sink.customers])
+
+    async def figures(self, *, customers: bool) -> dict[str, Any]:
+        """The live view plus CRM, outbox and sync health, with the alerts."""
+        body = self.live.snapshot(customers=customers)
+        breaker = REGISTRY.get_sample_value("callroute_breaker_open") or 0.0
+        body["lookups"]["breaker"] = ("open" if breaker >= 1 else
+                                      "half_open" if breaker > 0 else "closed")
+        body["outbox"] = await self._outbox_figures()
+        rate, attempts = self.sync.rate()
+        body["sync"] = {"success_rate": rate, "attempts": attempts,
+                        "window_s": self.settings.alert_window_s}
+        alerts = []
+        if rate is not None and rate < self.settings.alert_success_rate:
+            alerts.append({"code": "sync_rate", "value": rate,
+                           "limit": self.settings.alert_success_rate})
+        oldest = body["outbox"].get("oldest_age_s")
+        if isinstance(oldest, int | float) and oldest > self.settings.alert_oldest_s:
+            alerts.append({"code": "oldest", "value": oldest,
+                           "limit": self.settings.alert_oldest_s})
+        if self.ami_connected is not None and not self.ami_connected():
+            alerts.append({"code": "ami_down"})
+        body["alerts"] = alerts
+        return body
+
+    async def _outbox_figures(self) -> dict[str, Any]:
+        if self.outbox_status is None:
+            return {"enabled": False}
+        now = time.monotonic()
+        if now - self._outbox_at >= 5.0:  # the status scans the stream: not every second
+            self._outbox_at = now
+            try:
+                self._outbox = {"enabled": True, **(await self.outbox_status())}
+            except Exception as exc:
+                self._outbox = {"enabled": True, "error": f"{type(exc).__name__}: {exc}"}
+        return self._outbox
+
+    # --- sign-in --------------------------------------------------------------------------
+    def _throttled(self, peer: str) -> bool:
+        now = time.monotonic()
+        recent = [t for t in self._failures.get(peer, []) if now - t < 60]
+        self._failures[peer] = recent
+        return len(recent) >= LOGIN_FAILURES_PER_MIN
+
+    def _failed(self, peer: str) -> None:
+        self._failures.setdefault(peer, []).append(time.monotonic())
+        if len(self._failures) > 10_000:
+            self._failures.clear()
+
+
+def _metric(name: str, labels: dict[str, str]) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+_ = (BREAKER_STATE, RECORDS)  # the metrics read above are defined there
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(body, ensure_ascii=False, default=str), status=status,
+                        content_type="application/json",
+                        headers={"Cache-Control": "no-store", **SECURITY_HEADERS})
+
+
+Handler = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
+
+
+def _guard(permission: Permission | None, handler: Handler, *, page: bool = False
+           ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Run ``handler`` for a signed-in principal holding ``permission`` (None: any)."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        svc = request.app[KEY]
+        principal = principal_of(request, svc.auth, svc.codec)
+        if principal is None:
+            if page:
+                raise web.HTTPSeeOther("/ui/login")
+            return _json({"error": "unauthorized"}, status=401)
+        if permission is not None and not principal.can(permission):
+            return _json({"error": "forbidden", "role": principal.role}, status=403)
+        return await handler(request, principal)
+
+    return guarded
+
+
+def add_web_routes(app: web.Application, svc: WebService) -> None:
+    """Put the pages, their API and the push channels on ``app``."""
+    app[KEY] = svc
+    r = app.router
+    r.add_get("/ui/login", _page("login"))
+    r.add_post("/ui/login", _login)
+    r.add_post("/ui/logout", _logout)
+    r.add_get("/ui/", _guard(None, _home, page=True))
+    r.add_get("/ui/agent", _guard("cards", _page_for("agent"), page=True))
+    r.add_get("/ui/supervisor", _guard("live", _page_for("supervisor"), page=True))
+    r.add_get("/ui/static/{name}", _static)
+    r.add_get("/ui/api/me", _guard(None, _me))
+    r.add_get("/ui/api/cards", _guard("cards", _cards))
+    r.add_post("/ui/api/calls/{call}/disposition", _guard("dispose", _dispose))
+    r.add_get("/ui/api/live", _guard("live", _live))
+    r.add_get("/ui/api/today", _guard("live", _today))
+    r.add_get("/ui/api/today.csv", _guard("customers", _today_csv))
+    r.add_get("/ui/ws/agent", _guard("cards", _ws_agent))
+    r.add_get("/ui/ws/live", _guard("live", _ws_live))
+
+
+# --- pages -----------------------------------------------------------------------------------
+def _file(name: str) -> web.FileResponse:
+    return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache",
+                                                    **SECURITY_HEADERS})
+
+
+def _page(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(_: web.Request) -> web.StreamResponse:
+        return _file(PAGES[name])
+
+    return handler
+
+
+def _page_for(name: str) -> Handler:
+    async def handler(_: web.Request, __: Principal) -> web.StreamResponse:
+        return _file(PAGES[name])
+
+    return handler
+
+
+async def _home(_: web.Request, principal: Principal) -> web.StreamResponse:
+    raise web.HTTPSeeOther("/ui/agent" if principal.role == "agent" else "/ui/supervisor")
+
+
+async def _static(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    path = STATIC / name
+    if "/" in name or name.startswith(".") or name.endswith(".html") or not path.is_file():
+        raise web.HTTPNotFound()
+    return _file(name)
+
+
+async def _login(request: web.Request) -> web.StreamResponse:
+    svc = request.app[KEY]
+    peer = request.remote or "?"
+    if not same_origin(request):
+        return _json({"error": "forbidden"}, status=403)
+    if svc._throttled(peer):
+        return _json({"error": "too_many_attempts"}, status=429)
+    if request.content_type == "application/json":
+        try:
+            body = await request.json()
+        except ValueError:
+            return _json({"error": "bad_request"}, status=400)
+        token = str(body.get("token", "")) if isinstance(body, dict) else ""
+    else:
+        form = await request.post()
+        token = str(form.get("token", ""))
+    principal = svc.auth.authenticate(token.strip())
+    found = svc.auth.lookup(principal.user) if principal is not None else None
+    if principal is None or found is None:
+        svc._failed(peer)
+        log.warning("web sign-in refused from %s", peer)
+        return _json({"error": "bad_token"}, status=401)
+    log.info("web sign-in: %s (%s) from %s", principal.user, principal.role, peer)
+    response = _json({"user": principal.user, "role": principal.role,
+                      "agent": principal.agent,
+                      "home": "/ui/agent" if principal.role == "agent" else "/ui/supervisor"})
+    response.set_cookie(COOKIE, svc.codec.encode(principal.user, found[1]),
+                        max_age=int(svc.settings.session_ttl_s), httponly=True,
+                        samesite="Strict", path="/ui/", secure=request.secure)
+    return response
+
+
+async def _logout(request: web.Request) -> web.StreamResponse:
+    response = _json({"ok": True})
+    response.del_cookie(COOKIE, path="/ui/")
+    return response
+
+
+# --- API -------------------------------------------------------------------------------------
+def _watched_agent(request: web.Request, principal: Principal) -> str | None:
+    """The agent whose cards are asked for: an agent's own; others name one."""
+    wanted = request.query.get("agent") or principal.agent
+    if not wanted or not principal.may_watch(wanted):
+        return None
+    return wanted
+
+
+async def _me(request: web.Request, principal: Principal) -> web.StreamResponse:
+    svc = request.app[KEY]
+    roster = svc.roster_names() if svc.roster_names is not None else {}
+    entry = roster.get(principal.agent or "")
+    return _json({
+        "user": principal.user, "role": principal.role, "agent": principal.agent,
+        "agent_name": entry[0] if entry else None,
+        "device": entry[1] if entry else None,
+        "can": {p: principal.can(p) for p in ("live", "customers", "cards", "dispose")},
+        "dispositions": [d.model_dump() for d in svc.settings.dispositions],
+        "language": svc.settings.language,
+        "wrapup_s": svc.settings.wrapup_s if svc.wrapup is not None else 0,
+        "agents": sorted(roster) if principal.can("customers") else [],
+    })
+
+
+async def _cards(request: web.Request, principal: Principal) -> web.StreamResponse:
+    agent = _watched_agent(request, principal)
+    if agent is None:
+        return _json({"error": "forbidden"}, status=403)
+    return _json({"agent": agent, "cards": request.app[KEY].live.cards_for(agent)})
+
+
+async def _dispose(request: web.Request, principal: Principal) -> web.StreamResponse:
+    svc = request.app[KEY]
+    lid = request.match_info["call"]
+    agent = principal.agent
+    if svc.wrapup is None or agent is None:
+        return _json({"error": "not_available"}, status=503)
+    try:
+        body = await request.json()
+    except ValueError:
+        return _json({"error": "bad_request"}, status=400)
+    code = str(body.get("code", "")) if isinstance(body, dict) else ""
+    note = str(body.get("note", "") or "") if isinstance(body, dict) else ""
+    if code not in {d.code for d in svc.settings.dispositions}:
+        return _json({"error": "unknown_code"}, status=400)
+    from ami.records import record_key_for
+
+    answered = svc.live.answered_by(lid)
+    if answered is not None and answered != agent:
+        return _json({"error": "not_yours"}, status=403)
+    result = await svc.wrapup.dispose(record_key_for(lid), agent, code, note)
+    if result == "not-yours":
+        return _json({"error": "not_yours"}, status=403)
+    if result == "gone":
+        return _json({"error": "already_sent"}, status=409)
+    svc.live.done(lid, agent, "done")
+    log.info("disposition %s on call %s by agent %s", code, lid, agent)
+    return _json({"ok": True, "call": lid, "code": code})
+
+
+async def _live(request: web.Request, principal: Principal) -> web.StreamResponse:
+    svc = request.app[KEY]
+    return _json(await svc.figures(customers=principal.can("customers")))
+
+
+async def _today(request: web.Request, principal: Principal) -> web.StreamResponse:
+    svc = request.app[KEY]
+    if svc.history is None:
+        return _json({"error": "no_history"}, status=503)
+    day = request.query.get("day") or svc.history.today()
+    if not _valid_day(day):
+        return _json({"error": "bad_day"}, status=400)
+    return _json(await svc.history.day(day))
+
+
+async def _today_csv(request: web.Request, principal: Principal) -> web.StreamResponse:
+    svc = request.app[KEY]
+    if svc.history is None:
+        return _json({"error": "no_history"}, status=503)
+    day = request.query.get("day") or svc.history.today()
+    if not _valid_day(day):
+        return _json({"error": "bad_day"}, status=400)
+    text = svc.history.to_csv(await svc.history.rows(day), customers=True)
+    return web.Response(text="\ufeff" + text, content_type="text/csv", charset="utf-8",
+                        headers={"Content-Disposition":
+                                 f'attachment; filename="callroute-{day}.csv"',
+                                 "Cache-Control": "no-store"})
+
+
+def _valid_day(day: str) -> bool:
+    from datetime import date
+
+    try:
+        date.fromisoformat(day)
+    except ValueError:
+        return False
+    return len(day) == 10
+
+
+# --- push ------------------------------------------------------------------------------------
+async def _pump(ws: web.WebSocketResponse, sink: Sink) -> None:
+    while not ws.closed:
+        text = await sink.queue.get()
+        if sink.stale:
+            await ws.close(code=1013, message=b"too slow")
+            return
+        await ws.send_str(text)
+
+
+async def _serve_socket(request: web.Request, sink: Sink, hello: str,
+                        attach: Callable[[], None], detach: Callable[[], None]
+                        ) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=4096)
+    await ws.prepare(request)
+    await ws.send_str(hello)
+    attach()
+    pump = asyncio.create_task(_pump(ws, sink))
+    try:
+        async for msg in ws:  # the page sends nothing we need; read to see the close
+            if msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        detach()
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+    return ws
+
+
+async def _ws_agent(request: web.Request, principal: Principal) -> web.StreamResponse:
+    svc = request.app[KEY]
+    agent = _watched_agent(request, principal)
+    if agent is None:
+        return _json({"error": "forbidden"}, status=403)
+    sink = Sink(agent=agent)
+    hello = json.dumps({"type": "hello", "agent": agent, "cards": svc.live.cards_for(agent)},
+                       ensure_ascii=False)
+    own = principal.role == "agent"
+
+    def attach() -> None:
+        svc.live.subscribe_agent(agent, sink)
+        if own and svc.wrapup is not None:
+            _background(svc.wrapup.mark_online([agent]))
+
+    def detach() -> None:
+        svc.live.unsubscribe_agent(agent, sink)
+        if own and svc.wrapup is not None and agent not in svc.live.online_agents():
+            _background(svc.wrapup.mark_offline(agent))
+
+    return await _serve_socket(request, sink, hello, attach, detach)
+
+
+async def _ws_live(request: web.Request, principal: Principal) -> web.StreamResponse:
+    svc = request.app[KEY]
+    customers = principal.can("customers")
+    sink = Sink(customers=customers)
+    hello = json.dumps({"type": "live", "live": await svc.figures(customers=customers)},
+                       ensure_ascii=False, default=str)
+    return await _serve_socket(request, sink, hello, lambda: svc.live.subscribe_live(sink),
+                               lambda: svc.live.unsubscribe_live(sink))
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _background(coro: Awaitable[None]) -> None:
+    async def run() -> None:
+        try:
+            await coro
+        except Exception as exc:
+            log.warning("agent page presence not updated in Redis: %s", exc)
+
+    task = asyncio.create_task(run())
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)

@@ -1,0 +1,208 @@
+// The agent's page: the customer's card, pushed when the phone rings; after the call,
+// the disposition and note that go onto the call record.
+"use strict";
+(async () => {
+  const {t, el} = CR;
+  const cards = new Map();       // call id -> card (as last pushed)
+  const drafts = new Map();      // call id -> {code, note} typed so far
+  const messages = new Map();    // call id -> message to show on the card
+  let me = null;
+
+  const meResp = await CR.api("/ui/api/me");
+  me = meResp.body;
+  CR.init(me.language);
+  CR.header(me);
+  const params = new URLSearchParams(location.search);
+  const agent = params.get("agent") || me.agent || "";
+  document.getElementById("binding").textContent =
+    `${t("agent_id")} ${agent}${me.agent_name ? " · " + me.agent_name : ""}` +
+    `${me.device ? " · " + t("device") + " " + me.device : ""}`;
+
+  function row(label, value, cls) {
+    return el("div", {class: "row" + (cls ? " " + cls : "")},
+      el("dt", {text: label}), el("dd", {text: value === null || value === undefined || value === "" ? t("none") : String(value)}));
+  }
+
+  function whyText(card) {
+    const w = card.why || {};
+    if (card.via === "queue") return `${t("via_queue")} ${card.queue || w.queue || ""}`;
+    return w.owner ? t("via_dial_owner") : t("via_dial");
+  }
+
+  function renderCard(card) {
+    const c = card.customer || {};
+    const name = c.name || card.caller_name || t("unknown_caller");
+    const stateText = {ringing: t("ringing"), talking: t("talking"), ended: t("ended")}[card.state];
+    const timer = el("span", {class: "timer", "data-call": card.call});
+    const head = el("div", {class: "card-head"},
+      el("span", {class: "state " + card.state, text: stateText}),
+      el("h2", {text: name}),
+      c.tier ? el("span", {class: "tier tier-" + c.tier, text: c.tier}) : null,
+      timer);
+    const facts = el("dl", {class: "facts"},
+      row(t("customer"), c.id),
+      row(t("tier"), c.tier),
+      row(t("value"), c.value !== undefined && c.value !== null ? CR.money(c.value) : null),
+      row(t("owner"), c.owner ? (c.owner === card.agent ? `${c.owner} (${t("you")})` : c.owner) : null),
+      row(t("tags"), (c.tags || []).join(", ")),
+      row(t("open_tickets"), c.open_tickets, c.open_tickets > 0 ? "warn" : ""),
+      row(t("language"), c.language),
+      row("☎", card.caller));
+    const w = card.why || {};
+    const why = el("div", {class: "why"},
+      el("h3", {text: t("why")}),
+      el("p", {class: "via", text: whyText(card)}),
+      el("p", {text: `${t("rule")}: ${w.rule || t("none")}${w.description ? " — " + w.description : ""}`}),
+      el("p", {text: `${t("reason")}: ${w.reason || t("none")}${w.note ? " · " + w.note : ""}`}));
+    const last = el("div", {class: "last"}, el("h3", {text: t("last_calls")}));
+    if (card.last_calls && card.last_calls.length) {
+      const list = el("ul");
+      for (const call of card.last_calls) {
+        const when = call.start ? new Date(call.start).toLocaleString(CR.lang === "zh" ? "zh-CN" : "en-GB") : "";
+        list.append(el("li", {text: `${when} · ${t("outcome_" + (call.outcome || "unknown"))}` +
+          `${call.agent ? " · " + call.agent : ""}${call.disposition ? " · " + call.disposition : ""}` +
+          `${call.talk_s ? " · " + CR.duration(call.talk_s) : ""}`}));
+      }
+      last.append(list);
+    } else {
+      last.append(el("p", {class: "muted", text: card.last_calls ? t("no_last_calls") : "…"}));
+    }
+    const links = el("div", {class: "links"},
+      card.crm_link ? el("a", {href: card.crm_link, target: "_blank", rel: "noopener noreferrer",
+                               text: t("open_in_crm")}) : null);
+    const node = el("article", {class: "card " + card.state, id: "card-" + card.call,
+                                tabindex: "-1", "aria-label": `${t("incoming")}: ${name}`},
+      head, el("div", {class: "card-body"}, facts, why, last), links);
+    if (card.state === "ended" && me.wrapup_s > 0 && me.role === "agent") node.append(wrapForm(card));
+    const msg = messages.get(card.call);
+    if (msg) node.append(el("p", {class: "message", role: "status", text: msg}));
+    return node;
+  }
+
+  function wrapForm(card) {
+    const draft = drafts.get(card.call) || {code: "", note: ""};
+    drafts.set(card.call, draft);
+    const options = el("div", {class: "codes", role: "radiogroup", "aria-label": t("disposition")});
+    me.dispositions.forEach((d, i) => {
+      const id = `code-${card.call}-${d.code}`;
+      const input = el("input", {type: "radio", name: "code-" + card.call, id, value: d.code,
+                                 checked: draft.code === d.code,
+                                 onchange: () => { draft.code = d.code; }});
+      options.append(el("label", {for: id, class: "code"}, input,
+        el("kbd", {text: String(i + 1)}), document.createTextNode(" " + (d[CR.lang] || d.en))));
+    });
+    const note = el("textarea", {id: "note-" + card.call, rows: "2", maxlength: "2000",
+                                 oninput: (e) => { draft.note = e.target.value; }});
+    note.value = draft.note;
+    const left = el("p", {class: "muted wrapup-left", "data-until": card.wrapup_until || ""});
+    const form = el("form", {class: "wrapup", onsubmit: (e) => { e.preventDefault(); save(card.call); }},
+      el("fieldset", {}, el("legend", {text: t("disposition")}), options),
+      el("label", {for: "note-" + card.call, text: t("note")}), note,
+      el("div", {class: "actions"},
+        el("button", {type: "submit", class: "primary", text: t("save")}),
+        el("button", {type: "button", class: "link", text: t("skip"),
+                      onclick: () => { drafts.delete(card.call); cards.delete(card.call); render(); }})),
+      left);
+    return form;
+  }
+
+  async function save(call) {
+    const draft = drafts.get(call) || {};
+    if (!draft.code) { messages.set(call, t("unknown_code")); render(); return; }
+    const {status, body} = await CR.api(`/ui/api/calls/${encodeURIComponent(call)}/disposition`, {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({code: draft.code, note: draft.note || ""}),
+    });
+    if (status === 200) {
+      drafts.delete(call); cards.delete(call); messages.delete(call);
+      flash(t("saved"));
+    } else {
+      messages.set(call, t(body.error || "unknown_code"));
+    }
+    render();
+  }
+
+  function flash(text) {
+    const n = document.getElementById("announce");
+    n.textContent = text;
+    const f = el("p", {class: "flash", role: "status", text});
+    document.getElementById("main").prepend(f);
+    setTimeout(() => f.remove(), 4000);
+  }
+
+  function render() {
+    const box = document.getElementById("cards");
+    const focused = document.activeElement && document.activeElement.id;
+    box.replaceChildren(...[...cards.values()].sort((a, b) => a.rang_at - b.rang_at).map(renderCard));
+    document.getElementById("empty").hidden = cards.size > 0;
+    if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
+    tick();
+  }
+
+  function tick() {
+    const now = Date.now() / 1000;
+    for (const card of cards.values()) {
+      const node = document.querySelector(`.timer[data-call="${CSS.escape(card.call)}"]`);
+      if (!node) continue;
+      if (card.state === "talking") node.textContent = `${t("talk_time")} ${CR.duration(now - card.answered_at)}`;
+      else if (card.state === "ringing") node.textContent = `${t("ring_time")} ${CR.duration(now - card.rang_at)}`;
+      else node.textContent = `${t("talk_time")} ${CR.duration(card.ended_at - card.answered_at)}`;
+    }
+    document.querySelectorAll(".wrapup-left").forEach((n) => {
+      const until = parseFloat(n.dataset.until);
+      n.textContent = until ? `${t("wrapup_left")} ${CR.duration(until - now)}` : "";
+    });
+  }
+  setInterval(tick, 1000);
+
+  function onMessage(msg) {
+    if (msg.type === "hello") {
+      cards.clear();
+      for (const c of msg.cards) cards.set(c.call, c);
+    } else if (msg.type === "card") {
+      const isNew = !cards.has(msg.card.call);
+      cards.set(msg.card.call, msg.card);
+      if (isNew && msg.card.state === "ringing") {
+        const c = msg.card.customer || {};
+        document.getElementById("announce").textContent =
+          `${t("incoming")}: ${c.name || msg.card.caller_name || t("unknown_caller")}`;
+      }
+    } else if (msg.type === "close") {
+      cards.delete(msg.call);
+      drafts.delete(msg.call);
+    }
+    render();
+    if (msg.type === "card" && msg.card.state === "ended") {
+      const first = document.querySelector(`#card-${CSS.escape(msg.card.call)} input[type=radio]`);
+      if (first && !document.activeElement.closest(".wrapup")) first.focus();
+    }
+  }
+
+  function onState(up) {
+    const s = document.getElementById("status");
+    s.textContent = up ? t("connected") : t("reconnecting");
+    s.className = "status " + (up ? "on" : "off");
+  }
+
+  document.addEventListener("keydown", (ev) => {
+    const ended = [...cards.values()].filter((c) => c.state === "ended");
+    if (!ended.length) return;
+    const call = ended[0].call;
+    const inNote = ev.target && ev.target.tagName === "TEXTAREA";
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); save(call); return; }
+    if (ev.key === "Escape") { drafts.delete(call); cards.delete(call); render(); return; }
+    if (!inNote && /^[1-9]$/.test(ev.key)) {
+      const d = me.dispositions[parseInt(ev.key, 10) - 1];
+      if (!d) return;
+      const draft = drafts.get(call) || {code: "", note: ""};
+      draft.code = d.code; drafts.set(call, draft);
+      render();
+      const input = document.getElementById(`code-${call}-${d.code}`);
+      if (input) input.focus();
+    }
+  });
+  document.addEventListener("cr-lang", render);
+
+  const query = params.get("agent") ? `?agent=${encodeURIComponent(agent)}` : "";
+  CR.socket(`/ui/ws/agent${query}`, onMessage, onState);
+})();

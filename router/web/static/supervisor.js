@@ -1,0 +1,116 @@
+// The supervisor's page: live figures pushed every second or so; today's charts from
+// callroute's own records, refreshed every minute.
+"use strict";
+(async () => {
+  const {t, el} = CR;
+  const SVG = "http://www.w3.org/2000/svg";
+  const OUTCOMES = ["answered", "missed", "abandoned", "busy", "failed"];
+  let live = null, today = null;
+  const me = (await CR.api("/ui/api/me")).body;
+  CR.init(me.language);
+  CR.header(me);
+  if (!me.can.customers) document.getElementById("csv").hidden = true;
+
+  function table(headers, rows) {
+    const thead = el("thead", {}, el("tr", {}, ...headers.map((h) => el("th", {scope: "col", text: h}))));
+    const tbody = el("tbody", {}, ...rows.map((r) => el("tr", {}, ...r.map((c) => el("td", {text: c === null || c === undefined ? t("none") : String(c)})))));
+    return el("table", {}, thead, tbody);
+  }
+  function tile(label, value, cls) {
+    return el("div", {class: "tile" + (cls ? " " + cls : "")}, el("span", {class: "label", text: label}), el("span", {class: "value", text: value}));
+  }
+  function svg(tag, attrs, ...children) {
+    const n = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    for (const c of children) n.append(c);
+    return n;
+  }
+  function bars(groups, series, max, fmt) {
+    // groups: [{label, values: {series: number}}]; stacked bars, one per group.
+    const w = Math.max(320, groups.length * 28 + 40), h = 170, base = 140, left = 30;
+    const chart = svg("svg", {viewBox: `0 0 ${w} ${h}`, role: "img", class: "chart"});
+    const top = max || Math.max(1, ...groups.map((g) => series.reduce((s, k) => s + (g.values[k] || 0), 0)));
+    chart.append(svg("line", {x1: left, y1: base, x2: w, y2: base, class: "axis"}));
+    chart.append(svg("text", {x: 2, y: 12, class: "tick"}, document.createTextNode(fmt ? fmt(top) : String(top))));
+    const bw = Math.min(22, (w - left) / Math.max(groups.length, 1) - 4);
+    groups.forEach((g, i) => {
+      let y = base;
+      const x = left + 4 + i * (bw + 4);
+      for (const k of series) {
+        const v = g.values[k] || 0;
+        if (!v) continue;
+        const bh = (v / top) * (base - 14);
+        y -= bh;
+        const r = svg("rect", {x, y, width: bw, height: bh, class: "s-" + k});
+        r.append(svg("title", {}, document.createTextNode(`${g.label} · ${t("outcome_" + k) !== "outcome_" + k ? t("outcome_" + k) : k}: ${fmt ? fmt(v) : v}`)));
+        chart.append(r);
+      }
+      chart.append(svg("text", {x: x + bw / 2, y: base + 14, class: "tick", "text-anchor": "middle"}, document.createTextNode(g.label)));
+    });
+    return chart;
+  }
+  function legend(series) {
+    return el("p", {class: "legend"}, ...series.map((k) => el("span", {class: "key s-" + k, text: t("outcome_" + k)})));
+  }
+
+  function renderLive() {
+    if (!live) return;
+    const alerts = document.getElementById("alerts");
+    alerts.replaceChildren(...live.alerts.map((a) => {
+      const vars = a.code === "sync_rate" ? {value: CR.percent(a.value), limit: CR.percent(a.limit)}
+        : a.code === "oldest" ? {value: CR.duration(a.value), limit: CR.duration(a.limit)} : {};
+      return el("p", {class: "alert", text: t("alert_" + a.code, vars)});
+    }));
+    const ob = live.outbox || {};
+    const sync = live.sync || {};
+    document.getElementById("tiles").replaceChildren(
+      tile(t("waiting"), String(live.waiting), live.waiting ? "warn" : ""),
+      tile(t("talking_n"), String(live.talking)),
+      tile(t("longest_wait"), CR.duration(live.longest_wait_s), live.longest_wait_s > 60 ? "bad" : ""),
+      tile(t("owner_rate"), CR.percent(live.owner_hour.rate)),
+      tile(t("sync_rate"), CR.percent(sync.success_rate), live.alerts.some((a) => a.code === "sync_rate") ? "bad" : ""),
+      tile(t("depth"), ob.depth === undefined ? t("none") : String(ob.depth), ob.depth ? "warn" : ""));
+    const qs = Object.entries(live.queues).map(([q, v]) => [q === "-" ? t("direct") : q, v.waiting, v.talking, CR.duration(v.longest_wait_s)]);
+    document.getElementById("queues").replaceChildren(table([t("queue"), t("waiting"), t("talking_n"), t("longest_wait")], qs));
+    const calls = live.calls.map((c) => [me.can.customers ? (c.customer || c.customer_id || t("unknown_caller")) : t("customers_hidden"),
+      c.tier || t("tier_none"), t(c.state === "talking" ? "talking" : c.state === "waiting" ? "waiting" : "ringing"),
+      c.queue || t("direct"), c.agent, c.wait_s !== null ? CR.duration(c.wait_s) : CR.duration(c.since_s), c.rule]);
+    document.getElementById("calls").replaceChildren(table([t("customer"), t("tier"), t("state"), t("queue"), t("agent_id"), t("longest_wait"), t("rule")], calls));
+    document.getElementById("agents").replaceChildren(table([t("agent_id"), "", t("presence"), t("on_call"), t("page")],
+      live.agents.map((a) => [a.id, a.name, a.presence, a.call ? t(a.call) : "", a.page ? "●" : ""])));
+    document.getElementById("rules").replaceChildren(table([t("rule"), t("reason"), t("calls")],
+      live.rules_hour.map((r) => [r.rule, r.reason, r.calls])));
+    const lk = live.lookups || {};
+    const ms = (x) => (x === null || x === undefined ? t("none") : `${x.toFixed(0)} ms`);
+    document.getElementById("health").replaceChildren(table(["", ""], [
+      [t("breaker"), t("state_" + (lk.breaker || "closed"))],
+      [t("latency"), `${ms(lk.crm_p50_ms)} / ${ms(lk.crm_p95_ms)}`],
+      [t("outbox") + " · " + t("depth"), ob.depth],
+      [t("oldest"), ob.oldest_age_s !== undefined ? CR.duration(ob.oldest_age_s) : null],
+      [t("dead"), ob.dead],
+      [t("sync_rate"), `${CR.percent(sync.success_rate)} (${sync.attempts || 0})`],
+    ]));
+  }
+
+  function renderToday() {
+    if (!today) return;
+    document.getElementById("day").textContent = today.day;
+    const hours = Object.entries(today.hours).map(([h, v]) => ({label: h, values: v}));
+    const hb = document.getElementById("chart-hours");
+    hb.replaceChildren(hours.length ? bars(hours, OUTCOMES) : el("p", {class: "muted", text: t("no_data")}), legend(OUTCOMES));
+    const tiers = Object.entries(today.wait_by_tier).map(([k, v]) => ({label: k === "none" ? t("tier_none") : k, values: {avg: v.avg_s || 0}}));
+    document.getElementById("chart-wait").replaceChildren(tiers.length ? bars(tiers, ["avg"], null, (x) => `${x.toFixed(0)}s`) : el("p", {class: "muted", text: t("no_data")}));
+    const queues = Object.entries(today.answer_by_queue).map(([k, v]) => ({label: k, values: {rate: (v.rate || 0) * 100}}));
+    document.getElementById("chart-queues").replaceChildren(queues.length ? bars(queues, ["rate"], 100, (x) => `${x.toFixed(0)}%`) : el("p", {class: "muted", text: t("no_data")}));
+  }
+
+  async function loadToday() {
+    const {status, body} = await CR.api("/ui/api/today");
+    if (status === 200) { today = body; renderToday(); }
+  }
+  loadToday();
+  setInterval(loadToday, 60000);
+  document.addEventListener("cr-lang", () => { renderLive(); renderToday(); });
+  CR.socket("/ui/ws/live", (msg) => { if (msg.type === "live") { live = msg.live; renderLive(); } },
+    (up) => { const s = document.getElementById("status"); s.textContent = up ? t("connected") : t("reconnecting"); s.className = "status " + (up ? "on" : "off"); });
+})();
