@@ -119,6 +119,11 @@ class Keys:
         """String (JSON): a finished call's record waiting for the agent's disposition."""
         return f"{self.prefix}web:hold:{record_key}"
 
+    def web_disposition(self, record_key: str) -> str:
+        """String (JSON) with TTL: an agent's disposition given before the call's record
+        was emitted (applied when it arrives)."""
+        return f"{self.prefix}web:disp:{record_key}"
+
     @property
     def web_holds(self) -> str:
         """Sorted set: record keys held for a disposition (score = release time, epoch ms)."""

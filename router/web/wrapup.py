@@ -71,18 +71,38 @@ class Wrapup:
                 self.noted(data)
             except Exception:
                 log.exception("live view could not count record %s", data.get("record_key"))
+        key = str(data.get("record_key"))
         agent = data.get("answered_by_agent")
         if self.hold_s > 0 and agent and data.get("outcome") == "answered":
             try:
+                if await self._given(key, data):
+                    return await self._release(key, data)
                 if await self.redis.exists(self.keys.web_online(str(agent))):
-                    return await self._hold(data)
+                    await self._hold(key, data)
+                    if await self._given(key, data):  # given while we were holding it
+                        await self._release(key, data)
+                    return "held"
             except (RedisError, OSError) as exc:
                 log.warning("cannot hold record %s for a disposition (Redis: %s); sent now",
-                            data.get("record_key"), exc)
+                            key, exc)
         return await self._send(data)
 
-    async def _hold(self, data: dict[str, Any]) -> str:
-        key = str(data["record_key"])
+    async def _given(self, key: str, data: dict[str, Any]) -> bool:
+        """Merge a disposition given before the record came; True if there was one."""
+        raw = await self.redis.get(self.keys.web_disposition(key))
+        if raw is None:
+            return False
+        given = json.loads(raw)
+        if given.get("agent") != data.get("answered_by_agent"):
+            log.warning("disposition on %s by agent %s ignored: the call was answered by %s",
+                        key, given.get("agent"), data.get("answered_by_agent"))
+            return False
+        data["disposition"] = given.get("code")
+        data["disposition_note"] = given.get("note") or None
+        data["disposition_by"] = given.get("agent")
+        return True
+
+    async def _hold(self, key: str, data: dict[str, Any]) -> None:
         text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
         due_ms = int((self.clock() + self.hold_s) * 1000)
         ttl_ms = int((self.hold_s + 7 * 86400) * 1000)
@@ -93,7 +113,6 @@ class Wrapup:
         if added:
             self.held += 1
             log.info("record %s held up to %.0fs for the agent's disposition", key, self.hold_s)
-        return "held"
 
     async def _send(self, data: Mapping[str, Any]) -> str:
         result = await self.enqueue(data)
@@ -106,27 +125,37 @@ class Wrapup:
 
     # --- the agent's disposition ------------------------------------------------------------
     async def dispose(self, record_key: str, agent: str, code: str, note: str) -> DisposeResult:
-        """Add ``code`` and ``note`` to the held record of a call ``agent`` answered, and
-        send it now. ``gone``: not held (already sent, or never held)."""
-        raw = await self.redis.get(self.keys.web_hold(record_key))
-        if raw is None:
+        """Put ``code`` and ``note`` on the record of a call ``agent`` answered: at once
+        if it is held, else when it arrives. ``gone``: the record was already sent."""
+        hold = self.keys.web_hold(record_key)
+        seen = self.keys.outbox_dedupe(record_key)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(hold)
+            pipe.exists(seen)
+            raw, sent = await pipe.execute()
+        if raw is None and sent:
             return "gone"
-        data = json.loads(raw)
-        if data.get("answered_by_agent") != agent:
+        if raw is not None and json.loads(raw).get("answered_by_agent") != agent:
             return "not-yours"
-        data["disposition"] = code
-        data["disposition_note"] = note[:MAX_NOTE] or None
-        data["disposition_by"] = agent
-        await self._release(record_key, data)
+        given = json.dumps({"agent": agent, "code": code, "note": note[:MAX_NOTE]},
+                           ensure_ascii=False)
+        await self.redis.set(self.keys.web_disposition(record_key), given,
+                             ex=int(self.hold_s + 3600))
+        raw = await self.redis.get(hold)
+        if raw is not None:
+            data = json.loads(raw)
+            if await self._given(record_key, data):
+                await self._release(record_key, data)
         return "saved"
 
-    async def _release(self, record_key: str, data: Mapping[str, Any]) -> None:
-        await self._send(data)
+    async def _release(self, record_key: str, data: Mapping[str, Any]) -> str:
+        result = await self._send(data)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.web_hold(record_key))
+            pipe.delete(self.keys.web_hold(record_key), self.keys.web_disposition(record_key))
             pipe.zrem(self.keys.web_holds, record_key)
             await pipe.execute()
         self.released += 1
+        return result
 
     async def release_due(self, now: float | None = None, limit: int = 200) -> int:
         """Send every held record whose time has come (as it is); return how many."""
@@ -145,8 +174,9 @@ class Wrapup:
                 log.error("held record %s is not JSON; dropped from the holds", key)
                 await self.redis.zrem(self.keys.web_holds, key)
                 continue
+            if not await self._given(key, data):
+                log.info("record %s sent without a disposition (wrap-up time over)", key)
             await self._release(key, data)
-            log.info("record %s sent without a disposition (wrap-up time over)", key)
             count += 1
         return count
 

@@ -1,0 +1,196 @@
+"""The service with its pages, on loopback: real Redis, the sample CRM, a scripted AMI
+peer that sends recorded Asterisk events when the test says so, and headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from ami.peer import AmiPeer, Recording
+from dialplan.peer import AsteriskAgiPeer, build_environment
+from router.app import serve
+from router.samplecrm import make_app, start_sample_crm, state_of
+from router.settings import Settings, WebSettings, WebUser, load_settings
+from tests.redis_server import free_port
+
+ROOT = Path(__file__).parents[2]
+RECORDING = ROOT / "tests" / "fixtures" / "asterisk-22" / "ami-basic.raw"
+
+TOKENS = {
+    "li-na": "agent-7001-token-xyz",
+    "wang-wei": "agent-7002-token-xyz",
+    "chen-jie": "agent-7101-token-xyz",
+    "boss": "supervisor-token-xyz",
+    "looker": "viewer-token-xyzzz",
+}
+USERS = [
+    WebUser(name="li-na", role="agent", agent="7001", token=TOKENS["li-na"]),
+    WebUser(name="wang-wei", role="agent", agent="7002", token=TOKENS["wang-wei"]),
+    WebUser(name="chen-jie", role="agent", agent="7101", token=TOKENS["chen-jie"]),
+    WebUser(name="boss", role="supervisor", token=TOKENS["boss"]),
+    WebUser(name="looker", role="viewer", token=TOKENS["looker"]),
+]
+CRM_URL = "https://crm.example.test/customers/{id}"
+#: The example rules without business hours, so the route does not depend on the clock.
+RULES = """
+agents:
+  "7001": {dial: Local/7001@agents, name: Li Na}
+  "7002": {dial: Local/7002@agents, name: Wang Wei}
+  "7009": {dial: Local/7009@agents, name: Chen Jie}
+  "7101": {dial: Local/7101@agents, name: VIP desk}
+rules:
+  - name: vip-owner
+    description: Gold and platinum customers ring their owner, then the VIP queue
+    when: {tier: [gold, platinum]}
+    owner: {ring_s: 15, fallback: {queue: {name: vip, priority: 10}}}
+  - name: churn-risk
+    description: Customers tagged churn-risk go to the retention team
+    when: {tags_any: [churn-risk]}
+    queue: {name: retention, priority: 5}
+default:
+  queue: {name: support}
+"""
+
+
+class ScriptedAmi(AmiPeer):
+    """An AMI peer that answers actions and sends recorded events only when told."""
+
+    def __init__(self) -> None:
+        super().__init__(replay=False)
+        self.recording_events = Recording.load(RECORDING)
+
+    def events(self, first: int, last: int) -> list[bytes]:
+        """The recording's events ``first``..``last`` (inclusive)."""
+        return self.recording_events.events[first:last + 1]
+
+    async def play(self, blocks: list[bytes]) -> None:
+        """Send ``blocks`` to every connected client now."""
+        data = b"".join(block + b"\r\n\r\n" for block in blocks)
+        for writer in list(self._writers):
+            writer.write(data)
+            await writer.drain()
+
+
+@dataclass
+class WebService:
+    """A running service and the peers around it."""
+
+    settings: Settings
+    crm: web.Application
+    ami: ScriptedAmi
+    base: str
+
+    def activities(self) -> list[dict[str, Any]]:
+        """Activities the sample CRM has stored."""
+        return list(state_of(self.crm).objects.get("activities", {}).values())
+
+    async def route(self, caller: str, name: str, uniqueid: str) -> dict[str, str]:
+        """Run the route AGI for a call as Asterisk would; the channel variables set."""
+        port = self.settings.agi.port
+        env = build_environment(caller, name, "4008001000", uniqueid, port=port)
+        result = await AsteriskAgiPeer("127.0.0.1", port, env).run()
+        return dict(result.variables)
+
+
+async def wait_for(predicate: Callable[[], object], timeout_s: float = 15.0) -> None:
+    """Poll ``predicate()`` until true (bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def web_settings(**changes: Any) -> WebSettings:
+    """The web section the tests run with."""
+    values: dict[str, Any] = {"users": USERS, "crm_url": CRM_URL, "wrapup_s": 30.0,
+                              "language": "en", "timezone": "Asia/Shanghai"}
+    values.update(changes)
+    return WebSettings(**values)
+
+
+@pytest.fixture
+async def service(redis_url: str, tmp_path: Path) -> AsyncIterator[WebService]:
+    """`serve()` with the example config and the pages, pointed at loopback peers."""
+    app = make_app(token="demo-token")
+    runner, crm_url = await start_sample_crm("127.0.0.1", 0, app)
+    ami = ScriptedAmi()
+    await ami.start()
+    base = load_settings(ROOT / "examples" / "config.yaml")
+    activity = base.crm.activity
+    assert activity is not None
+    body = dict(activity.body) if isinstance(activity.body, dict) else {}
+    body.update({"disposition": "{record.disposition}", "note": "{record.disposition_note}"})
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES, encoding="utf-8")
+    settings = base.model_copy(update={
+        "routing": base.routing.model_copy(update={"rules": rules}),
+        "agi": base.agi.model_copy(update={"port": free_port()}),
+        "ami": base.ami.model_copy(update={"port": ami.port, "reconnect_min_s": 0.05,
+                                           "cdr_grace_s": 0.2}),
+        "admin": base.admin.model_copy(update={"port": free_port(),
+                                               "token": "admin-token-abcdef"}),
+        "crm": base.crm.model_copy(update={
+            "base_url": crm_url, "activity": activity.model_copy(update={"body": body})}),
+        "redis": base.redis.model_copy(update={"url": redis_url}),
+        "outbox": base.outbox.model_copy(update={"spool_dir": tmp_path / "spool",
+                                                 "poll_interval_s": 0.05}),
+        "web": web_settings(),
+    })
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop))
+    admin = f"http://127.0.0.1:{settings.admin.port}"
+    try:
+        await wait_for(lambda: ami.logins >= 1 or task.done())
+        assert not task.done(), task.exception()
+
+        async def up() -> bool:
+            try:
+                async with aiohttp.ClientSession() as s, s.get(f"{admin}/healthz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        for _ in range(200):
+            if await up():
+                break
+            await asyncio.sleep(0.02)
+        yield WebService(settings, app, ami, admin)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await ami.stop()
+        await runner.cleanup()
+
+
+def chromium_path() -> str | None:
+    """Debian's Chromium (./dev test installs it)."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Headless Debian Chromium driven by Playwright (no browser download of its own)."""
+    from playwright.async_api import async_playwright
+
+    path = chromium_path()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (./dev test installs Debian's package)")
+        pytest.skip("chromium not installed: run ./dev test, or apt-get install chromium")
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=path, headless=True,
+                                    args=["--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            yield b
+        finally:
+            await b.close()
