@@ -237,9 +237,22 @@ class LiveState:
         elif value:
             call.vars[var] = value
 
-    def _decision_of(self, call: LiveCall, uid: str | None) -> None:
+    def _decision_of(self, call: LiveCall, h: Mapping[str, str]) -> None:
+        """Attach the routing decision made on the channel of ``h`` (the one dialling or
+        queueing), and take the caller id from it if the call has none yet."""
+        uid = h.get("Uniqueid")
         if call.decision is None and uid:
-            call.decision = self.decisions.get(uid)
+            call.decision = d = self.decisions.get(uid)
+            if d is not None and not call.counted:  # no ROUTE_ACTION seen: count it here
+                call.counted = True
+                self.rules_hour.add((d.rule, d.reason))
+        if call.caller is None:
+            num = h.get("CallerIDNum")
+            if num and num.lower() not in ("<unknown>", "unknown"):
+                call.caller = num
+                name = h.get("CallerIDName")
+                if name and name.lower() not in ("<unknown>", "unknown") and not call.caller_name:
+                    call.caller_name = name
 
     def _on_dial_begin(self, h: Mapping[str, str]) -> None:
         uid = h.get("Uniqueid")
@@ -252,7 +265,7 @@ class LiveState:
         call = self._call(h)
         if call is None:
             return
-        self._decision_of(call, uid)
+        self._decision_of(call, h)
         via = "queue" if call.waiting_since is not None else "dial"
         self._ring(call, agent, device, via, call.queue if via == "queue" else None,
                    h.get("DestUniqueid"))
@@ -266,7 +279,7 @@ class LiveState:
         call = self._call(h)
         if agent is None or call is None:
             return
-        self._decision_of(call, h.get("Uniqueid"))
+        self._decision_of(call, h)
         queue = h.get("Queue") or call.queue
         call.queue = queue
         self._ring(call, agent, device, "queue", queue, h.get("DestUniqueid"))
@@ -347,7 +360,7 @@ class LiveState:
         if call is not None:
             call.queue = h.get("Queue") or call.queue
             call.waiting_since = self.clock()
-            self._decision_of(call, h.get("Uniqueid"))
+            self._decision_of(call, h)
             self.dirty = True
 
     def _on_queue_leave(self, h: Mapping[str, str]) -> None:

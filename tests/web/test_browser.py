@@ -3,8 +3,12 @@ Asterisk events, real Redis, the sample CRM) and the agents' and supervisor's pa
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
+
+from playwright.async_api import expect
 
 from tests.web.conftest import TOKENS, WebService, wait_for
 
@@ -81,3 +85,74 @@ async def test_card_pops_on_the_right_agent_only_and_disposition_reaches_crm(
     assert acts[0]["disposition"] == "resolved"
     assert acts[0]["note"] == "wants a callback about the invoice"
     assert await other.locator(".card").count() == 0
+
+
+# Call 3: an unknown caller on the sales line; 7008 does not answer, then the ringall
+# support queue rings 7002 and 7001 at once, and 7002 answers.
+CALL3 = "1795338393.10"
+QUEUE_RINGS = (245, 342)   # up to DialBegin to 7001 from the queue
+TAKEN = (343, 360)         # 7002 answers; 7001's leg is cancelled
+
+
+async def test_queue_card_closes_when_another_agent_takes_the_call(
+    service: WebService, browser: Any, tmp_path: Path
+) -> None:
+    """Both agents rung by the ringall queue see the card ("From queue support"); when 7002
+    answers, 7001's card closes and 7002's shows the talk timer; the page is in Chinese
+    when the agent switches language."""
+    await service.route("02150501234", "unknown", "1795338393.11")
+    a7001 = await sign_in(browser, service.base, "li-na")
+    a7002 = await sign_in(browser, service.base, "wang-wei")
+    await a7001.click("#lang")  # 中文
+    await service.ami.play(service.ami.events(*QUEUE_RINGS))
+    await a7001.wait_for_selector(".card.ringing")
+    await a7002.wait_for_selector(".card.ringing")
+    zh = await a7001.inner_text(".card")
+    for expected in ("来自队列 support", "振铃中", "未知来电", "+862150501234", "规则: default"):
+        assert expected in zh, (expected, zh)
+    assert "From queue support" in await a7002.inner_text(".card")
+    await a7001.screenshot(path=str(tmp_path / "agent-7001-queue-zh.png"))
+    await service.ami.play(service.ami.events(*TAKEN))
+    await a7002.wait_for_selector(".card.talking")
+    await a7001.wait_for_selector(".card", state="detached")
+    assert await a7001.locator("#empty").is_visible()
+    assert "暂无来电" in await a7001.inner_text("#empty")
+    await a7002.screenshot(path=str(tmp_path / "agent-7002-talking.png"))
+
+
+async def test_supervisor_sees_live_calls_alerts_and_today_viewer_sees_no_customers(
+    service: WebService, browser: Any, tmp_path: Path
+) -> None:
+    """With call 2 waiting in the vip queue, the supervisor's page shows it with the
+    customer's name and the waiting count; the viewer's shows the call without the name
+    and no CSV link; after the four calls end, today's charts and the CSV have them."""
+    await service.route("13900139000", "Han Meimei", "1795338363.5")
+    boss = await sign_in(browser, service.base, "boss")
+    looker = await sign_in(browser, service.base, "looker")
+    await service.ami.play(service.ami.events(0, 170))  # call 1 done, call 2 queued
+    await expect(boss.locator("#tiles .tile .value").first).to_have_text("1")
+    boss_text = await boss.inner_text("main")
+    assert "Han Meimei" in boss_text and "vip" in boss_text
+    await expect(looker.locator("#tiles .tile .value").first).to_have_text("1")
+    looker_text = await looker.inner_text("main")
+    assert "Han Meimei" not in looker_text and "hidden for your role" in looker_text
+    assert not await looker.locator("#csv").is_visible()
+    await boss.screenshot(path=str(tmp_path / "supervisor-live.png"), full_page=True)
+    await service.ami.play(service.ami.events(171, 432))
+    await wait_for(lambda: len(service.activities()) == 4)
+    started = datetime.fromisoformat(service.activities()[0]["started_at"])
+    day = started.astimezone(ZoneInfo("Asia/Shanghai")).date().isoformat()
+    await boss.goto(f"{service.base}/ui/supervisor?day={day}")
+    await boss.wait_for_selector("#chart-hours svg rect")
+    assert await boss.locator("#chart-hours svg rect").count() >= 1
+    await boss.screenshot(path=str(tmp_path / "supervisor-today.png"), full_page=True)
+    async with boss.expect_download() as info:
+        await boss.click("#csv")
+    download = await info.value
+    csv_path = tmp_path / "today.csv"
+    await download.save_as(str(csv_path))
+    lines = csv_path.read_text(encoding="utf-8-sig").strip().splitlines()
+    assert lines[0].startswith("start,call,outcome,customer_id")
+    assert len(lines) == 5
+    assert any(",C-1001,gold," in line and ",answered," in line and ",7001," in line
+               for line in lines)

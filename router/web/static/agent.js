@@ -39,7 +39,9 @@
       el("h2", {text: name}),
       c.tier ? el("span", {class: "tier tier-" + c.tier, text: c.tier}) : null,
       timer);
-    const facts = el("dl", {class: "facts"},
+    const known = !!card.customer;
+    const facts = !known ? el("dl", {class: "facts"}, row("☎", card.caller),
+                              row(t("customer"), t("not_in_crm"))) : el("dl", {class: "facts"},
       row(t("customer"), c.id),
       row(t("tier"), c.tier),
       row(t("value"), c.value !== undefined && c.value !== null ? CR.money(c.value) : null),

@@ -9,7 +9,11 @@
   const me = (await CR.api("/ui/api/me")).body;
   CR.init(me.language);
   CR.header(me);
-  if (!me.can.customers) document.getElementById("csv").hidden = true;
+  const day = new URLSearchParams(location.search).get("day") || "";
+  const dayQuery = /^\d{4}-\d{2}-\d{2}$/.test(day) ? `?day=${day}` : "";
+  const csv = document.getElementById("csv");
+  csv.href = "/ui/api/today.csv" + dayQuery;
+  if (!me.can.customers) csv.hidden = true;
 
   function table(headers, rows) {
     const thead = el("thead", {}, el("tr", {}, ...headers.map((h) => el("th", {scope: "col", text: h}))));
@@ -25,27 +29,32 @@
     for (const c of children) n.append(c);
     return n;
   }
-  function bars(groups, series, max, fmt) {
+  function bars(groups, series, max, fmt, labelEvery) {
     // groups: [{label, values: {series: number}}]; stacked bars, one per group.
-    const w = Math.max(320, groups.length * 28 + 40), h = 170, base = 140, left = 30;
+    const w = 420, h = 180, base = 150, left = 34, right = 6;
     const chart = svg("svg", {viewBox: `0 0 ${w} ${h}`, role: "img", class: "chart"});
     const top = max || Math.max(1, ...groups.map((g) => series.reduce((s, k) => s + (g.values[k] || 0), 0)));
-    chart.append(svg("line", {x1: left, y1: base, x2: w, y2: base, class: "axis"}));
-    chart.append(svg("text", {x: 2, y: 12, class: "tick"}, document.createTextNode(fmt ? fmt(top) : String(top))));
-    const bw = Math.min(22, (w - left) / Math.max(groups.length, 1) - 4);
+    chart.append(svg("line", {x1: left, y1: base, x2: w - right, y2: base, class: "axis"}));
+    chart.append(svg("text", {x: left - 4, y: 14, class: "tick", "text-anchor": "end"}, document.createTextNode(fmt ? fmt(top) : String(top))));
+    chart.append(svg("text", {x: left - 4, y: base, class: "tick", "text-anchor": "end"}, document.createTextNode("0")));
+    const slot = (w - left - right) / Math.max(groups.length, 1);
+    const bw = Math.max(4, Math.min(56, slot - 6));
     groups.forEach((g, i) => {
       let y = base;
-      const x = left + 4 + i * (bw + 4);
+      const x = left + i * slot + (slot - bw) / 2;
       for (const k of series) {
         const v = g.values[k] || 0;
         if (!v) continue;
         const bh = (v / top) * (base - 14);
         y -= bh;
         const r = svg("rect", {x, y, width: bw, height: bh, class: "s-" + k});
-        r.append(svg("title", {}, document.createTextNode(`${g.label} · ${t("outcome_" + k) !== "outcome_" + k ? t("outcome_" + k) : k}: ${fmt ? fmt(v) : v}`)));
+        const name = OUTCOMES.includes(k) ? t("outcome_" + k) : "";
+        r.append(svg("title", {}, document.createTextNode(`${g.label}${name ? " · " + name : ""}: ${fmt ? fmt(v) : v}`)));
         chart.append(r);
       }
-      chart.append(svg("text", {x: x + bw / 2, y: base + 14, class: "tick", "text-anchor": "middle"}, document.createTextNode(g.label)));
+      if (!labelEvery || i % labelEvery === 0) {
+        chart.append(svg("text", {x: x + bw / 2, y: base + 16, class: "tick", "text-anchor": "middle"}, document.createTextNode(g.label)));
+      }
     });
     return chart;
   }
@@ -95,9 +104,14 @@
   function renderToday() {
     if (!today) return;
     document.getElementById("day").textContent = today.day;
-    const hours = Object.entries(today.hours).map(([h, v]) => ({label: h, values: v}));
+    const hours = [];
+    for (let h = 0; h < 24; h++) {
+      const key = String(h).padStart(2, "0");
+      hours.push({label: key, values: today.hours[key] || {}});
+    }
+    const any = Object.keys(today.hours).length > 0;
     const hb = document.getElementById("chart-hours");
-    hb.replaceChildren(hours.length ? bars(hours, OUTCOMES) : el("p", {class: "muted", text: t("no_data")}), legend(OUTCOMES));
+    hb.replaceChildren(any ? bars(hours, OUTCOMES, null, null, 3) : el("p", {class: "muted", text: t("no_data")}), legend(OUTCOMES));
     const tiers = Object.entries(today.wait_by_tier).map(([k, v]) => ({label: k === "none" ? t("tier_none") : k, values: {avg: v.avg_s || 0}}));
     document.getElementById("chart-wait").replaceChildren(tiers.length ? bars(tiers, ["avg"], null, (x) => `${x.toFixed(0)}s`) : el("p", {class: "muted", text: t("no_data")}));
     const queues = Object.entries(today.answer_by_queue).map(([k, v]) => ({label: k, values: {rate: (v.rate || 0) * 100}}));
@@ -105,7 +119,7 @@
   }
 
   async function loadToday() {
-    const {status, body} = await CR.api("/ui/api/today");
+    const {status, body} = await CR.api("/ui/api/today" + dayQuery);
     if (status === 200) { today = body; renderToday(); }
   }
   loadToday();

@@ -1,0 +1,169 @@
+"""Who may see what: every /ui route and push channel checked for every role, agents
+held to their own agent id, cookies only from this origin (real service on loopback)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.web.conftest import TOKENS, WebService, wait_for
+
+ANON = None
+#: (method, path, who) -> expected status; "agent" pages of other roles are refused.
+ROUTES: list[tuple[str, str, str | None, int]] = [
+    ("GET", "/ui/api/me", ANON, 401),
+    ("GET", "/ui/api/me", "looker", 200),
+    ("GET", "/ui/api/cards", ANON, 401),
+    ("GET", "/ui/api/cards", "li-na", 200),
+    ("GET", "/ui/api/cards?agent=7002", "li-na", 403),   # another agent's cards
+    ("GET", "/ui/api/cards?agent=7002", "boss", 200),    # a supervisor may watch
+    ("GET", "/ui/api/cards?agent=7001", "looker", 403),  # a viewer sees no customers
+    ("GET", "/ui/api/live", ANON, 401),
+    ("GET", "/ui/api/live", "li-na", 403),
+    ("GET", "/ui/api/live", "looker", 200),
+    ("GET", "/ui/api/live", "boss", 200),
+    ("GET", "/ui/api/today", "looker", 200),
+    ("GET", "/ui/api/today", "li-na", 403),
+    ("GET", "/ui/api/today.csv", "looker", 403),
+    ("GET", "/ui/api/today.csv", "boss", 200),
+    ("GET", "/ui/api/today.csv", ANON, 401),
+    ("POST", "/ui/api/calls/1.1/disposition", ANON, 401),
+    ("POST", "/ui/api/calls/1.1/disposition", "boss", 403),
+    ("POST", "/ui/api/calls/1.1/disposition", "looker", 403),
+    ("GET", "/ui/agent", "looker", 403),
+    ("GET", "/ui/supervisor", "li-na", 403),
+    ("GET", "/ui/agent", "li-na", 200),
+    ("GET", "/ui/supervisor", "looker", 200),
+    ("GET", "/ui/ws/agent", ANON, 401),
+    ("GET", "/ui/ws/agent?agent=7002", "li-na", 403),
+    ("GET", "/ui/ws/agent", "looker", 403),
+    ("GET", "/ui/ws/live", "li-na", 403),
+    ("GET", "/ui/ws/live", ANON, 401),
+    ("GET", "/ui/static/agent.html", ANON, 404),  # pages only through their guarded path
+    ("GET", "/ui/static/app.css", ANON, 200),
+]
+
+
+def bearer(user: str | None) -> dict[str, str]:
+    """The Authorization header of ``user`` (none for anonymous)."""
+    return {"Authorization": f"Bearer {TOKENS[user]}"} if user else {}
+
+
+async def test_every_route_checks_the_role(service: WebService) -> None:
+    """Each row of ROUTES answers its status; so a route whose check is missing fails."""
+    async with aiohttp.ClientSession() as http:
+        for method, path, user, status in ROUTES:
+            kwargs: dict[str, Any] = {"headers": bearer(user), "allow_redirects": False}
+            if method == "POST":
+                kwargs["json"] = {"code": "resolved", "note": ""}
+            async with http.request(method, service.base + path, **kwargs) as resp:
+                assert resp.status == status, (method, path, user, resp.status)
+
+
+async def test_every_ui_route_is_in_the_table() -> None:
+    """Every /ui route the app serves appears in ROUTES (a new route needs a row)."""
+    from aiohttp import web
+
+    from router.web.auth import TokenTable
+    from router.web.live import LiveState
+    from router.web.routes import WebService, add_web_routes
+    from tests.web.conftest import web_settings
+
+    app = web.Application()
+    settings = web_settings()
+    add_web_routes(app, WebService(settings, TokenTable.from_settings(settings),
+                                   LiveState(lambda _: None)))
+    declared = {res.canonical for res in app.router.resources()}
+    tested = {path.split("?")[0] for _, path, _, _ in ROUTES}
+    tested = {"/ui/api/calls/{call}/disposition" if "/calls/" in p else
+              "/ui/static/{name}" if "/static/" in p else p for p in tested}
+    tested |= {"/ui/login", "/ui/logout", "/ui/"}  # open, or a redirect by role
+    assert declared == tested, declared ^ tested
+
+
+async def test_agent_pages_are_signed_in_by_cookie_and_held_to_their_id(
+    service: WebService,
+) -> None:
+    """The sign-in sets an HttpOnly, SameSite=Strict cookie; with it an agent reads its own
+    cards, not another's; a tampered cookie, a bad token and a foreign Origin are refused."""
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        async with http.post(f"{service.base}/ui/login",
+                             json={"token": TOKENS["li-na"]}) as r:
+            assert r.status == 200
+            assert (await r.json())["home"] == "/ui/agent"
+            cookie = r.headers["Set-Cookie"]
+            assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        async with http.get(f"{service.base}/ui/api/cards") as r:
+            assert (await r.json())["agent"] == "7001"
+        async with http.get(f"{service.base}/ui/api/cards?agent=7002") as r:
+            assert r.status == 403
+        origin = {"Origin": "http://evil.example"}
+        async with http.post(f"{service.base}/ui/api/calls/1.1/disposition",
+                             json={"code": "resolved"}, headers=origin) as r:
+            assert r.status == 401
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await http.ws_connect(f"{service.base}/ui/ws/agent", headers=origin)
+        assert info.value.status == 401
+        async with http.ws_connect(f"{service.base}/ui/ws/agent") as ws:
+            hello = json.loads((await ws.receive()).data)
+            assert hello == {"type": "hello", "agent": "7001", "cards": []}
+    value = next(iter(jar)).value
+    forged = value.replace(value.split(".")[0], "d2FuZy13ZWk")  # "wang-wei", same signature
+    async with aiohttp.ClientSession(cookies={"callroute_session": forged}) as http:
+        async with http.get(f"{service.base}/ui/api/cards") as r:
+            assert r.status == 401
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{service.base}/ui/login", json={"token": "nope-nope-nope"}) as r:
+            assert r.status == 401
+
+
+async def test_sign_in_is_throttled_after_repeated_failures(service: WebService) -> None:
+    """After 20 bad tokens in a minute from one address, even a good one waits."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(20):
+            async with http.post(f"{service.base}/ui/login", json={"token": "bad-token-xx"}) as r:
+                assert r.status == 401
+        async with http.post(f"{service.base}/ui/login", json={"token": TOKENS["boss"]}) as r:
+            assert r.status == 429
+
+
+async def test_admin_token_still_guards_the_admin_api_and_opens_the_pages(
+    service: WebService,
+) -> None:
+    """The admin API keeps its bearer token; the pages take it as the admin role, and
+    an agent's token does not open the admin API."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{service.base}/api/presence", headers=bearer("li-na")) as r:
+            assert r.status == 401
+        admin = {"Authorization": "Bearer admin-token-abcdef"}
+        async with http.get(f"{service.base}/api/presence", headers=admin) as r:
+            assert r.status == 200
+        async with http.get(f"{service.base}/ui/api/me", headers=admin) as r:
+            assert (await r.json())["role"] == "admin"
+
+
+async def test_an_agent_cannot_dispose_of_another_agents_call(service: WebService) -> None:
+    """Call 1 rings and is answered by 7001: 7002's disposition on it is refused, 7001's
+    is taken, and an unknown code is a 400."""
+    await service.route("+8613800138000", "Li Lei", "1795338333.1")
+    await service.ami.play(service.ami.events(0, 71))
+    url = f"{service.base}/ui/api/calls/1795338333.0/disposition"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{service.base}/ui/api/cards", headers=bearer("li-na")) as r:
+            await wait_for(lambda: True)
+            assert [c["state"] for c in (await r.json())["cards"]] == ["talking"]
+        async with http.post(url, json={"code": "resolved"}, headers=bearer("wang-wei")) as r:
+            assert r.status == 403
+        async with http.post(url, json={"code": "nope"}, headers=bearer("li-na")) as r:
+            assert r.status == 400
+        async with http.post(url, json={"code": "sale", "note": "2 units"},
+                             headers=bearer("li-na")) as r:
+            assert r.status == 200
+    await service.ami.play(service.ami.events(72, 101))
+    await wait_for(lambda: len(service.activities()) == 1)
+    act = service.activities()[0]
+    assert (act["disposition"], act["note"]) == ("sale", "2 units")
