@@ -60,7 +60,8 @@ async def test_card_pops_on_the_right_agent_only_and_disposition_reaches_crm(
     shot_other = tmp_path / "agent-7002-empty.png"
     await mine.screenshot(path=str(shot_mine))
     await other.screenshot(path=str(shot_other))
-    assert shot_mine.stat().st_size > 0 and shot_other.stat().st_size > 0
+    assert shot_mine.stat().st_size > 0
+    assert shot_other.stat().st_size > 0
     assert await other.locator(".card").count() == 0
     assert await other.locator("#empty").is_visible()
     assert "Li Lei" not in await other.inner_text("body")
@@ -132,10 +133,12 @@ async def test_supervisor_sees_live_calls_alerts_and_today_viewer_sees_no_custom
     await service.ami.play(service.ami.events(0, 170))  # call 1 done, call 2 queued
     await expect(boss.locator("#tiles .tile .value").first).to_have_text("1")
     boss_text = await boss.inner_text("main")
-    assert "Han Meimei" in boss_text and "vip" in boss_text
+    assert "Han Meimei" in boss_text
+    assert "vip" in boss_text
     await expect(looker.locator("#tiles .tile .value").first).to_have_text("1")
     looker_text = await looker.inner_text("main")
-    assert "Han Meimei" not in looker_text and "hidden for your role" in looker_text
+    assert "Han Meimei" not in looker_text
+    assert "hidden for your role" in looker_text
     assert not await looker.locator("#csv").is_visible()
     await boss.screenshot(path=str(tmp_path / "supervisor-live.png"), full_page=True)
     await service.ami.play(service.ami.events(171, 432))

@@ -94,11 +94,13 @@ async def test_each_agent_gets_only_its_own_cards_in_order(fixtures_dir: Path) -
     assert first["via"] == "dial"
     assert first["crm_link"] == "https://crm/c/C-1001"
     queued = got["7101"][0]["card"]
-    assert queued["via"] == "queue" and queued["queue"] == "vip"
+    assert queued["via"] == "queue"
+    assert queued["queue"] == "vip"
     assert queued["caller"] == "13900139000"  # no decision here: from the channel
     assert queued["customer"] is None or queued["customer"]["id"]
     assert live.calls == {}  # every call ended
-    assert live.answered_by(c1) == "7001" and live.answered_by(c3) == "7002"
+    assert live.answered_by(c1) == "7001"
+    assert live.answered_by(c3) == "7002"
 
 
 async def test_a_page_that_connects_late_gets_current_and_ended_cards(
@@ -137,20 +139,25 @@ async def test_snapshot_counts_waiting_talking_and_hides_customers_by_role(
         live.handle(msg)
     clock.now += 12
     snap = live.snapshot(customers=True)
-    assert snap["waiting"] == 1 and snap["talking"] == 0
+    assert snap["waiting"] == 1
+    assert snap["talking"] == 0
     assert snap["queues"]["vip"]["waiting"] == 1
     assert snap["queues"]["vip"]["longest_wait_s"] == pytest.approx(12.0)
     assert snap["longest_wait_s"] == pytest.approx(12.0)
     row = snap["calls"][0]
-    assert row["state"] == "waiting" and "customer" in row
+    assert row["state"] == "waiting"
+    assert "customer" in row
     hidden = live.snapshot(customers=False)
-    assert "customer" not in hidden["calls"][0] and "customer_id" not in hidden["calls"][0]
+    assert "customer" not in hidden["calls"][0]
+    assert "customer_id" not in hidden["calls"][0]
     desk = next(a for a in snap["agents"] if a["id"] == "7101")
-    assert desk["presence"] == "NOT_INUSE" and desk["device"] == "Local/7101@agents"
+    assert desk["presence"] == "NOT_INUSE"
+    assert desk["device"] == "Local/7101@agents"
     for msg in msgs[170:200]:  # 7101 answers
         live.handle(msg)
     snap = live.snapshot(customers=False)
-    assert snap["talking"] == 1 and snap["waiting"] == 0
+    assert snap["talking"] == 1
+    assert snap["waiting"] == 0
     assert next(a for a in snap["agents"] if a["id"] == "7101")["call"] == "talking"
 
 
@@ -180,11 +187,13 @@ async def test_rules_owner_rate_and_lookup_windows_roll_over_an_hour() -> None:
     assert snap["rules_hour"] == [{"rule": "vip-owner", "reason": "rule", "calls": 2},
                                   {"rule": "default", "reason": "deadline", "calls": 1}]
     assert snap["owner_hour"] == {"routed": 2, "answered": 1, "rate": 0.5}
-    assert snap["lookups"]["crm_p50_ms"] == 80.0 and snap["lookups"]["crm_calls"] == 2
+    assert snap["lookups"]["crm_p50_ms"] == 80.0
+    assert snap["lookups"]["crm_calls"] == 2
     assert snap["lookups"]["sources"] == {"crm": 2, "lru": 1}
     clock.now += 3601
     snap = live.snapshot(customers=False)
-    assert snap["rules_hour"] == [] and snap["owner_hour"]["routed"] == 0
+    assert snap["rules_hour"] == []
+    assert snap["owner_hour"]["routed"] == 0
     assert snap["lookups"]["crm_calls"] == 0
 
 

@@ -96,7 +96,8 @@ async def test_agent_pages_are_signed_in_by_cookie_and_held_to_their_id(
             assert r.status == 200
             assert (await r.json())["home"] == "/ui/agent"
             cookie = r.headers["Set-Cookie"]
-            assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+            assert "HttpOnly" in cookie
+            assert "SameSite=Strict" in cookie
         async with http.get(f"{service.base}/ui/api/cards") as r:
             assert (await r.json())["agent"] == "7001"
         async with http.get(f"{service.base}/ui/api/cards?agent=7002") as r:
@@ -113,12 +114,12 @@ async def test_agent_pages_are_signed_in_by_cookie_and_held_to_their_id(
             assert hello == {"type": "hello", "agent": "7001", "cards": []}
     value = next(iter(jar)).value
     forged = value.replace(value.split(".")[0], "d2FuZy13ZWk")  # "wang-wei", same signature
-    async with aiohttp.ClientSession(cookies={"callroute_session": forged}) as http:
-        async with http.get(f"{service.base}/ui/api/cards") as r:
-            assert r.status == 401
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{service.base}/ui/login", json={"token": "nope-nope-nope"}) as r:
-            assert r.status == 401
+    async with (aiohttp.ClientSession(cookies={"callroute_session": forged}) as http,
+                http.get(f"{service.base}/ui/api/cards") as r):
+        assert r.status == 401
+    async with (aiohttp.ClientSession() as http,
+                http.post(f"{service.base}/ui/login", json={"token": "nope-nope-nope"}) as r):
+        assert r.status == 401
 
 
 async def test_sign_in_is_throttled_after_repeated_failures(service: WebService) -> None:

@@ -1,0 +1,100 @@
+"""callroute's own call history in a real Redis: last calls per customer, the day's
+figures for the charts, and the CSV export."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from router.keys import Keys
+from router.web.history import History, days_back
+
+KEYS = Keys(prefix="h:", secret=b"secret")
+
+
+def rec(lid: str, start: str, outcome: str = "answered", customer: str | None = "C-1",
+        tier: str | None = "gold", queue: str | None = "vip", wait: float | None = 12.0,
+        **extra: Any) -> dict[str, Any]:
+    """A call record dict with the fields the history reads."""
+    return {"record_key": f"call:{lid}", "linkedid": lid, "start": start, "outcome": outcome,
+            "customer_id": customer, "customer_tier": tier, "queue": queue, "wait_s": wait,
+            "talk_s": 30.0, "answered_by_agent": "7001" if outcome == "answered" else None,
+            "routing_rule": "vip-owner", "route_reason": "rule",
+            "caller": "+8613800138000", **extra}
+
+
+@pytest.fixture
+async def history(redis_url: str) -> AsyncIterator[History]:
+    """A History over the test Redis, days in Shanghai time."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield History(client, KEYS, tz="Asia/Shanghai", days=8, last_calls=3)
+    await client.aclose()
+
+
+async def test_last_calls_are_per_customer_newest_first_and_capped(history: History) -> None:
+    """recent() gives a customer's last calls (newest first, at most last_calls); unknown
+    callers are filed under the keyed hash of the number, never the number."""
+    for i in range(5):
+        await history.add(rec(f"{i}.0", f"2026-11-22T0{i}:00:00+00:00"))
+    await history.add(rec("9.0", "2026-11-22T09:00:00+00:00", customer=None))
+    got = await history.recent("C-1", None)
+    assert [c["call"] for c in got] == ["4.0", "3.0", "2.0"]
+    assert got[0]["agent"] == "7001"
+    assert "caller" not in got[0]
+    unknown = await history.recent(None, "+8613800138000")
+    assert [c["call"] for c in unknown] == ["9.0"]
+    keys = [k async for k in history.redis.scan_iter("h:*")]
+    assert not any("8613800138000" in k for k in keys)
+    assert await history.recent(None, None) == []
+    ttl = await history.redis.ttl(KEYS.web_recent("c:C-1"))
+    assert ttl > 80 * 86400
+
+
+async def test_day_figures_by_local_day_hour_tier_and_queue(history: History) -> None:
+    """Counters land on the Shanghai day and hour of the call's start; averages of wait
+    by tier and answer rate by queue come out of them."""
+    await history.add(rec("a", "2026-11-22T01:10:00+00:00", wait=10))            # 09h local
+    await history.add(rec("b", "2026-11-22T01:50:00+00:00", wait=30))            # 09h
+    await history.add(rec("c", "2026-11-22T02:05:00+00:00", outcome="abandoned",  # 10h
+                          wait=70, tier=None))
+    await history.add(rec("d", "2026-11-22T17:00:00+00:00"))                     # next day
+    day = await history.day("2026-11-22")
+    assert day["hours"] == {"09": {"answered": 2}, "10": {"abandoned": 1}}
+    assert day["outcomes"] == {"answered": 2, "abandoned": 1}
+    assert day["wait_by_tier"]["gold"]["avg_s"] == 20.0
+    assert day["wait_by_tier"]["gold"]["buckets"] == {"<=10": 1, "<=30": 1}
+    assert day["wait_by_tier"]["none"]["buckets"] == {"<=120": 1}
+    assert day["answer_by_queue"]["vip"] == {"offered": 3, "answered": 2, "rate": 2 / 3}
+    assert (await history.day("2026-11-23"))["outcomes"] == {"answered": 1}
+    assert await history.redis.ttl(KEYS.web_day("2026-11-22")) <= 8 * 86400
+
+
+async def test_csv_has_every_call_and_defuses_formulas(history: History) -> None:
+    """The CSV has a header and one row per call in order; a note starting with '='
+    is quoted so a spreadsheet does not run it; customers can be blanked."""
+    await history.add(rec("a", "2026-11-22T01:10:00+00:00", disposition="sale",
+                          disposition_note="=HYPERLINK(\"x\")"))
+    await history.add(rec("b", "2026-11-22T01:20:00+00:00"))
+    rows = await history.rows("2026-11-22")
+    parsed = list(csv.reader(io.StringIO(History.to_csv(rows, customers=True))))
+    assert parsed[0][:3] == ["start", "call", "outcome"]
+    assert [r[1] for r in parsed[1:]] == ["a", "b"]
+    assert parsed[1][-2:] == ["sale", "'=HYPERLINK(\"x\")"]
+    blank = list(csv.reader(io.StringIO(History.to_csv(rows, customers=False))))
+    assert blank[1][3] == ""
+    await history.redis.rpush(KEYS.web_day_calls("2026-11-22"), "{broken")
+    assert len(await history.rows("2026-11-22")) == 2
+
+
+def test_days_back_and_bad_start_times() -> None:
+    """days_back lists dates oldest first; a record without a readable start is filed
+    under today."""
+    assert days_back("2026-03-01", 3) == ["2026-02-27", "2026-02-28", "2026-03-01"]
+    h = History(None, KEYS, tz="UTC")  # type: ignore[arg-type]
+    assert h.day_of("not a time") == h.today()
+    assert h.day_of("2026-11-22T23:30:00") == "2026-11-22"
