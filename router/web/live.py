@@ -97,6 +97,7 @@ class LiveCall:
     answered_at: float | None = None
     uids: set[str] = field(default_factory=set)
     counted: bool = False
+    customer: dict[str, Any] | None = None
 
 
 class LiveState:
@@ -295,9 +296,11 @@ class LiveState:
         if dest_uid:
             self._uid_lid[dest_uid] = call.linkedid
         self.dirty = True
+        if not self._agent_sinks.get(agent):
+            return  # no page open: nothing to build
         card = self.card(call, ring)
         self._push(agent, {"type": "card", "card": card})
-        if self.enrich is not None and self._agent_sinks.get(agent):
+        if self.enrich is not None:
             self._spawn(self._enrich(call.linkedid, agent, card))
 
     def _answered(self, call: LiveCall, agent: str) -> None:
@@ -443,7 +446,9 @@ class LiveState:
         v = call.vars
         customer: dict[str, Any] | None = None
         if d is not None and d.customer is not None:
-            customer = d.customer.model_dump(mode="json", exclude={"updated_at"})
+            if call.customer is None:  # once per call, not per card
+                call.customer = d.customer.model_dump(mode="json", exclude={"updated_at"})
+            customer = call.customer
         elif v.get("CRM_CUSTOMER_ID"):
             customer = {"id": v["CRM_CUSTOMER_ID"], "tier": v.get("CRM_TIER"),
                         "owner": v.get("CRM_OWNER")}
