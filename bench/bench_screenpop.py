@@ -29,11 +29,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -50,11 +50,11 @@ def free_port() -> int:
 
 
 def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (values need not be sorted)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, int(round(q * len(ordered) + 0.5)) - 1))]
+    """Nearest-rank percentile; NaN for no values."""
+    from router.web.stats import percentile
+
+    found = percentile(values, q)
+    return float("nan") if found is None else found
 
 
 def token(i: int) -> str:
@@ -138,6 +138,8 @@ async def _serve(ami_port: int, http_port: int, agents: int, calls: int) -> None
     await ami.start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    gc.collect()
+    gc.freeze()  # as serve() does once it is built
     print("ready", flush=True)
     await stop.wait()
     await ami.stop()
@@ -224,7 +226,7 @@ def ring(n: int, agent: str, dest: str) -> list[tuple[str, str]]:
 
 
 async def pages(http_port: int, agents: int, got: dict[str, list[float]],
-                cards: dict[str, float]) -> list[Any]:
+                cards: dict[str, float], arrived: asyncio.Event) -> list[Any]:
     """One WebSocket per agent; every card message's arrival time is kept."""
     import aiohttp
 
@@ -243,6 +245,7 @@ async def pages(http_port: int, agents: int, got: dict[str, list[float]],
                     key = f"{body['card']['call']}/{body['card']['agent']}"
                     if key not in cards:
                         cards[key] = t
+                        arrived.set()
                 got[agent_id(i)].append(t)
 
     tasks = [asyncio.create_task(page(i)) for i in range(agents)]
@@ -257,14 +260,12 @@ async def run(args: argparse.Namespace) -> int:
     ami = AmiServer()
     ami_port = await ami.start()
     http_port = free_port()
-    child = subprocess.Popen(
-        [sys.executable, "-m", "bench.bench_screenpop", "--serve", "--ami-port", str(ami_port),
-         "--http-port", str(http_port), "--agents", str(args.agents), "--calls",
-         str(args.calls + 1)],
-        stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.bench_screenpop", "--serve", "--ami-port", str(ami_port),
+        "--http-port", str(http_port), "--agents", str(args.agents), "--calls",
+        str(args.calls + 1), stdout=asyncio.subprocess.PIPE, cwd=os.getcwd())
     assert child.stdout is not None
-    loop = asyncio.get_running_loop()
-    line = await loop.run_in_executor(None, child.stdout.readline)
+    line = (await child.stdout.readline()).decode()
     if line.strip() != "ready":
         print("server did not start", line)
         return 1
@@ -272,7 +273,8 @@ async def run(args: argparse.Namespace) -> int:
     await asyncio.sleep(0.3)  # the client's QueueStatus/CoreShowChannels
     got: dict[str, list[float]] = defaultdict(list)
     cards: dict[str, float] = {}
-    session, tasks, sockets = await pages(http_port, args.agents, got, cards)
+    arrived = asyncio.Event()
+    session, tasks, sockets = await pages(http_port, args.agents, got, cards, arrived)
     print(f"{len(sockets)} agent pages connected over WebSocket; callroute side: pid "
           f"{child.pid}")
     sent: dict[str, float] = {}
@@ -306,17 +308,19 @@ async def run(args: argparse.Namespace) -> int:
 
     # burst: one call rings every agent at once (a ring-all queue)
     n = args.calls
-    ami.send(call_start(n) + [chan(n, f"{n}.1", f"Local/in-{n:08x};2", "QueueCallerJoin",
+    ami.send([*call_start(n), chan(n, f"{n}.1", f"Local/in-{n:08x};2", "QueueCallerJoin",
                                    Queue="all", Position="1", Count="1")])
     await asyncio.sleep(0.1)
     burst_events = [chan(n, f"{n}.1", f"Local/in-{n:08x};2", "AgentCalled", Queue="all",
                          Interface=f"PJSIP/{agent_id(i)}", DestUniqueid=f"{n}.{i + 2}",
                          DestChannel=f"PJSIP/{agent_id(i)}-{i}") for i in range(args.agents)]
+    wanted = {f"{n}.0/{agent_id(i)}" for i in range(args.agents)}
     t_burst = ami.send(burst_events)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and sum(
-            1 for i in range(args.agents) if f"{n}.0/{agent_id(i)}" in cards) < args.agents:
-        await asyncio.sleep(0.01)
+    while not wanted <= cards.keys() and (left := deadline - time.monotonic()) > 0:
+        arrived.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrived.wait(), left)
     burst = [1000 * (cards[f"{n}.0/{agent_id(i)}"] - t_burst) for i in range(args.agents)
              if f"{n}.0/{agent_id(i)}" in cards]
 
@@ -327,8 +331,8 @@ async def run(args: argparse.Namespace) -> int:
     await asyncio.gather(*tasks, return_exceptions=True)
     await session.close()
     child.send_signal(signal.SIGTERM)
-    out = await loop.run_in_executor(None, child.stdout.read)
-    child.wait(10)
+    out = (await child.stdout.read()).decode()
+    await asyncio.wait_for(child.wait(), 10)
     await ami.close()
     stats = json.loads(out.strip().splitlines()[-1])
     track = [x / 1000 for x in stats["track_ns"]]
