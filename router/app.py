@@ -23,7 +23,7 @@ from aiohttp import web
 from dialplan.explain import outcome_to_dict
 from dialplan.route import Router, make_route_handler
 from dialplan.server import AgiServer
-from router.admin import AdminDeps, add_crm_webhook, make_admin_app
+from router.admin import AdminDeps, add_crm_webhook, auth_context, make_admin_app
 from router.crm.rest import RestConnector
 from router.lookup.cache import TwoLevelCache
 from router.lookup.cached_lookup import CachedLookup
@@ -165,9 +165,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
 
             web_service = None
             if web_parts is not None:
+                from ami.records import record_key_for
                 from router.web.assemble import make_service
 
-                web_service = make_service(web_parts, settings,
+                web_service = make_service(web_parts, settings, auth_context(deps),
+                                           record_key_for=record_key_for,
                                            outbox_status=background.outbox_status,
                                            ami_connected=background.ami_connected)
                 await web_service.start()

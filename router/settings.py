@@ -227,31 +227,6 @@ class AuthSettings(_Section):
         2.0, gt=0, le=300, description="how often the users are re-read from their store")
 
 
-Role = Literal["viewer", "agent", "supervisor", "engineer", "admin"]
-
-
-class WebUser(_Section):
-    """One user of the pages and their API: a name, a role and a token (an agent is
-    bound to its agent id). Give the token through the environment (``${VAR}``) or as its
-    SHA-256 (``token_sha256``, 64 hex digits)."""
-
-    name: str = Field(min_length=1, max_length=64)
-    role: Role
-    token: str = ""
-    token_sha256: str = Field("", pattern=r"^([0-9a-fA-F]{64})?$")
-    agent: str | None = Field(None, description="the agent id (rules' agents table) of an agent")
-
-    @model_validator(mode="after")
-    def _complete(self) -> WebUser:
-        if not self.token and not self.token_sha256:
-            raise ValueError(f"user {self.name!r} needs a token or token_sha256")
-        if self.token and len(self.token) < 12:
-            raise ValueError(f"user {self.name!r}: the token must be at least 12 characters")
-        if self.role == "agent" and not self.agent:
-            raise ValueError(f"user {self.name!r} has the agent role but no agent id")
-        return self
-
-
 class Disposition(_Section):
     """A reason code an agent can give a finished call, with its label per language."""
 
@@ -269,14 +244,10 @@ def _default_dispositions() -> list[Disposition]:
 
 
 class WebSettings(_Section):
-    """The agent's screen pop and the supervisor's live view (served by the admin API)."""
+    """The agent's screen pop and the supervisor's live view (served by the admin API;
+    users and sign-in are the ``auth`` section's)."""
 
     enabled: bool = True
-    users: list[WebUser] = Field(default_factory=list)
-    session_secret: str = Field(
-        "", description="HMAC key of sign-in cookies; empty: a random one per process "
-        "(set it when several instances serve the pages)")
-    session_ttl_s: float = Field(12 * 3600.0, gt=0, le=7 * 86400)
     crm_url: str = Field("", description="link to a customer in the CRM, e.g. "
                          "https://crm.example.com/contacts/{id}")
     dispositions: list[Disposition] = Field(default_factory=_default_dispositions)
@@ -302,9 +273,6 @@ class WebSettings(_Section):
 
     @model_validator(mode="after")
     def _unique(self) -> WebSettings:
-        names = [u.name for u in self.users]
-        if len(set(names)) != len(names):
-            raise ValueError("web.users: user names must be unique")
         codes = [d.code for d in self.dispositions]
         if len(set(codes)) != len(codes):
             raise ValueError("web.dispositions: codes must be unique")

@@ -9,11 +9,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from router.auth.access import AuthContext
 from router.keys import Keys
 from router.phone import normalize
 from router.rules.presence import Presence, device_of
 from router.settings import Settings
-from router.web.auth import Authenticator, TokenTable
 from router.web.decisions import DecisionStore
 from router.web.history import History
 from router.web.live import LiveState
@@ -108,15 +108,13 @@ def attach_records(parts: WebParts, settings: Settings, redis: Redis, keys: Keys
     return parts.wrapup.put
 
 
-def make_service(parts: WebParts, settings: Settings, *, auth: Authenticator | None = None,
-                 outbox_status: Any = None, ami_connected: Callable[[], bool] | None = None
-                 ) -> WebService:
-    """The pages' service; ``auth`` defaults to the token table of the config (the role
-    store of the users' issue is passed here instead)."""
+def make_service(parts: WebParts, settings: Settings, auth: AuthContext, *,
+                 record_key_for: Callable[[str], str], outbox_status: Any = None,
+                 ami_connected: Callable[[], bool] | None = None) -> WebService:
+    """The pages' service, checking users with the admin API's ``auth``; a call's
+    Linkedid names its record by ``record_key_for``."""
     return WebService(
-        settings=settings.web,
-        auth=auth or TokenTable.from_settings(settings.web, settings.admin.token),
-        live=parts.live, history=parts.history, wrapup=parts.wrapup,
-        outbox_status=outbox_status, ami_connected=ami_connected,
-        roster_names=parts.roster.names,
+        settings=settings.web, auth=auth, live=parts.live, record_key_for=record_key_for,
+        history=parts.history, wrapup=parts.wrapup, outbox_status=outbox_status,
+        ami_connected=ami_connected, roster_names=parts.roster.names,
     )

@@ -22,10 +22,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from ami.protocol import Message
-from ami.tracker import device_of_channel
 from router.rules.presence import Presence, device_of
 from router.web.decisions import CallDecision, DecisionStore
 from router.web.stats import Samples, Window, percentile
@@ -41,6 +39,27 @@ ENDED_GRACE_S = 60.0
 MAX_ENDED = 5000
 
 RingState = Literal["ringing", "talking", "ended"]
+
+
+class Event(Protocol):
+    """A parsed AMI event (``ami.protocol.Message``): its name and headers."""
+
+    @property
+    def event(self) -> str | None: ...
+
+    @property
+    def headers(self) -> dict[str, str]: ...
+
+
+def device_of_channel(channel: str | None) -> str | None:
+    """The device of a channel name: ``PJSIP/7001`` from ``PJSIP/7001-0000002a``,
+    ``Local/7001@agents`` from ``Local/7001@agents-00000001;1`` (as the call tracker reads
+    them; this wing does not import ``ami``)."""
+    if not channel:
+        return None
+    name = channel.split(";", 1)[0]
+    base, sep, suffix = name.rpartition("-")
+    return base if sep and suffix and "/" in base else name
 Enrich = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -188,7 +207,7 @@ class LiveState:
             self.lookups.add(elapsed_ms)
 
     # --- events ---------------------------------------------------------------------------
-    def handle(self, msg: Message) -> None:
+    def handle(self, msg: Event) -> None:
         """The AMI listener: one parsed event."""
         name = msg.event
         if name is None:

@@ -19,8 +19,9 @@ path                                  what                            who
 ``GET  /ui/ws/live``                    live figures pushed           live
 ====================================  ==============================  =================
 
-Every handler is wrapped by :func:`_guard`, which asks :func:`router.web.auth.principal_of`
-and the role's permissions; agents are held to their own agent id here and in the push.
+Every route declares its access rule (:mod:`router.auth.access`: the middleware checks
+the role's permission before the handler runs); agents are held to their own agent id
+here, in the API and in the push.
 """
 
 from __future__ import annotations
@@ -37,17 +38,19 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from router.metrics import BREAKER_STATE, RECORDS, REGISTRY
-from router.settings import WebSettings
-from router.web.auth import (
-    COOKIE,
-    Authenticator,
-    Permission,
-    Principal,
-    SessionCodec,
+from router.auth.access import (
+    AuthContext,
+    peer_of,
     principal_of,
-    same_origin,
+    public,
+    requires,
+    signed_in,
+    signed_in_page,
 )
+from router.auth.roles import Permission, Principal, Role
+from router.auth.sessions import COOKIE, same_origin, set_cookie
+from router.metrics import REGISTRY
+from router.settings import WebSettings
 from router.web.history import History
 from router.web.live import LiveState, Sink
 from router.web.stats import CounterRate
@@ -64,7 +67,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-LOGIN_FAILURES_PER_MIN = 20
 Status = Callable[[], Awaitable[Mapping[str, Any]]]
 KEY: web.AppKey[WebService] = web.AppKey("callroute_web", object)  # type: ignore[arg-type]
 
@@ -74,24 +76,22 @@ class WebService:
     """Everything the pages need, assembled by :func:`router.app.serve`."""
 
     settings: WebSettings
-    auth: Authenticator
+    auth: AuthContext
     live: LiveState
+    record_key_for: Callable[[str], str] = "call:{}".format
     history: History | None = None
     wrapup: Wrapup | None = None
     outbox_status: Status | None = None
     ami_connected: Callable[[], bool] | None = None
     roster_names: Callable[[], Mapping[str, tuple[str | None, str]]] | None = None
     tick_s: float = 1.0
-    codec: SessionCodec = field(init=False)
     sync: CounterRate = field(init=False)
     _outbox: dict[str, Any] = field(default_factory=dict)
     _outbox_at: float = 0.0
-    _failures: dict[str, list[float]] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
-        self.codec = SessionCodec(self.settings.session_secret, self.settings.session_ttl_s)
         self.sync = CounterRate(self.settings.alert_window_s)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -177,24 +177,9 @@ class WebService:
                 self._outbox = {"enabled": True, "error": f"{type(exc).__name__}: {exc}"}
         return self._outbox
 
-    # --- sign-in --------------------------------------------------------------------------
-    def _throttled(self, peer: str) -> bool:
-        now = time.monotonic()
-        recent = [t for t in self._failures.get(peer, []) if now - t < 60]
-        self._failures[peer] = recent
-        return len(recent) >= LOGIN_FAILURES_PER_MIN
-
-    def _failed(self, peer: str) -> None:
-        self._failures.setdefault(peer, []).append(time.monotonic())
-        if len(self._failures) > 10_000:
-            self._failures.clear()
-
 
 def _metric(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-_ = (BREAKER_STATE, RECORDS)  # the metrics read above are defined there
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -204,45 +189,43 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 
 Handler = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
+Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _guard(permission: Permission | None, handler: Handler, *, page: bool = False
-           ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """Run ``handler`` for a signed-in principal holding ``permission`` (None: any)."""
+def _guard(permission: Permission | None, handler: Handler, *, page: bool = False) -> Route:
+    """``handler`` as a route that declares its access rule (router.auth.access checks it
+    before the handler runs; a page without credentials goes to the sign-in page) and
+    gets the request's principal."""
 
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        svc = request.app[KEY]
-        principal = principal_of(request, svc.auth, svc.codec)
-        if principal is None:
-            if page:
-                raise web.HTTPSeeOther("/ui/login")
-            return _json({"error": "unauthorized"}, status=401)
-        if permission is not None and not principal.can(permission):
-            return _json({"error": "forbidden", "role": principal.role}, status=403)
-        return await handler(request, principal)
+    async def route(request: web.Request) -> web.StreamResponse:
+        return await handler(request, principal_of(request))
 
-    return guarded
+    if permission is not None:
+        return requires(permission, page=page)(route)
+    return signed_in_page(route) if page else signed_in(route)
 
 
 def add_web_routes(app: web.Application, svc: WebService) -> None:
     """Put the pages, their API and the push channels on ``app``."""
     app[KEY] = svc
     r = app.router
-    r.add_get("/ui/login", _page("login"))
-    r.add_post("/ui/login", _login)
-    r.add_post("/ui/logout", _logout)
+    p = Permission
+    r.add_get("/ui/login", public("the sign-in form: no data")(_page("login")))
+    r.add_post("/ui/login", public("signing in: checks the token itself")(_login))
+    r.add_post("/ui/logout", public("signing out: clears the cookie")(_logout))
     r.add_get("/ui/", _guard(None, _home, page=True))
-    r.add_get("/ui/agent", _guard("cards", _page_for("agent"), page=True))
-    r.add_get("/ui/supervisor", _guard("live", _page_for("supervisor"), page=True))
-    r.add_get("/ui/static/{name}", _static)
+    r.add_get("/ui/agent", _guard(p.CARDS, _page_for("agent"), page=True))
+    r.add_get("/ui/supervisor", _guard(p.LIVE, _page_for("supervisor"), page=True))
+    r.add_get("/ui/static/{name}", public("CSS, scripts and strings of the pages: no data")(
+        _static))
     r.add_get("/ui/api/me", _guard(None, _me))
-    r.add_get("/ui/api/cards", _guard("cards", _cards))
-    r.add_post("/ui/api/calls/{call}/disposition", _guard("dispose", _dispose))
-    r.add_get("/ui/api/live", _guard("live", _live))
-    r.add_get("/ui/api/today", _guard("live", _today))
-    r.add_get("/ui/api/today.csv", _guard("customers", _today_csv))
-    r.add_get("/ui/ws/agent", _guard("cards", _ws_agent))
-    r.add_get("/ui/ws/live", _guard("live", _ws_live))
+    r.add_get("/ui/api/cards", _guard(p.CARDS, _cards))
+    r.add_post("/ui/api/calls/{call}/disposition", _guard(p.DISPOSE, _dispose))
+    r.add_get("/ui/api/live", _guard(p.LIVE, _live))
+    r.add_get("/ui/api/today", _guard(p.LIVE, _today))
+    r.add_get("/ui/api/today.csv", _guard(p.CUSTOMERS, _today_csv))
+    r.add_get("/ui/ws/agent", _guard(p.CARDS, _ws_agent))
+    r.add_get("/ui/ws/live", _guard(p.LIVE, _ws_live))
 
 
 # --- pages -----------------------------------------------------------------------------------
@@ -266,7 +249,11 @@ def _page_for(name: str) -> Handler:
 
 
 async def _home(_: web.Request, principal: Principal) -> web.StreamResponse:
-    raise web.HTTPSeeOther("/ui/agent" if principal.role == "agent" else "/ui/supervisor")
+    raise web.HTTPSeeOther(_home_of(principal))
+
+
+def _home_of(principal: Principal) -> str:
+    return "/ui/agent" if principal.role is Role.AGENT else "/ui/supervisor"
 
 
 async def _static(request: web.Request) -> web.StreamResponse:
@@ -278,11 +265,11 @@ async def _static(request: web.Request) -> web.StreamResponse:
 
 
 async def _login(request: web.Request) -> web.StreamResponse:
-    svc = request.app[KEY]
-    peer = request.remote or "?"
+    ctx = request.app[KEY].auth
+    peer = peer_of(request)
     if not same_origin(request):
         return _json({"error": "forbidden"}, status=403)
-    if svc._throttled(peer):
+    if ctx.throttled(peer):
         return _json({"error": "too_many_attempts"}, status=429)
     if request.content_type == "application/json":
         try:
@@ -293,25 +280,22 @@ async def _login(request: web.Request) -> web.StreamResponse:
     else:
         form = await request.post()
         token = str(form.get("token", ""))
-    principal = svc.auth.authenticate(token.strip())
-    found = svc.auth.lookup(principal.user) if principal is not None else None
+    principal = await ctx.directory.authenticate(token.strip())
+    found = ctx.directory.lookup(principal.user) if principal is not None else None
     if principal is None or found is None:
-        svc._failed(peer)
+        ctx.failed(peer)
         log.warning("web sign-in refused from %s", peer)
         return _json({"error": "bad_token"}, status=401)
     log.info("web sign-in: %s (%s) from %s", principal.user, principal.role, peer)
-    response = _json({"user": principal.user, "role": principal.role,
-                      "agent": principal.agent,
-                      "home": "/ui/agent" if principal.role == "agent" else "/ui/supervisor"})
-    response.set_cookie(COOKIE, svc.codec.encode(principal.user, found[1]),
-                        max_age=int(svc.settings.session_ttl_s), httponly=True,
-                        samesite="Strict", path="/ui/", secure=request.secure)
+    response = _json({"user": principal.user, "role": str(principal.role),
+                      "agent": principal.agent, "home": _home_of(principal)})
+    set_cookie(response, request, ctx.codec, principal.user, found[1])
     return response
 
 
 async def _logout(request: web.Request) -> web.StreamResponse:
     response = _json({"ok": True})
-    response.del_cookie(COOKIE, path="/ui/")
+    response.del_cookie(COOKIE, path="/")
     return response
 
 
@@ -319,7 +303,7 @@ async def _logout(request: web.Request) -> web.StreamResponse:
 def _watched_agent(request: web.Request, principal: Principal) -> str | None:
     """The agent whose cards are asked for: an agent's own; others name one."""
     wanted = request.query.get("agent") or principal.agent
-    if not wanted or not principal.may_watch(wanted):
+    if not wanted or not principal.may_act_for(wanted):
         return None
     return wanted
 
@@ -332,11 +316,12 @@ async def _me(request: web.Request, principal: Principal) -> web.StreamResponse:
         "user": principal.user, "role": principal.role, "agent": principal.agent,
         "agent_name": entry[0] if entry else None,
         "device": entry[1] if entry else None,
-        "can": {p: principal.can(p) for p in ("live", "customers", "cards", "dispose")},
+        "can": {str(p): principal.can(p) for p in (Permission.LIVE, Permission.CUSTOMERS,
+                                                    Permission.CARDS, Permission.DISPOSE)},
         "dispositions": [d.model_dump() for d in svc.settings.dispositions],
         "language": svc.settings.language,
         "wrapup_s": svc.settings.wrapup_s if svc.wrapup is not None else 0,
-        "agents": sorted(roster) if principal.can("customers") else [],
+        "agents": sorted(roster) if principal.can(Permission.CUSTOMERS) else [],
     })
 
 
@@ -361,12 +346,10 @@ async def _dispose(request: web.Request, principal: Principal) -> web.StreamResp
     note = str(body.get("note", "") or "") if isinstance(body, dict) else ""
     if code not in {d.code for d in svc.settings.dispositions}:
         return _json({"error": "unknown_code"}, status=400)
-    from ami.records import record_key_for
-
     answered = svc.live.answered_by(lid)
     if answered is not None and answered != agent:
         return _json({"error": "not_yours"}, status=403)
-    result = await svc.wrapup.dispose(record_key_for(lid), agent, code, note)
+    result = await svc.wrapup.dispose(svc.record_key_for(lid), agent, code, note)
     if result == "not-yours":
         return _json({"error": "not_yours"}, status=403)
     if result == "gone":
@@ -378,7 +361,7 @@ async def _dispose(request: web.Request, principal: Principal) -> web.StreamResp
 
 async def _live(request: web.Request, principal: Principal) -> web.StreamResponse:
     svc = request.app[KEY]
-    return _json(await svc.figures(customers=principal.can("customers")))
+    return _json(await svc.figures(customers=principal.can(Permission.CUSTOMERS)))
 
 
 async def _today(request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -452,7 +435,7 @@ async def _ws_agent(request: web.Request, principal: Principal) -> web.StreamRes
     sink = Sink(agent=agent)
     hello = json.dumps({"type": "hello", "agent": agent, "cards": svc.live.cards_for(agent)},
                        ensure_ascii=False)
-    own = principal.role == "agent"
+    own = principal.role is Role.AGENT
 
     def attach() -> None:
         svc.live.subscribe_agent(agent, sink)
@@ -469,7 +452,7 @@ async def _ws_agent(request: web.Request, principal: Principal) -> web.StreamRes
 
 async def _ws_live(request: web.Request, principal: Principal) -> web.StreamResponse:
     svc = request.app[KEY]
-    customers = principal.can("customers")
+    customers = principal.can(Permission.CUSTOMERS)
     sink = Sink(customers=customers)
     hello = json.dumps({"type": "live", "live": await svc.figures(customers=customers)},
                        ensure_ascii=False, default=str)

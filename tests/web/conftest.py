@@ -18,27 +18,24 @@ from aiohttp import web
 from ami.peer import AmiPeer, Recording
 from dialplan.peer import AsteriskAgiPeer, build_environment
 from router.app import serve
+from router.auth.roles import Role
+from router.auth.users import FileUserStore, make_user
 from router.samplecrm import make_app, start_sample_crm, state_of
-from router.settings import Settings, WebSettings, WebUser, load_settings
+from router.settings import Settings, WebSettings, load_settings
 from tests.redis_server import free_port
 
 ROOT = Path(__file__).parents[2]
 RECORDING = ROOT / "tests" / "fixtures" / "asterisk-22" / "ami-basic.raw"
 
-TOKENS = {
-    "li-na": "agent-7001-token-xyz",
-    "wang-wei": "agent-7002-token-xyz",
-    "chen-jie": "agent-7101-token-xyz",
-    "boss": "supervisor-token-xyz",
-    "looker": "viewer-token-xyzzz",
+#: The pages' users: (role, agent id). Their tokens are made per test (``service.tokens``).
+USERS: dict[str, tuple[Role, str | None]] = {
+    "li-na": (Role.AGENT, "7001"),
+    "wang-wei": (Role.AGENT, "7002"),
+    "chen-jie": (Role.AGENT, "7101"),
+    "boss": (Role.SUPERVISOR, None),
+    "looker": (Role.VIEWER, None),
 }
-USERS = [
-    WebUser(name="li-na", role="agent", agent="7001", token=TOKENS["li-na"]),
-    WebUser(name="wang-wei", role="agent", agent="7002", token=TOKENS["wang-wei"]),
-    WebUser(name="chen-jie", role="agent", agent="7101", token=TOKENS["chen-jie"]),
-    WebUser(name="boss", role="supervisor", token=TOKENS["boss"]),
-    WebUser(name="looker", role="viewer", token=TOKENS["looker"]),
-]
+ADMIN_TOKEN = "admin-token-abcdef"
 CRM_URL = "https://crm.example.test/customers/{id}"
 #: The example rules without business hours, so the route does not depend on the clock.
 RULES = """
@@ -88,6 +85,7 @@ class WebService:
     crm: web.Application
     ami: ScriptedAmi
     base: str
+    tokens: dict[str, str]
 
     def activities(self) -> list[dict[str, Any]]:
         """Activities the sample CRM has stored."""
@@ -112,7 +110,7 @@ async def wait_for(predicate: Callable[[], object], timeout_s: float = 15.0) -> 
 
 def web_settings(**changes: Any) -> WebSettings:
     """The web section the tests run with."""
-    values: dict[str, Any] = {"users": USERS, "crm_url": CRM_URL, "wrapup_s": 30.0,
+    values: dict[str, Any] = {"crm_url": CRM_URL, "wrapup_s": 30.0,
                               "language": "en", "timezone": "Asia/Shanghai"}
     values.update(changes)
     return WebSettings(**values)
@@ -130,6 +128,11 @@ async def service(redis_url: str, tmp_path: Path) -> AsyncIterator[WebService]:
     assert activity is not None
     body = dict(activity.body) if isinstance(activity.body, dict) else {}
     body.update({"disposition": "{record.disposition}", "note": "{record.disposition_note}"})
+    store = FileUserStore(tmp_path / "users.json")
+    tokens = {}
+    for name, (role, agent) in USERS.items():
+        user, tokens[name] = make_user(name, role, agent)
+        await store.save(user)
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES, encoding="utf-8")
     settings = base.model_copy(update={
@@ -137,8 +140,8 @@ async def service(redis_url: str, tmp_path: Path) -> AsyncIterator[WebService]:
         "agi": base.agi.model_copy(update={"port": free_port()}),
         "ami": base.ami.model_copy(update={"port": ami.port, "reconnect_min_s": 0.05,
                                            "cdr_grace_s": 0.2}),
-        "admin": base.admin.model_copy(update={"port": free_port(),
-                                               "token": "admin-token-abcdef"}),
+        "admin": base.admin.model_copy(update={"port": free_port(), "token": ADMIN_TOKEN}),
+        "auth": base.auth.model_copy(update={"users_file": store.path}),
         "crm": base.crm.model_copy(update={
             "base_url": crm_url, "activity": activity.model_copy(update={"body": body})}),
         "redis": base.redis.model_copy(update={"url": redis_url}),
@@ -164,7 +167,7 @@ async def service(redis_url: str, tmp_path: Path) -> AsyncIterator[WebService]:
             if await up():
                 break
             await asyncio.sleep(0.02)
-        yield WebService(settings, app, ami, admin)
+        yield WebService(settings, app, ami, admin, tokens)
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 from playwright.async_api import expect
 
-from tests.web.conftest import TOKENS, WebService, wait_for
+from tests.web.conftest import WebService, wait_for
 
 # Call 1 of ami-basic.raw: Li Lei (+8613800138000) rings owner 7001, who answers.
 RING_7001 = (0, 50)        # up to DialBegin to Local/7001@agents
@@ -21,12 +21,12 @@ CARD = "#card-1795338333\\.0"  # the card's id, dot escaped for CSS
 NOTE = "#note-1795338333\\.0"
 
 
-async def sign_in(browser: Any, base: str, user: str) -> Any:
+async def sign_in(browser: Any, service: WebService, user: str) -> Any:
     """A fresh browser context (its own cookies) signed in as ``user`` via the form."""
     context = await browser.new_context(viewport={"width": 1366, "height": 768})
     page = await context.new_page()
-    await page.goto(f"{base}/ui/login")
-    await page.fill("#token", TOKENS[user])
+    await page.goto(f"{service.base}/ui/login")
+    await page.fill("#token", service.tokens[user])
     await page.keyboard.press("Enter")
     await page.wait_for_url("**/ui/agent" if user not in ("boss", "looker")
                             else "**/ui/supervisor")
@@ -43,8 +43,8 @@ async def test_card_pops_on_the_right_agent_only_and_disposition_reaches_crm(
     reaches the CRM on the call's one activity."""
     variables = await service.route("+8613800138000", "Li Lei", "1795338333.1")
     assert variables["CRM_CUSTOMER_ID"] == "C-1001"
-    mine = await sign_in(browser, service.base, "li-na")
-    other = await sign_in(browser, service.base, "wang-wei")
+    mine = await sign_in(browser, service, "li-na")
+    other = await sign_in(browser, service, "wang-wei")
 
     await service.ami.play(service.ami.events(*RING_7001))
     card = mine.locator(CARD)
@@ -102,8 +102,8 @@ async def test_queue_card_closes_when_another_agent_takes_the_call(
     answers, 7001's card closes and 7002's shows the talk timer; the page is in Chinese
     when the agent switches language."""
     await service.route("02150501234", "unknown", "1795338393.11")
-    a7001 = await sign_in(browser, service.base, "li-na")
-    a7002 = await sign_in(browser, service.base, "wang-wei")
+    a7001 = await sign_in(browser, service, "li-na")
+    a7002 = await sign_in(browser, service, "wang-wei")
     await a7001.click("#lang")  # 中文
     await service.ami.play(service.ami.events(*QUEUE_RINGS))
     await a7001.wait_for_selector(".card.ringing")
@@ -128,8 +128,8 @@ async def test_supervisor_sees_live_calls_alerts_and_today_viewer_sees_no_custom
     customer's name and the waiting count; the viewer's shows the call without the name
     and no CSV link; after the four calls end, today's charts and the CSV have them."""
     await service.route("13900139000", "Han Meimei", "1795338363.5")
-    boss = await sign_in(browser, service.base, "boss")
-    looker = await sign_in(browser, service.base, "looker")
+    boss = await sign_in(browser, service, "boss")
+    looker = await sign_in(browser, service, "looker")
     await service.ami.play(service.ami.events(0, 170))  # call 1 done, call 2 queued
     await expect(boss.locator("#tiles .tile .value").first).to_have_text("1")
     boss_text = await boss.inner_text("main")

@@ -18,7 +18,7 @@ from dialplan.peer import AsteriskAgiPeer, build_environment
 from dialplan.route import make_route_handler
 from dialplan.server import AgiServer
 from router.app import build_router
-from router.presence import Presence
+from router.rules.presence import Presence
 from router.samplecrm import make_app, start_sample_crm
 from router.settings import AmiSettings, load_settings
 from router.web.decisions import DecisionStore

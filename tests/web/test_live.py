@@ -13,7 +13,7 @@ import pytest
 from ami.peer import Recording
 from ami.protocol import Message
 from router.models import Customer
-from router.presence import Presence
+from router.rules.presence import Presence
 from router.web.decisions import CallDecision, DecisionStore
 from router.web.live import MAX_CALL_AGE_S, LiveState, Sink
 
