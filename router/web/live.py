@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
+from urllib.parse import quote
 
 from router.rules.presence import Presence, device_of
 from router.web.decisions import CallDecision, DecisionStore
@@ -475,7 +476,7 @@ class LiveState:
             customer = {**customer, **ring.extra["customer"]}
         crm_link = None
         if customer is not None and self.crm_url:
-            crm_link = self.crm_url.replace("{id}", str(customer["id"]))
+            crm_link = self.crm_url.replace("{id}", quote(str(customer["id"]), safe=""))
         rule = d.rule if d is not None else v.get("ROUTE_RULE")
         return {
             "call": call.linkedid,

@@ -1,0 +1,88 @@
+"""The push channel against the running service (no browser): what an agent's socket
+receives for a call routed by another instance, and the card's history."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from tests.web.conftest import WebService, wait_for
+
+CALL1 = (0, 101)
+
+
+def renamed(blocks: list[bytes], tag: bytes) -> list[bytes]:
+    """The same call with other Uniqueids/Linkedids (a new call of the same caller)."""
+    return [b.replace(b"179533", tag) for b in blocks]
+
+
+async def next_card(ws: aiohttp.ClientWebSocketResponse, want: Any) -> dict[str, Any]:
+    """The next message on ``ws`` for which ``want(message)`` holds (bounded)."""
+    async with asyncio.timeout(10):
+        while True:
+            msg = json.loads((await ws.receive()).data)
+            if want(msg):
+                return dict(msg)
+
+
+async def test_call_routed_elsewhere_is_completed_from_the_crm_and_history(
+    service: WebService,
+) -> None:
+    """A call whose FastAGI ran on another instance (no decision here) first pops with
+    what its channel variables say (customer id, tier), then is completed with the
+    customer's card from the CRM lookup and the last calls from callroute's own history,
+    which holds the caller's earlier call with its outcome and agent."""
+    await service.route("+8613800138000", "Li Lei", "1795338333.1")
+    await service.ami.play(service.ami.events(*CALL1))
+    await wait_for(lambda: len(service.activities()) == 1)  # filed in the history too
+    headers = {"Authorization": f"Bearer {service.tokens['li-na']}"}
+    async with aiohttp.ClientSession() as http, \
+            http.ws_connect(f"{service.base}/ui/ws/agent", headers=headers) as ws:
+        hello = json.loads((await ws.receive()).data)
+        assert hello["type"] == "hello"
+        await service.ami.play(renamed(service.ami.events(*CALL1[:1], 50), b"279533"))
+        first = await next_card(ws, lambda m: m["type"] == "card")
+        card = first["card"]
+        assert card["call"] == "2795338333.0" and card["state"] == "ringing"
+        assert card["customer"]["id"] == "C-1001" and card["customer"]["tier"] == "gold"
+        full = await next_card(ws, lambda m: m["type"] == "card" and m["card"]["last_calls"]
+                               is not None)
+        customer = full["card"]["customer"]
+        assert (customer["name"], customer["value"], customer["owner"]) == \
+            ("Li Lei", 52000.0, "7001")
+        last = full["card"]["last_calls"]
+        assert [c["call"] for c in last] == ["1795338333.0"]
+        assert (last[0]["outcome"], last[0]["agent"]) == ("answered", "7001")
+        assert full["card"]["why"]["owner"] is True
+
+
+async def test_only_the_rung_agent_socket_gets_the_card(service: WebService) -> None:
+    """With three agents' sockets open, the ring of 7001 reaches 7001's socket only;
+    a supervisor watching 7001 gets it too."""
+    await service.route("+8613800138000", "Li Lei", "1795338333.1")
+    got: dict[str, list[dict[str, Any]]] = {}
+
+    async def listen(user: str, query: str = "") -> None:
+        headers = {"Authorization": f"Bearer {service.tokens[user]}"}
+        async with aiohttp.ClientSession() as http, \
+                http.ws_connect(f"{service.base}/ui/ws/agent{query}", headers=headers) as ws:
+            got[user] = []
+            async for msg in ws:
+                got[user].append(json.loads(msg.data))
+
+    tasks = [asyncio.create_task(listen(u)) for u in ("li-na", "wang-wei", "chen-jie")]
+    tasks.append(asyncio.create_task(listen("boss", "?agent=7001")))
+    await wait_for(lambda: len(got) == 4 and all(got.values()))  # every hello in
+    await service.ami.play(service.ami.events(0, 50))
+    await wait_for(lambda: any(m["type"] == "card" for m in got["li-na"]))
+    await wait_for(lambda: any(m["type"] == "card" for m in got["boss"]))
+    await asyncio.sleep(0.3)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert [m["type"] for m in got["wang-wei"]] == ["hello"]
+    assert [m["type"] for m in got["chen-jie"]] == ["hello"]
+    assert got["li-na"][1]["card"]["customer"]["name"] == "Li Lei"
