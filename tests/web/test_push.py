@@ -46,8 +46,10 @@ async def test_call_routed_elsewhere_is_completed_from_the_crm_and_history(
         await service.ami.play(renamed(service.ami.events(*CALL1[:1], 50), b"279533"))
         first = await next_card(ws, lambda m: m["type"] == "card")
         card = first["card"]
-        assert card["call"] == "2795338333.0" and card["state"] == "ringing"
-        assert card["customer"]["id"] == "C-1001" and card["customer"]["tier"] == "gold"
+        assert card["call"] == "2795338333.0"
+        assert card["state"] == "ringing"
+        assert card["customer"]["id"] == "C-1001"
+        assert card["customer"]["tier"] == "gold"
         full = await next_card(ws, lambda m: m["type"] == "card" and m["card"]["last_calls"]
                                is not None)
         customer = full["card"]["customer"]
