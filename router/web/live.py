@@ -7,6 +7,8 @@ the routing variables (``VarSet``), the agents rung (``DialBegin`` to an agent's
 queue wait, and hangups. Agents are recognised by device through the rules' agents
 table.
 
+Only calls callroute routed pop a card (its decision is here, or its ``ROUTE_*``/``CRM_*``
+variables were seen), so internal calls between extensions stay off the agents' pages.
 Each change of what an agent should see is pushed at once, as one JSON text, to that
 agent's connected pages only (:class:`Sink`): a ``card`` (ringing, talking, ended) or a
 ``close`` (taken by another agent, not answered, done). The supervisor's pages get a
@@ -305,8 +307,16 @@ class LiveState:
         call.queue = queue
         self._ring(call, agent, device, "queue", queue, h.get("DestUniqueid"))
 
+    @staticmethod
+    def _routed(call: LiveCall) -> bool:
+        """Whether callroute routed this call (a decision here, or its variables seen):
+        internal calls between extensions pop no card."""
+        return call.decision is not None or bool(call.vars)
+
     def _ring(self, call: LiveCall, agent: str, device: str, via: str, queue: str | None,
               dest_uid: str | None) -> None:
+        if not self._routed(call):
+            return
         ring = call.rings.get(agent)
         if ring is not None and ring.state == "ringing":
             if dest_uid and ring.dest_uid is None:
@@ -330,6 +340,8 @@ class LiveState:
         call.answered_agent, call.answered_at = agent, now
         call.waiting_since = None
         self.dirty = True
+        if not self._routed(call):
+            return
         for other, ring in list(call.rings.items()):
             if other == agent:
                 ring.state, ring.answered_at = "talking", now

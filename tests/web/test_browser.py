@@ -46,6 +46,7 @@ async def test_card_pops_on_the_right_agent_only_and_disposition_reaches_crm(
     mine = await sign_in(browser, service, "li-na")
     other = await sign_in(browser, service, "wang-wei")
 
+    before_mine, before_other = await mine.screenshot(), await other.screenshot()
     await service.ami.play(service.ami.events(*RING_7001))
     card = mine.locator(CARD)
     await card.wait_for()
@@ -60,8 +61,10 @@ async def test_card_pops_on_the_right_agent_only_and_disposition_reaches_crm(
     shot_other = tmp_path / "agent-7002-empty.png"
     await mine.screenshot(path=str(shot_mine))
     await other.screenshot(path=str(shot_other))
-    assert shot_mine.stat().st_size > 0
-    assert shot_other.stat().st_size > 0
+    # The pictures themselves: 7001's page changed; 7002's is the very image it was
+    # before the ring (nothing appeared on it).
+    assert shot_mine.read_bytes() != before_mine
+    assert shot_other.read_bytes() == before_other
     assert await other.locator(".card").count() == 0
     assert await other.locator("#empty").is_visible()
     assert "Li Lei" not in await other.inner_text("body")

@@ -204,6 +204,7 @@ async def test_stale_calls_are_swept_and_slow_pages_marked() -> None:
     live = LiveState(AGENTS.get, clock=clock)
     sink = Sink(agent="7001", limit=2)
     live.subscribe_agent("7001", sink)
+    live.handle(_varset("x.1", "ROUTE_QUEUE", "support"))
     live.handle(Message({"Event": "DialBegin", "Uniqueid": "x.2", "Linkedid": "x.1",
                          "DestChannel": "Local/7001@agents-00000001;1",
                          "DestUniqueid": "x.3"}))
@@ -233,3 +234,20 @@ async def test_unknown_devices_and_malformed_events_change_nothing() -> None:
                     {"Response": "Success"}):
         live.handle(Message(headers))
     assert sink.queue.empty()
+
+
+async def test_calls_callroute_did_not_route_pop_no_card() -> None:
+    """An internal call (no decision, no ROUTE_*/CRM_* variable) ringing and answered by
+    7001 puts nothing on 7001's page; the supervisor still sees it talking."""
+    live = LiveState(AGENTS.get)
+    sink = Sink(agent="7001")
+    live.subscribe_agent("7001", sink)
+    for headers in ({"Event": "Newchannel", "Uniqueid": "i.1", "Linkedid": "i.1",
+                     "CallerIDNum": "7002"},
+                    {"Event": "DialBegin", "Uniqueid": "i.1", "Linkedid": "i.1",
+                     "DestChannel": "Local/7001@agents-00000009;1", "DestUniqueid": "i.2"},
+                    {"Event": "DialEnd", "Uniqueid": "i.1", "Linkedid": "i.1",
+                     "DestChannel": "Local/7001@agents-00000009;1", "DialStatus": "ANSWER"}):
+        live.handle(Message(headers))
+    assert sink.queue.empty()
+    assert live.snapshot(customers=True)["talking"] == 1
