@@ -152,6 +152,10 @@ async def test_supervisor_sees_live_calls_alerts_and_today_viewer_sees_no_custom
     await boss.wait_for_selector("#chart-hours svg rect")
     assert await boss.locator("#chart-hours svg rect").count() >= 1
     await boss.screenshot(path=str(tmp_path / "supervisor-today.png"), full_page=True)
+    await boss.click("#lang")
+    await expect(boss.locator("h2 [data-t=today]")).to_have_text("今日")
+    assert "每小时通话（按结果）" in await boss.inner_text("main")
+    await boss.screenshot(path=str(tmp_path / "supervisor-today-zh.png"), full_page=True)
     async with boss.expect_download() as info:
         await boss.click("#csv")
     download = await info.value

@@ -93,6 +93,9 @@ window.CR_STRINGS = {
     state: "State",
     tier_none: "no tier",
     customers_hidden: "hidden for your role",
+    dev_NOT_INUSE: "free", dev_IDLE: "free", dev_INUSE: "in use", dev_BUSY: "busy",
+    dev_RINGING: "ringing", dev_RINGINUSE: "ringing (in use)", dev_ONHOLD: "on hold",
+    dev_UNAVAILABLE: "unavailable", dev_INVALID: "invalid", dev_UNKNOWN: "unknown",
   },
   zh: {
     app: "callroute",
@@ -186,5 +189,8 @@ window.CR_STRINGS = {
     state: "状态",
     tier_none: "无等级",
     customers_hidden: "您的角色不可见",
+    dev_NOT_INUSE: "空闲", dev_IDLE: "空闲", dev_INUSE: "使用中", dev_BUSY: "忙",
+    dev_RINGING: "振铃中", dev_RINGINUSE: "振铃（使用中）", dev_ONHOLD: "保持",
+    dev_UNAVAILABLE: "不可用", dev_INVALID: "无效", dev_UNKNOWN: "未知",
   },
 };

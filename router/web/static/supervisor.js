@@ -31,7 +31,7 @@
   }
   function bars(groups, series, max, fmt, labelEvery) {
     // groups: [{label, values: {series: number}}]; stacked bars, one per group.
-    const w = 420, h = 180, base = 150, left = 34, right = 6;
+    const w = 420, h = 180, base = 150, left = 46, right = 6;
     const chart = svg("svg", {viewBox: `0 0 ${w} ${h}`, role: "img", class: "chart"});
     const top = max || Math.max(1, ...groups.map((g) => series.reduce((s, k) => s + (g.values[k] || 0), 0)));
     chart.append(svg("line", {x1: left, y1: base, x2: w - right, y2: base, class: "axis"}));
@@ -86,7 +86,8 @@
       c.queue || t("direct"), c.agent, c.wait_s !== null ? CR.duration(c.wait_s) : CR.duration(c.since_s), c.rule]);
     document.getElementById("calls").replaceChildren(table([t("customer"), t("tier"), t("state"), t("queue"), t("agent_id"), t("longest_wait"), t("rule")], calls));
     document.getElementById("agents").replaceChildren(table([t("agent_id"), "", t("presence"), t("on_call"), t("page")],
-      live.agents.map((a) => [a.id, a.name, a.presence, a.call ? t(a.call) : "", a.page ? "●" : ""])));
+      live.agents.map((a) => [a.id, a.name, a.presence ? t("dev_" + a.presence) : null,
+        a.call ? t(a.call) : "", a.page ? "●" : ""])));
     document.getElementById("rules").replaceChildren(table([t("rule"), t("reason"), t("calls")],
       live.rules_hour.map((r) => [r.rule, r.reason, r.calls])));
     const lk = live.lookups || {};
