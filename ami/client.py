@@ -116,6 +116,9 @@ class AmiClient:
         self._connected_event = asyncio.Event()
         #: Extra consumers of every event (e.g. the screen pop), called after the tracker.
         self.listeners: list[Callable[[Message], None]] = []
+        #: Told the channels alive (``CoreShowChannels``) after each (re)connect, after
+        #: the tracker's own resync.
+        self.resync_listeners: list[Callable[[list[Message]], object]] = []
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -343,7 +346,15 @@ class AmiClient:
                             "reconnected" if self.logins > 1 else "connected",
                             len(affected), ", ".join(affected))
 
-        await self.send_action("CoreShowChannels", on_complete=apply)
+        def apply_all(result: ActionResult) -> None:
+            apply(result)
+            for listener in self.resync_listeners:
+                try:
+                    listener(result.events if result.ok else [])
+                except Exception:
+                    log.exception("AMI resync listener failed")
+
+        await self.send_action("CoreShowChannels", on_complete=apply_all)
 
     async def _read(
         self, reader: asyncio.StreamReader, parser: AmiParser, banner_seen: asyncio.Event

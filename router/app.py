@@ -302,6 +302,7 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
         ami = AmiClient(settings.ami, tracker=tracker)
         if web_parts is not None:
             ami.listeners.append(web_parts.live.handle)
+            ami.resync_listeners.append(web_parts.live.resync)
         await ami.start()
 
         async def stop_ami() -> None:

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from urllib.parse import quote
@@ -37,6 +37,8 @@ ROUTE_VARS = frozenset({"ROUTE_RULE", "ROUTE_REASON", "CRM_CUSTOMER_ID", "CRM_TI
                         "ROUTE_TARGET", "ROUTE_QUEUE", "CRM_OWNER"})
 #: A call older than this is dropped from the live view (events were missed).
 MAX_CALL_AGE_S = 6 * 3600.0
+#: A ring older than this is closed (its end was missed: no Dial rings for 10 minutes).
+MAX_RING_S = 600.0
 #: How long an ended card is kept for a page that reconnects (beyond the wrap-up time).
 ENDED_GRACE_S = 60.0
 MAX_ENDED = 5000
@@ -431,6 +433,23 @@ class LiveState:
             self._push(ring.agent, {"type": "card", "card": card})
         self.dirty = True
 
+    def resync(self, channels: Sequence[Event]) -> int:
+        """After an AMI (re)connect: the channels alive now (``CoreShowChannels``). Calls
+        none of whose channels is alive ended while the link was down: their cards close
+        (ringing) or end (talking). Returns how many calls ended so."""
+        alive = {uid for msg in channels if (uid := msg.headers.get("Uniqueid"))}
+        gone = [call for call in self.calls.values() if not call.uids & alive]
+        for call in gone:
+            for ring in list(call.rings.values()):
+                self._ring_over(call, ring)
+            for uid in call.uids:
+                self._uid_lid.pop(uid, None)
+            del self.calls[call.linkedid]
+        if gone:
+            self.dirty = True
+            log.info("live view: %d call(s) ended while AMI was away", len(gone))
+        return len(gone)
+
     # --- after the call -------------------------------------------------------------------
     def _remember_ended(self, lid: str, agent: str, card: dict[str, Any]) -> None:
         entry = self._ended.get(lid)
@@ -556,6 +575,13 @@ class LiveState:
         """Drop calls older than :data:`MAX_CALL_AGE_S` (their end was missed) and ended
         cards past their wrap-up; return how many calls were dropped."""
         now = self.clock()
+        for call in self.calls.values():  # no phone rings this long: its end was missed
+            for ring in [r for r in call.rings.values()
+                         if r.state == "ringing" and now - r.since > MAX_RING_S]:
+                del call.rings[ring.agent]
+                self._push(ring.agent, {"type": "close", "call": call.linkedid,
+                                        "why": "missed"})
+                self.dirty = True
         old = [lid for lid, c in self.calls.items() if now - c.started > MAX_CALL_AGE_S]
         for lid in old:
             call = self.calls.pop(lid)

@@ -30,9 +30,11 @@ async def test_a_failing_listener_neither_stops_the_tracker_nor_the_others(
     fixtures_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Listeners get every event after the tracker; one that raises is logged per
-    event, and the tracker still emits its four records and the next listener sees all."""
+    event, and the tracker still emits its four records and the next listener sees all.
+    Resync listeners are told the channels alive after the login, even when one raises."""
     records: list[CallRecord] = []
     seen: list[str] = []
+    resyncs: list[int] = []
 
     def broken(msg: Message) -> None:
         raise RuntimeError("listener bug")
@@ -44,6 +46,7 @@ async def test_a_failing_listener_neither_stops_the_tracker_nor_the_others(
                                        secret="routersecret"),
                            tracker=tracker, flush_interval_s=0.02)
         client.listeners += [broken, lambda m: seen.append(m.event or "")]
+        client.resync_listeners += [lambda ch: 1 / 0, lambda ch: resyncs.append(len(ch))]
         await client.start()
         try:
             await peer.wait_replayed(10.0)
@@ -56,6 +59,8 @@ async def test_a_failing_listener_neither_stops_the_tracker_nor_the_others(
     assert len(records) == 4
     assert len(seen) == len(peer.recording.events)
     assert caplog.text.count("AMI event listener failed") == len(seen)
+    assert len(resyncs) == 1  # one login, one CoreShowChannels answer
+    assert "AMI resync listener failed" in caplog.text
 
 
 async def test_route_handler_tells_the_listener_after_answering(redis_url: str) -> None:

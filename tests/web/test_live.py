@@ -15,7 +15,7 @@ from ami.protocol import Message
 from router.models import Customer
 from router.rules.presence import Presence
 from router.web.decisions import CallDecision, DecisionStore
-from router.web.live import MAX_CALL_AGE_S, LiveState, Sink
+from router.web.live import MAX_CALL_AGE_S, MAX_RING_S, LiveState, Sink
 
 AGENTS = {"Local/7001@agents": "7001", "Local/7002@agents": "7002",
           "Local/7008@agents": "7008", "Local/7009@agents": "7009",
@@ -251,3 +251,30 @@ async def test_calls_callroute_did_not_route_pop_no_card() -> None:
         live.handle(Message(headers))
     assert sink.queue.empty()
     assert live.snapshot(customers=True)["talking"] == 1
+
+
+async def test_calls_that_ended_while_ami_was_away_close_their_cards(
+    fixtures_dir: Path,
+) -> None:
+    """After a reconnect, resync() with the channels alive ends the calls none of whose
+    channels is left: a ringing card closes, a talking one ends (for the disposition);
+    a call still alive stays."""
+    clock = Clock()
+    live = LiveState(AGENTS.get, clock=clock)
+    sinks = {a: Sink(agent=a) for a in ("7001", "7009")}
+    for agent, sink in sinks.items():
+        live.subscribe_agent(agent, sink)
+    msgs = events(fixtures_dir)
+    for msg in msgs[:60]:   # call 1 answered by 7001
+        live.handle(msg)
+    for msg in msgs[102:154]:  # call 2 ringing 7009
+        live.handle(msg)
+    drained(sinks["7001"]), drained(sinks["7009"])
+    alive = [Message({"Event": "CoreShowChannel", "Uniqueid": "1795338363.5"})]
+    assert live.resync(alive) == 1
+    assert steps(drained(sinks["7001"])) == [("card", "1795338333.0", "ended")]
+    assert drained(sinks["7009"]) == []
+    assert list(live.calls) == ["1795338363.4"]
+    clock.now += MAX_RING_S + 1
+    live.sweep()
+    assert steps(drained(sinks["7009"])) == [("close", "1795338363.4", "missed")]
