@@ -49,6 +49,7 @@ async def test_a_failing_listener_neither_stops_the_tracker_nor_the_others(
         client.resync_listeners += [lambda ch: 1 / 0, lambda ch: resyncs.append(len(ch))]
         await client.start()
         try:
+            await client.wait_connected(10.0)  # logged in and the view rebuilt
             await peer.wait_replayed(10.0)
             for _ in range(500):
                 if len(records) >= 4:
