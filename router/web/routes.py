@@ -336,7 +336,7 @@ async def _dispose(request: web.Request, principal: Principal) -> web.StreamResp
     svc = request.app[KEY]
     lid = request.match_info["call"]
     agent = principal.agent
-    if svc.wrapup is None or agent is None:
+    if svc.wrapup is None or agent is None or svc.settings.wrapup_s <= 0:
         return _json({"error": "not_available"}, status=503)
     try:
         body = await request.json()
@@ -408,22 +408,28 @@ async def _pump(ws: web.WebSocketResponse, sink: Sink) -> None:
         await ws.send_str(text)
 
 
-async def _serve_socket(request: web.Request, sink: Sink, hello: str,
+async def _serve_socket(request: web.Request, sink: Sink,
+                        hello: Callable[[], Awaitable[str]],
                         attach: Callable[[], None], detach: Callable[[], None]
                         ) -> web.WebSocketResponse:
+    """Serve one page's socket: subscribed first, then the hello (the state now), then
+    every push. A push made meanwhile is queued behind the hello, never lost (the page
+    takes a card twice as one)."""
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=4096)
     await ws.prepare(request)
-    await ws.send_str(hello)
     attach()
-    pump = asyncio.create_task(_pump(ws, sink))
+    pump: asyncio.Task[None] | None = None
     try:
+        await ws.send_str(await hello())
+        pump = asyncio.create_task(_pump(ws, sink))
         async for msg in ws:  # the page sends nothing we need; read to see the close
             if msg.type == WSMsgType.ERROR:
                 break
     finally:
         detach()
-        pump.cancel()
-        await asyncio.gather(pump, return_exceptions=True)
+        if pump is not None:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
     return ws
 
 
@@ -433,9 +439,11 @@ async def _ws_agent(request: web.Request, principal: Principal) -> web.StreamRes
     if agent is None:
         return _json({"error": "forbidden"}, status=403)
     sink = Sink(agent=agent)
-    hello = json.dumps({"type": "hello", "agent": agent, "cards": svc.live.cards_for(agent)},
-                       ensure_ascii=False)
     own = principal.role is Role.AGENT
+
+    async def hello() -> str:
+        return json.dumps({"type": "hello", "agent": agent,
+                           "cards": svc.live.cards_for(agent)}, ensure_ascii=False)
 
     def attach() -> None:
         svc.live.subscribe_agent(agent, sink)
@@ -454,8 +462,11 @@ async def _ws_live(request: web.Request, principal: Principal) -> web.StreamResp
     svc = request.app[KEY]
     customers = principal.can(Permission.CUSTOMERS)
     sink = Sink(customers=customers)
-    hello = json.dumps({"type": "live", "live": await svc.figures(customers=customers)},
-                       ensure_ascii=False, default=str)
+
+    async def hello() -> str:
+        return json.dumps({"type": "live", "live": await svc.figures(customers=customers)},
+                          ensure_ascii=False, default=str)
+
     return await _serve_socket(request, sink, hello, lambda: svc.live.subscribe_live(sink),
                                lambda: svc.live.unsubscribe_live(sink))
 
