@@ -23,7 +23,13 @@ from aiohttp import web
 from dialplan.explain import outcome_to_dict
 from dialplan.route import Router, make_route_handler
 from dialplan.server import AgiServer
-from router.admin import AdminDeps, add_crm_webhook, auth_context, make_admin_app
+from router.admin import (
+    AdminDeps,
+    add_crm_webhook,
+    auth_context,
+    connect_actions,
+    make_admin_app,
+)
 from router.crm.rest import RestConnector
 from router.lookup.cache import TwoLevelCache
 from router.lookup.cached_lookup import CachedLookup
@@ -107,7 +113,7 @@ def assemble_admin(settings: Settings, deps: AdminDeps, cache: TwoLevelCache,
     """The admin HTTP application as ``serve`` runs it: the API, the CRM webhook and what
     ``extra`` adds (every route with its access rule; tests enumerate them all)."""
     app = make_admin_app(deps)
-    add_crm_webhook(app, cache, settings)
+    add_crm_webhook(app, cache, settings, deps.audit)
     if extra is not None:
         extra(app)
     return app
@@ -156,12 +162,17 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         background = await _start_records(settings, presence, stack, agents, web_parts)
 
         if settings.admin.enabled:
+            from router.auth.setup import start_audit
+
             deps = AdminDeps(explain=_explainer(router), presence=presence,
-                             auth=auth, checks=background.checks)
+                             auth=auth, checks=background.checks,
+                             audit=await start_audit(settings, stack))
             deps.checks["agi"] = _true
             deps.outbox_status = background.outbox_status
             lookup = router.lookup
             assert isinstance(lookup, CachedLookup)
+            connect_actions(deps, settings, watcher=watcher, cache=lookup.cache,
+                            outbox_redis=background.redis)
 
             web_service = None
             if web_parts is not None:
@@ -200,7 +211,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         gc.freeze()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, watcher.reload)
+        loop.add_signal_handler(signal.SIGHUP, watcher.reload, "signal")
         log.info("callroute is running")
         await stop.wait()
         log.info("shutting down")
@@ -240,6 +251,8 @@ class _Background:
         self.checks: dict[str, Callable[[], Awaitable[bool]]] = {}
         self.outbox_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self.ami_connected: Callable[[], bool] | None = None
+        #: the outbox's Redis client (None: the outbox is off)
+        self.redis: Any | None = None
 
 
 async def _start_records(settings: Settings, presence: Presence, stack: AsyncExitStack,
@@ -260,6 +273,7 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
         return bg
     redis = connect_redis(settings)
     stack.push_async_callback(redis.aclose)
+    bg.redis = redis
     sink = RestConnector(settings.crm, region=settings.phone.default_region)
     stack.push_async_callback(sink.aclose)
     outbox = Outbox.from_settings(settings, redis)

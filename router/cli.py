@@ -10,6 +10,7 @@
 ``sync``        pre-warm the cache with customers changed since the last sync
 ``outbox``      inspect and re-send call records (``status|list|retry|replay``)
 ``users``       manage users, roles and tokens (``add|list|disable|enable|role|rotate``)
+``audit``       read the audit trail (``list|export --since --who --action``)
 ==============  ===================================================================
 """
 
@@ -75,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     from router.records import outbox_cli
 
     outbox_cli.register(sub)
-    from router.auth import users_cli
+    from router.auth import audit_cli, users_cli
 
     users_cli.register(sub)
+    audit_cli.register(sub)
     return parser
 
 

@@ -97,3 +97,13 @@ RECORDS = Counter(
     ["stage"], registry=REGISTRY,
 )
 OUTBOX_DEPTH = Gauge("callroute_outbox_depth", "Records waiting for delivery", registry=REGISTRY)
+
+# --- security (issue: protect the customers' data) ---------------------------------------
+AUDIT_ENTRIES = Counter(
+    "callroute_audit_entries", "Audit trail entries by where they were written",
+    ["outcome"], registry=REGISTRY,
+)
+AUTH_FAILURES = Counter(
+    "callroute_auth_failures", "Requests refused by the access check", ["status"],
+    registry=REGISTRY,
+)

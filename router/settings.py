@@ -279,6 +279,14 @@ class WebSettings(_Section):
         return self
 
 
+class AuditSettings(_Section):
+    """The audit trail (router.audit): who changed or read what, kept in a Redis Stream."""
+
+    retention_days: float = Field(180.0, gt=0, description="entries older are trimmed")
+    file: Path | None = Field(
+        None, description="also append each entry to this JSON-lines file (for a SIEM)")
+
+
 class Settings(_Section):
     """The whole configuration file."""
 
@@ -294,6 +302,7 @@ class Settings(_Section):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     log_level: str = "INFO"
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="auto: uvloop when installed, else asyncio's own loop"

@@ -38,6 +38,7 @@ from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 
+from router.audit import AuditEntry
 from router.auth.roles import LOCAL_ADMIN, Permission, Principal
 from router.auth.sessions import COOKIE, SAFE_METHODS, SessionCodec, same_origin
 from router.auth.users import Directory
@@ -301,3 +302,12 @@ def ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
         raise ConfigError(f"cannot load the TLS certificate {cert} and key {key}: {exc}",
                           location="admin.tls_cert") from exc
     return context
+
+
+def request_entry(request: web.Request, action: str, target: str, *, before: str = "",
+                  after: str = "", outcome: str = "ok") -> AuditEntry:
+    """An audit entry for an action taken through ``request`` by its principal."""
+    principal = principal_of(request)
+    return AuditEntry(who=principal.user, role=str(principal.role), action=action,
+                      target=target, source=peer_of(request), before=before, after=after,
+                      outcome=outcome)

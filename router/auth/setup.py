@@ -16,6 +16,8 @@ from contextlib import AsyncExitStack
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from router.audit import AuditLog
+from router.audit import from_settings as audit_from_settings
 from router.auth.access import AuthContext, check_exposure, is_loopback, ssl_context
 from router.auth.roles import Principal, Role
 from router.auth.sessions import SessionCodec
@@ -85,3 +87,10 @@ async def start_auth(settings: Settings, stack: AsyncExitStack) -> AuthContext:
     stack.push_async_callback(stop_refresh)
     codec = SessionCodec(secret_text(settings.auth.session_secret), settings.auth.session_ttl_s)
     return AuthContext(directory, codec, local_open=is_loopback(settings.admin.host))
+
+
+async def start_audit(settings: Settings, stack: AsyncExitStack) -> AuditLog:
+    """The audit trail, closed (after its background entries) when ``stack`` closes."""
+    audit = audit_from_settings(settings)
+    stack.push_async_callback(audit.aclose)
+    return audit

@@ -5,7 +5,7 @@ Users live where the service reads them (Redis, or ``auth.users_file``); running
 instances pick changes up within ``auth.refresh_s``. ``add`` and ``rotate`` print the new
 token once (only its scrypt hash is kept: a lost token is rotated, never recovered).
 Every change is written to the audit trail (:mod:`router.audit`) with the operating
-system user who ran the command.
+system user who ran the command and hashes of the user before and after.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from router.audit import AuditEntry, cli_actor, state_hash
+from router.audit import from_settings as audit_from_settings
 from router.auth.roles import Role
 from router.auth.setup import user_store
 from router.auth.users import User, UserStore, check_user, make_user, rotated
@@ -28,16 +30,6 @@ from router.settings import Settings
 
 DEFAULT_CONFIG = "examples/config.yaml"
 Handler = Callable[[Settings, argparse.Namespace], int]
-#: Called after each change: (settings, action, user name, before, after).
-Audit = Callable[[Settings, str, str, User | None, User | None], Coroutine[Any, Any, None]]
-
-
-async def _no_audit(*_: Any) -> None:
-    return None
-
-
-#: Set by the front door (router.cli) to write the audit trail.
-audit_hook: list[Audit] = []
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -109,10 +101,22 @@ def _run(func: Command) -> Handler:
     return handler
 
 
+def _state(user: User | None) -> str:
+    """What the audit trail hashes of a user: everything stored (its token's hash too, so
+    a rotation shows as a change)."""
+    return state_hash(json.loads(user.to_json()) if user is not None else None)
+
+
 async def _audit(settings: Settings, action: str, name: str,
                  before: User | None, after: User | None) -> None:
-    for hook in audit_hook or [_no_audit]:
-        await hook(settings, action, name, before, after)
+    who, role, source = cli_actor()
+    audit = audit_from_settings(settings)
+    try:
+        await audit.write(AuditEntry(who=who, role=role, action=action, target=f"user:{name}",
+                                     source=source, before=_state(before),
+                                     after=_state(after)))
+    finally:
+        await audit.aclose()
 
 
 async def _get(store: UserStore, name: str) -> User:

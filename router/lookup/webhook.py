@@ -90,8 +90,13 @@ class _Refused(Exception):
         self.outcome = outcome
 
 
+#: Told of each applied webhook (the audit trail): the request, its payload, the result.
+Applied = Callable[[web.Request, "WebhookPayload", dict[str, int]], Awaitable[None]]
+
+
 def make_webhook_handler(
-    cache: TwoLevelCache, settings: Settings, *, clock: Callable[[], float] = time.time
+    cache: TwoLevelCache, settings: Settings, *, clock: Callable[[], float] = time.time,
+    on_applied: Applied | None = None,
 ) -> Handler:
     """The aiohttp handler for ``POST /webhooks/crm`` (see the module docstring)."""
     admin = settings.admin
@@ -117,10 +122,13 @@ def make_webhook_handler(
         payload = _parse(body)
         await _claim(cache, signature, admin.webhook_tolerance_s)
         try:
-            return await _apply(cache, payload, region, clock())
+            result = await _apply(cache, payload, region, clock())
         except CacheError as exc:
             await _unclaim(cache, signature)
             raise _Refused(503, "redis_unavailable", f"cache not updated: {exc}") from exc
+        if on_applied is not None:
+            await on_applied(request, payload, result)
+        return result
 
     return handler
 

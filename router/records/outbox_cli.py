@@ -28,6 +28,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from router.audit import AuditEntry, cli_actor, state_hash
+from router.audit import from_settings as audit_from_settings
 from router.errors import ConfigError
 from router.keys import Keys
 from router.records.outbox import Outbox, connect_redis, keys_from_settings, now_ms
@@ -304,8 +306,19 @@ async def _cmd_list(redis: Redis, settings: Settings, args: argparse.Namespace) 
     return 0
 
 
+async def _audit(redis: Redis, settings: Settings, action: str, done: list[str],
+                 asked: Any) -> None:
+    """One audit entry for a retry or replay run from the command line."""
+    who, role, source = cli_actor()
+    audit = audit_from_settings(settings, redis)
+    await audit.write(AuditEntry(who=who, role=role, action=action,
+                                 target=",".join(done)[:2000] or "-", source=source,
+                                 before=state_hash(asked), after=state_hash(sorted(done))))
+
+
 async def _cmd_retry(redis: Redis, settings: Settings, args: argparse.Namespace) -> int:
     moved = await retry_dead(redis, keys_from_settings(settings), args.key)
+    await _audit(redis, settings, "outbox.retry", moved, sorted(args.key or ["*"]))
     _emit(args, {"retried": moved}, f"moved {len(moved)} dead letter(s) back to the outbox")
     return 0 if moved or not args.key else 1
 
@@ -316,6 +329,9 @@ async def _cmd_replay(redis: Redis, settings: Settings, args: argparse.Namespace
         return 2
     queued = await replay(redis, keys_from_settings(settings), record_keys=args.key,
                           since=args.since, until=args.until, dead=args.dead)
+    await _audit(redis, settings, "outbox.replay", queued,
+                 {"keys": args.key, "since": args.since, "until": args.until,
+                  "dead": args.dead})
     _emit(args, {"replayed": queued}, f"queued {len(queued)} record(s) for delivery again")
     return 0 if queued else 1
 
