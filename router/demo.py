@@ -67,7 +67,8 @@ def _sample_crm_address(settings: Settings) -> tuple[str, int]:
 
 async def _start_crm(settings: Settings) -> web.AppRunner | None:
     host, port = _sample_crm_address(settings)
-    token = settings.crm.auth.token if settings.crm.auth.type == "bearer" else None
+    auth = settings.crm.auth
+    token = auth.token.get_secret_value() if auth.type == "bearer" else None
     try:
         runner, url = await start_sample_crm(host, port, make_app(token=token or None))
     except OSError:

@@ -592,7 +592,7 @@ async def serve_forever(
     """
     parts = urlsplit(settings.crm.base_url)
     auth = settings.crm.auth
-    app = make_app(token=auth.token if auth.type == "bearer" else None)
+    app = make_app(token=auth.token.get_secret_value() if auth.type == "bearer" else None)
     runner, url = await start_sample_crm(
         host or parts.hostname or "127.0.0.1", port if port is not None else (parts.port or 8088),
         app,

@@ -2,9 +2,11 @@
 
 Each section is a pydantic model with defaults, so a minimal file works. String
 values may use ``${VAR}`` or ``${VAR:-default}`` to take secrets from the
-environment. Paths (the rules file, the spool directory) are relative to the
-config file. Every error is a :class:`~router.errors.ConfigError` naming the file
-and the field.
+environment, and every secret (see :data:`SECRET_FIELDS`) may be read from a file
+with ``<name>_file: PATH`` instead; secrets are ``SecretStr`` (shown as ``**********``
+wherever settings are printed or logged). Paths (the rules file, the spool directory)
+are relative to the config file. Every error is a :class:`~router.errors.ConfigError`
+naming the file and the field.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class AmiSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(5038, ge=0, le=65535)
     username: str = "callroute"
-    secret: str = ""
+    secret: SecretStr = SecretStr("")
     connect_timeout_s: float = Field(5.0, gt=0)
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
@@ -108,7 +110,8 @@ class RedisSettings(_Section):
 
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "callroute:"
-    key_secret: str = Field("change-me", description="HMAC secret for hashing numbers in keys")
+    key_secret: SecretStr = Field(
+        SecretStr("change-me"), description="HMAC secret for hashing numbers in keys")
     socket_timeout_s: float = Field(0.05, gt=0)
     connect_timeout_s: float = Field(0.2, gt=0)
     down_backoff_s: float = Field(
@@ -201,8 +204,9 @@ class AdminSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8074, ge=0, le=65535)
-    token: str = Field("", description="bearer token for the admin API; empty = none")
-    webhook_secret: str = ""
+    token: SecretStr = Field(
+        SecretStr(""), description="bearer token of user admin on the admin API; empty = none")
+    webhook_secret: SecretStr = SecretStr("")
     webhook_tolerance_s: float = Field(300.0, gt=0)
     webhook_max_bytes: int = Field(262_144, ge=1024, description="largest webhook body")
     tls_cert: Path | None = Field(None, description="PEM certificate: serve over TLS")
@@ -329,6 +333,39 @@ def expand_env(value: Any) -> Any:
     return value
 
 
+#: Settings that hold secrets: each may instead be given as ``<name>_file: PATH`` (the
+#: file's content, without its trailing newline; relative to the config file), the way
+#: container secrets are mounted. They are ``SecretStr``: printed as ``**********``.
+SECRET_FIELDS = frozenset({"secret", "key_secret", "token", "webhook_secret",
+                           "session_secret", "key", "password", "keys"})
+
+
+def read_secret_files(value: Any, base_dir: Path, where: str = "") -> Any:
+    """Replace every ``<secret>_file: PATH`` of a YAML tree by ``<secret>: <content>``
+    (ConfigError naming the field when the file is unreadable or both are given)."""
+    if isinstance(value, list):
+        return [read_secret_files(v, base_dir, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    out: dict[Any, Any] = {}
+    for key, item in value.items():
+        name = str(key)
+        field = f"{where}.{name}" if where else name
+        base = name.removesuffix("_file")
+        if name.endswith("_file") and base in SECRET_FIELDS and isinstance(item, str):
+            if base in value:
+                raise ConfigError(f"give {base} or {name}, not both", location=field)
+            path = Path(item) if Path(item).is_absolute() else base_dir / item
+            try:
+                out[base] = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read the secret file {path}: {exc}",
+                                  location=field) from exc
+        else:
+            out[key] = read_secret_files(item, base_dir, field)
+    return out
+
+
 def read_yaml(path: Path) -> Any:
     """Parse a YAML file, translating I/O and syntax errors into ConfigError."""
     try:
@@ -359,7 +396,8 @@ def load_settings(path: str | Path) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping of sections", location=str(file))
     try:
-        settings = Settings.model_validate(expand_env(data))
+        settings = Settings.model_validate(
+            read_secret_files(expand_env(data), file.resolve().parent))
     except ValidationError as exc:
         raise ConfigError(validation_message(exc), location=str(file)) from exc
     settings.base_dir = file.resolve().parent

@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from router.crm.mapping import check_template, json_strings
 
@@ -42,12 +42,12 @@ class AuthSettings(_Model):
     """
 
     type: Literal["none", "bearer", "api_key", "basic"] = "none"
-    token: str = ""
+    token: SecretStr = SecretStr("")
     header: str = "X-API-Key"
-    key: str = ""
+    key: SecretStr = SecretStr("")
     location: Literal["header", "query"] = "header"
     username: str = ""
-    password: str = ""
+    password: SecretStr = SecretStr("")
 
     @model_validator(mode="after")
     def _complete(self) -> AuthSettings:
@@ -61,7 +61,7 @@ class AuthSettings(_Model):
     @property
     def secrets(self) -> list[str]:
         """The secret values (to mask wherever they could be printed)."""
-        return [s for s in (self.token, self.key, self.password) if s]
+        return [s.get_secret_value() for s in (self.token, self.key, self.password) if s]
 
 
 class _Request(_Model):

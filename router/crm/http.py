@@ -250,15 +250,15 @@ def _auth(settings: CrmSettings) -> tuple[dict[str, str], dict[str, str]]:
     params: dict[str, str] = {}
     auth = settings.auth
     if auth.type == "bearer":
-        headers["Authorization"] = f"Bearer {auth.token}"
+        headers["Authorization"] = f"Bearer {auth.token.get_secret_value()}"
     elif auth.type == "basic":
-        pair = f"{auth.username}:{auth.password}".encode()
+        pair = f"{auth.username}:{auth.password.get_secret_value()}".encode()
         headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
     elif auth.type == "api_key":
         if auth.location == "query":
-            params[auth.header] = auth.key
+            params[auth.header] = auth.key.get_secret_value()
         else:
-            headers[auth.header] = auth.key
+            headers[auth.header] = auth.key.get_secret_value()
     headers.setdefault("Accept", "application/json")
     return headers, params
 

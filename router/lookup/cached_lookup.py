@@ -100,7 +100,8 @@ class CachedLookup:
     @classmethod
     def from_settings(cls, settings: Settings, directory: CustomerDirectory) -> CachedLookup:
         """Build from the whole configuration; the Redis client is owned (closed by aclose)."""
-        keys = Keys(prefix=settings.redis.prefix, secret=settings.redis.key_secret.encode())
+        keys = Keys(prefix=settings.redis.prefix,
+                    secret=settings.redis.key_secret.get_secret_value().encode())
         return cls(directory, settings.redis.url, keys, settings.cache, settings.breaker,
                    redis_settings=settings.redis)
 

@@ -117,7 +117,7 @@ def make_webhook_handler(
         if not admin.webhook_secret:
             raise _Refused(503, "not_configured", "admin.webhook_secret is empty")
         body = await _read_body(request, admin.webhook_max_bytes)
-        signature = _check_signature(request, body, admin.webhook_secret)
+        signature = _check_signature(request, body, admin.webhook_secret.get_secret_value())
         _check_timestamp(request, clock(), admin.webhook_tolerance_s)
         payload = _parse(body)
         await _claim(cache, signature, admin.webhook_tolerance_s)

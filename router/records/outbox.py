@@ -117,7 +117,8 @@ def connect_redis(settings: Settings) -> Redis:
 
 def keys_from_settings(settings: Settings) -> Keys:
     """The key builder for this deployment."""
-    return Keys(prefix=settings.redis.prefix, secret=settings.redis.key_secret.encode())
+    return Keys(prefix=settings.redis.prefix,
+                secret=settings.redis.key_secret.get_secret_value().encode())
 
 
 async def ensure_group(redis: Redis, keys: Keys, group: str) -> None:

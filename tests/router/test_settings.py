@@ -36,7 +36,7 @@ def test_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     path = tmp_path / "c.yaml"
     path.write_text("ami:\n  secret: ${CR_SECRET}\n  username: ${CR_MISSING:-router}\n")
     settings = load_settings(path)
-    assert settings.ami.secret == "s3cret"
+    assert settings.ami.secret.get_secret_value() == "s3cret"
     assert settings.ami.username == "router"
 
 
@@ -80,4 +80,30 @@ def test_top_level_must_be_mapping(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
+        load_settings(path)
+
+
+def test_secrets_from_files_and_never_printed(tmp_path: Path) -> None:
+    """`<secret>_file:` reads the secret from a file (relative to the config, trailing
+    newline dropped); secrets print as asterisks in the settings' repr and JSON dump;
+    giving both forms or an unreadable file is a ConfigError naming the field."""
+    from router.errors import ConfigError
+
+    (tmp_path / "ami.secret").write_text("ami-s3cret\n")
+    (tmp_path / "crm.token").write_text("crm-t0ken")
+    path = tmp_path / "c.yaml"
+    path.write_text("ami: {secret_file: ami.secret}\n"
+                    f"crm: {{auth: {{type: bearer, token_file: {tmp_path / 'crm.token'}}}}}\n"
+                    "admin: {webhook_secret: hook-s3cret}\n")
+    settings = load_settings(path)
+    assert settings.ami.secret.get_secret_value() == "ami-s3cret"
+    assert settings.crm.auth.token.get_secret_value() == "crm-t0ken"
+    shown = repr(settings) + settings.model_dump_json() + str(settings.model_dump())
+    for secret in ("ami-s3cret", "crm-t0ken", "hook-s3cret", "change-me"):
+        assert secret not in shown
+    path.write_text("ami: {secret: a, secret_file: ami.secret}\n")
+    with pytest.raises(ConfigError, match=r"ami\.secret_file: give secret or secret_file"):
+        load_settings(path)
+    path.write_text("admin: {token_file: missing.txt}\n")
+    with pytest.raises(ConfigError, match=r"admin\.token_file: cannot read the secret file"):
         load_settings(path)

@@ -66,7 +66,7 @@ def test_secrets_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     """``${CRM_TOKEN}`` in the auth section is taken from the environment."""
     monkeypatch.setenv("CRM_TOKEN", "from-env")
     crm = _load(tmp_path, "auth: {type: bearer, token: '${CRM_TOKEN}'}")
-    assert crm.auth.token == "from-env"
+    assert crm.auth.token.get_secret_value() == "from-env"
     assert crm.auth.secrets == ["from-env"]
 
 
