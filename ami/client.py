@@ -315,7 +315,8 @@ class AmiClient:
         self.banner = parser.banner
         if not (parser.banner or "").startswith("Asterisk Call Manager"):
             raise AmiError(f"not an AMI server (banner {parser.banner!r})")
-        result = await self.send_action("Login", Username=s.username, Secret=s.secret.get_secret_value())
+        result = await self.send_action("Login", Username=s.username,
+                                        Secret=s.secret.get_secret_value())
         if not result.ok:
             raise AmiError(
                 f"AMI login as {s.username!r} rejected: {result.response.get('Message')}"

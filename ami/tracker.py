@@ -20,6 +20,7 @@ the tracker as ``VarSet`` events of the variables the FastAGI side sets.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -28,7 +29,7 @@ from datetime import UTC, datetime, tzinfo
 
 from ami.protocol import Message
 from ami.records import CallRecord, HangupCause, Outcome, record_key_for
-from router.log import bind_call
+from router.log import bind_call, mask_record
 from router.phone import normalize
 from router.rules.presence import Presence, device_of
 
@@ -553,7 +554,8 @@ class CallTracker:
             try:
                 self.on_record(record)
             except Exception:
-                log.exception("record consumer failed; record was %s", record.model_dump_json())
+                log.exception("record consumer failed; record was %s",
+                              json.dumps(mask_record(record.model_dump(mode="json"))))
 
     def _cdr_time(self, value: str | None) -> datetime | None:
         if not value:

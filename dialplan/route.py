@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from dialplan.server import AgiSession
 from router import metrics
 from router.errors import AgiHangup, CallrouteError
+from router.log import mask_number
 from router.lookup.base import Lookup
 from router.models import CallerNumber, Decision, LookupResult
 from router.phone import normalize
@@ -135,7 +136,7 @@ def make_route_handler(
         session.close()  # the caller waits on the answer, not on the log line
         log.info(
             "caller=%s customer=%s rule=%s reason=%s target=%s queue=%s source=%s %.1fms",
-            outcome.number.e164 or outcome.number.kind.value,
+            mask_number(outcome.number.e164) or outcome.number.kind.value,
             outcome.lookup.customer.id if outcome.lookup.customer else "-",
             decision.rule, decision.reason, decision.target or "-", decision.queue or "-",
             outcome.lookup.source, outcome.elapsed_ms,

@@ -31,6 +31,7 @@ from router.admin import (
     make_admin_app,
 )
 from router.crm.rest import RestConnector
+from router.log import mask_record
 from router.lookup.cache import TwoLevelCache
 from router.lookup.cached_lookup import CachedLookup
 from router.lookup.sync import SyncReport, periodic_sync, run_sync
@@ -353,8 +354,9 @@ class RecordQueue:
             await self.enqueue(record)
         except Exception:
             # Outbox.enqueue already fell back to the spool; this is the last line.
+            dump = record.model_dump(mode="json") if hasattr(record, "model_dump") else record
             log.critical("call record %s could not be stored: %s",
-                         getattr(record, "record_key", "?"), record, exc_info=True)
+                         getattr(record, "record_key", "?"), mask_record(dump), exc_info=True)
 
     async def drain(self) -> None:
         """Wait for every scheduled enqueue."""

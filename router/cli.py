@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"callroute: invalid configuration: {exc}", file=sys.stderr)
         return 1
-    log.setup(settings.log_level)
+    log.setup(settings.log_level, show_personal_data=settings.log_personal_data)
     try:
         return _dispatch(settings, args)
     except ConfigError as exc:

@@ -1,18 +1,35 @@
-"""Logging with per-call context.
+"""Logging with per-call context, and personal data masked in every line.
 
 Every log line written while a call is being handled carries that call's id
 (the AGI ``uniqueid`` or the AMI ``Linkedid``) through a context variable, the way
 structlog's contextvars integration does, without requiring callers to pass it.
+
+Masking works at two depths, on by default:
+
+1. Where callroute itself puts personal data into a message, it masks it there:
+   :func:`mask_number` (``+8613800138000`` -> ``+86138****8000``), :func:`mask_name`
+   (``Li Lei`` -> ``L.L.``), :func:`mask_url` (credentials and secret query
+   parameters -> ``***``), :func:`mask_record` (a call record or customer: the known
+   fields of numbers, names and URLs).
+2. Every log record, whoever logs it (aiohttp, redis, a traceback), is masked when it
+   is created (a log record factory, so every handler gets the masked text):
+   :func:`mask_text` replaces phone-shaped digit runs (``+`` or ``%2B`` and 7-15
+   digits; Chinese mobiles ``1[3-9]`` + 9 digits; trunk-prefixed ``0`` + 9-11 digits;
+   any run of 11-15 digits) and URL credentials, in the message and in the traceback.
+
+``log_personal_data: true`` (a debugging switch) turns both off and says so with a
+WARNING at start-up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from typing import TextIO
+from typing import Any, TextIO
 
 call_id: ContextVar[str] = ContextVar("call_id", default="-")
 
@@ -50,7 +67,162 @@ class StderrHandler(logging.StreamHandler[TextIO]):
         pass
 
 
-def setup(level: str = "INFO") -> None:
+# --- masking of personal data -----------------------------------------------------------
+_show_personal_data = False
+
+#: Phone-shaped digit runs (see the module docstring); group 1: a ``+``/``%2B`` prefix.
+_PHONE = re.compile(
+    r"(\+|%2[Bb])(\d{7,15})(?!\d)"
+    r"|(?<![\d.])(0\d{9,11}|1[3-9]\d{9}|\d{11,15})(?!\d)")
+_URL_CREDENTIALS = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@:]*(?::[^/\s@]*)?@")
+_SECRET_PARAMS = re.compile(
+    r"([?&;](?:access_token|token|api_?key|key|password|passwd|secret|signature|sig|"
+    r"auth|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&;#\s]+", re.IGNORECASE)
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
+_WORD = re.compile(r"\w+")
+#: A caller id string: ``"Li Lei" <13800138000>``.
+_CALLERID = re.compile(r'"([^"]*)"(\s*<)')
+
+#: Fields of records and customers that hold numbers, names or URLs.
+NUMBER_FIELDS = frozenset({"caller", "caller_raw", "number", "e164", "phone", "phones",
+                           "callerid", "callerid_num", "src", "source", "calleridnum",
+                           "connectedlinenum", "dst"})
+NAME_FIELDS = frozenset({"caller_name", "name", "customer_name", "calleridname",
+                         "connectedlinename", "clid"})
+URL_FIELDS = frozenset({"recording", "recording_url", "url"})
+
+
+def personal_data_shown() -> bool:
+    """Whether the debugging switch (``log_personal_data``) turned masking off."""
+    return _show_personal_data
+
+
+def _mask_digits(digits: str) -> str:
+    n = len(digits)
+    if n < 7:
+        return digits
+    return digits[:max(0, n - 8)] + "****" + digits[-4:]
+
+
+def mask_number(value: str | None) -> str:
+    """``+8613800138000`` -> ``+86138****8000``, ``13800138000`` -> ``138****8000``: the
+    four digits before the last four hidden (numbers of fewer than 7 digits, such as
+    extensions, stay). Anything that is not a plain number is masked as text."""
+    if not value:
+        return value or ""
+    if _show_personal_data:
+        return value
+    plus = value.startswith("+")
+    digits = value[1:] if plus else value
+    if digits.isdigit():
+        return ("+" if plus else "") + _mask_digits(digits)
+    return mask_text(value)
+
+
+def mask_name(value: str | None) -> str:
+    """A person's name shortened to initials: ``Li Lei`` -> ``L.L.``, ``王伟`` -> ``王*``."""
+    if not value:
+        return value or ""
+    if _show_personal_data:
+        return value
+    parts = []
+    for word in _WORD.findall(value):
+        if _CJK.match(word):
+            parts.append(word[0] + "*" * min(len(word) - 1, 3))
+        else:
+            parts.append(word[0] + ".")
+    return "".join(parts) or "*"
+
+
+def mask_url(value: str | None) -> str:
+    """A URL with its credentials (``user:password@``) and secret query parameters
+    (``token=``, ``key=``, ``signature=``, ...) replaced by ``***``. Never switched off:
+    credentials are not personal data to debug with."""
+    if not value:
+        return value or ""
+    value = _URL_CREDENTIALS.sub(r"\1***@", value)
+    return _SECRET_PARAMS.sub(r"\1***", value)
+
+
+def mask_text(text: str) -> str:
+    """Free text with phone-shaped numbers masked (see the module docstring) and URL
+    credentials removed."""
+    if _show_personal_data:
+        return mask_url(text) if "://" in text or "=" in text else text
+    if "://" in text or "=" in text:
+        text = mask_url(text)
+    return _PHONE.sub(_phone_sub, text)
+
+
+def _phone_sub(match: re.Match[str]) -> str:
+    if match.group(1) is not None:
+        return match.group(1) + _mask_digits(match.group(2))
+    return _mask_digits(match.group(3))
+
+
+def mask_record(data: Any, key: str = "") -> Any:
+    """A copy of a record, customer or any JSON-like tree with the known fields of
+    numbers, names and URLs masked, and every other string masked as text."""
+    if isinstance(data, Mapping):
+        return {k: mask_record(v, str(k).lower()) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [mask_record(v, key) for v in data]
+    if not isinstance(data, str):
+        return data
+    if key in URL_FIELDS:
+        return mask_url(data)
+    if _show_personal_data:
+        return data
+    if '"' in data:
+        data = _CALLERID.sub(lambda m: f'"{mask_name(m.group(1))}"{m.group(2)}', data)
+    if key in NAME_FIELDS and "<" not in data:
+        return mask_name(data)
+    if key in NUMBER_FIELDS:
+        return mask_number(data)
+    return mask_text(data)
+
+
+_base_factory = logging.getLogRecordFactory()
+_formatter = logging.Formatter()
+
+
+def _masking_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    record = _base_factory(*args, **kwargs)
+    if _show_personal_data:
+        return record
+    try:
+        message = record.getMessage()
+    except Exception:
+        return record  # logging reports the bad format string itself, unmasked args aside
+    masked = mask_text(message)
+    if masked is not message:
+        record.msg, record.args = masked, None
+    if record.exc_info and record.exc_info[0] is not None:
+        record.exc_text = mask_text(_formatter.formatException(record.exc_info))
+    if record.stack_info:
+        record.stack_info = mask_text(record.stack_info)
+    return record
+
+
+def install_masking(show_personal_data: bool = False) -> None:
+    """Mask every log record from now on (or, with ``show_personal_data``, none)."""
+    global _show_personal_data
+    _show_personal_data = show_personal_data
+    if logging.getLogRecordFactory() is not _masking_factory:
+        logging.setLogRecordFactory(_masking_factory)
+
+
+def make_handler(stream: TextIO | None = None) -> logging.Handler:
+    """The handler callroute logs with: one line per event, with the call id (to
+    ``stream``, or to whatever ``sys.stderr`` is at each record)."""
+    handler: logging.Handler = StderrHandler() if stream is None else \
+        logging.StreamHandler(stream)
+    handler.addFilter(CallContextFilter())
+    handler.setFormatter(logging.Formatter(FORMAT))
+    return handler
+
+
+def setup(level: str = "INFO", *, show_personal_data: bool = False) -> None:
     """Configure the root logger once: one line per event, with the call id.
 
     The record fields our format does not print (caller's file and line, thread and
@@ -62,8 +234,10 @@ def setup(level: str = "INFO") -> None:
     logging.logMultiprocessing = False
     root = logging.getLogger()
     root.setLevel(level.upper())
+    install_masking(show_personal_data)
     if not any(isinstance(f, CallContextFilter) for h in root.handlers for f in h.filters):
-        handler = StderrHandler()
-        handler.addFilter(CallContextFilter())
-        handler.setFormatter(logging.Formatter(FORMAT))
-        root.addHandler(handler)
+        root.addHandler(make_handler())
+    if show_personal_data:
+        logging.getLogger("router").warning(
+            "log_personal_data is on: phone numbers and names are NOT masked in this log; "
+            "turn it off once done debugging")

@@ -308,6 +308,8 @@ class Settings(_Section):
     web: WebSettings = Field(default_factory=WebSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     log_level: str = "INFO"
+    log_personal_data: bool = Field(
+        False, description="debugging only: log phone numbers and names unmasked")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="auto: uvloop when installed, else asyncio's own loop"
     )

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from router.audit import AuditEntry
 from router.audit import from_settings as audit_from_settings
+from router.log import mask_url
 from router.settings import Settings
 
 DEFAULT_CONFIG = "examples/config.yaml"
@@ -69,7 +70,7 @@ def _fetch(settings: Settings, args: argparse.Namespace) -> list[AuditEntry] | N
     try:
         return asyncio.run(_entries(settings, args))
     except (RedisError, OSError) as exc:
-        print(f"callroute audit: Redis unavailable at {settings.redis.url}: {exc}",
+        print(f"callroute audit: Redis unavailable at {mask_url(settings.redis.url)}: {exc}",
               file=sys.stderr)
         return None
 

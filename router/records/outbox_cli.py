@@ -32,6 +32,7 @@ from router.audit import AuditEntry, cli_actor, state_hash
 from router.audit import from_settings as audit_from_settings
 from router.errors import ConfigError
 from router.keys import Keys
+from router.log import mask_url
 from router.records.outbox import Outbox, connect_redis, keys_from_settings, now_ms
 from router.records.spool import Spool
 from router.settings import Settings
@@ -267,7 +268,8 @@ def _sync(
             try:
                 return await func(redis, settings, args)
             except (RedisError, OSError) as exc:
-                print(f"callroute outbox: Redis unavailable at {settings.redis.url}: {exc}")
+                where = mask_url(settings.redis.url)
+                print(f"callroute outbox: Redis unavailable at {where}: {exc}")
                 return 2
             finally:
                 await redis.aclose()

@@ -296,7 +296,8 @@ async def test_unknown_script(server: AgiServer, caplog: pytest.LogCaptureFixtur
 
 
 async def test_log_lines_carry_uniqueid(caplog: pytest.LogCaptureFixture) -> None:
-    """Every log line of a session, handler lines included, carries its uniqueid."""
+    """Every log line of a session, handler lines included, carries its uniqueid (and
+    the caller number arrives masked)."""
     caplog.handler.addFilter(CallContextFilter())
     handler_log = logging.getLogger("callroute.test_handler")
 
@@ -311,7 +312,7 @@ async def test_log_lines_carry_uniqueid(caplog: pytest.LogCaptureFixture) -> Non
     mine = [r for r in caplog.records if r.name in ("callroute.agi", "callroute.test_handler")
             and "listening" not in r.getMessage()]
     assert {r.getMessage() for r in mine} >= {
-        "deciding for 13900139000", "caller hung up (HANGUP line)"
+        "deciding for 139****9000", "caller hung up (HANGUP line)"
     }
     assert {getattr(r, "call_id", None) for r in mine} == {UID}
 
