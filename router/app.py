@@ -143,6 +143,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
 
         # first: an admin API that would be exposed unprotected stops the start here
         auth = await start_auth(settings, stack) if settings.admin.enabled else None
+        from router.crypto import keyring_from_settings
+
+        if not keyring_from_settings(settings).enabled:
+            log.warning("encryption at rest is off (no encryption.keys): customers and call "
+                        "records are stored in clear in Redis and the spool")
         router = await stack.enter_async_context(build_router(settings, presence))
         watcher = router.watcher
         assert watcher is not None  # build_router always sets it

@@ -11,6 +11,7 @@
 ``outbox``      inspect and re-send call records (``status|list|retry|replay``)
 ``users``       manage users, roles and tokens (``add|list|disable|enable|role|rotate``)
 ``audit``       read the audit trail (``list|export --since --who --action``)
+``keys``        encryption keys at rest (``generate|status|rotate``)
 ==============  ===================================================================
 """
 
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     users_cli.register(sub)
     audit_cli.register(sub)
+    from router.records import keys_cli
+
+    keys_cli.register(sub)
     return parser
 
 
@@ -99,6 +103,12 @@ def cmd_check(settings: Settings) -> int:
     ruleset = load_rules(path, default_queue=settings.routing.default_queue)
     print(f"config OK: {settings.base_dir}")
     print(f"rules OK: {path} ({summary(ruleset)})")
+    from router.crypto import keyring_from_settings
+
+    if not keyring_from_settings(settings).enabled:
+        print("WARNING: encryption at rest is off: cached customers, call records and the "
+              "spool are stored in clear (set encryption.keys or keys_file; "
+              "`callroute keys generate` makes a key)")
     return 0
 
 

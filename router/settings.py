@@ -291,6 +291,25 @@ class AuditSettings(_Section):
         None, description="also append each entry to this JSON-lines file (for a SIEM)")
 
 
+class EncryptionSettings(_Section):
+    """Encryption at rest (router.crypto): on when a key is given, off otherwise."""
+
+    keys: SecretStr = Field(
+        SecretStr(""), description="<id>:<base64 32 bytes>, comma or line separated, the "
+        "current (writing) key first; usually ${CALLROUTE_KEYS} or keys_file")
+
+    @field_validator("keys")
+    @classmethod
+    def _parse(cls, value: SecretStr) -> SecretStr:
+        from router.crypto import KeyRing
+
+        try:
+            KeyRing.parse(value.get_secret_value())
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+
 class Settings(_Section):
     """The whole configuration file."""
 
@@ -307,6 +326,7 @@ class Settings(_Section):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
     log_level: str = "INFO"
     log_personal_data: bool = Field(
         False, description="debugging only: log phone numbers and names unmasked")

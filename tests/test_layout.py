@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("router", "dialplan", "ami")
 
 BASICS = ("router", "router.settings", "router.errors", "router.models", "router.metrics",
-          "router.log", "router.keys", "router.phone", "router.runner", "router.audit")
+          "router.log", "router.keys", "router.phone", "router.runner", "router.audit",
+          "router.crypto")
 FRONT_DOOR = ("router.app", "router.cli", "router.admin", "router.demo", "router.samplecrm")
 
 #: Module prefix -> the prefixes it may import (besides itself and the basics).

@@ -41,7 +41,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from router.errors import CacheError
+from router.crypto import KeyRing
+from router.errors import CacheError, CryptoError
 from router.keys import Keys
 from router.lookup.cachefeed import InvalidationFeed, customer_message, number_message
 from router.metrics import CACHE_ERRORS
@@ -467,8 +468,12 @@ class TwoLevelCache:
         *,
         down_backoff_s: float = 1.0,
         clock: Clock = time.time,
+        crypto: KeyRing | None = None,
     ) -> None:
         self.redis = redis
+        #: encrypts values at rest (router.crypto); None or without a key: plain JSON
+        self.crypto = crypto if crypto is not None and crypto.enabled else None
+        self._crypto_read = crypto
         self.keys = keys
         self.settings = settings
         self.policy = CachePolicy(settings)
@@ -515,9 +520,16 @@ class TwoLevelCache:
         """
         if not self.health.available():
             return False, None
-        ok, raw = await self.reads.get(self.keys.customer(e164))
+        key = self.keys.customer(e164)
+        ok, raw = await self.reads.get(key)
         if not ok or raw is None:
             return ok, None
+        if self._crypto_read is not None:
+            try:
+                raw = self._crypto_read.open_bytes(
+                    raw if isinstance(raw, bytes) else raw.encode(), key.encode())
+            except CryptoError:
+                raw = b""
         entry = decode_entry(raw)
         if entry is None:
             CACHE_ERRORS.labels(kind="corrupt").inc()
@@ -568,7 +580,11 @@ class TwoLevelCache:
             if ttl_ms <= 0:
                 continue
             hashes.append(self.keys.number_hash(e164))
-            pipe.set(self.keys.customer_by_hash(hashes[-1]), encode_entry(entry), px=ttl_ms)
+            key = self.keys.customer_by_hash(hashes[-1])
+            value = encode_entry(entry)
+            if self.crypto is not None:
+                value = self.crypto.seal_bytes(value, key.encode())
+            pipe.set(key, value, px=ttl_ms)
             if entry.customer is not None:
                 index = self.keys.customer_index(entry.customer.id)
                 pipe.sadd(index, hashes[-1])

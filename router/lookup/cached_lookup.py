@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import redis.asyncio as aioredis
 
 from router.crm.base import CustomerDirectory
+from router.crypto import KeyRing, keyring_from_settings
 from router.errors import CrmError, CrmRateLimited
 from router.keys import Keys
 from router.lookup.breaker import CircuitBreaker, State
@@ -73,6 +74,7 @@ class CachedLookup:
         *,
         redis_settings: RedisSettings | None = None,
         clock: Callable[[], float] | None = None,
+        crypto: KeyRing | None = None,
     ) -> None:
         rs = redis_settings or RedisSettings()
         if isinstance(redis_client_or_url, str):
@@ -85,7 +87,7 @@ class CachedLookup:
         self.settings = cache_settings
         self.cache = TwoLevelCache(
             redis, keys, cache_settings, down_backoff_s=rs.down_backoff_s,
-            clock=clock or time.time,
+            clock=clock or time.time, crypto=crypto,
         )
         self.policy = self.cache.policy
         self.breaker = CircuitBreaker(
@@ -103,7 +105,7 @@ class CachedLookup:
         keys = Keys(prefix=settings.redis.prefix,
                     secret=settings.redis.key_secret.get_secret_value().encode())
         return cls(directory, settings.redis.url, keys, settings.cache, settings.breaker,
-                   redis_settings=settings.redis)
+                   redis_settings=settings.redis, crypto=keyring_from_settings(settings))
 
     @property
     def background(self) -> int:

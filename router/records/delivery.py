@@ -47,7 +47,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from router.crm.base import PostResult, RecordSink
-from router.errors import CrmError, CrmRateLimited
+from router.crypto import KeyRing, keyring_from_settings
+from router.errors import CrmError, CrmRateLimited, CryptoError
 from router.keys import Keys
 from router.log import bind_call
 from router.metrics import OUTBOX_DEPTH, RECORDS
@@ -194,8 +195,11 @@ class DeliveryWorker:
         consumer: str | None = None,
         limiter: TokenBucket | None = None,
         rng: random.Random | None = None,
+        crypto: KeyRing | None = None,
     ) -> None:
         self.redis = redis
+        #: opens records encrypted at rest (router.crypto); plain records pass through
+        self.crypto = crypto or KeyRing()
         self.sink = sink
         self.keys = keys
         self.settings = settings
@@ -223,7 +227,7 @@ class DeliveryWorker:
         """Build from the config (use :func:`router.records.outbox.connect_redis` for ``redis``)."""
         return cls(
             redis, sink, keys=keys_from_settings(settings), settings=settings.outbox,
-            crm_name=settings.crm.name, consumer=consumer,
+            crm_name=settings.crm.name, consumer=consumer, crypto=keyring_from_settings(settings),
         )
 
     # --- one record ----------------------------------------------------------------------
@@ -241,9 +245,11 @@ class DeliveryWorker:
 
     async def _deliver(self, entry: Entry) -> Outcome:
         try:
-            record = json.loads(entry.record)
+            record = json.loads(self.crypto.open(entry.record, entry.key))
             if not entry.key or not isinstance(record, dict):
                 raise ValueError("entry has no key or its record is not a JSON object")
+        except CryptoError as exc:
+            return await self._dead_letter(entry, entry.attempt, "undecryptable", str(exc))
         except ValueError as exc:
             return await self._dead_letter(entry, entry.attempt, "bad_entry", str(exc))
         steps = plan(record, self.settings)

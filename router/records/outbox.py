@@ -44,6 +44,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from router.crypto import KeyRing, keyring_from_settings
 from router.errors import OutboxError
 from router.keys import Keys
 from router.metrics import RECORDS
@@ -134,9 +135,12 @@ class Outbox:
     """Enqueues call records durably (Redis Stream, else spool, else OutboxError)."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, settings: OutboxSettings, spool: Spool
+        self, redis: Redis, keys: Keys, settings: OutboxSettings, spool: Spool,
+        crypto: KeyRing | None = None,
     ) -> None:
         self.redis = redis
+        #: encrypts the record field at rest (router.crypto); off without a key
+        self.crypto = crypto or KeyRing()
         self.keys = keys
         self.settings = settings
         self.spool = spool
@@ -146,12 +150,15 @@ class Outbox:
     def from_settings(cls, settings: Settings, redis: Redis | None = None) -> Outbox:
         """Build from the config: outbox Redis client (see :func:`connect_redis`) and spool."""
         out = settings.outbox
+        crypto = keyring_from_settings(settings)
         spool = Spool(
             settings.path(out.spool_dir),
             max_records=out.spool_max_records,
             max_bytes=out.spool_max_bytes,
+            crypto=crypto,
         )
-        return cls(redis or connect_redis(settings), keys_from_settings(settings), out, spool)
+        return cls(redis or connect_redis(settings), keys_from_settings(settings), out, spool,
+                   crypto)
 
     async def _to_redis(self, key: str, text: str, enq: int) -> bool:
         """XADD once per key; True if added, False if the key was already enqueued."""
@@ -170,7 +177,7 @@ class Outbox:
         """
         key, text = encode_record(record, self.settings.max_record_bytes)
         try:
-            added = await self._to_redis(key, text, now_ms())
+            added = await self._to_redis(key, self.crypto.seal(text, key), now_ms())
         except (RedisError, OSError) as exc:
             return await self._spool(key, json.loads(text), exc)
         RECORDS.labels("enqueued" if added else "duplicate").inc()
@@ -208,7 +215,7 @@ class Outbox:
                     await asyncio.to_thread(self.spool.quarantine, item.path, exc)
                     continue
                 try:
-                    added = await self._to_redis(key, text, enq)
+                    added = await self._to_redis(key, self.crypto.seal(text, key), enq)
                 except (RedisError, OSError) as exc:
                     log.info("spool drain paused, Redis still unavailable: %s", exc)
                     return moved

@@ -25,11 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from router.errors import OutboxError
+from router.crypto import KeyRing, key_id_of
+from router.errors import CryptoError, OutboxError
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".json"
+#: What each encrypted spool file is bound to (its record key is inside it).
+SPOOL_CONTEXT = "callroute-spool"
 TMP_SUFFIX = ".tmp"
 
 
@@ -44,8 +47,11 @@ class SpoolItem:
 class Spool:
     """A bounded directory of records, one atomically written file each."""
 
-    def __init__(self, directory: Path, *, max_records: int, max_bytes: int) -> None:
+    def __init__(self, directory: Path, *, max_records: int, max_bytes: int,
+                 crypto: KeyRing | None = None) -> None:
         self.dir = directory
+        #: encrypts each file at rest (router.crypto); off without a key
+        self.crypto = crypto or KeyRing()
         self.max_records = max_records
         self.max_bytes = max_bytes
         self._seq = itertools.count()
@@ -66,6 +72,10 @@ class Spool:
         except OSError as exc:
             raise OutboxError(f"cannot list spool {self.dir}: {exc}") from exc
 
+    def files(self) -> list[Path]:
+        """The spooled records' files, oldest first."""
+        return self._files()
+
     def usage(self) -> tuple[int, int]:
         """(records, bytes) currently spooled (counted from disk once, then tracked)."""
         if self._usage is None:
@@ -81,7 +91,8 @@ class Spool:
 
     def put(self, record_key: str, record: dict[str, Any]) -> Path:
         """Store one record durably; raise OutboxError if the spool is full or unwritable."""
-        data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+        text = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        data = self.crypto.seal(text, SPOOL_CONTEXT).encode()
         with self._lock:
             self._ensure_dir()
             count, size = self.usage()
@@ -127,10 +138,10 @@ class Spool:
             if len(out) >= limit:
                 break
             try:
-                record = json.loads(path.read_bytes())
+                record = self.read(path)
             except FileNotFoundError:
                 continue  # drained meanwhile by another task
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, CryptoError) as exc:
                 self.quarantine(path, exc)
                 continue
             if not isinstance(record, dict) or not isinstance(record.get("record_key"), str):
@@ -138,6 +149,31 @@ class Spool:
                 continue
             out.append(SpoolItem(path, record))
         return out
+
+    def read(self, path: Path) -> Any:
+        """The decoded content of one spool file (decrypted when encrypted)."""
+        return json.loads(self.crypto.open(path.read_bytes().decode(), SPOOL_CONTEXT))
+
+    def rewrite(self, path: Path) -> bool:
+        """Re-encrypt one file with the current key (``callroute keys rotate``); False
+        when it was already under the current key or is gone."""
+        with self._lock:
+            try:
+                raw = path.read_bytes().decode()
+            except FileNotFoundError:
+                return False
+            if key_id_of(raw) == self.crypto.current:
+                return False
+            text = self.crypto.open(raw, SPOOL_CONTEXT)
+            tmp = path.with_name(path.name.removesuffix(SUFFIX) + TMP_SUFFIX)
+            data = self.crypto.seal(text, SPOOL_CONTEXT).encode()
+            try:
+                self._write_atomic(tmp, path, data)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise OutboxError(f"cannot rewrite spool file {path}: {exc}") from exc
+            self._usage = None
+            return True
 
     def quarantine(self, path: Path, exc: Exception) -> None:
         """Move an unreadable file to ``bad/`` (kept for a human), with an ERROR log."""

@@ -1,0 +1,222 @@
+"""``callroute keys generate|status|rotate``: the encryption keys at rest (router.crypto).
+
+- ``generate``: print a fresh ``<id>:<base64>`` key line to put first in
+  ``encryption.keys`` (or its ``keys_file``).
+- ``status``: which key ids the stored values use: outbox stream, retry set, dead
+  letters, kept delivered records, spool files, cached customers (a ``SCAN``).
+- ``rotate``: re-encrypt the outbox with the current key: stream entries not being
+  delivered right now (each one atomically re-added and the old one deleted, in one Lua
+  script), the retry set, the dead letters and the spool files. Kept delivered records
+  (``outbox:sent``, ordered by delivery time for ``outbox replay --since``) and cached
+  customers are not rewritten: they roll out by themselves (``sent_keep`` newer
+  deliveries; ``positive_ttl_s + stale_max_age_s``), and ``status`` shows when the old key
+  can go. The rotation is written to the audit trail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections import Counter
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from router.audit import AuditEntry, cli_actor, state_hash
+from router.audit import from_settings as audit_from_settings
+from router.crypto import KeyRing, generate_key_line, key_id_of, keyring_from_settings
+from router.errors import CryptoError
+from router.keys import Keys
+from router.log import mask_url
+from router.records.outbox import Outbox, connect_redis, ensure_group, keys_from_settings
+from router.settings import Settings
+
+DEFAULT_CONFIG = "examples/config.yaml"
+SCAN_CHUNK = 500
+PLAIN = "(plain)"
+
+# KEYS: stream; ARGV: group ('' for none), id, new record. Re-adds the entry with the new
+# record unless a consumer holds it (pending): 1 done, 0 skipped.
+_RESTREAM_LUA = """
+if ARGV[1] ~= '' then
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+  if #p > 0 then return 0 end
+end
+local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #e == 0 then return 0 end
+local f = e[1][2]
+local out = {}
+for i = 1, #f, 2 do
+  out[#out + 1] = f[i]
+  if f[i] == 'record' then out[#out + 1] = ARGV[3] else out[#out + 1] = f[i + 1] end
+end
+redis.call('XADD', KEYS[1], '*', unpack(out))
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: retry set; ARGV: old member, new member. Swaps a member keeping its score.
+_RESET_LUA = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], score, ARGV[2])
+return 1
+"""
+
+
+def _reseal(crypto: KeyRing, value: str, context: str) -> str | None:
+    """``value`` under the current key, or None when it already is (or stays plain)."""
+    if key_id_of(value) == crypto.current:
+        return None
+    return crypto.seal(crypto.open(value, context), context)
+
+
+async def _stream(redis: Redis, key: str) -> list[tuple[str, dict[str, str]]]:
+    out: list[tuple[str, dict[str, str]]] = []
+    start = "-"
+    while True:
+        chunk: Any = await redis.xrange(key, min=start, max="+", count=SCAN_CHUNK)
+        out += chunk
+        if len(chunk) < SCAN_CHUNK:
+            return out
+        start = "(" + chunk[-1][0]
+
+
+async def rotate(redis: Redis, keys: Keys, group: str, outbox: Outbox) -> dict[str, int]:
+    """Re-encrypt the outbox and the spool with the current key; counts per place
+    (``skipped_in_flight``: entries being delivered now, to be run again later)."""
+    crypto = outbox.crypto
+    if not crypto.enabled:
+        raise CryptoError("no encryption key is configured (encryption.keys): nothing to "
+                          "rotate to")
+    await ensure_group(redis, keys, group)
+    restream = redis.register_script(_RESTREAM_LUA)
+    reset = redis.register_script(_RESET_LUA)
+    done: Counter[str] = Counter()
+    for stream, grp, name in ((keys.outbox_stream, group, "stream"),
+                              (keys.outbox_dead, "", "dead")):
+        for eid, fields in await _stream(redis, stream):
+            new = _reseal(crypto, fields.get("record", ""), fields.get("key", ""))
+            if new is None:
+                continue
+            if await restream(keys=[stream], args=[grp, eid, new]):
+                done[name] += 1
+            else:
+                done["skipped_in_flight"] += 1
+    members: Any = await redis.zrange(keys.outbox_retry, 0, -1)
+    for member in members:
+        try:
+            fields = json.loads(member)
+        except ValueError:
+            continue
+        new = _reseal(crypto, fields.get("record", ""), fields.get("key", ""))
+        if new is None:
+            continue
+        fresh = json.dumps({**fields, "record": new}, separators=(",", ":"))
+        if await reset(keys=[keys.outbox_retry], args=[member, fresh]):
+            done["retry"] += 1
+    spool = outbox.spool
+    for path in await asyncio.to_thread(spool.files):
+        if await asyncio.to_thread(spool.rewrite, path):
+            done["spool"] += 1
+    return dict(done)
+
+
+async def status(redis: Redis, keys: Keys, outbox: Outbox) -> dict[str, dict[str, int]]:
+    """Values per key id (``(plain)``: not encrypted) in each place."""
+    places: dict[str, Counter[str]] = {}
+    for name, stream in (("stream", keys.outbox_stream), ("dead", keys.outbox_dead),
+                         ("sent", keys.outbox_sent)):
+        places[name] = Counter(key_id_of(f.get("record", "")) or PLAIN
+                               for _, f in await _stream(redis, stream))
+    members: Any = await redis.zrange(keys.outbox_retry, 0, -1)
+    places["retry"] = Counter(key_id_of(json.loads(m).get("record", "")) or PLAIN
+                              for m in members)
+    spool = outbox.spool
+    spooled: Counter[str] = Counter()
+    for path in await asyncio.to_thread(spool.files):
+        try:
+            raw = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            continue
+        spooled[key_id_of(raw) or PLAIN] += 1
+    places["spool"] = spooled
+    cached: Counter[str] = Counter()
+    async for key in redis.scan_iter(match=keys.customer_by_hash("*"), count=SCAN_CHUNK):
+        value = await redis.get(key)
+        if value is not None:
+            cached[key_id_of(value) or PLAIN] += 1
+    places["cache"] = cached
+    return {name: dict(c) for name, c in places.items()}
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``keys generate|status|rotate`` to the ``callroute`` parser."""
+    parser = subparsers.add_parser("keys", help="encryption keys at rest")
+    sub = parser.add_subparsers(dest="keys_command", required=True)
+    p = sub.add_parser("generate", help="print a new key line for encryption.keys")
+    p.add_argument("--id", help="the key id (default: k + 8 random hex digits)")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+                   help=f"config file (default: {DEFAULT_CONFIG})")
+    p.set_defaults(security_handler=_generate)
+    for name, what in (("status", "which key each stored value uses"),
+                       ("rotate", "re-encrypt the outbox and the spool with the current key")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
+                       help=f"config file (default: {DEFAULT_CONFIG})")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(security_handler=_run(name))
+
+
+def _generate(_settings: Settings, args: argparse.Namespace) -> int:
+    print(generate_key_line(args.id))
+    return 0
+
+
+def _run(name: str) -> Any:
+    def handler(settings: Settings, args: argparse.Namespace) -> int:
+        async def main() -> int:
+            redis = connect_redis(settings)
+            outbox = Outbox.from_settings(settings, redis)
+            keys = keys_from_settings(settings)
+            try:
+                if name == "status":
+                    data: Any = await status(redis, keys, outbox)
+                    ring = keyring_from_settings(settings)
+                    data = {"current": ring.current, "configured": ring.key_ids, **data}
+                else:
+                    data = await rotate(redis, keys, settings.outbox.group, outbox)
+                    who, role, source = cli_actor()
+                    audit = audit_from_settings(settings, redis)
+                    await audit.write(AuditEntry(
+                        who=who, role=role, action="keys.rotate",
+                        target=f"key:{outbox.crypto.current}", source=source,
+                        after=state_hash(data)))
+            except CryptoError as exc:
+                print(f"callroute keys: {exc}")
+                return 1
+            except (RedisError, OSError, ResponseError) as exc:
+                print(f"callroute keys: Redis unavailable at {mask_url(settings.redis.url)}: "
+                      f"{exc}")
+                return 2
+            finally:
+                await redis.aclose()
+            if args.json:
+                print(json.dumps(data, indent=2))
+            elif name == "status":
+                print(f"current key: {data.pop('current') or '(none: encryption is off)'}")
+                print(f"configured:  {', '.join(data.pop('configured')) or '-'}")
+                for place, counts in data.items():
+                    shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "empty"
+                    print(f"{place:<7} {shown}")
+            else:
+                print("re-encrypted: " + (", ".join(f"{k} {v}" for k, v in sorted(data.items()))
+                                          or "nothing (all under the current key)"))
+            return 0
+
+        return asyncio.run(main())
+
+    return handler

@@ -1,0 +1,315 @@
+"""Encryption at rest with real Redis: the key ring, the cache, the outbox and spool,
+rotation, and a whole Redis dump and spool searched for plaintext numbers and names."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from router.crypto import KeyRing, generate_key_line, key_id_of
+from router.errors import ConfigError, CryptoError
+from router.keys import Keys
+from router.lookup.cache import CacheEntry, TwoLevelCache, redis_client
+from router.models import Customer
+from router.records import keys_cli
+from router.settings import CacheSettings, RedisSettings
+from tests.redis_server import RedisServer
+from tests.router.records.outbox_crm import (  # noqa: F401  (fixtures)
+    FakeCrm,
+    Harness,
+    call_record,
+    crm_fixture,
+    harness_fixture,
+    wait_until,
+)
+
+K1 = "k1:" + base64.b64encode(b"1" * 32).decode()
+K2 = "k2:" + base64.b64encode(b"2" * 32).decode()
+KEYS = Keys(prefix="t:", secret=b"s")
+LI_LEI = Customer(id="C-1001", name="Li Lei", tier="gold", owner="7001")
+NUMBER = "+8613800138000"
+#: Every form of the fixtures' numbers and names that a dump must not show.
+PLAINTEXT = [b"13800138000", b"13900139000", b"Li Lei", b"Han Meimei",
+             "李雷".encode(), b"\xe6\x9d\x8e"]
+
+
+def ring(*lines: str) -> KeyRing:
+    return KeyRing.parse(",".join(lines))
+
+
+# --- the key ring --------------------------------------------------------------------------
+def test_seal_and_open_round_trip_bound_to_their_context() -> None:
+    """A sealed value names its key, hides the plaintext, opens back only under the same
+    context; tampering or an unknown key is a CryptoError; plain values pass through."""
+    r = ring(K1)
+    sealed = r.seal('{"caller": "+8613800138000"}', "call-1")
+    assert sealed.startswith("enc1:k1:")
+    assert "13800138000" not in sealed
+    assert r.open(sealed, "call-1") == '{"caller": "+8613800138000"}'
+    assert r.seal("x", "c") != r.seal("x", "c")  # a fresh nonce each time
+    with pytest.raises(CryptoError, match="does not decrypt"):
+        r.open(sealed, "call-2")
+    tampered = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    with pytest.raises(CryptoError):
+        r.open(tampered, "call-1")
+    with pytest.raises(CryptoError, match="not configured"):
+        ring(K2).open(sealed, "call-1")
+    assert r.open('{"plain": 1}', "call-1") == '{"plain": 1}'
+    assert r.open_bytes(r.seal_bytes(b"abc", b"key"), b"key") == b"abc"
+
+
+def test_rotation_writes_with_the_first_key_and_reads_with_all() -> None:
+    """With [k2, k1], new values are under k2 and values under k1 still open; an empty
+    ring is off and leaves values plain."""
+    old = ring(K1).seal("v", "c")
+    both = ring(K2, K1)
+    assert both.current == "k2"
+    assert key_id_of(both.seal("v", "c")) == "k2"
+    assert both.open(old, "c") == "v"
+    off = KeyRing()
+    assert not off.enabled
+    assert off.seal("v", "c") == "v"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("k1", "<id>:<base64"), ("k1:not base64!", "not base64"),
+    ("k1:" + base64.b64encode(b"short").decode(), "32"), (f"{K1},{K1}", "twice"),
+    ("bad id!:" + base64.b64encode(b"1" * 32).decode(), "letters"),
+])
+def test_bad_key_lines_are_config_errors(text: str, message: str) -> None:
+    """Malformed key lists are refused with what is wrong (never echoing the key)."""
+    with pytest.raises(ConfigError, match=message):
+        KeyRing.parse(text)
+
+
+def test_generated_keys_parse() -> None:
+    """`keys generate` lines are valid 256-bit keys with the id asked for."""
+    line = generate_key_line("k9")
+    assert line.startswith("k9:")
+    assert ring(line).current == "k9"
+    assert generate_key_line() != generate_key_line()
+
+
+# --- the cache -----------------------------------------------------------------------------
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A cache client of the flushed test Redis."""
+    c = redis_client(RedisSettings(url=redis_url))
+    yield c
+    await c.aclose()
+
+
+async def test_cache_values_are_encrypted_and_read_back(client: aioredis.Redis) -> None:
+    """A cached customer is stored encrypted (no name in the value), read back from
+    Redis by another instance with the same keys, and by one that rotated to a new key;
+    one without the key reads a miss (counted corrupt), never garbage."""
+    writer = TwoLevelCache(client, KEYS, CacheSettings(), crypto=ring(K1))
+    await writer.put(NUMBER, CacheEntry(LI_LEI, time.time()))
+    raw = await client.get(KEYS.customer(NUMBER))
+    assert raw is not None
+    assert raw.startswith(b"enc1:k1:")
+    assert b"Li Lei" not in raw
+    for keys in ((K1,), (K2, K1)):
+        reader = TwoLevelCache(client, KEYS, CacheSettings(), crypto=ring(*keys))
+        ok, entry = await reader.get_shared(NUMBER)
+        assert ok
+        assert entry is not None
+        assert entry.customer == LI_LEI
+    ok, entry = await TwoLevelCache(client, KEYS, CacheSettings(),
+                                    crypto=ring(K2)).get_shared(NUMBER)
+    assert (ok, entry) == (True, None)
+    rotated = TwoLevelCache(client, KEYS, CacheSettings(), crypto=ring(K2, K1))
+    await rotated.put(NUMBER, CacheEntry(LI_LEI, time.time()))
+    assert key_id_of(await client.get(KEYS.customer(NUMBER)) or b"") == "k2"
+
+
+async def test_a_value_moved_to_another_number_does_not_decrypt(client: aioredis.Redis) -> None:
+    """The cache key is the associated data: a value copied under another number's key
+    is not served as that number's customer."""
+    cache = TwoLevelCache(client, KEYS, CacheSettings(), crypto=ring(K1))
+    await cache.put(NUMBER, CacheEntry(LI_LEI, time.time()))
+    raw = await client.get(KEYS.customer(NUMBER))
+    assert raw is not None
+    await client.set(KEYS.customer("+8613900139000"), raw)
+    assert await cache.get_shared("+8613900139000") == (True, None)
+
+
+# --- the outbox, the spool, delivery and rotation --------------------------------------------
+async def test_outbox_and_spool_are_encrypted_and_delivered(
+        redis_url: str, crm: FakeCrm, tmp_path: Path, own_redis: RedisServer) -> None:
+    """An enqueued record is stored encrypted in the stream; one spooled while Redis is
+    down is an encrypted file; both are delivered to the CRM in clear."""
+    h = Harness(redis_url, crm, tmp_path / "spool")
+    h.outbox.crypto = h.spool.crypto = ring(K1)
+    try:
+        await h.outbox.enqueue(call_record(1, caller_name="Li Lei"))
+        [(_, fields)] = await h.redis.xrange(h.keys.outbox_stream)
+        assert fields["record"].startswith("enc1:k1:")
+        assert "13800138000" not in fields["record"]
+        down = Harness(own_redis.url, crm, tmp_path / "spool")
+        down.outbox.crypto = down.spool.crypto = ring(K1)
+        own_redis.stop()
+        assert await down.outbox.enqueue(call_record(2)) == "spooled"
+        await down.close()
+        [path] = h.spool.files()
+        assert path.read_bytes().startswith(b"enc1:k1:")
+        assert b"13800138000" not in path.read_bytes()
+        assert await h.outbox.drain_spool() == 1
+        worker = h.worker()
+        worker.crypto = ring(K1)
+        h.tasks.append(asyncio.create_task(worker.run(h.stop, grace_s=1.0)))
+        await wait_until(lambda: len([r for r in crm.received if r.kind == "call"]) == 2)
+        bodies = json.dumps([r.body for r in crm.received])
+        assert "+8613800138000" in bodies
+    finally:
+        await h.close()
+
+
+async def test_a_record_under_an_unknown_key_is_dead_lettered_not_lost(
+        h: Harness, crm: FakeCrm) -> None:
+    """A worker without the record's key dead-letters it as `undecryptable` (kept for
+    `outbox retry` once the key is configured) instead of posting garbage."""
+    h.outbox.crypto = ring(K1)
+    await h.outbox.enqueue(call_record(1))
+    worker = h.worker()
+    worker.crypto = ring(K2)
+    h.tasks.append(asyncio.create_task(worker.run(h.stop, grace_s=1.0)))
+    await wait_until(lambda: worker.stats["dead"] == 1)
+    [(_, dead)] = await h.redis.xrange(h.keys.outbox_dead)
+    assert dead["reason"] == "undecryptable"
+    assert crm.received == []
+
+
+async def test_keys_rotate_reencrypts_the_outbox_and_the_spool(h: Harness, crm: FakeCrm) -> None:
+    """After adding k2 in front of k1, `keys rotate` moves stream entries, retries, dead
+    letters and spool files to k2 (status shows none left under k1 there), and the
+    records are still delivered once each."""
+    old = ring(K1)
+    h.outbox.crypto = h.spool.crypto = old
+    for n in range(3):
+        await h.outbox.enqueue(call_record(n))
+    h.spool.put("call-9", call_record(9))
+    sealed = old.seal(json.dumps(call_record(7)), "call-7")
+    await h.redis.xadd(h.keys.outbox_dead, {"key": "call-7", "record": sealed, "attempt": "3",
+                                            "enq": "1", "error": "x", "reason": "gone"})
+    member = json.dumps({"key": "call-8", "record": old.seal(json.dumps(call_record(8)),
+                                                             "call-8"),
+                         "attempt": "1", "enq": "1", "error": ""})
+    await h.redis.zadd(h.keys.outbox_retry, {member: time.time() * 1000 + 3_600_000})
+    new = ring(K2, K1)
+    h.outbox.crypto = h.spool.crypto = new
+    done = await keys_cli.rotate(h.redis, h.keys, h.settings.group, h.outbox)
+    assert done == {"stream": 3, "dead": 1, "retry": 1, "spool": 1}
+    status = await keys_cli.status(h.redis, h.keys, h.outbox)
+    for place in ("stream", "dead", "retry", "spool"):
+        assert set(status[place]) == {"k2"}, (place, status)
+    assert await keys_cli.rotate(h.redis, h.keys, h.settings.group, h.outbox) == {}
+    await h.outbox.drain_spool()
+    worker = h.worker()
+    worker.crypto = ring(K2)  # only the new key: everything must be under it
+    h.tasks.append(asyncio.create_task(worker.run(h.stop, grace_s=1.0)))
+    await wait_until(lambda: len([r for r in crm.received if r.kind == "call"]) == 4)
+    assert sorted(r.key for r in crm.received if r.kind == "call") == \
+        ["call-0", "call-1", "call-2", "call-9"]
+
+
+async def test_rotate_leaves_entries_being_delivered_alone(h: Harness) -> None:
+    """An entry a worker holds (pending) is not rewritten under its feet: counted as
+    skipped, left as it was."""
+    h.outbox.crypto = ring(K1)
+    await h.outbox.enqueue(call_record(1))
+    from router.records.outbox import ensure_group
+
+    await ensure_group(h.redis, h.keys, h.settings.group)
+    await h.redis.xreadgroup(h.settings.group, "w", {h.keys.outbox_stream: ">"}, count=1)
+    h.outbox.crypto = ring(K2, K1)
+    assert await keys_cli.rotate(h.redis, h.keys, h.settings.group, h.outbox) == \
+        {"skipped_in_flight": 1}
+    [(_, fields)] = await h.redis.xrange(h.keys.outbox_stream)
+    assert key_id_of(fields["record"]) == "k1"
+
+
+async def test_rotate_without_a_key_is_refused(h: Harness) -> None:
+    """With encryption off there is nothing to rotate to: a clear CryptoError."""
+    with pytest.raises(CryptoError, match="no encryption key"):
+        await keys_cli.rotate(h.redis, h.keys, h.settings.group, h.outbox)
+
+
+# --- the proof: a whole Redis dump and the spool, searched -------------------------------------
+async def _fill(server: RedisServer, spool_dir: Path, crm: FakeCrm, crypto: KeyRing) -> None:
+    """Customers cached, call records in the outbox (stream, retry, dead, sent) and in
+    the spool, as the service would leave them."""
+    client = redis_client(RedisSettings(url=server.url))
+    cache = TwoLevelCache(client, KEYS, CacheSettings(), crypto=crypto)
+    await cache.put(NUMBER, CacheEntry(LI_LEI, time.time()))
+    await cache.put("+8613900139000", CacheEntry(Customer(id="C-1002", name="Han Meimei",
+                                                          tags=("vip",)), time.time()))
+    await cache.put("+8613900139001", CacheEntry(Customer(id="C-9", name="李雷"), time.time()))
+    await cache.aclose()
+    h = Harness(server.url, crm, spool_dir)
+    h.outbox.crypto = h.spool.crypto = crypto
+    try:
+        records = [call_record(n, caller_name="Li Lei", caller_raw="13800138000")
+                   for n in range(4)]
+        for record in records:
+            await h.outbox.enqueue(record)
+        h.spool.put("call-s", call_record("s", caller="+8613900139000",
+                                          caller_name="Han Meimei"))
+        crm.kind_faults["call"] = [500]  # one retry, then delivered (kept in outbox:sent)
+        worker = h.worker(max_attempts=1)
+        worker.crypto = crypto
+        h.tasks.append(asyncio.create_task(worker.run(h.stop, grace_s=1.0)))
+        await wait_until(lambda: worker.stats["delivered"] + worker.stats["dead"] >= 4)
+        await h.stop_workers()
+        await h.outbox.enqueue(call_record(5, caller_name="Li Lei"))  # left waiting
+        await h.redis.zadd(h.keys.outbox_retry, {json.dumps({
+            "key": "call-r", "record": crypto.seal(json.dumps(call_record("r")), "call-r"),
+            "attempt": "1", "enq": "1", "error": ""}): 1})
+    finally:
+        await h.close()
+
+
+async def _dump(server: RedisServer) -> bytes:
+    """Every key's DUMP and the RDB file of a SAVE, uncompressed (so a plaintext would show)."""
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        await client.config_set("rdbcompression", "no")
+        dumps = [await client.dump(key) or b"" async for key in client.scan_iter(count=1000)]
+        await client.save()
+    finally:
+        await client.aclose()
+    return b"".join(dumps) + (server.dir / "dump.rdb").read_bytes()
+
+
+@pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "control-plain"])
+async def test_no_plaintext_in_a_redis_dump_or_the_spool(
+        own_redis: RedisServer, crm: FakeCrm, tmp_path: Path, encrypted: bool) -> None:
+    """With a key configured, neither a dump of every Redis key nor the RDB file nor the
+    spool files hold a fixture number or name in clear. The control run without a key
+    finds them, so the search itself works."""
+    spool_dir = tmp_path / "spool"
+    await _fill(own_redis, spool_dir, crm, ring(K1) if encrypted else KeyRing())
+    found: dict[str, Any] = {}
+    dump = await _dump(own_redis)
+    spool = b"".join(p.read_bytes() for p in spool_dir.rglob("*") if p.is_file())
+    assert spool
+    for needle in PLAINTEXT:
+        if needle in dump:
+            found.setdefault("redis", []).append(needle)
+        if needle in spool:
+            found.setdefault("spool", []).append(needle)
+    if encrypted:
+        assert found == {}
+        assert b"enc1:k1:" in dump
+    else:
+        assert b"13800138000" in found["redis"]
+        assert b"Li Lei" in found["redis"]
+        assert b"Han Meimei" in found["spool"]
