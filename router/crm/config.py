@@ -232,7 +232,9 @@ class RecordingSettings(_Model):
     ``url``: ``url`` is a template of the public link, e.g.
     ``https://pbx.example.com/recordings/{basename}``; ``upload``: the file is POSTed as
     multipart ``file_field`` to ``url`` and the link is read at ``result_path``. The file's
-    path is taken from the record's ``path_field``.
+    path is taken from the record's ``path_field``. With ``delete_after_upload`` the local
+    file is deleted once the CRM has confirmed the call activity that links the uploaded
+    copy (never before: a retried activity would have nothing to upload).
     """
 
     VARIABLES: ClassVar[frozenset[str]] = frozenset({"basename", "name", "path"})
@@ -243,6 +245,7 @@ class RecordingSettings(_Model):
     file_field: str = "file"
     result_path: str = "url"
     max_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    delete_after_upload: bool = False
 
     @field_validator("url")
     @classmethod

@@ -62,6 +62,8 @@ class RestConnector:
         self.settings = settings
         self.region = region
         self.http = http or CrmHttp(settings)
+        #: record key -> link of its uploaded recording (its other steps reuse it)
+        self._uploaded: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"RestConnector({self.settings.name!r}, {self.settings.base_url!r})"
@@ -208,8 +210,9 @@ class RestConnector:
         if spec is None:
             return PostResult(extra={"disabled": True})
         data = _jsonable(record)
-        if self.settings.recordings is not None and not data.get("recording_url"):
-            data["recording_url"] = await self._recording_url(data, key)
+        rec = self.settings.recordings
+        if rec is not None and not data.get("recording_url"):
+            data["recording_url"] = self._uploaded.get(key) or await self._recording_url(data, key)
         context = {
             "record": data, "idempotency_key": key,
             "now": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
@@ -222,11 +225,36 @@ class RestConnector:
             params=_render_map(spec.params, context), json_body=_post_body(spec, data, context),
             headers=headers, accept_status=spec.duplicate_status,
         )
-        return PostResult(
+        result = PostResult(
             remote_id=self._remote_id(kind, spec, resp),
             duplicate=resp.status in spec.duplicate_status,
             extra={"status": resp.status},
         )
+        if (kind == "activity" and rec is not None and rec.mode == "upload"
+                and data.get("recording_url")):
+            await self._after_upload(rec, data, key, str(data["recording_url"]))
+        return result
+
+    async def _after_upload(self, rec: RecordingSettings, data: Mapping[str, Any], key: str,
+                            url: str) -> None:
+        """The CRM confirmed the activity linking the uploaded recording: remember the
+        link for the record's other steps and, if configured, delete the local file."""
+        self._uploaded[key] = url
+        while len(self._uploaded) > 1024:
+            self._uploaded.pop(next(iter(self._uploaded)))
+        path = data.get(rec.path_field)
+        if not rec.delete_after_upload or not isinstance(path, str) or not path:
+            return
+        try:
+            await asyncio.to_thread(Path(path).unlink)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("crm recording %s: uploaded, but the local file could not be "
+                        "deleted: %s", Path(path).name, exc.strerror)
+            return
+        log.info("crm recording %s: uploaded and confirmed, local file deleted",
+                 Path(path).name)
 
     def _remote_id(self, kind: PostKind, spec: PostSettings, resp: CrmResponse) -> str | None:
         if not spec.id_path:

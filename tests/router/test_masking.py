@@ -82,8 +82,8 @@ def test_records_mask_their_known_fields() -> None:
 
 
 def test_every_log_record_is_masked_at_creation(caplog: pytest.LogCaptureFixture) -> None:
-    """Whatever logs a number (any logger, args or text, in a traceback too), every
-    handler receives it masked."""
+    """Whatever logs a number or a URL with credentials (any logger, args or text, in a
+    traceback too), every handler receives it masked."""
     logger = logging.getLogger("some.library")
     stream = io.StringIO()
     handler = log.make_handler(stream)
@@ -91,6 +91,7 @@ def test_every_log_record_is_masked_at_creation(caplog: pytest.LogCaptureFixture
     try:
         with caplog.at_level(logging.INFO):
             logger.info("lookup for %s failed", "+8613800138000")
+            logger.warning("recording at %s", "https://u:secretpw@rec.example/1.wav?token=t0k")
             try:
                 raise ValueError("no customer for 13800138000")
             except ValueError:
@@ -102,6 +103,9 @@ def test_every_log_record_is_masked_at_creation(caplog: pytest.LogCaptureFixture
     assert "138****8000" in out
     assert "13800138000" not in out
     assert "13800138000" not in caplog.text
+    assert "recording at https://***@rec.example/1.wav?token=***" in out
+    assert "secretpw" not in out
+    assert "t0k" not in out
 
 
 def test_the_debug_switch_shows_numbers_and_says_so(

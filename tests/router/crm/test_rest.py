@@ -441,6 +441,42 @@ async def test_recording_upload(tmp_path: Path) -> None:
     assert server.seen[2]["body"] == {"rec": None}  # unreadable file: no link, still posted
 
 
+async def test_recording_deleted_only_after_the_crm_confirmed(tmp_path: Path) -> None:
+    """With ``delete_after_upload``, the local file stays while the activity that links
+    the upload fails (the retry uploads it again), is deleted once the CRM confirmed the
+    activity, and the record's later steps reuse the link instead of the gone file."""
+    recording = tmp_path / "rec.wav"
+    recording.write_bytes(b"RIFF....WAVE")
+    fail = [True]
+
+    def reply(info: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if info["path"] == "/files":
+            return 201, {"url": "https://files.example.com/rec.wav"}, {}
+        if info["path"] == "/calls" and fail[0]:
+            fail[0] = False
+            return 503, {"error": "busy"}, {}
+        return 201, {"id": "A1"}, {}
+
+    async with scripted_server(reply) as server:
+        settings = CrmSettings.model_validate({
+            "base_url": server.url,
+            "activity": {"url": "/calls", "body": {"rec": "{record.recording_url}"}},
+            "task": {"url": "/tasks", "body": {"rec": "{record.recording_url}"}},
+            "recordings": {"mode": "upload", "url": "/files", "delete_after_upload": True},
+        })
+        record = {**CALL, "recording": str(recording)}
+        async with connector(settings) as conn:
+            with pytest.raises(CrmServerError):
+                await conn.post_call(record, "call:7")
+            assert recording.exists()
+            await conn.post_call(record, "call:7")
+            assert not recording.exists()
+            await conn.create_task(record, "call:7")
+    assert [s["path"] for s in server.seen] == ["/files", "/calls", "/files", "/calls",
+                                                "/tasks"]
+    assert server.seen[-1]["body"] == {"rec": "https://files.example.com/rec.wav"}
+
+
 def test_recording_url_template() -> None:
     """``url`` mode turns a recording path into the configured link."""
     settings = CrmSettings.model_validate({"recordings": {
