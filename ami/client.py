@@ -101,7 +101,7 @@ class AmiClient:
         self.tracker = tracker
         self.flush_interval_s = flush_interval_s
         self.clock = clock
-        self.rng = rng or random.Random()
+        self.rng = rng or random.Random()  # noqa: S311 - reconnect jitter, not a secret
         self.connected = False
         self.logins = 0
         self.reconnects = 0

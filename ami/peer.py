@@ -97,7 +97,7 @@ class AmiPeer:
         recording: Recording | bytes | str | Path | None = None,
         *,
         username: str = "router",
-        secret: str = "routersecret",
+        secret: str = "routersecret",  # noqa: S107 - the test peer's own login
         host: str = "127.0.0.1",
         port: int = 0,
         pace_s: float = 0.0,

@@ -48,7 +48,7 @@ from router.keys import Keys
 
 log = logging.getLogger(__name__)
 
-TOKEN_PREFIX = "crt"
+TOKEN_PREFIX = "crt"  # noqa: S105 - the tokens' visible prefix, not a secret
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 #: scrypt's memory is 128 * n * r bytes (16 MiB here); OpenSSL wants a little headroom.
 SCRYPT_MAXMEM = 128 * SCRYPT_N * SCRYPT_R * 2

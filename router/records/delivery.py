@@ -209,7 +209,7 @@ class DeliveryWorker:
             settings.rate_per_s, settings.rate_burst,
             redis=redis if settings.rate_shared else None, key=keys.ratelimit(crm_name),
         )
-        self.rng = rng or random.Random()
+        self.rng = rng or random.Random()  # noqa: S311 - retry jitter, not a secret
         self._done = redis.register_script(_DONE_LUA)
         self._retry = redis.register_script(_RETRY_LUA)
         self._dead = redis.register_script(_DEAD_LUA)
