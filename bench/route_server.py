@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from pydantic import SecretStr
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "config.yaml"
 #: A Monday mid-morning in Shanghai: inside the example rules' business hours.
@@ -49,7 +51,7 @@ def bench_settings(redis_url: str, crm_url: str, max_sessions: int | None) -> An
 
     settings = load_settings(CONFIG)
     agi = {"port": 0} | ({"max_sessions": max_sessions} if max_sessions else {})
-    crm_auth = settings.crm.auth.model_copy(update={"token": CRM_TOKEN})
+    crm_auth = settings.crm.auth.model_copy(update={"token": SecretStr(CRM_TOKEN)})
     return settings.model_copy(update={
         "agi": settings.agi.model_copy(update=agi),
         "redis": settings.redis.model_copy(update={"url": redis_url}),
