@@ -375,6 +375,8 @@ def _drop_omitted(value: Any) -> Any:
         return {k: _drop_omitted(v) for k, v in value.items() if v is not OMIT}
     if isinstance(value, list):
         return [_drop_omitted(v) for v in value if v is not OMIT]
+    if isinstance(value, tuple):
+        return tuple(_drop_omitted(v) for v in value)
     return None if value is OMIT else value
 
 
