@@ -305,6 +305,8 @@ class ChangedSettings(RequestSpec):
         default_factory=lambda: {"updated_since": "{updated_since}", "cursor": "{cursor}"}
     )
     results: str = "results"
+    not_found_status: list[int] = Field(
+        default_factory=list, description="statuses that mean nothing changed (Zoho: 304)")
     numbers: list[str] = Field(
         default_factory=lambda: ["phones"], min_length=1,
         description="paths (or templates over record), per record, to a number or a list",

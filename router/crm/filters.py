@@ -197,6 +197,17 @@ def f_soql(value: Any) -> Any:
     return to_text(value).replace("\\", "\\\\").replace("'", "\\'")
 
 
+def f_escape(value: Any, chars: str, escape: str = "\\") -> Any:
+    """Put ``escape`` (a backslash) before each of ``chars`` (Zoho criteria: ``(),``)."""
+    if is_missing(value):
+        return None
+    text = to_text(value).replace(escape, escape + escape)
+    for ch in chars:
+        if ch != escape:
+            text = text.replace(ch, escape + ch)
+    return text
+
+
 def f_default(value: Any, fallback: Any = "") -> Any:
     return fallback if blank(value) else value
 
@@ -286,7 +297,8 @@ def f_iso(value: Any) -> Any:
 @pass_context
 def f_iso_local(ctx: Context, value: Any, tz: str | None = None) -> Any:
     when = _when(value)
-    return None if when is None else when.astimezone(_zone(ctx, tz)).isoformat()
+    return None if when is None else when.astimezone(_zone(ctx, tz)).isoformat(
+        timespec="seconds")
 
 
 @pass_context
@@ -373,7 +385,7 @@ FILTERS: Final[dict[str, Callable[..., Any]]] = {
     "str": f_str, "int": f_int, "float": f_float, "round": f_round,
     "upper": f_upper, "lower": f_lower, "title": f_title, "trim": f_trim,
     "truncate": f_truncate, "replace": f_replace, "split": f_split, "digits": f_digits,
-    "regex": f_regex, "json": f_json, "soql": f_soql,
+    "regex": f_regex, "json": f_json, "soql": f_soql, "escape": f_escape,
     "default": f_default, "join": f_join, "first": f_first, "length": f_length,
     "list": f_list, "pluck": f_pluck, "where": f_where, "translate": f_translate,
     "iso": f_iso, "iso_local": f_iso_local, "date": f_date, "strftime": f_strftime,

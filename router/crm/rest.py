@@ -113,7 +113,10 @@ class RestConnector:
             url, params, body = remote, {}, None
         resp = await self.http.request(
             "changed", method, url, params=params, json_body=body, headers=headers or None,
+            accept_status=spec.not_found_status,
         )
+        if resp.status in spec.not_found_status or resp.body is None:
+            return ChangedPage(entries=[], next_cursor=None)
         check_error(changed.request, resp, context, "crm changed", "changed")
         records = results(resp.body, spec.results, "crm.changed.results", "changed")
         entries = [(self._changed_customer(changed, record, i), self._numbers(changed, record))

@@ -25,7 +25,7 @@ from router.models import CallerNumber
 from router.phone import normalize
 from tests.crm_fakes.base import LI, PEOPLE, SARAH, UNKNOWN, WANG, FakeCrm
 
-VENDORS = ["hubspot"]
+VENDORS = ["hubspot", "salesforce", "zoho"]
 
 
 class Vendor:
@@ -120,14 +120,14 @@ async def test_exact_number_maps_every_field(vendor: Vendor) -> None:
 
 
 async def test_number_typed_nationally_is_found_and_not_the_decoy(vendor: Vendor) -> None:
-    """Sarah's number is stored as "(415) 555-0100": the exact search misses, the broad
-    one also returns a decoy with the same last digits, and the stored numbers decide."""
+    """Sarah's number is stored as "(415) 555-0100": a search by E.164 alone misses it;
+    the preset searches the other forms (or the last digits, which also return a decoy
+    with the same last seven digits), and the stored numbers decide."""
     conn = vendor.connector()
     customer = await conn.find_by_number(caller(SARAH))
     assert customer is not None
     assert customer.id == vendor.fake.ids["sarah"]
     assert customer.tier == "platinum"
-    assert len(vendor.fake.seen) >= 2  # the exact lookup ran first and found nothing
     assert vendor.fake.violations == []
 
 
