@@ -97,13 +97,18 @@ class Fields:
         """What the templates refer to."""
         return self.templates.uses if self.templates is not None else Uses()
 
-    def values(self, record: Any, context: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The raw value of each mapped attribute (paths into ``record``, templates with
-        ``context``, which must hold ``record``)."""
+    def path_values(self, record: Any) -> dict[str, Any]:
+        """The raw value of each attribute mapped by a plain path."""
         out: dict[str, Any] = {}
         for name, path in self.paths:
             found = get_path(record, path)
             out[name] = None if found is MISSING else found
+        return out
+
+    def values(self, record: Any, context: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The raw value of each mapped attribute (paths into ``record``, templates with
+        ``context``, which must hold ``record``)."""
+        out = self.path_values(record)
         if self.templates is not None:
             out.update(self.templates(context if context is not None else {"record": record}))
         return out
@@ -112,7 +117,10 @@ class Fields:
         """The :class:`Customer` for ``record``; CrmMappingError names the failing field."""
         if not isinstance(record, Mapping):
             raise CrmMappingError(f"record is a {type(record).__name__}, not an object")
-        values = self.values(record, context)
+        return self.finish(self.values(record, context))
+
+    def finish(self, values: dict[str, Any]) -> Customer:
+        """The :class:`Customer` for raw mapped values."""
         if values.get("kind") is None and self.kind is not None:
             values["kind"] = self.kind
         return map_customer(values, self.tier_map, self.source)
@@ -432,7 +440,7 @@ def map_customer(values: Mapping[str, Any], tier_map: Mapping[str, str],
         return CrmMappingError(f"{name}: {source(name)} {what}")
 
     raw_id = values.get("id")
-    if raw_id is None or raw_id == "":
+    if _absent(raw_id):
         raise fail("id", "not found in the record")
     if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
         raise fail("id", f"is a {type(raw_id).__name__}, not a string or number")
@@ -460,8 +468,13 @@ def map_customer(values: Mapping[str, Any], tier_map: Mapping[str, str],
 Fail = Callable[[str], CrmMappingError]
 
 
+def _absent(value: Any) -> bool:
+    """None, empty text, or ``false`` (how Odoo and others say "no value")."""
+    return value is None or value == "" or value is False
+
+
 def _text(value: Any, fail: Fail) -> str | None:
-    if value is None or value == "":
+    if _absent(value):
         return None
     if isinstance(value, str):
         return value
@@ -471,7 +484,7 @@ def _text(value: Any, fail: Fail) -> str | None:
 
 
 def _number(value: Any, fail: Fail) -> float | None:
-    if value is None or value == "":
+    if _absent(value):
         return None
     if isinstance(value, bool):
         raise fail("is a bool, not a number")
@@ -482,7 +495,7 @@ def _number(value: Any, fail: Fail) -> float | None:
 
 
 def _count(value: Any, fail: Fail) -> int:
-    if value is None or value == "":
+    if _absent(value):
         return 0
     if isinstance(value, list):
         return len(value)
@@ -495,7 +508,7 @@ def _count(value: Any, fail: Fail) -> int:
 
 
 def _tags(value: Any, fail: Fail) -> tuple[str, ...]:
-    if value is None or value == "":
+    if _absent(value):
         return ()
     if isinstance(value, str):
         sep = ";" if ";" in value else ","

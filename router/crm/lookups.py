@@ -20,7 +20,7 @@ from router.crm.compiled import LookupPlan, LookupStepPlan, Plan, Request
 from router.crm.http import CrmHttp, CrmResponse
 from router.crm.mapping import MISSING, get_path
 from router.crm.numbers import number_context, stored_matches, stored_numbers
-from router.crm.refs import RefTables, evaluate
+from router.crm.refs import RefTables, evaluate, map_record
 from router.crm.template import OMIT
 from router.errors import CrmClientError, CrmMappingError
 from router.metrics import CRM_ERRORS
@@ -71,7 +71,7 @@ class LookupRunner:
             chains = [{**chain, step.name: record}
                       for chain, record in zip(chains, found, strict=True) if record is not None]
             chains = self._matching(lookup, step, chains, base, region)
-        return [self._customer(lookup, chain, base, i) for i, chain in enumerate(chains)]
+        return [await self._customer(lookup, chain, base, i) for i, chain in enumerate(chains)]
 
     # --- one step --------------------------------------------------------------------
 
@@ -119,15 +119,16 @@ class LookupRunner:
                       lookup.name, step.name, len(kept), len(chains))
         return kept
 
-    def _customer(self, lookup: LookupPlan, chain: Chain, base: Mapping[str, Any],
-                  index: int) -> Customer:
+    async def _customer(self, lookup: LookupPlan, chain: Chain, base: Mapping[str, Any],
+                        index: int) -> Customer:
         record = next(reversed(chain.values()))
         context = None
         if lookup.fields.templates is not None:
             context = {**base, "record": record, "steps": chain, "kind": lookup.kind,
                        "_rt": self.plan.runtime}
         try:
-            return lookup.fields.customer(record, context)
+            return await map_record(lookup.fields, record, context, self.plan.runtime,
+                                    self.refs)
         except CrmMappingError as exc:
             CRM_ERRORS.labels("lookup", exc.kind).inc()
             raise CrmMappingError(

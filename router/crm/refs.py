@@ -19,12 +19,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from router.crm.compiled import RefPlan
+from router.crm.compiled import Fields, RefPlan
 from router.crm.filters import Runtime
 from router.crm.http import CrmHttp
 from router.crm.mapping import MISSING, get_path
 from router.crm.template import Compiled
 from router.errors import CrmError, CrmMappingError
+from router.models import Customer
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,18 @@ class RefTables:
         entries.move_to_end(key)
         while len(entries) > self.refs[name].spec.max_entries:
             entries.popitem(last=False)
+
+
+async def map_record(fields: Fields, record: Any, context: dict[str, Any] | None,
+                     runtime: Runtime, refs: RefTables | None) -> Customer:
+    """The customer for ``record`` by ``fields``, fetching the references its templates use."""
+    if not isinstance(record, Mapping):
+        raise CrmMappingError(f"record is a {type(record).__name__}, not an object")
+    values = fields.path_values(record)
+    if fields.templates is not None:
+        assert context is not None
+        values.update(await evaluate(fields.templates, context, runtime, refs))
+    return fields.finish(values)
 
 
 async def evaluate(template: Compiled, context: dict[str, Any], runtime: Runtime,

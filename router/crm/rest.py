@@ -28,7 +28,7 @@ from router.crm.lookups import LookupRunner, check_error, results
 from router.crm.mapping import MISSING, get_path
 from router.crm.numbers import stored_numbers
 from router.crm.records import RecordRunner
-from router.crm.refs import RefTables
+from router.crm.refs import RefTables, map_record
 from router.crm.template import OMIT, url_quote
 from router.errors import CrmMappingError
 from router.metrics import CRM_ERRORS
@@ -119,18 +119,20 @@ class RestConnector:
             return ChangedPage(entries=[], next_cursor=None)
         check_error(changed.request, resp, context, "crm changed", "changed")
         records = results(resp.body, spec.results, "crm.changed.results", "changed")
-        entries = [(self._changed_customer(changed, record, i), self._numbers(changed, record))
-                   for i, record in enumerate(records)]
+        entries = [(await self._changed_customer(changed, record, i),
+                    self._numbers(changed, record)) for i, record in enumerate(records)]
         return ChangedPage(entries=entries,
                            next_cursor=self._next_cursor(changed, since, resp, entries))
 
-    def _changed_customer(self, changed: ChangedPlan, record: Any, index: int) -> Customer:
+    async def _changed_customer(self, changed: ChangedPlan, record: Any, index: int
+                                ) -> Customer:
         context = None
         if changed.fields.templates is not None:
-            context = {**self.plan.base, "record": record, "steps": {}, "kind": changed.fields.kind,
-                       "_rt": self.plan.runtime}
+            context = {**self.plan.base, "record": record, "steps": {},
+                       "kind": changed.fields.kind, "_rt": self.plan.runtime}
         try:
-            return changed.fields.customer(record, context)
+            return await map_record(changed.fields, record, context, self.plan.runtime,
+                                    self.refs)
         except CrmMappingError as exc:
             CRM_ERRORS.labels("changed", exc.kind).inc()
             raise CrmMappingError(f"crm.changed.fields (record {index}): {exc}") from exc

@@ -19,13 +19,14 @@ import pytest
 from ami.records import CallRecord, record_key_for
 from router.crm.base import StepResult
 from router.crm.config import CrmSettings
+from router.crm.presets import merge
 from router.crm.rest import RestConnector
 from router.errors import CrmClientError, CrmError, CrmRateLimited
 from router.models import CallerNumber
 from router.phone import normalize
 from tests.crm_fakes.base import LI, PEOPLE, SARAH, UNKNOWN, WANG, FakeCrm
 
-VENDORS = ["hubspot", "salesforce", "zoho"]
+VENDORS = ["hubspot", "salesforce", "zoho", "odoo"]
 
 
 class Vendor:
@@ -39,7 +40,7 @@ class Vendor:
 
     def settings(self, **overrides: Any) -> CrmSettings:
         """The preset pointed at the fake, with ``overrides`` merged in."""
-        return CrmSettings.model_validate({**self.module.config(self.fake), **overrides})
+        return CrmSettings.model_validate(merge(self.module.config(self.fake), overrides))
 
     def connector(self, **overrides: Any) -> RestConnector:
         """A connector for :meth:`settings` (closed by the fixture)."""
