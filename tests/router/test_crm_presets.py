@@ -26,7 +26,7 @@ from router.models import CallerNumber
 from router.phone import normalize
 from tests.crm_fakes.base import LI, PEOPLE, SARAH, UNKNOWN, WANG, FakeCrm
 
-VENDORS = ["hubspot", "salesforce", "zoho", "odoo"]
+VENDORS = ["hubspot", "salesforce", "zoho", "odoo", "pipedrive", "espocrm"]
 
 
 class Vendor:
@@ -157,7 +157,9 @@ async def test_unknown_caller_missed_call_creates_lead_then_call_and_task_on_it(
     conn = vendor.connector(vars={"default_owner": vendor.fake.owner_ids["o2"]})
     rec = record("1700000000.1", caller_e164=UNKNOWN, outcome="missed")
     done = await deliver(conn, rec, ["call", "lead", "task"])
-    assert [s for s, r in done.items() if r.status == "done"] == ["lead", "call", "task"]
+    ran = [s for s, r in done.items() if r.status == "done"]
+    creates = next(s for s in ran if s not in ("call", "task"))  # the lead/contact step
+    assert ran.index(creates) < ran.index("call") < ran.index("task")
     leads = vendor.fake.created("lead")
     assert len(leads) == 1
     assert UNKNOWN[-8:] in vendor.module.digits(leads[0]["phone"])
@@ -180,7 +182,8 @@ async def test_known_caller_answered_call_only_with_duration(vendor: Vendor) -> 
     calls = vendor.fake.created("call")
     assert [c["on"] for c in calls] == [vendor.fake.ids["li"]]
     assert calls[0]["outcome"] == vendor.fake.outcome("answered")
-    assert calls[0]["duration_s"] == pytest.approx(42.0)
+    resolution = getattr(vendor.module, "DURATION_RESOLUTION_S", 1)
+    assert abs(calls[0]["duration_s"] - 42.0) < resolution
     assert vendor.fake.created("lead") == []
     assert vendor.fake.created("task") == []
     assert vendor.fake.violations == []
@@ -231,3 +234,33 @@ async def test_a_wrong_shape_is_refused_by_the_fake(vendor: Vendor) -> None:
     with pytest.raises(CrmClientError):
         await deliver(conn, rec, ["call"])
     assert vendor.fake.violations
+
+
+SYNC_VENDORS = [v for v in VENDORS if v != "pipedrive"]  # its preset has no changed feed
+
+
+@pytest.mark.parametrize("name", SYNC_VENDORS)
+async def test_sync_reads_changed_contacts_with_their_numbers(name: str) -> None:
+    """The preset's changed feed (``callroute sync``) pages through the vendor's changed
+    contacts until it says there is no more, mapping each with its numbers in E.164."""
+    module = importlib.import_module(f"tests.crm_fakes.{name}")
+    fake = module.make()
+    await fake.start()
+    conn = RestConnector(CrmSettings.model_validate(module.config(fake)), region="CN")
+    try:
+        cursor: str | None = None
+        entries = []
+        for _ in range(5):
+            page = await conn.changed_since(cursor)
+            entries += page.entries
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        assert cursor is None
+        numbers = {c.id: n for c, n in entries}
+        assert numbers[fake.ids["li"]] == [LI]
+        assert {fake.ids["li"], fake.ids["sarah"], fake.ids["decoy"]} <= set(numbers)
+        assert fake.violations == []
+    finally:
+        await conn.aclose()
+        await fake.stop()
