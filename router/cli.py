@@ -10,6 +10,7 @@
 ``sync``        pre-warm the cache with customers changed since the last sync
 ``outbox``      inspect and re-send call records (``status|list|retry|replay``)
 ``users``       manage users, roles and tokens (``add|list|disable|enable|role|rotate``)
+``crm doctor``  show each CRM request and answer for a number (``--post``: a test record)
 ==============  ===================================================================
 """
 
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     from router.auth import users_cli
 
     users_cli.register(sub)
+    from router.crm import doctor as crm_doctor
+
+    crm_doctor.register(sub)
     return parser
 
 
@@ -175,6 +179,11 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         return run(
             serve_forever(settings, host=args.host, port=args.port), settings.event_loop
         )
+    if command == "crm":
+        from router.crm.doctor import doctor
+
+        code: int = run(doctor(settings, args.number, post=args.post), settings.event_loop)
+        return code
     if command == "outbox":
         handler = args.outbox_handler
         result: int = handler(settings, args)

@@ -149,6 +149,21 @@ class RecordRunner:
             outputs=outputs, customer={k: v for k, v in customer.items() if v not in (None, "")},
         )
 
+    async def fetch(self, step: str, record: Mapping[str, Any], idempotency_key: str,
+                    previous: Mapping[str, StepResult], plan: Sequence[str],
+                    result: StepResult) -> CrmResponse:
+        """Read the object ``result`` created back (the step's ``fetch``), for the doctor."""
+        spec = self._spec(step)
+        if spec.fetch is None:
+            raise KeyError(f"record step {step!r} has no fetch")
+        context = {**self.context(step, jsonable(record), idempotency_key, previous, plan),
+                   "id": result.remote_id}
+        method, url, params, headers, body = spec.fetch.render(context)
+        resp = await self.http.request(f"{step}:fetch", method, url, params=params,
+                                       headers=headers or None, json_body=body)
+        check_error(spec.fetch, resp, context, f"crm record step {step} fetch", step)
+        return resp
+
     async def _evaluate(self, template: Any, context: dict[str, Any]) -> dict[str, Any]:
         if template is None:
             return {}
