@@ -181,9 +181,11 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         )
     if command == "crm":
         from router.crm.doctor import doctor
+        from router.records.delivery import plan
 
-        code: int = run(doctor(settings, args.number, post=args.post), settings.event_loop)
-        return code
+        doctor_code: int = run(doctor(settings, args.number, post=args.post, plan=plan),
+                               settings.event_loop)
+        return doctor_code
     if command == "outbox":
         handler = args.outbox_handler
         result: int = handler(settings, args)

@@ -4,7 +4,7 @@ Steps run in their configured order. Each sees the call record, the ``customer``
 record had it and as earlier steps changed it (an unknown caller's new lead becomes
 ``customer.id``), and the results of the earlier steps (``steps.<name>.id``, outputs).
 A step whose ``when`` is false is skipped: no request, status ``skipped``. The delivery
-worker (router/delivery.py) calls :meth:`RecordRunner.run_step` one step at a time and
+worker (router/records/delivery.py) calls :meth:`RecordRunner.run_step` one step at a time and
 keeps each result in its per-step marker, so a retry resumes after the last step done
 with the same context.
 """

@@ -72,15 +72,20 @@ def test_secrets_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert crm.auth.secrets == ["from-env"]
 
 
-@pytest.mark.parametrize("name", ["crm-sample.yaml", "crm-hubspot.yaml", "crm-zoho.yaml",
-                                  "crm-salesforce.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("crm-*.yaml")))
 def test_example_files_are_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every examples/crm-*.yaml snippet validates as a crm section."""
-    for var in ("CRM_TOKEN", "HUBSPOT_TOKEN", "ZOHO_TOKEN", "SALESFORCE_TOKEN"):
+    """Every examples/crm-*.yaml snippet validates as a crm section, with lookups and a
+    call step, and every override it makes lands on an existing preset piece."""
+    for var in ("CRM_TOKEN", "HUBSPOT_TOKEN", "ZOHO_TOKEN", "SALESFORCE_TOKEN", "ODOO_API_KEY",
+                "PIPEDRIVE_TOKEN", "ESPOCRM_API_KEY"):
         monkeypatch.setenv(var, "x")
     from router.settings import expand_env
 
     data = yaml.safe_load((EXAMPLES / name).read_text(encoding="utf-8"))
     crm = CrmSettings.model_validate(expand_env(data["crm"]))
     assert crm.lookup.fields.id
-    assert crm.activity is not None
+    assert crm.record_step("call") is not None
+    if crm.preset:
+        preset_lookups = {x.name for x in CrmSettings.model_validate(
+            {"preset": crm.preset}).lookups}
+        assert {x.name for x in crm.lookups} == preset_lookups

@@ -151,3 +151,17 @@ def test_doctor_without_a_number_describes_the_configuration(
                "step(s)), lead (lead, 1 step(s))" in out
         assert "record steps: lead [when 'lead' in plan and record.caller], call, task" in out
         assert sf.fake.seen == []
+
+
+def test_the_doctors_test_record_is_a_call_record() -> None:
+    """The record the doctor posts has exactly the call record's shape (so templates see
+    what they see in production)."""
+    from ami.records import CallRecord
+    from router.crm.doctor import test_record
+    from router.models import Customer
+    from router.phone import normalize
+
+    rec = test_record(normalize(LI, "CN"), Customer(id="C1", owner="7001", kind="lead"))
+    assert CallRecord.model_validate(rec).model_dump(mode="json") == rec
+    assert (rec["customer_id"], rec["customer_owner"], rec["customer_kind"]) == (
+        "C1", "7001", "lead")
