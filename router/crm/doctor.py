@@ -238,11 +238,15 @@ def test_record(number: CallerNumber, customer: Customer | None) -> dict[str, An
         "customer_kind": customer.kind if customer else None,
         "routing_rule": "callroute-doctor", "route_reason": "doctor", "route_target": None,
         "route_queue": None, "queue": None, "agents_rung": [], "answered_by": None,
-        "answered_by_agent": None, "start": (now - timedelta(minutes=1)).isoformat(),
-        "answer": None, "end": (now - timedelta(seconds=30)).isoformat(), "wait_s": 30.0,
+        "answered_by_agent": None, "start": _iso(now - timedelta(minutes=1)),
+        "answer": None, "end": _iso(now - timedelta(seconds=30)), "wait_s": 30.0,
         "talk_s": None, "outcome": "missed", "hangup_cause": None, "recording": None,
         "incomplete": False, "cdrs": [],
     }
+
+
+def _iso(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
 
 
 async def doctor(settings: Settings, number: str | None, *, post: bool,
