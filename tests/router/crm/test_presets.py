@@ -264,3 +264,28 @@ async def test_sync_reads_changed_contacts_with_their_numbers(name: str) -> None
     finally:
         await conn.aclose()
         await fake.stop()
+
+
+def test_every_preset_has_a_guide_a_fake_and_a_column_in_the_field_table() -> None:
+    """Each shipped preset has docs/crm/<name>.md, a fake under tests/crm_fakes and a
+    column of docs/crm/field-mapping.md, whose rows cover every customer field and every
+    call-record field."""
+    from pathlib import Path
+
+    from ami.records import CallRecord
+    from router.crm.presets import available
+    from router.models import Customer
+
+    docs = Path(__file__).resolve().parents[3] / "docs" / "crm"
+    table = (docs / "field-mapping.md").read_text(encoding="utf-8")
+    assert sorted(VENDORS) == available()
+    header = next(line for line in table.splitlines() if line.startswith("| field |"))
+    for name in available():
+        assert (docs / f"{name}.md").is_file()
+        assert f" {name} |" in header
+    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| `")}
+    cells = " ".join(rows)
+    for name in Customer.model_fields:
+        assert f"`{name}`" in cells, name
+    for name in CallRecord.model_fields:
+        assert f"`{name}`" in cells, name
