@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from router.crm.filters import Runtime
-from router.crm.mapping import MISSING, get_path, parse_datetime
+from router.crm.mapping import MISSING, get_path, parse_datetime, set_path
 from router.crm.template import (
     Compiled,
     Uses,
@@ -359,7 +359,7 @@ def _record_step(step: RecordStep, where: str, names: frozenset[str],
     if step.fields is not None:
         body = {}
         for target, template in step.fields.items():
-            _set_path(body, target, template)
+            set_path(body, target, template)
     elif body is None and step.method in ("POST", "PUT", "PATCH"):
         body = "{record}"  # neither body nor fields: the call record itself
     try:
@@ -411,18 +411,6 @@ def _check_references(plan: Plan, settings: CrmSettings) -> None:
             if map_name not in settings.maps:
                 known = ", ".join(sorted(settings.maps)) or "none configured"
                 raise ValueError(f"{where}: translate({map_name!r}) is not in crm.maps ({known})")
-
-
-def _set_path(document: dict[str, Any], path: str, value: Any) -> None:
-    parts = path.split(".")
-    node = document
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
 
 
 # --- values to a customer -----------------------------------------------------------------
