@@ -11,7 +11,7 @@ values into a :class:`~router.models.Customer` and pick one of several.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
@@ -211,6 +211,8 @@ class LookupPlan:
     fields: Fields
     multiple: MultipleSettings
     max_candidates: int
+    #: every name the lookup's templates use (which number forms to compute)
+    names: frozenset[str] = frozenset()
 
     @property
     def uses(self) -> Uses:
@@ -344,12 +346,13 @@ def _lookup(spec: LookupSpec, index: int, field_names: frozenset[str],
             not_found_status=tuple(step.not_found_status),
             numbers=compile_numbers(step.numbers, step_model.NUMBER_NAMES, f"{at}.numbers"),
         ))
-    return LookupPlan(
+    plan = LookupPlan(
         name=spec.name, kind=spec.kind, steps=tuple(steps),
         fields=compile_fields(spec.fields, field_names, f"{where}.fields", spec.tier_map,
                               spec.kind),
         multiple=spec.multiple, max_candidates=spec.max_candidates,
     )
+    return replace(plan, names=plan.uses.names)
 
 
 def _record_step(step: RecordStep, where: str, names: frozenset[str],

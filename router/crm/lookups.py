@@ -52,8 +52,8 @@ class LookupRunner:
 
     async def run(self, lookup: LookupPlan, number: CallerNumber) -> list[Customer]:
         """Every customer one lookup finds for ``number``, in the CRM's order."""
-        base: dict[str, Any] = {**self.plan.base, **number_context(number), "omit": OMIT,
-                                "item": None, "steps": {}}
+        base: dict[str, Any] = {**self.plan.base, **number_context(number, lookup.names),
+                                "omit": OMIT, "item": None, "steps": {}}
         region = number.country or ""
         first = lookup.steps[0]
         chains: list[Chain] = [

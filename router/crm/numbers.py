@@ -43,6 +43,10 @@ def forms(e164: str) -> dict[str, str]:
     }
 
 
+#: The forms that need phonenumbers to format the number (the others come for free).
+FORMATTED = frozenset({"local", "national_format", "international"})
+
+
 def _last(digits: str) -> Callable[[int], str]:
     def last(count: int) -> str:
         """The last ``count`` digits of the caller's number."""
@@ -51,17 +55,25 @@ def _last(digits: str) -> Callable[[int], str]:
     return last
 
 
-@lru_cache(maxsize=8192)
-def _context(e164: str) -> dict[str, Any]:
-    values: dict[str, Any] = dict(forms(e164))
-    values["last"] = _last(values["digits"])
-    return values
+def number_context(number: CallerNumber, needed: frozenset[str] = FORMATTED
+                   ) -> dict[str, Any]:
+    """The number names of lookup templates, for a lookup-able number (a new dict).
 
-
-def number_context(number: CallerNumber) -> dict[str, Any]:
-    """The number names of lookup templates, for a lookup-able number (a new dict)."""
+    The formatted forms (:data:`FORMATTED`) cost a phonenumbers parse the first time a
+    number is seen: they are computed only when ``needed`` names one (the plan knows
+    which names its templates use).
+    """
     assert number.e164 is not None
-    return dict(_context(number.e164))
+    digits = number.e164[1:]
+    values: dict[str, Any] = {
+        "e164": number.e164, "digits": digits, "national": number.national or "",
+        "country": number.country or "", "last": _last(digits),
+    }
+    if needed & FORMATTED:
+        full = forms(number.e164)
+        values.update(local=full["local"], national_format=full["national_format"],
+                      international=full["international"])
+    return values
 
 
 @lru_cache(maxsize=65536)
