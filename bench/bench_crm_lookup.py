@@ -2,7 +2,7 @@
 
 Starts a private redis-server and a CRM in a process of its own that answers the sample
 CRM's shapes (router.samplecrm: ``GET /api/customers?phone=``, ``GET
-/api/customers/{id}``) from an index, with no added delay, and runs
+/api/customers/{id}``) from an index on uvloop, with no added delay, and runs
 ``CachedLookup.find()`` for callers the cache has never seen (every call is a CRM
 lookup), open loop at ``--rate`` calls/s, deadline 300 ms, for three connector
 configurations, interleaved round by round in the same run:
@@ -97,7 +97,12 @@ def main(count):
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
         await runner.cleanup()
 
-    asyncio.run(serve())
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve())
+    else:
+        uvloop.run(serve())
 
 main(int(sys.argv[1]))
 """
@@ -146,6 +151,7 @@ class Bench:
         self.cpu: dict[str, float] = defaultdict(float)
         self.requests: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)
+        self.missed: dict[str, int] = defaultdict(int)  # deadline or error: not found in time
         self.next_number = 0
 
     async def start(self) -> None:
@@ -209,8 +215,7 @@ class Bench:
         self.cpu[name] += time.process_time() - cpu0
         await lookup.aclose()
         self.latencies[name] += [r.elapsed_ms for r in results]
-        assert all(r.source == "crm" and r.found for r in results), \
-            {r.source for r in results}
+        self.missed[name] += sum(1 for r in results if r.source != "crm" or not r.found)
         self.requests[name] += await self.crm_requests()
         self.calls[name] += len(calls)
 
@@ -234,13 +239,14 @@ class Bench:
         base_p99 = pct(self.latencies["one-step"], 99)
         base_cpu = self.cpu["one-step"] / self.calls["one-step"]
         print(f"{'configuration':<12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-              f"{'p99/one':>8} {'req/call':>9} {'cpu us/call':>12} {'cpu/one':>8}")
+              f"{'p99/one':>8} {'req/call':>9} {'cpu us/call':>12} {'cpu/one':>8} "
+              f"{'not found':>9}")
         for name, values in self.latencies.items():
             cpu = self.cpu[name] / self.calls[name]
             print(f"{name:<12} {pct(values, 50):8.2f} {pct(values, 99):8.2f} "
                   f"{max(values):8.2f} {pct(values, 99) / base_p99:8.2f} "
                   f"{self.requests[name] / self.calls[name]:9.2f} {cpu * 1e6:12.0f} "
-                  f"{cpu / base_cpu:8.2f}")
+                  f"{cpu / base_cpu:8.2f} {self.missed[name]:9d}")
         ok = base_p99 <= P99_TARGET_MS
         print(f"\n{'PASS' if ok else 'FAIL'}: one-step cold-pass p99 {base_p99:.2f} ms "
               f"(target <= {P99_TARGET_MS:g} ms at {a.rate}/s)")
