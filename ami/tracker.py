@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: Channel variables set by the router (the AGI) that the record reports.
 ROUTE_VARS = frozenset(
-    {"CRM_CUSTOMER_ID", "CRM_TIER", "ROUTE_RULE", "ROUTE_REASON", "ROUTE_TARGET",
+    {"CRM_CUSTOMER_ID", "CRM_TIER", "CRM_OWNER", "ROUTE_RULE", "ROUTE_REASON", "ROUTE_TARGET",
      "ROUTE_QUEUE", "CALL_DID"}
 )
 #: Dial/Queue timing variables (milliseconds), read from the channel that dialled.
@@ -666,6 +666,7 @@ class CallTracker:
             did=v.get("CALL_DID") or call.exten,
             customer_id=v.get("CRM_CUSTOMER_ID"),
             customer_tier=v.get("CRM_TIER"),
+            customer_owner=v.get("CRM_OWNER") or None,
             routing_rule=v.get("ROUTE_RULE"),
             route_reason=v.get("ROUTE_REASON"),
             route_target=v.get("ROUTE_TARGET"),

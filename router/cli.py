@@ -12,6 +12,7 @@
 ``users``       manage users, roles and tokens (``add|list|disable|enable|role|rotate``)
 ``audit``       read the audit trail (``list|export --since --who --action``)
 ``keys``        encryption keys at rest (``generate|status|rotate``)
+``crm doctor``  show each CRM request and answer for a number (``--post``: a test record)
 ==============  ===================================================================
 """
 
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     from router.records import keys_cli
 
     keys_cli.register(sub)
+    from router.crm import doctor as crm_doctor
+
+    crm_doctor.register(sub)
     return parser
 
 
@@ -187,6 +191,13 @@ def _dispatch(settings: Settings, args: argparse.Namespace) -> int:
         return run(
             serve_forever(settings, host=args.host, port=args.port), settings.event_loop
         )
+    if command == "crm":
+        from router.crm.doctor import doctor
+        from router.records.delivery import plan
+
+        doctor_code: int = run(doctor(settings, args.number, post=args.post, plan=plan),
+                               settings.event_loop)
+        return doctor_code
     if command == "outbox":
         handler = args.outbox_handler
         result: int = handler(settings, args)

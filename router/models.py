@@ -24,6 +24,7 @@ class Customer(BaseModel):
     open_tickets: int = 0
     language: str | None = None
     updated_at: datetime | None = None
+    kind: str | None = None  # which CRM object the record is (contact, lead, ...)
 
 
 LookupSource = Literal[

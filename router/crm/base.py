@@ -8,9 +8,10 @@ A connector implements :class:`CustomerDirectory` (lookups and the pre-warm sync
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from router.models import CallerNumber, Customer
 
@@ -64,3 +65,80 @@ class RecordSink(Protocol):
 
     async def create_task(self, record: Mapping[str, Any], idempotency_key: str) -> PostResult:
         """Create a follow-up task for the owner of a missed or abandoned call."""
+
+
+StepStatus = Literal["done", "duplicate", "skipped"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step of the records pipeline did: ``done`` (created ``remote_id``),
+    ``duplicate`` (the CRM already had it), or ``skipped`` (its ``when`` was false).
+
+    ``outputs`` are the step's configured outputs; ``customer`` the customer fields it
+    set for later steps. :meth:`marker` / :meth:`from_marker` keep it in the outbox's
+    per-step marker, so a retry that skips the step still hands them on.
+    """
+
+    step: str
+    status: StepStatus = "done"
+    remote_id: str | None = None
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+    customer: Mapping[str, Any] = field(default_factory=dict)
+
+    def marker(self) -> str:
+        """The value of the outbox's per-step marker (JSON)."""
+        data: dict[str, Any] = {"status": self.status, "id": self.remote_id}
+        if self.outputs:
+            data["outputs"] = dict(self.outputs)
+        if self.customer:
+            data["customer"] = dict(self.customer)
+        return json.dumps(data, separators=(",", ":"), default=str)
+
+    @classmethod
+    def from_marker(cls, step: str, raw: str | bytes) -> StepResult:
+        """Read a marker (also the older form: the remote id, or ``1`` for none)."""
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        if text.startswith("{"):
+            try:
+                data = json.loads(text)
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                status = data.get("status")
+                remote = data.get("id")
+                outputs, customer = data.get("outputs"), data.get("customer")
+                return cls(
+                    step=step,
+                    status=status if status in ("done", "duplicate", "skipped") else "done",
+                    remote_id=str(remote) if remote is not None else None,
+                    outputs=outputs if isinstance(outputs, dict) else {},
+                    customer=customer if isinstance(customer, dict) else {},
+                )
+        return cls(step=step, remote_id=None if text in ("", "1") else text)
+
+    @property
+    def result(self) -> PostResult:
+        """The same as a :class:`PostResult`."""
+        return PostResult(remote_id=self.remote_id, duplicate=self.status == "duplicate",
+                          extra={"step": self.step, "status": self.status})
+
+
+@runtime_checkable
+class StepSink(Protocol):
+    """A record sink made of named steps that depend on each other (the REST connector).
+
+    The delivery worker asks for :meth:`step_names`, skips the steps it has markers for,
+    and runs the others in order, handing each the results of those before it.
+    """
+
+    def step_names(self) -> list[str]:
+        """Every configured step, in order."""
+
+    def wants(self, step: str, record: Mapping[str, Any], previous: Mapping[str, StepResult],
+              plan: Sequence[str]) -> bool:
+        """Whether ``step`` applies to ``record`` (its ``when``)."""
+
+    async def run_step(self, step: str, record: Mapping[str, Any], idempotency_key: str,
+                       previous: Mapping[str, StepResult], plan: Sequence[str]) -> StepResult:
+        """Run one step (a skipped one returns status ``skipped`` without a request)."""

@@ -1,36 +1,68 @@
 """Configuration of the generic REST CRM connector (the ``crm:`` section of the config file).
 
-Everything needed to point callroute at an existing CRM's REST API is written here, in
-YAML, without Python: where the API is, how to authenticate, how to look a caller up and
-read the answer (dotted paths into the JSON), how to page through changed customers, and
-how to post call activities, leads and follow-up tasks (JSON body templates).
+Everything needed to point callroute at a CRM's API is written here, in YAML: where
+the API is and how to authenticate; **lookups** (an ordered list, each a chain of
+requests: search, then fetch each record found, ...) and how an answer maps to a
+customer; how to page through changed customers (``changed``, for ``callroute sync``);
+and the **records** pipeline: the requests that put a finished call into the CRM, in
+order, each with a condition (``when``) and outputs later steps can use. ``preset:``
+starts from a profile shipped with callroute (``router/crm/presets/*.yaml``) and the
+rest of the section overrides it.
 
-Templates use ``{placeholder}``: ``{e164}``, ``{national}``, ``{digits}``, ``{country}``
-in ``lookup``; ``{updated_since}`` and ``{cursor}`` in ``changed``;
-``{record.<field>}``, ``{idempotency_key}`` and ``{now}`` in ``activity``/``lead``/``task``;
-``{basename}``, ``{name}``, ``{path}`` in ``recordings.url``. A filter may follow a ``|``:
-``{record.duration_s|ms}`` (see :data:`router.crm.mapping.FILTERS`). Values put into a
-URL path are percent-encoded; a query parameter or header that renders empty (the
-first page's ``{cursor}``) is left out, and a lone placeholder with no value is JSON
-``null``. Secrets come from the environment: ``token: ${CRM_TOKEN}``.
+Templates are ``{expression}`` in text, compiled when the config is loaded (see
+:mod:`router.crm.template` and ``docs/crm/templates.md``). Each place offers its own
+names, listed on its model below (``NAMES``); a name, filter or test that is not
+offered there fails ``callroute check`` with the field named. Secrets come from the
+environment: ``token: ${CRM_TOKEN}``; values in ``secrets:`` are usable in templates
+(``{secrets.api_key}``) and are masked wherever callroute prints a request.
 
-See ``examples/crm-*.yaml`` for the sample CRM, HubSpot, Zoho and Salesforce.
+The one-request form of older configs (``lookup:`` and ``activity``/``lead``/``task``)
+is still accepted and read as a one-lookup list and a three-step pipeline.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from router.crm.mapping import check_template, json_strings
+from router.crm.template import check_expression, check_json, check_text
 
 _TIERS = ["platinum", "gold", "silver", "bronze"]
+_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+#: Names every template may use: configured constants, secrets, and ``omit`` (drops a key).
+COMMON = frozenset({"vars", "secrets", "omit"})
+#: The caller's number in every form (lookup templates).
+NUMBER = frozenset({"e164", "national", "digits", "local", "national_format", "international",
+                    "country", "last"})
+#: Customer fields a record step's ``customer:`` may set.
+CUSTOMER_FIELDS = ("id", "kind", "owner", "name", "tier")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _check_map(value: dict[str, str], names: frozenset[str]) -> None:
+    for key, text in value.items():
+        try:
+            check_text(text, names)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+
+
+def _check_fields_or_paths(value: dict[str, str | None], names: frozenset[str]) -> None:
+    for key, text in value.items():
+        if text is None or "{" not in text:
+            continue
+        try:
+            check_text(text, names)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
 
 
 class AuthSettings(_Model):
@@ -64,48 +96,71 @@ class AuthSettings(_Model):
         return [s.get_secret_value() for s in (self.token, self.key, self.password) if s]
 
 
-class _Request(_Model):
-    """One HTTP request, templated. ``url`` is absolute or a path after ``base_url``."""
+class RequestSpec(_Model):
+    """One HTTP request, templated. ``url`` is absolute or a path after ``base_url``.
 
-    #: Placeholders allowed in this request's templates (besides ``record.*`` when allowed).
-    VARIABLES: ClassVar[frozenset[str]] = frozenset()
-    RECORD: ClassVar[bool] = False
+    Values put into a URL are percent-encoded (unless the URL is one lone expression);
+    a query parameter or header that renders empty is left out; in ``body`` a string
+    that is one ``{expression}`` keeps its JSON type. ``error``: a template over the
+    answer (``response``, ``status``); when it renders non-empty the answer is a
+    failure with that text (CRMs that say "error" with HTTP 200, like JSON-RPC).
+    """
 
-    method: Literal["GET", "POST", "PUT", "PATCH"] = "GET"
+    #: Names the request's templates may use (besides :data:`COMMON`).
+    NAMES: ClassVar[frozenset[str]] = frozenset()
+    ERROR_NAMES: ClassVar[frozenset[str]] = COMMON | {"response", "status"}
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
     url: str
     params: dict[str, str] = Field(default_factory=dict)
     headers: dict[str, str] = Field(default_factory=dict)
     body: Any = None
+    error: str | None = None
 
     @classmethod
-    def _allowed(cls, name: str) -> bool:
-        return name in cls.VARIABLES or (cls.RECORD and name.startswith("record."))
+    def names(cls) -> frozenset[str]:
+        """Every name this request's templates may use."""
+        return cls.NAMES | COMMON
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
         if not value.startswith(("/", "http://", "https://", "{")):
             raise ValueError("must be a path starting with / or an http(s):// URL")
-        check_template(value, cls._allowed)
+        check_text(value, cls.names())
         return value
 
     @field_validator("params", "headers")
     @classmethod
     def _templates(cls, value: dict[str, str]) -> dict[str, str]:
-        for text in value.values():
-            check_template(text, cls._allowed)
+        _check_map(value, cls.names())
         return value
 
     @field_validator("body")
     @classmethod
     def _body(cls, value: Any) -> Any:
-        for text in json_strings(value):
-            check_template(text, cls._allowed)
+        check_json(value, cls.names())
+        return value
+
+    @field_validator("error")
+    @classmethod
+    def _error(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_text(value, cls.ERROR_NAMES)
         return value
 
 
 class FieldMap(_Model):
-    """Where each customer attribute is in one CRM record (dotted paths; None = absent)."""
+    """Where each customer attribute is in the record a lookup found.
+
+    A value without ``{`` is a dotted path into the record (``properties.firstname``,
+    ``data.0.owner.id``); a value with ``{expression}`` is a template where the record is
+    ``record``, earlier steps' records are ``steps.<name>``, and the caller's number
+    forms are offered (``"{record.first_name} {record.last_name}"``). None: absent.
+    ``kind`` defaults to the lookup's ``kind``.
+    """
+
+    NAMES: ClassVar[frozenset[str]] = COMMON | NUMBER | {"record", "steps", "kind"}
 
     id: str = "id"
     name: str | None = "name"
@@ -116,6 +171,12 @@ class FieldMap(_Model):
     open_tickets: str | None = None
     language: str | None = None
     updated_at: str | None = None
+    kind: str | None = None
+
+    @model_validator(mode="after")
+    def _templates(self) -> FieldMap:
+        _check_fields_or_paths(self.model_dump(), self.NAMES)
+        return self
 
 
 class MultipleSettings(_Model):
@@ -134,25 +195,81 @@ class MultipleSettings(_Model):
         return {"rule": value} if isinstance(value, str) else value
 
 
-class LookupSettings(_Request):
-    """Find customers by the caller's number.
+class LookupStep(RequestSpec):
+    """One request of a lookup.
 
-    ``results`` is the dotted path to the list (or single object) of records in the
-    answer (``""``: the whole body). A status in ``not_found_status`` (404 by default),
-    204, or an empty/null result means an unknown caller.
+    The first step searches with the caller's number (``{e164}``, ``{national}``,
+    ``{digits}``, ``{local}``, ``{national_format}``, ``{international}``, ``{country}``,
+    ``{last:N}``). Each later step runs once per record the previous step kept (at most
+    ``max_candidates``, in parallel), with that record as ``item`` (``/contacts/{item.id}``)
+    and every earlier step's record of the same candidate as ``steps.<name>``.
+
+    ``results``: dotted path to the records in the answer (a list, or one object); default
+    ``results`` for the first step and the whole answer for later ones. A status in
+    ``not_found_status``, 204 or an empty result means nothing found (a later step: the
+    candidate is dropped). ``numbers``: paths (or templates over ``record``) of the
+    numbers stored on each record; when given, only records with a number that
+    normalises (phonenumbers) to the caller's are kept.
     """
 
-    VARIABLES: ClassVar[frozenset[str]] = frozenset({"e164", "national", "digits", "country"})
+    NAMES: ClassVar[frozenset[str]] = NUMBER | {"item", "steps"}
+    NUMBER_NAMES: ClassVar[frozenset[str]] = COMMON | NUMBER | {"record", "steps"}
 
-    url: str = "/api/customers"
-    params: dict[str, str] = Field(default_factory=lambda: {"phone": "{e164}"})
-    results: str = "results"
+    name: str | None = None
+    results: str | None = None
+    not_found_status: list[int] = Field(default_factory=lambda: [404])
+    numbers: list[str] = Field(default_factory=list)
+
+    @field_validator("numbers")
+    @classmethod
+    def _numbers(cls, value: list[str]) -> list[str]:
+        _check_fields_or_paths({str(i): v for i, v in enumerate(value)}, cls.NUMBER_NAMES)
+        return value
+
+
+_REQUEST_KEYS = frozenset({"method", "url", "params", "headers", "body", "error", "results",
+                           "not_found_status", "numbers"})
+
+
+class LookupSpec(_Model):
+    """One way to find a caller: steps, then a field map. ``kind`` names the CRM object
+    (contact, lead, ...) and becomes ``customer.kind``. The request keys of a one-step
+    lookup may be written at the top instead of under ``steps``.
+    """
+
+    name: str = "lookup"
+    kind: str | None = None
+    enabled: bool = True
+    steps: list[LookupStep] = Field(min_length=1)
     fields: FieldMap = Field(default_factory=FieldMap)
     tier_map: dict[str, str] = Field(
         default_factory=dict, description="CRM tier value → our tier name (case-insensitive)"
     )
     multiple: MultipleSettings = Field(default_factory=MultipleSettings)
-    not_found_status: list[int] = Field(default_factory=lambda: [404])
+    max_candidates: int = Field(5, ge=1, le=50,
+                                description="records a later step is run for, at most")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_step(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "steps" not in value:
+            inline = {k: v for k, v in value.items() if k in _REQUEST_KEYS}
+            rest = {k: v for k, v in value.items() if k not in _REQUEST_KEYS}
+            return {**rest, "steps": [{"url": "/api/customers", "params": {"phone": "{e164}"},
+                                       **inline}]}
+        return value
+
+    @model_validator(mode="after")
+    def _step_names(self) -> LookupSpec:
+        for index, step in enumerate(self.steps):
+            if step.name is None:
+                step.name = "search" if index == 0 else f"step{index + 1}"
+            if not _NAME.match(step.name):
+                raise ValueError(f"steps[{index}].name {step.name!r}: use a-z, 0-9 and _")
+        names = [s.name for s in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"step names must be unique: {names}")
+        return self
 
 
 class CursorSettings(_Model):
@@ -174,56 +291,172 @@ class CursorSettings(_Model):
         return self
 
 
-class ChangedSettings(_Request):
-    """Page through customers changed since a time (pre-warming the cache with ``sync``)."""
+class ChangedSettings(RequestSpec):
+    """Page through customers changed since a time (pre-warming the cache with ``sync``).
 
-    VARIABLES: ClassVar[frozenset[str]] = frozenset({"updated_since", "cursor"})
+    Templates: ``{updated_since}`` (ISO 8601), ``{cursor}`` (empty on the first page).
+    """
+
+    NAMES: ClassVar[frozenset[str]] = frozenset({"updated_since", "cursor"})
+    NUMBER_NAMES: ClassVar[frozenset[str]] = COMMON | {"record"}
 
     url: str = "/api/customers/changed"
     params: dict[str, str] = Field(
         default_factory=lambda: {"updated_since": "{updated_since}", "cursor": "{cursor}"}
     )
     results: str = "results"
+    not_found_status: list[int] = Field(
+        default_factory=list, description="statuses that mean nothing changed (Zoho: 304)")
     numbers: list[str] = Field(
         default_factory=lambda: ["phones"], min_length=1,
-        description="dotted paths, per record, to a number or a list of numbers",
+        description="paths (or templates over record), per record, to a number or a list",
     )
-    fields: FieldMap | None = Field(None, description="None: the lookup's field mapping")
+    fields: FieldMap | None = Field(None, description="None: the first lookup's field mapping")
+    kind: str | None = None
     cursor: CursorSettings = Field(default_factory=CursorSettings)
     page_size: int | None = Field(None, ge=1)
     initial_since: str = "1970-01-01T00:00:00Z"
 
+    @field_validator("numbers")
+    @classmethod
+    def _numbers(cls, value: list[str]) -> list[str]:
+        _check_fields_or_paths({str(i): v for i, v in enumerate(value)}, cls.NUMBER_NAMES)
+        return value
 
-class PostSettings(_Request):
-    """Create one object in the CRM (call activity, lead or task).
 
-    The body is ``body`` (a JSON template), or built from ``fields`` (target dotted path →
-    template), or the record itself when neither is given. ``idempotency_header`` carries
-    the record's idempotency key on every attempt; ``id_path`` is where the created
-    object's id is in the answer; a status in ``duplicate_status`` means "already seen".
+#: Names of record-step templates.
+RECORD_NAMES = frozenset({"record", "customer", "steps", "idempotency_key", "now", "plan",
+                          "step"})
+#: Names of templates evaluated on a step's answer (``outputs``, ``customer``).
+ANSWER_NAMES = COMMON | RECORD_NAMES | {"response", "id", "status"}
+
+
+class FetchSpec(RequestSpec):
+    """How to read an object a step created back by its id (``{id}``): the doctor shows it."""
+
+    NAMES: ClassVar[frozenset[str]] = RECORD_NAMES | {"id"}
+
+
+class RecordStep(RequestSpec):
+    """One request of the records pipeline (create a lead, post the call, add a task...).
+
+    Steps run in order for every finished call. ``when`` is an expression over the
+    record (``customer.id is empty``, ``record.outcome in ['missed', 'abandoned']``,
+    ``'task' in plan``); a step whose ``when`` is false is skipped, not failed.
+
+    Templates see ``record`` (the call record, ami/records.py), ``customer`` (``id``,
+    ``kind``, ``owner``, ``name``, ``tier``: from the record, as changed by earlier steps),
+    ``steps.<name>`` (``id``, ``status``, and the ``outputs`` of each earlier step),
+    ``idempotency_key``, ``now`` (ISO 8601 UTC), ``plan`` (which of call, lead, task the
+    ``outbox`` settings want for this record) and ``step`` (this step's name).
+
+    The body is ``body`` (a JSON template), or built from ``fields`` (target dotted path
+    → template). ``id_path`` is where the created object's id is in the answer; a status
+    in ``duplicate_status`` means "already there" (still a success). After the step,
+    ``outputs`` (templates over ``response``, ``id``, ``status``) are kept as
+    ``steps.<name>.<output>``, and ``customer`` sets fields of ``customer`` for later
+    steps (``customer: {id: "{id}", kind: lead}`` after creating a lead).
+    ``idempotency_header`` sends the step's idempotency key in that header.
     """
 
-    VARIABLES: ClassVar[frozenset[str]] = frozenset({"idempotency_key", "now"})
-    RECORD: ClassVar[bool] = True
+    NAMES: ClassVar[frozenset[str]] = RECORD_NAMES
 
-    method: Literal["GET", "POST", "PUT", "PATCH"] = "POST"
+    name: str
+    enabled: bool = True
+    when: str | None = None
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     fields: dict[str, str] | None = None
-    idempotency_header: str | None = "Idempotency-Key"
+    idempotency_header: str | None = None
     id_path: str | None = "id"
     duplicate_status: list[int] = Field(default_factory=list)
+    outputs: dict[str, str] = Field(default_factory=dict)
+    customer: dict[str, str] = Field(default_factory=dict)
+    fetch: FetchSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r}: use a-z, 0-9 and _ (it is used as steps.{value})")
+        return value
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_expression(_strip_braces(value), COMMON | RECORD_NAMES, repr(value))
+        return value
 
     @field_validator("fields")
     @classmethod
     def _field_templates(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        for text in (value or {}).values():
-            check_template(text, cls._allowed)
+        for key, text in (value or {}).items():
+            try:
+                check_json(text, cls.names())
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        return value
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not _NAME.match(key) or key in ("id", "status"):
+                raise ValueError(f"output name {key!r}: use a-z, 0-9 and _ (not id or status)")
+        _check_map(value, ANSWER_NAMES)
+        return value
+
+    @field_validator("customer")
+    @classmethod
+    def _customer(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(CUSTOMER_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown customer field {unknown[0]!r} "
+                             f"(known: {', '.join(CUSTOMER_FIELDS)})")
+        _check_map(value, ANSWER_NAMES)
         return value
 
     @model_validator(mode="after")
-    def _one_body(self) -> PostSettings:
+    def _one_body(self) -> RecordStep:
         if self.body is not None and self.fields is not None:
             raise ValueError("give either body or fields, not both")
         return self
+
+
+def _strip_braces(text: str) -> str:
+    stripped = text.strip()
+    if stripped.startswith("{") and stripped.endswith("}") and not stripped.startswith("{{"):
+        return stripped[1:-1]
+    return stripped
+
+
+class RefSpec(RequestSpec):
+    """A reference table read through a second call, cached (tag ids → names, owner id →
+    extension), used in templates as ``{value | ref('name')}``.
+
+    One request per key when ``key`` is not given: the request uses ``{key}``
+    (``/owners/{key}``) and ``value`` is a path (or template over ``response``) into
+    its answer. One request for the whole table when ``key`` is given: ``results`` is
+    the list in the answer, ``key`` the path of each item's key and ``value`` the path
+    (or template over ``item``) of its value. Entries live ``ttl_s`` seconds; a key the
+    CRM does not know is remembered as none for as long.
+    """
+
+    NAMES: ClassVar[frozenset[str]] = frozenset({"key"})
+    VALUE_NAMES: ClassVar[frozenset[str]] = COMMON | {"response", "item", "key"}
+
+    results: str = ""
+    key: str | None = None
+    value: str
+    ttl_s: float = Field(3600.0, gt=0)
+    not_found_status: list[int] = Field(default_factory=lambda: [404])
+    max_entries: int = Field(10_000, ge=1)
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, value: str) -> str:
+        _check_fields_or_paths({"value": value}, cls.VALUE_NAMES)
+        return value
 
 
 class RecordingSettings(_Model):
@@ -237,7 +470,7 @@ class RecordingSettings(_Model):
     copy (never before: a retried activity would have nothing to upload).
     """
 
-    VARIABLES: ClassVar[frozenset[str]] = frozenset({"basename", "name", "path"})
+    NAMES: ClassVar[frozenset[str]] = frozenset({"basename", "name", "path"})
 
     mode: Literal["url", "upload"] = "url"
     url: str
@@ -250,13 +483,18 @@ class RecordingSettings(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        check_template(value, lambda name: name in cls.VARIABLES)
+        check_text(value, cls.NAMES)
         return value
+
+
+_LEGACY_POSTS = (("activity", "call", None), ("lead", "lead", "'lead' in plan"),
+                 ("task", "task", "'task' in plan"))
 
 
 class CrmSettings(_Model):
     """How to reach the CRM and map its answers (the ``crm:`` section)."""
 
+    preset: str | None = Field(None, description="start from router/crm/presets/<name>.yaml")
     name: str = "crm"
     base_url: str = "http://127.0.0.1:8088"
     headers: dict[str, str] = Field(default_factory=dict)
@@ -266,12 +504,30 @@ class CrmSettings(_Model):
     timeout_s: float = Field(2.0, gt=0, le=120)
     max_connections: int = Field(64, ge=1)
     max_response_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    lookup: LookupSettings = Field(default_factory=LookupSettings)
+    timezone: str = Field("UTC", description="the CRM's time zone, for date filters")
+    vars: dict[str, Any] = Field(default_factory=dict, description="constants: {vars.x}")
+    secrets: dict[str, str] = Field(
+        default_factory=dict, description="secret values ({secrets.x}), masked when printed")
+    maps: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="value maps for the translate filter")
+    refs: dict[str, RefSpec] = Field(default_factory=dict)
+    lookups: list[LookupSpec] = Field(
+        default_factory=lambda: [LookupSpec.model_validate({})], min_length=1)
     changed: ChangedSettings | None = None
-    activity: PostSettings | None = None
-    lead: PostSettings | None = None
-    task: PostSettings | None = None
+    records: list[RecordStep] = Field(default_factory=list)
     recordings: RecordingSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_and_legacy(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        data = dict(value)
+        if data.get("preset"):
+            from router.crm.presets import apply_preset
+
+            data = apply_preset(str(data["preset"]), data)
+        return _legacy(data)
 
     @field_validator("base_url")
     @classmethod
@@ -280,14 +536,82 @@ class CrmSettings(_Model):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _whole(self) -> CrmSettings:
+        for what, names in (("lookups", [x.name for x in self.lookups]),
+                            ("records", [x.name for x in self.records])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"crm.{what}: names must be unique: {names}")
+        if not any(x.enabled for x in self.lookups):
+            raise ValueError("crm.lookups: every lookup is disabled")
+        from router.crm.compiled import build_plan
+
+        build_plan(self)  # compiles every template; ValueError names the field
+        return self
+
+    @property
+    def lookup(self) -> LookupSpec:
+        """The first lookup (what one-lookup configs call ``lookup``)."""
+        return self.lookups[0]
+
+    @property
+    def all_secrets(self) -> list[str]:
+        """Every secret value of this section (auth and ``secrets``), to mask."""
+        return [*self.auth.secrets, *(s for s in self.secrets.values() if s)]
+
+    def record_step(self, name: str) -> RecordStep | None:
+        """The enabled record step called ``name``, if any."""
+        return next((s for s in self.records if s.name == name and s.enabled), None)
+
     @classmethod
     def sample(cls, base_url: str = "http://127.0.0.1:8088", **extra: Any) -> CrmSettings:
         """Settings for the bundled sample CRM (``router.samplecrm``), every feature on."""
         return cls.model_validate({**sample_crm_section(base_url), **extra})
 
 
+def _legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """Read the one-request form: ``lookup:`` and ``activity``/``lead``/``task``."""
+    if "lookup" in data:
+        if "lookups" in data:
+            raise ValueError("give crm.lookup or crm.lookups, not both")
+        lookup = data.pop("lookup")
+        data["lookups"] = [lookup if lookup is not None else {}]
+    elif "lookups" not in data:
+        data["lookups"] = [{}]
+    legacy = [(key, name, when) for key, name, when in _LEGACY_POSTS if key in data]
+    if legacy:
+        if "records" in data:
+            raise ValueError("give crm.records or crm.activity/lead/task, not both")
+        records = []
+        for key, name, when in legacy:
+            spec = data.pop(key)
+            if spec is None:
+                continue
+            if not isinstance(spec, dict):
+                raise ValueError(f"crm.{key} must be a mapping")
+            step = {"idempotency_header": "Idempotency-Key", **spec, "name": name}
+            if when is not None:
+                step["when"] = when
+            records.append(step)
+        data["records"] = records
+    return data
+
+
 def sample_crm_section(base_url: str = "http://127.0.0.1:8088") -> dict[str, Any]:
-    """The ``crm:`` section (as data) that points the connector at the sample CRM."""
+    """The ``crm:`` section (as data) that points the connector at the sample CRM.
+
+    Written in the one-request form of older configs (``lookup``, ``activity``, ``lead``,
+    ``task``), which is still read; ``examples/config.yaml`` shows the steps form.
+    """
     # Placeholders name fields of the call record (ami.records.CallRecord).
     record_body = {
         "call_id": "{record.linkedid}",

@@ -59,6 +59,24 @@ SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x
 MASK = "***"
 
 
+@dataclass
+class Exchange:
+    """One request and what came back, as :attr:`CrmHttp.trace` keeps them (unmasked:
+    mask before showing)."""
+
+    op: str
+    method: str
+    url: str
+    params: dict[str, str]
+    headers: dict[str, str]
+    body: Any
+    status: int | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    response: Any = None
+    error: str | None = None
+    elapsed_ms: float = 0.0
+
+
 @dataclass(frozen=True)
 class CrmResponse:
     """A CRM answer that was accepted: status, headers and the parsed JSON (None if empty)."""
@@ -122,6 +140,8 @@ class CrmHttp:
         self._secret_headers = (
             {settings.auth.header} if settings.auth.type == "api_key" else set()
         )
+        #: When a list, every request and its answer is appended (``callroute crm doctor``).
+        self.trace: list[Exchange] | None = None
 
     def __repr__(self) -> str:
         return f"CrmHttp({self.settings.name!r}, {self.settings.base_url!r})"
@@ -175,18 +195,34 @@ class CrmHttp:
         CRM_REQUESTS.labels(op).inc()
         started = time.monotonic()
         target = self.url(url)
+        exchange = None
+        if self.trace is not None:
+            exchange = Exchange(
+                op, method, target, {**(params or {}), **self._auth_params},
+                {**self._headers, **(headers or {})}, json_body)
+            self.trace.append(exchange)
         try:
-            response = await self._send(
-                method, target, params=params, json_body=json_body, headers=headers,
-                data=data, accept_status=accept_status,
+            status, resp_headers, raw = await self._send(
+                method, target, params=params, json_body=json_body, headers=headers, data=data,
             )
+            if exchange is not None:
+                exchange.status = status
+                exchange.response_headers = dict(resp_headers)
+                exchange.response = _preview(raw)
+            response = _classify(method, target, status, resp_headers, raw, accept_status)
         except CrmError as exc:
+            if exchange is not None:
+                exchange.error = f"{exc.kind}: {exc}"
+                exchange.elapsed_ms = (time.monotonic() - started) * 1000
             CRM_ERRORS.labels(op, exc.kind).inc()
             log.warning(
                 "crm %s %s %s failed after %.0f ms: %s",
                 op, method, _path(target), (time.monotonic() - started) * 1000, exc,
             )
             raise
+        if exchange is not None:
+            exchange.response = response.body
+            exchange.elapsed_ms = (time.monotonic() - started) * 1000
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "crm %s %s %s -> %d in %.1f ms", op, method, _path(target), response.status,
@@ -203,8 +239,7 @@ class CrmHttp:
         json_body: Any,
         headers: Mapping[str, str] | None,
         data: aiohttp.FormData | None,
-        accept_status: Collection[int],
-    ) -> CrmResponse:
+    ) -> tuple[int, Mapping[str, str], bytes]:
         query = {**params, **self._auth_params} if params else self._auth_params or None
         try:
             async with asyncio.timeout(self._timeout):
@@ -223,7 +258,7 @@ class CrmHttp:
             raise CrmUnavailable(
                 f"{_where(method, target)}: connection failed: {type(exc).__name__}: {exc}"
             ) from exc
-        return _classify(method, target, status, resp_headers, raw, accept_status)
+        return status, resp_headers, raw
 
     async def _read(self, resp: aiohttp.ClientResponse, method: str, target: str) -> bytes:
         limit = self.settings.max_response_bytes
@@ -261,6 +296,14 @@ def _auth(settings: CrmSettings) -> tuple[dict[str, str], dict[str, str]]:
             headers[auth.header] = auth.key.get_secret_value()
     headers.setdefault("Accept", "application/json")
     return headers, params
+
+
+def _preview(raw: bytes) -> Any:
+    """An answer's body for the trace: its JSON, else its text (at most 4 kB)."""
+    try:
+        return json.loads(raw) if raw.strip() else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return raw[:4096].decode("utf-8", "replace")
 
 
 def _where(method: str, url: str) -> str:

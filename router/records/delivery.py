@@ -1,16 +1,23 @@
 """The delivery worker: takes records from the outbox stream and posts them to the CRM.
 
-Each record goes through up to three steps, each with its own idempotency key, so a
-retry never creates a second object at the CRM:
+Each record goes through the sink's steps in order, each with its own idempotency key
+(``record_key`` for the step ``call``, ``record_key + ":<step>"`` for the others), so a
+retry never creates a second object at the CRM. The REST connector's steps are the
+configured ``crm.records`` pipeline (:class:`~router.crm.base.StepSink`: each step has a
+``when`` and hands its results to later ones); for a plain
+:class:`~router.crm.base.RecordSink` the steps are:
 
-- ``call``: :meth:`RecordSink.post_call` with key ``record_key``;
-- ``lead``: :meth:`RecordSink.create_lead` with ``record_key + ":lead"`` when the caller
-  is unknown (no ``customer_id``) and ``create_leads`` is on;
-- ``task``: :meth:`RecordSink.create_task` with ``record_key + ":task"`` when the outcome
-  is one of ``task_outcomes`` and ``create_tasks`` is on.
+- ``call``: :meth:`RecordSink.post_call`;
+- ``lead``: :meth:`RecordSink.create_lead` when the caller is unknown (no
+  ``customer_id``) and ``create_leads`` is on;
+- ``task``: :meth:`RecordSink.create_task` when the outcome is one of
+  ``task_outcomes`` and ``create_tasks`` is on.
 
-A step that succeeded is marked (``outbox:step:<step>:<key>``) so a retry of a
-partially done record skips it. When all steps are done, one Lua script sets the
+:func:`plan` is that choice of call/lead/task; record steps see it as ``plan``.
+
+A step that succeeded is marked (``outbox:step:<step>:<key>``, holding its result: the
+created id and the outputs later steps use) so a retry of a partially done record
+skips it and still hands its results on. When all steps are done, one Lua script sets the
 delivered marker, XACKs and XDELs the entry and appends it to ``outbox:sent``; a
 reclaimed entry whose delivered marker exists is acked without sending anything.
 
@@ -39,14 +46,14 @@ import random
 import socket
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from router.crm.base import PostResult, RecordSink
+from router.crm.base import PostResult, RecordSink, StepResult, StepSink
 from router.crypto import KeyRing, keyring_from_settings
 from router.errors import CrmError, CrmRateLimited, CryptoError
 from router.keys import Keys
@@ -171,6 +178,38 @@ def plan(record: Mapping[str, Any], settings: OutboxSettings) -> list[str]:
     return steps
 
 
+class _LegacySteps:
+    """A plain :class:`RecordSink` seen as steps: call, lead and task, as :func:`plan` says."""
+
+    def __init__(self, sink: RecordSink) -> None:
+        self.sink = sink
+
+    def step_names(self) -> list[str]:
+        return list(STEPS)
+
+    def wants(self, step: str, record: Mapping[str, Any], previous: Mapping[str, StepResult],
+              plan: Sequence[str]) -> bool:
+        return step in plan
+
+    async def run_step(self, step: str, record: Mapping[str, Any], idempotency_key: str,
+                       previous: Mapping[str, StepResult], plan: Sequence[str]) -> StepResult:
+        if step == "call":
+            result = await self.sink.post_call(record, idempotency_key)
+        elif step == "lead":
+            result = await self.sink.create_lead(record, idempotency_key)
+        else:
+            result = await self.sink.create_task(record, idempotency_key)
+        return StepResult(step=step, status="duplicate" if result.duplicate else "done",
+                          remote_id=result.remote_id)
+
+
+def as_steps(sink: RecordSink | StepSink) -> StepSink:
+    """The sink as named steps (a plain RecordSink: call, lead, task)."""
+    if isinstance(sink, StepSink):
+        return sink
+    return _LegacySteps(sink)
+
+
 def idempotency_key(record_key: str, step: str) -> str:
     """The idempotency key of one step: ``record_key`` for the call, else ``key:step``."""
     return record_key if step == "call" else f"{record_key}:{step}"
@@ -201,6 +240,7 @@ class DeliveryWorker:
         #: opens records encrypted at rest (router.crypto); plain records pass through
         self.crypto = crypto or KeyRing()
         self.sink = sink
+        self.steps = as_steps(sink)
         self.keys = keys
         self.settings = settings
         self.group = settings.group
@@ -252,17 +292,21 @@ class DeliveryWorker:
             return await self._dead_letter(entry, entry.attempt, "undecryptable", str(exc))
         except ValueError as exc:
             return await self._dead_letter(entry, entry.attempt, "bad_entry", str(exc))
-        steps = plan(record, self.settings)
+        wanted = plan(record, self.settings)
+        steps = self.steps.step_names()
         markers = [self.keys.delivered(entry.key)]
         markers += [self.keys.outbox_step(entry.key, step) for step in steps]
         state = await self.redis.mget(markers)
         if state[0] is not None:
             await self._finish(entry, duplicate=True)
             return "duplicate"
+        previous: dict[str, StepResult] = {}
         try:
             for step, done in zip(steps, state[1:], strict=True):
-                if done is None:
-                    await self._send(step, record, entry.key)
+                if done is not None:
+                    previous[step] = StepResult.from_marker(step, done)
+                elif self.steps.wants(step, record, previous, wanted):
+                    previous[step] = await self._send(step, record, entry.key, previous, wanted)
         except CrmError as exc:
             return await self._failed(entry, exc)
         except Exception as exc:  # a connector bug must not lose the record: retried
@@ -271,19 +315,15 @@ class DeliveryWorker:
         await self._finish(entry, duplicate=False)
         return "delivered"
 
-    async def _send(self, step: str, record: Mapping[str, Any], key: str) -> PostResult:
+    async def _send(self, step: str, record: Mapping[str, Any], key: str,
+                    previous: Mapping[str, StepResult], wanted: Sequence[str]) -> StepResult:
         await self.limiter.acquire()
-        idem = idempotency_key(key, step)
-        if step == "call":
-            result = await self.sink.post_call(record, idem)
-        elif step == "lead":
-            result = await self.sink.create_lead(record, idem)
-        else:
-            result = await self.sink.create_task(record, idem)
-        ttl = int(self.settings.delivered_ttl_s * 1000)
-        await self.redis.set(self.keys.outbox_step(key, step), result.remote_id or "1", px=ttl)
-        log.debug("%s step %s done (remote id %s, duplicate=%s)", key, step,
-                  result.remote_id, result.duplicate)
+        result = await self.steps.run_step(step, record, idempotency_key(key, step), previous,
+                                           wanted)
+        if result.status != "skipped":
+            ttl = int(self.settings.delivered_ttl_s * 1000)
+            await self.redis.set(self.keys.outbox_step(key, step), result.marker(), px=ttl)
+        log.debug("%s step %s %s (remote id %s)", key, step, result.status, result.remote_id)
         return result
 
     async def _finish(self, entry: Entry, *, duplicate: bool) -> None:

@@ -124,10 +124,12 @@ async def service(redis_url: str, tmp_path: Path) -> AsyncIterator[WebService]:
     ami = ScriptedAmi()
     await ami.start()
     base = load_settings(ROOT / "examples" / "config.yaml")
-    activity = base.crm.activity
-    assert activity is not None
-    body = dict(activity.body) if isinstance(activity.body, dict) else {}
+    call = base.crm.record_step("call")
+    assert call is not None
+    body = dict(call.body) if isinstance(call.body, dict) else {}
     body.update({"disposition": "{record.disposition}", "note": "{record.disposition_note}"})
+    records = [s.model_copy(update={"body": body}) if s.name == "call" else s
+               for s in base.crm.records]
     store = FileUserStore(tmp_path / "users.json")
     tokens = {}
     for name, (role, agent) in USERS.items():
@@ -142,8 +144,7 @@ async def service(redis_url: str, tmp_path: Path) -> AsyncIterator[WebService]:
                                            "cdr_grace_s": 0.2}),
         "admin": base.admin.model_copy(update={"port": free_port(), "token": ADMIN_TOKEN}),
         "auth": base.auth.model_copy(update={"users_file": store.path}),
-        "crm": base.crm.model_copy(update={
-            "base_url": crm_url, "activity": activity.model_copy(update={"body": body})}),
+        "crm": base.crm.model_copy(update={"base_url": crm_url, "records": records}),
         "redis": base.redis.model_copy(update={"url": redis_url}),
         "outbox": base.outbox.model_copy(update={"spool_dir": tmp_path / "spool",
                                                  "poll_interval_s": 0.05}),

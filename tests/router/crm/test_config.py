@@ -28,12 +28,16 @@ def _load(tmp_path: Path, crm_yaml: str) -> CrmSettings:
         ("auth: {type: basic, username: 'a:b'}", "must not contain ':'"),
         ("base_url: ftp://crm", "crm.base_url: Value error, must start with http"),
         ("timeout_s: 0", "crm.timeout_s: Input should be greater than 0"),
-        ("lookup: {url: '/c?phone={phone}'}", "crm.lookup.url: Value error, unknown placeholder"),
-        ("lookup: {params: {q: '{e164|bogus}'}}", "crm.lookup.params: Value error, unknown filter"),
-        ("lookup: {url: 'contacts'}", "crm.lookup.url: Value error, must be a path"),
-        ("lookup: {multiple: cheapest}", "crm.lookup.multiple.rule: Input should be"),
-        ("lookup: {fields: {phone: x}}", "crm.lookup.fields.phone: Extra inputs are not permitted"),
-        ("activity: {url: /a, body: {x: '{e164}'}}", "crm.activity.body: Value error, unknown"),
+        ("lookup: {url: '/c?phone={phone}'}",
+         "crm.lookups.0.steps.0.url: Value error, unknown name"),
+        ("lookup: {params: {q: '{e164|bogus}'}}",
+         "crm.lookups.0.steps.0.params: Value error, q: unknown filter 'bogus'"),
+        ("lookup: {url: 'contacts'}", "crm.lookups.0.steps.0.url: Value error, must be a path"),
+        ("lookup: {multiple: cheapest}", "crm.lookups.0.multiple.rule: Input should be"),
+        ("lookup: {fields: {phone: x}}",
+         "crm.lookups.0.fields.phone: Extra inputs are not permitted"),
+        ("activity: {url: /a, body: {x: '{e164}'}}",
+         "crm.records.0.body: Value error, x: unknown"),
         ("activity: {url: /a, body: {}, fields: {}}", "give either body or fields"),
         ("changed: {cursor: {type: path, path: null}}", "needs crm.changed.cursor.path"),
         ("changed: {url: '/c?since={cursor}&x={record.id}'}", "crm.changed.url"),
@@ -55,11 +59,9 @@ def test_defaults_verify_tls_and_fit_the_sample_crm(tmp_path: Path) -> None:
     """An empty crm section verifies TLS, looks up the sample CRM, and posts nothing."""
     crm = _load(tmp_path, "name: x")
     assert crm.verify_tls is True
-    assert crm.lookup.url == "/api/customers"
-    assert crm.lookup.params == {"phone": "{e164}"}
-    assert crm.activity is None
-    assert crm.lead is None
-    assert crm.task is None
+    assert crm.lookup.steps[0].url == "/api/customers"
+    assert crm.lookup.steps[0].params == {"phone": "{e164}"}
+    assert crm.records == []
 
 
 def test_secrets_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,15 +72,20 @@ def test_secrets_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert crm.auth.secrets == ["from-env"]
 
 
-@pytest.mark.parametrize("name", ["crm-sample.yaml", "crm-hubspot.yaml", "crm-zoho.yaml",
-                                  "crm-salesforce.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("crm-*.yaml")))
 def test_example_files_are_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every examples/crm-*.yaml snippet validates as a crm section."""
-    for var in ("CRM_TOKEN", "HUBSPOT_TOKEN", "ZOHO_TOKEN", "SALESFORCE_TOKEN"):
+    """Every examples/crm-*.yaml snippet validates as a crm section, with lookups and a
+    call step, and every override it makes lands on an existing preset piece."""
+    for var in ("CRM_TOKEN", "HUBSPOT_TOKEN", "ZOHO_TOKEN", "SALESFORCE_TOKEN", "ODOO_API_KEY",
+                "PIPEDRIVE_TOKEN", "ESPOCRM_API_KEY"):
         monkeypatch.setenv(var, "x")
     from router.settings import expand_env
 
     data = yaml.safe_load((EXAMPLES / name).read_text(encoding="utf-8"))
     crm = CrmSettings.model_validate(expand_env(data["crm"]))
     assert crm.lookup.fields.id
-    assert crm.activity is not None
+    assert crm.record_step("call") is not None
+    if crm.preset:
+        preset_lookups = {x.name for x in CrmSettings.model_validate(
+            {"preset": crm.preset}).lookups}
+        assert {x.name for x in crm.lookups} == preset_lookups

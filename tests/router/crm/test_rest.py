@@ -83,7 +83,7 @@ async def test_lookup_empty_object_is_a_mapping_error() -> None:
         scripted_server(reply_with(200, {"results": {}})) as server,
         connector(CrmSettings(base_url=server.url)) as conn,
     ):
-        with pytest.raises(CrmMappingError, match=r"crm.lookup.fields.*id: path 'id'"):
+        with pytest.raises(CrmMappingError, match=r"crm.lookups \(lookup\).fields.*id: path 'id'"):
             await conn.find_by_number(number("13800138000"))
 
 
@@ -189,10 +189,12 @@ async def test_mapping_mismatch_names_the_path(
 
 
 async def test_results_path_missing_or_wrong_type() -> None:
-    """A wrong-shaped answer names crm.lookup.results and the path."""
+    """A wrong-shaped answer names the lookup's results setting and the path."""
     async with running_crm() as crm, connector(sample(crm.url)) as conn:
         crm.faults.add("wrong_shape", count=1)
-        with pytest.raises(CrmMappingError, match=r"crm\.lookup\.results: path .results."):
+        with pytest.raises(CrmMappingError,
+                           match=r"crm\.lookups \(lookup\)\.steps \(search\)\.results: "
+                                 r"path .results."):
             await conn.find_by_number(number("13800138000"))
     async with (
         scripted_server(reply_with(200, {"results": "nope"})) as server,

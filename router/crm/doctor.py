@@ -1,0 +1,287 @@
+"""``callroute crm doctor``: the first thing to run when wiring a new CRM.
+
+Against the configured CRM (nothing else: no Redis, no outbox), it shows every request
+of every lookup step and what came back (secrets masked), the records each step kept,
+and the customer the caller maps to. With ``--post`` it then sends a test call record
+(a missed call from that number, with the customer just found) through every record
+step, showing each request, answer and result, reads each created object back (the
+step's ``fetch``), and looks the caller up again: a lead the pipeline created should
+now be found. Exit status 0 when everything answered, 1 when a request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+from yarl import URL
+
+from router.crm.base import StepResult
+from router.crm.compiled import LookupPlan, choose
+from router.crm.http import Exchange, mask_headers
+from router.crm.rest import RestConnector
+from router.errors import CrmError
+from router.models import CallerNumber, Customer
+from router.settings import Settings
+
+MASK = "***"
+MAX_BODY = 3000
+#: Which of call, lead and task the outbox settings want for a record (records.delivery.plan).
+OutboxPlan = Callable[[Mapping[str, Any], Any], list[str]]
+
+
+class Doctor:
+    """Runs the checks and writes the report to ``out``."""
+
+    def __init__(self, settings: Settings, out: TextIO, plan: OutboxPlan | None = None
+                 ) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.crm = settings.crm
+        self.out = out
+        self.conn = RestConnector(self.crm, region=settings.phone.default_region)
+        self.trace: list[Exchange] = []
+        self.conn.http.trace = self.trace
+        self.secrets = sorted({s for s in self.crm.all_secrets if len(s) >= 3}, key=len,
+                              reverse=True)
+        self.ok = True
+
+    # --- output ----------------------------------------------------------------------
+
+    def say(self, text: str = "", indent: int = 0) -> None:
+        """Write one line, secrets masked."""
+        print(" " * indent + self.mask(text), file=self.out)
+
+    def mask(self, value: Any) -> Any:
+        """``value`` with every secret replaced by ``***`` (in text, lists and objects)."""
+        if isinstance(value, str):
+            for secret in self.secrets:
+                value = value.replace(secret, MASK)
+            return value
+        if isinstance(value, dict):
+            return {self.mask(str(k)): self.mask(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.mask(v) for v in value]
+        return value
+
+    def body(self, value: Any, indent: int) -> None:
+        """A JSON body, pretty and bounded."""
+        if value is None:
+            return
+        text = value if isinstance(value, str) else json.dumps(
+            self.mask(value), ensure_ascii=False, indent=2, default=str)
+        if len(text) > MAX_BODY:
+            text = text[:MAX_BODY] + f"\n... ({len(text) - MAX_BODY} more characters)"
+        for line in self.mask(text).splitlines():
+            self.say(line, indent)
+
+    def exchanges(self, indent: int = 2) -> None:
+        """Every request since the last call, and its answer."""
+        for ex in self.trace:
+            url = URL(ex.url)
+            if ex.params:
+                url = url.update_query(ex.params)
+            self.say(f"-> {ex.method} {url.human_repr()}   ({ex.op})", indent)
+            secret_headers = {self.crm.auth.header} if self.crm.auth.type == "api_key" else ()
+            for name, value in mask_headers(ex.headers, secret_headers).items():
+                if name.lower() not in ("accept", "user-agent"):
+                    self.say(f"{name}: {value}", indent + 3)
+            self.body(ex.body, indent + 3)
+            status = "no answer" if ex.status is None else f"HTTP {ex.status}"
+            self.say(f"<- {status} in {ex.elapsed_ms:.0f} ms", indent)
+            limits = {k: v for k, v in ex.response_headers.items()
+                      if k.lower() == "retry-after" or "ratelimit" in k.lower()}
+            for name, value in limits.items():
+                self.say(f"{name}: {value}", indent + 3)
+            self.body(ex.response, indent + 3)
+            if ex.error:
+                self.say(f"!! {ex.error}", indent + 3)
+        self.trace.clear()
+
+    # --- the checks --------------------------------------------------------------------
+
+    def header(self) -> None:
+        """What is configured."""
+        crm = self.crm
+        preset = f" (preset {crm.preset})" if crm.preset else ""
+        self.say(f"CRM {crm.name}{preset} at {crm.base_url}; auth {crm.auth.type}; "
+                 f"time zone {crm.timezone}")
+        lookups = ", ".join(f"{x.name} ({x.kind or 'customer'}, {len(x.steps)} step(s))"
+                            for x in self.conn.plan.lookups)
+        self.say(f"lookups: {lookups}")
+        steps = ", ".join(s.name + (f" [when {s.spec.when}]" if s.spec.when else "")
+                          for s in self.conn.plan.records) or "none"
+        self.say(f"record steps: {steps}")
+        self.say("templates: compiled")
+
+    async def lookup(self, number: CallerNumber) -> Customer | None:
+        """Run each lookup in order, showing its requests; the customer found, if any."""
+        self.say()
+        if not number.lookupable:
+            self.say(f"caller {number.raw!r} is {number.kind.value}: not looked up")
+            return None
+        from router.crm.numbers import number_context
+
+        forms = number_context(number)
+        self.say(f"caller {forms['e164']}: national {forms['national']}, local "
+                 f"{forms['local']}, national_format {forms['national_format']!r}, "
+                 f"international {forms['international']!r}, country {forms['country']}")
+        plans = self.conn.plan.lookups
+        for index, plan in enumerate(plans, 1):
+            self.say()
+            self.say(f"lookup {index}/{len(plans)}: {plan.name} ({plan.kind or 'customer'})")
+            customers = await self._run_lookup(plan, number)
+            if customers is None:
+                return None
+            if customers:
+                chosen = choose(customers, plan.multiple)
+                if len(customers) > 1:
+                    self.say(f"{len(customers)} records kept; chosen by "
+                             f"{plan.multiple.rule}: {chosen.id}", 2)
+                self.say(f"=> customer {self._describe(chosen)}", 2)
+                return chosen
+            self.say("no record kept", 2)
+        self.say()
+        self.say("=> unknown caller (no lookup kept a record)")
+        return None
+
+    async def _run_lookup(self, plan: LookupPlan, number: CallerNumber
+                          ) -> list[Customer] | None:
+        try:
+            customers = await self.conn.lookups.run(plan, number)
+        except CrmError as exc:
+            self.exchanges()
+            self.say(f"!! lookup failed: {exc.kind}: {exc}", 2)
+            self.ok = False
+            return None
+        self.exchanges()
+        return customers
+
+    @staticmethod
+    def _describe(customer: Customer) -> str:
+        fields = customer.model_dump(exclude_none=True, exclude_defaults=True)
+        return ", ".join(f"{k}={v}" for k, v in fields.items())
+
+    async def post(self, number: CallerNumber, customer: Customer | None) -> None:
+        """Send a test record through every step, read back what was made, look again."""
+        record = test_record(number, customer)
+        wanted = (self.plan(record, self.settings.outbox) if self.plan is not None
+                  else ["call", "lead", "task"])
+        self.say()
+        self.say(f"test call record {record['record_key']}: a missed call from "
+                 f"{record['caller'] or 'a withheld number'}, customer "
+                 f"{record['customer_id'] or 'unknown'}; outbox plan {wanted}")
+        previous: dict[str, StepResult] = {}
+        for name in self.conn.step_names():
+            self.say()
+            key = record["record_key"] if name == "call" else f"{record['record_key']}:{name}"
+            if not self.conn.wants(name, record, previous, wanted):
+                spec = self.conn.plan.record_step(name)
+                self.say(f"step {name}: skipped (when {spec.spec.when if spec else '?'} "
+                         "is false)")
+                previous[name] = StepResult(step=name, status="skipped")
+                continue
+            self.say(f"step {name}:")
+            try:
+                result = await self.conn.run_step(name, record, key, previous, wanted)
+            except CrmError as exc:
+                self.exchanges()
+                self.say(f"!! step {name} failed: {exc.kind}: {exc}", 2)
+                self.ok = False
+                return
+            self.exchanges()
+            previous[name] = result
+            self.say(f"=> {result.status}, id {result.remote_id}"
+                     + (f", outputs {dict(result.outputs)}" if result.outputs else "")
+                     + (f", customer {dict(result.customer)}" if result.customer else ""), 2)
+            await self._fetch_back(name, record, key, previous, wanted, result)
+        if number.lookupable:
+            self.say()
+            self.say("looking the caller up again:")
+            found = await self.lookup(number)
+            created = {r.customer.get("id") for r in previous.values() if r.customer}
+            if created and found is not None and found.id in created:
+                self.say("=> found the record the pipeline created")
+
+    async def _fetch_back(self, name: str, record: Mapping[str, Any], key: str,
+                          previous: Mapping[str, StepResult], wanted: Sequence[str],
+                          result: StepResult) -> None:
+        spec = self.conn.plan.record_step(name)
+        if spec is None or spec.fetch is None or not result.remote_id:
+            return
+        self.say(f"reading {name} {result.remote_id} back:", 2)
+        try:
+            await self.conn.records.fetch(name, record, key, previous, wanted, result)
+        except CrmError as exc:
+            self.exchanges(4)
+            self.say(f"!! could not read it back: {exc.kind}: {exc}", 4)
+            self.ok = False
+            return
+        self.exchanges(4)
+
+
+def test_record(number: CallerNumber, customer: Customer | None) -> dict[str, Any]:
+    """The doctor's test call record (the JSON of ami.records.CallRecord, as the outbox
+    holds it): a missed call a minute ago from ``number``."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    linkedid = f"doctor.{int(now.timestamp())}"
+    return {
+        "record_key": f"call:{linkedid}", "linkedid": linkedid, "caller": number.e164,
+        "caller_raw": number.raw, "caller_name": None, "did": None,
+        "customer_id": customer.id if customer else None,
+        "customer_tier": customer.tier if customer else None,
+        "customer_owner": customer.owner if customer else None,
+        "customer_kind": customer.kind if customer else None,
+        "routing_rule": "callroute-doctor", "route_reason": "doctor", "route_target": None,
+        "route_queue": None, "queue": None, "agents_rung": [], "answered_by": None,
+        "answered_by_agent": None, "start": _iso(now - timedelta(minutes=1)),
+        "answer": None, "end": _iso(now - timedelta(seconds=30)), "wait_s": 30.0,
+        "talk_s": None, "outcome": "missed", "hangup_cause": None, "recording": None,
+        "incomplete": False, "cdrs": [],
+    }
+
+
+def _iso(when: datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
+
+
+async def doctor(settings: Settings, number: str | None, *, post: bool,
+                 out: TextIO | None = None, plan: OutboxPlan | None = None) -> int:
+    """Run the doctor; 0 when every request answered, 1 otherwise. ``plan`` says which of
+    call, lead and task the outbox wants for the test record (default: all three)."""
+    from router.phone import normalize
+
+    doc = Doctor(settings, out or sys.stdout, plan)
+    try:
+        doc.header()
+        if number is None:
+            doc.say("give a caller's number to look it up (and --post to send a test record)")
+            return 0
+        caller = normalize(number, settings.phone.default_region, settings.phone.internal_pattern)
+        customer = await doc.lookup(caller)
+        if post and doc.ok:
+            await doc.post(caller, customer)
+    finally:
+        await doc.conn.aclose()
+    doc.say()
+    doc.say("doctor: OK" if doc.ok else "doctor: FAILED (see the lines marked !!)")
+    return 0 if doc.ok else 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``callroute crm doctor`` to the command line."""
+    crm = sub.add_parser("crm", help="the CRM connector: doctor")
+    crm_sub = crm.add_subparsers(dest="crm_command", required=True)
+    p = crm_sub.add_parser("doctor", help="show each CRM request and answer for a number")
+    p.add_argument("--config", "-c", default="examples/config.yaml", metavar="FILE",
+                   help="config file (default: examples/config.yaml)")
+    p.add_argument("number", nargs="?", help="a caller's number to look up")
+    p.add_argument("--post", action="store_true",
+                   help="also send a test call record through every record step")
+
+
+__all__ = ["Doctor", "doctor", "register", "test_record"]

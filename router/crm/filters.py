@@ -1,0 +1,417 @@
+"""The filters and tests of the template language (:mod:`router.crm.template`).
+
+Every filter takes ``none`` (a missing value) calmly: it returns ``none`` (or an empty
+list for list filters) instead of raising, because CRM records omit fields. Filters
+that need more than their arguments (the CRM's time zone, named value maps, reference
+tables, the caller's region) read them from the :class:`Runtime` of the evaluation.
+``docs/crm/templates.md`` documents each one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from functools import lru_cache
+from typing import Any, Final
+from urllib.parse import quote
+
+from jinja2 import pass_context
+from jinja2.runtime import Context, Undefined
+
+from router.crm.mapping import MISSING, get_path, parse_datetime
+
+
+def is_missing(value: Any) -> bool:
+    return value is None or isinstance(value, Undefined)
+
+
+def blank(value: Any) -> bool:
+    return is_missing(value) or value == ""
+
+
+def to_text(value: Any) -> str:
+    """How a value reads inside text: none → "", booleans lower-case, lists/objects JSON."""
+    if is_missing(value):
+        return ""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))
+    return str(value)
+
+
+def url_quote(text: str) -> str:
+    """Percent-encode a value for a URL path segment or query (``+`` becomes ``%2B``)."""
+    return quote(text, safe="")
+
+
+# --- run-time helpers reached by filters ---------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """What filters need beyond their arguments, for one evaluation: the CRM's time zone,
+    the named value maps, the caller's region, and the reference tables (``ref``).
+
+    ``refs`` answers ``(name, key)`` from its cache or returns :data:`MISSING`; missed keys
+    are collected in ``missing`` so the caller can fetch them and evaluate again.
+    """
+
+    tz: tzinfo = UTC
+    maps: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    region: str = "CN"
+    refs: Callable[[str, str], Any] | None = None
+    missing: set[tuple[str, str]] = field(default_factory=set)
+
+
+_DEFAULT_RUNTIME = Runtime()
+
+
+def _runtime(ctx: Context) -> Runtime:
+    rt = ctx.get("_rt")
+    return rt if isinstance(rt, Runtime) else _DEFAULT_RUNTIME
+
+
+# --- filters ---------------------------------------------------------------------------------
+
+
+def _when(value: Any) -> datetime | None:
+    try:
+        return parse_datetime(None if is_missing(value) else value)
+    except ValueError:
+        return None
+
+
+def _zone(ctx: Context, name: str | None) -> tzinfo:
+    if not name:
+        return _runtime(ctx).tz
+    return _zone_named(name)
+
+
+@lru_cache(maxsize=64)
+def _zone_named(name: str) -> tzinfo:
+    from zoneinfo import ZoneInfo
+
+    return UTC if name.upper() in ("UTC", "Z") else ZoneInfo(name)
+
+
+def f_str(value: Any) -> Any:
+    return None if is_missing(value) else to_text(value)
+
+
+def f_int(value: Any) -> Any:
+    if blank(value) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(number) if math.isfinite(number) else None
+
+
+def f_float(value: Any) -> Any:
+    if blank(value) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def f_round(value: Any, digits: int = 0) -> Any:
+    number = f_float(value)
+    if number is None:
+        return None
+    return round(number) if digits == 0 else round(number, digits)
+
+
+def f_upper(value: Any) -> Any:
+    return None if is_missing(value) else to_text(value).upper()
+
+
+def f_lower(value: Any) -> Any:
+    return None if is_missing(value) else to_text(value).lower()
+
+
+def f_title(value: Any) -> Any:
+    return None if is_missing(value) else to_text(value).title()
+
+
+def f_trim(value: Any) -> Any:
+    return None if is_missing(value) else to_text(value).strip()
+
+
+def f_truncate(value: Any, length: int) -> Any:
+    return None if is_missing(value) else to_text(value)[: max(0, int(length))]
+
+
+def f_replace(value: Any, old: str, new: str) -> Any:
+    return None if is_missing(value) else to_text(value).replace(old, new)
+
+
+def f_split(value: Any, sep: str | None = None) -> Any:
+    if blank(value):
+        return []
+    return [part.strip() for part in to_text(value).split(sep) if part.strip()]
+
+
+def f_digits(value: Any) -> Any:
+    return None if is_missing(value) else re.sub(r"\D", "", to_text(value))
+
+
+@lru_cache(maxsize=256)
+def _regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def f_regex(value: Any, pattern: str, group: int = 1) -> Any:
+    if is_missing(value):
+        return None
+    match = _regex(pattern).search(to_text(value))
+    if match is None:
+        return None
+    try:
+        return match.group(group)
+    except IndexError:
+        return match.group(0)
+
+
+def f_json(value: Any) -> Any:
+    return json.dumps(None if is_missing(value) else value, ensure_ascii=False,
+                      separators=(",", ":"), default=str)
+
+
+def f_soql(value: Any) -> Any:
+    """Escape for a quoted SOQL string literal (Salesforce): backslash and quote."""
+    if is_missing(value):
+        return None
+    return to_text(value).replace("\\", "\\\\").replace("'", "\\'")
+
+
+def f_escape(value: Any, chars: str, escape: str = "\\") -> Any:
+    """Put ``escape`` (a backslash) before each of ``chars`` (Zoho criteria: ``(),``)."""
+    if is_missing(value):
+        return None
+    text = to_text(value).replace(escape, escape + escape)
+    for ch in chars:
+        if ch != escape:
+            text = text.replace(ch, escape + ch)
+    return text
+
+
+def f_default(value: Any, fallback: Any = "") -> Any:
+    return fallback if blank(value) else value
+
+
+def f_join(value: Any, sep: str = "") -> Any:
+    if is_missing(value):
+        return None
+    items = value if isinstance(value, list | tuple) else [value]
+    return sep.join(to_text(v) for v in items if not blank(v))
+
+
+def f_first(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return value[0] if value else None
+    return None if is_missing(value) else value
+
+
+def f_length(value: Any) -> Any:
+    if is_missing(value):
+        return 0
+    try:
+        return len(value)
+    except TypeError:
+        return 1
+
+
+def f_list(value: Any) -> Any:
+    if is_missing(value):
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def f_pluck(value: Any, path: str) -> Any:
+    """From a list of objects, the value at ``path`` of each (missing ones left out)."""
+    if is_missing(value):
+        return []
+    items = value if isinstance(value, list | tuple) else [value]
+    out = []
+    for item in items:
+        found = get_path(item, path)
+        if found is not MISSING and found is not None:
+            out.append(found)
+    return out
+
+
+def f_where(value: Any, path: str, wanted: Any = True) -> Any:
+    """The objects of a list whose value at ``path`` equals ``wanted``."""
+    if is_missing(value):
+        return []
+    items = value if isinstance(value, list | tuple) else [value]
+    return [item for item in items if get_path(item, path) == wanted]
+
+
+@pass_context
+def f_translate(ctx: Context, value: Any, table: Any, *default: Any) -> Any:
+    """Value map: ``table`` is a mapping literal or the name of one in ``crm.maps``.
+
+    Exact key first, then case-insensitive; an unmapped value is ``default`` when given,
+    else itself. Works element-wise on a list.
+    """
+    mapping = _runtime(ctx).maps.get(table, {}) if isinstance(table, str) else table
+    if not isinstance(mapping, Mapping):
+        return value if not default else default[0]
+
+    def one(item: Any) -> Any:
+        if is_missing(item):
+            return default[0] if default else None
+        key = to_text(item)
+        if key in mapping:
+            return mapping[key]
+        folded = key.casefold()
+        for k, v in mapping.items():
+            if str(k).casefold() == folded:
+                return v
+        return default[0] if default else item
+
+    if isinstance(value, list | tuple):
+        return [one(v) for v in value]
+    return one(value)
+
+
+def f_iso(value: Any) -> Any:
+    when = _when(value)
+    return None if when is None else when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@pass_context
+def f_iso_local(ctx: Context, value: Any, tz: str | None = None) -> Any:
+    when = _when(value)
+    return None if when is None else when.astimezone(_zone(ctx, tz)).isoformat(
+        timespec="seconds")
+
+
+@pass_context
+def f_date(ctx: Context, value: Any, tz: str | None = None) -> Any:
+    when = _when(value)
+    return None if when is None else when.astimezone(_zone(ctx, tz)).date().isoformat()
+
+
+@pass_context
+def f_strftime(ctx: Context, value: Any, fmt: str, tz: str | None = None) -> Any:
+    when = _when(value)
+    return None if when is None else when.astimezone(_zone(ctx, tz)).strftime(fmt)
+
+
+def f_epoch(value: Any) -> Any:
+    when = _when(value)
+    return None if when is None else int(when.timestamp())
+
+
+def f_epoch_ms(value: Any) -> Any:
+    when = _when(value)
+    return None if when is None else round(when.timestamp() * 1000)
+
+
+def f_ms(value: Any) -> Any:
+    seconds = f_float(value)
+    return None if seconds is None else round(seconds * 1000)
+
+
+def f_minutes(value: Any) -> Any:
+    seconds = f_float(value)
+    return None if seconds is None else round(seconds / 60)
+
+
+def f_mmss(value: Any) -> Any:
+    seconds = f_int(value)
+    return None if seconds is None else f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def f_hhmm(value: Any) -> Any:
+    seconds = f_int(value)
+    if seconds is None:
+        return None
+    minutes = (seconds + 59) // 60
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+@pass_context
+def f_e164(ctx: Context, value: Any, region: str | None = None) -> Any:
+    from router.phone import normalize
+
+    if blank(value):
+        return None
+    number = normalize(to_text(value), (region or _runtime(ctx).region).upper(), r"^$")
+    return number.e164
+
+
+@pass_context
+def f_ref(ctx: Context, value: Any, name: str) -> Any:
+    """The value of ``value`` in reference table ``name`` (a second call, cached)."""
+    rt = _runtime(ctx)
+    if isinstance(value, list | tuple):
+        return [f_ref(ctx, v, name) for v in value]
+    if blank(value) or rt.refs is None:
+        return None
+    key = to_text(value)
+    found = rt.refs(name, key)
+    if found is MISSING:
+        rt.missing.add((name, key))
+        return None
+    return found
+
+
+def _text_filter(value: Any) -> str:
+    return to_text(value)
+
+
+def _url_filter(value: Any) -> str:
+    return url_quote(to_text(value))
+
+
+#: Filters a template may use (the names documented in docs/crm/templates.md).
+FILTERS: Final[dict[str, Callable[..., Any]]] = {
+    "str": f_str, "int": f_int, "float": f_float, "round": f_round,
+    "upper": f_upper, "lower": f_lower, "title": f_title, "trim": f_trim,
+    "truncate": f_truncate, "replace": f_replace, "split": f_split, "digits": f_digits,
+    "regex": f_regex, "json": f_json, "soql": f_soql, "escape": f_escape,
+    "default": f_default, "join": f_join, "first": f_first, "length": f_length,
+    "list": f_list, "pluck": f_pluck, "where": f_where, "translate": f_translate,
+    "iso": f_iso, "iso_local": f_iso_local, "date": f_date, "strftime": f_strftime,
+    "epoch": f_epoch, "epoch_ms": f_epoch_ms,
+    "ms": f_ms, "minutes": f_minutes, "mmss": f_mmss, "hhmm": f_hhmm,
+    "e164": f_e164, "ref": f_ref,
+}
+HIDDEN_FILTERS: Final[dict[str, Callable[..., Any]]] = {"_text": _text_filter, "_url": _url_filter}
+
+
+def t_empty(value: Any) -> bool:
+    if blank(value):
+        return True
+    return isinstance(value, list | tuple | dict) and len(value) == 0
+
+
+#: Tests usable after ``is``: ``customer.id is empty``, ``x is none``, ``x is number``.
+TESTS: Final[dict[str, Callable[..., bool]]] = {
+    "empty": t_empty,
+    "none": is_missing,
+    "defined": lambda v: not isinstance(v, Undefined),
+    "undefined": lambda v: isinstance(v, Undefined),
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "mapping": lambda v: isinstance(v, dict),
+    "sequence": lambda v: isinstance(v, list | tuple),
+    "true": lambda v: v is True,
+    "false": lambda v: v is False,
+}

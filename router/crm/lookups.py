@@ -1,0 +1,177 @@
+"""Running lookups: an ordered list, each a chain of requests, then a field map.
+
+For a caller, the lookups are tried in order and the first that keeps a record wins
+(exact E.164 search, then last digits, then leads...). Within a lookup, the first step
+searches; each later step runs once per record kept so far (at most ``max_candidates``,
+in parallel), e.g. to fetch the whole record by the id the search returned. A step with
+``numbers`` keeps only the records whose stored numbers normalise to the caller's
+(:func:`router.crm.numbers.stored_matches`). The records left are mapped to customers
+(the lookup's ``kind`` on each); the connector picks one by the lookup's ``multiple``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from router.crm.compiled import LookupPlan, LookupStepPlan, Plan, Request
+from router.crm.http import CrmHttp, CrmResponse
+from router.crm.mapping import MISSING, get_path
+from router.crm.numbers import number_context, stored_matches, stored_numbers
+from router.crm.refs import RefTables, evaluate, map_record
+from router.crm.template import OMIT
+from router.errors import CrmClientError, CrmMappingError
+from router.metrics import CRM_ERRORS
+from router.models import CallerNumber, Customer
+
+log = logging.getLogger(__name__)
+
+#: One candidate: the record each step found for it, by step name, in step order.
+Chain = dict[str, Any]
+
+
+class LookupRunner:
+    """Runs the compiled lookups of one connector."""
+
+    def __init__(self, plan: Plan, http: CrmHttp, refs: RefTables | None) -> None:
+        self.plan = plan
+        self.http = http
+        self.refs = refs
+
+    async def find(self, number: CallerNumber) -> tuple[LookupPlan | None, list[Customer]]:
+        """The first lookup that finds records for ``number``, and its customers."""
+        if not number.lookupable:
+            return None, []
+        for lookup in self.plan.lookups:
+            customers = await self.run(lookup, number)
+            if customers:
+                return lookup, customers
+        return None, []
+
+    async def run(self, lookup: LookupPlan, number: CallerNumber) -> list[Customer]:
+        """Every customer one lookup finds for ``number``, in the CRM's order."""
+        base: dict[str, Any] = {**self.plan.base, **number_context(number, lookup.names),
+                                "omit": OMIT, "item": None, "steps": {}}
+        region = number.country or ""
+        first = lookup.steps[0]
+        chains: list[Chain] = [
+            {first.name: record} for record in await self._records(lookup, first, base)
+        ]
+        chains = self._matching(lookup, first, chains, base, region)
+        for step in lookup.steps[1:]:
+            if not chains:
+                break
+            if len(chains) > lookup.max_candidates:
+                log.info("crm lookup %s: %d records, step %s runs for the first %d",
+                         lookup.name, len(chains), step.name, lookup.max_candidates)
+                chains = chains[:lookup.max_candidates]
+            found = await asyncio.gather(*(self._one(lookup, step, base, c) for c in chains))
+            chains = [{**chain, step.name: record}
+                      for chain, record in zip(chains, found, strict=True) if record is not None]
+            chains = self._matching(lookup, step, chains, base, region)
+        return [await self._customer(lookup, chain, base, i) for i, chain in enumerate(chains)]
+
+    # --- one step --------------------------------------------------------------------
+
+    async def _send(self, lookup: LookupPlan, step: LookupStepPlan,
+                    context: dict[str, Any]) -> CrmResponse:
+        request = step.request
+        method, url, params, headers, body = await _render(request, context, self.plan,
+                                                           self.refs)
+        resp = await self.http.request(
+            "lookup", method, url, params=params, headers=headers or None, json_body=body,
+            accept_status=step.not_found_status,
+        )
+        check_error(request, resp, context, f"crm lookup {lookup.name}.{step.name}", "lookup")
+        return resp
+
+    async def _records(self, lookup: LookupPlan, step: LookupStepPlan,
+                       context: dict[str, Any]) -> list[Any]:
+        resp = await self._send(lookup, step, context)
+        if resp.status in step.not_found_status or resp.body is None:
+            return []
+        return results(resp.body, step.results,
+                       f"crm.lookups ({lookup.name}).steps ({step.name}).results", "lookup")
+
+    async def _one(self, lookup: LookupPlan, step: LookupStepPlan, base: Mapping[str, Any],
+                   chain: Chain) -> Any:
+        context = {**base, "item": next(reversed(chain.values())), "steps": chain}
+        records = await self._records(lookup, step, context)
+        return records[0] if records else None
+
+    def _matching(self, lookup: LookupPlan, step: LookupStepPlan, chains: list[Chain],
+                  base: Mapping[str, Any], region: str) -> list[Chain]:
+        if not step.numbers or not chains:
+            return chains
+        e164 = base["e164"]
+        kept = []
+        for chain in chains:
+            record = chain[step.name]
+            context = {**base, "record": record, "steps": chain, "_rt": self.plan.runtime}
+            stored = [n for value in step.numbers.values(record, context)
+                      for n in stored_numbers(value)]
+            if stored_matches(stored, e164, region):
+                kept.append(chain)
+        if len(kept) < len(chains):
+            log.debug("crm lookup %s.%s: %d of %d records have the caller's number",
+                      lookup.name, step.name, len(kept), len(chains))
+        return kept
+
+    async def _customer(self, lookup: LookupPlan, chain: Chain, base: Mapping[str, Any],
+                        index: int) -> Customer:
+        record = next(reversed(chain.values()))
+        context = None
+        if lookup.fields.templates is not None:
+            context = {**base, "record": record, "steps": chain, "kind": lookup.kind,
+                       "_rt": self.plan.runtime}
+        try:
+            return await map_record(lookup.fields, record, context, self.plan.runtime,
+                                    self.refs)
+        except CrmMappingError as exc:
+            CRM_ERRORS.labels("lookup", exc.kind).inc()
+            raise CrmMappingError(
+                f"crm.lookups ({lookup.name}).fields (record {index}): {exc}") from exc
+
+
+async def _render(request: Request, context: dict[str, Any], plan: Plan,
+                  refs: RefTables | None) -> tuple[str, str, dict[str, str], dict[str, str], Any]:
+    if refs is not None and request.template.uses.refs:
+        url, params, headers, body = await evaluate(request.template, context, plan.runtime,
+                                                    refs)
+        params = {k: v for k, v in params.items() if v != ""}
+        headers = {k: v for k, v in headers.items() if v != ""}
+        return request.method, url, params, headers, body
+    context["_rt"] = plan.runtime
+    return request.render(context)
+
+
+def check_error(request: Request, resp: CrmResponse, context: Mapping[str, Any],
+                where: str, op: str) -> None:
+    """Raise :class:`CrmClientError` when the request's ``error`` template says the answer
+    is a failure (renders non-empty)."""
+    if request.error is None:
+        return
+    text = request.error({**context, "response": resp.body, "status": resp.status})
+    if text:
+        CRM_ERRORS.labels(op, CrmClientError.kind).inc()
+        raise CrmClientError(f"{where}: the CRM answered an error: {str(text)[:300]}",
+                             status=resp.status)
+
+
+def results(body: Any, path: str, where: str, op: str) -> list[Any]:
+    """The records at ``path`` in an answer: a list, one object, or none (null)."""
+    value = get_path(body, path)
+    if value is MISSING:
+        CRM_ERRORS.labels(op, CrmMappingError.kind).inc()
+        raise CrmMappingError(f"{where}: path {path!r} not found in the answer")
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [value]
+    if not isinstance(value, list):
+        CRM_ERRORS.labels(op, CrmMappingError.kind).inc()
+        raise CrmMappingError(
+            f"{where}: path {path!r} is a {type(value).__name__}, not a list or object")
+    return list(value)

@@ -1,0 +1,192 @@
+"""Running the records pipeline: the steps that put one finished call into the CRM.
+
+Steps run in their configured order. Each sees the call record, the ``customer`` as the
+record had it and as earlier steps changed it (an unknown caller's new lead becomes
+``customer.id``), and the results of the earlier steps (``steps.<name>.id``, outputs).
+A step whose ``when`` is false is skipped: no request, status ``skipped``. The delivery
+worker (router/records/delivery.py) calls :meth:`RecordRunner.run_step` one step at a time and
+keeps each result in its per-step marker, so a retry resumes after the last step done
+with the same context.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from router.crm.base import StepResult
+from router.crm.compiled import Plan, RecordStepPlan
+from router.crm.config import CUSTOMER_FIELDS
+from router.crm.http import CrmHttp, CrmResponse
+from router.crm.lookups import check_error
+from router.crm.mapping import get_path
+from router.crm.refs import RefTables, evaluate
+from router.crm.template import OMIT
+from router.errors import CrmMappingError
+from router.metrics import CRM_ERRORS
+
+log = logging.getLogger(__name__)
+
+#: Finds the link to a record's recording (uploading it if so configured), or None.
+RecordingUrl = Callable[[Mapping[str, Any], str], Awaitable[str | None]]
+#: Told that the CRM confirmed a step linking the recording (record, key, link).
+RecordingLinked = Callable[[Mapping[str, Any], str, str], Awaitable[None]]
+
+
+def jsonable(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain-JSON copy of ``record`` (date-times and other objects as text)."""
+    def default(obj: Any) -> Any:
+        if isinstance(obj, datetime):
+            return obj.isoformat()
+        if isinstance(obj, set | frozenset | tuple):
+            return list(obj)
+        return str(obj)
+
+    result = json.loads(json.dumps(dict(record), default=default))
+    assert isinstance(result, dict)
+    return result
+
+
+def now_iso() -> str:
+    """The current time, ISO 8601 UTC with ``Z``."""
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def customer_of(record: Mapping[str, Any], previous: Mapping[str, StepResult],
+                order: Sequence[str]) -> dict[str, Any]:
+    """The ``customer`` a step sees: the record's, as earlier steps changed it."""
+    customer: dict[str, Any] = {
+        "id": record.get("customer_id") or None,
+        "kind": record.get("customer_kind") or None,
+        "owner": record.get("customer_owner") or None,
+        "name": record.get("caller_name") or None,
+        "tier": record.get("customer_tier") or None,
+    }
+    for name in order:
+        result = previous.get(name)
+        if result is not None:
+            customer.update({k: v for k, v in result.customer.items() if k in CUSTOMER_FIELDS})
+    return customer
+
+
+class RecordRunner:
+    """Runs the compiled record steps of one connector."""
+
+    def __init__(self, plan: Plan, http: CrmHttp, refs: RefTables | None,
+                 recording_url: RecordingUrl | None = None,
+                 recording_linked: RecordingLinked | None = None) -> None:
+        self.plan = plan
+        self.http = http
+        self.refs = refs
+        self.recording_url = recording_url
+        self.recording_linked = recording_linked
+        self.order = [s.name for s in plan.records]
+
+    def step_names(self) -> list[str]:
+        """Every enabled step, in order."""
+        return list(self.order)
+
+    def context(self, step: str, data: Mapping[str, Any], key: str,
+                previous: Mapping[str, StepResult], plan: Sequence[str]) -> dict[str, Any]:
+        """The names a step's templates see."""
+        steps = {
+            name: {**r.outputs, "id": r.remote_id, "status": r.status}
+            for name in self.order if (r := previous.get(name)) is not None
+        }
+        return {
+            **self.plan.base, "record": data, "customer": customer_of(data, previous, self.order),
+            "steps": steps, "idempotency_key": key, "now": now_iso(), "plan": list(plan),
+            "step": step, "omit": OMIT, "_rt": self.plan.runtime,
+        }
+
+    def _spec(self, step: str) -> RecordStepPlan:
+        spec = self.plan.record_step(step)
+        if spec is None:
+            raise KeyError(f"no record step {step!r} (configured: {', '.join(self.order)})")
+        return spec
+
+    def wants(self, step: str, record: Mapping[str, Any], previous: Mapping[str, StepResult],
+              plan: Sequence[str]) -> bool:
+        """Whether ``step``'s ``when`` holds for this record."""
+        spec = self._spec(step)
+        if spec.when is None:
+            return True
+        return bool(spec.when(self.context(step, jsonable(record), "", previous, plan)))
+
+    async def run_step(self, step: str, record: Mapping[str, Any], idempotency_key: str,
+                       previous: Mapping[str, StepResult], plan: Sequence[str]) -> StepResult:
+        """Run one step (or skip it); raise :class:`CrmError` when the CRM fails it."""
+        spec = self._spec(step)
+        data = jsonable(record)
+        context = self.context(step, data, idempotency_key, previous, plan)
+        if spec.when is not None and not spec.when(context):
+            log.debug("record step %s skipped: when %r is false", step, spec.spec.when)
+            return StepResult(step=step, status="skipped")
+        if spec.needs_recording and self.recording_url is not None and not data.get(
+                "recording_url"):
+            data["recording_url"] = await self.recording_url(data, idempotency_key)
+        if self.refs is not None and spec.request.template.uses.refs:
+            url, params, headers, body = await evaluate(spec.request.template, context,
+                                                        self.plan.runtime, self.refs)
+            method = spec.request.method
+            params = {k: v for k, v in params.items() if v != ""}
+            headers = {k: v for k, v in headers.items() if v != ""}
+        else:
+            method, url, params, headers, body = spec.request.render(context)
+        if spec.spec.idempotency_header:
+            headers[spec.spec.idempotency_header] = idempotency_key
+        resp = await self.http.request(
+            step, method, url, params=params, json_body=body, headers=headers or None,
+            accept_status=spec.spec.duplicate_status,
+        )
+        check_error(spec.request, resp, context, f"crm record step {step}", step)
+        duplicate = resp.status in spec.spec.duplicate_status
+        remote_id = self._remote_id(spec, resp, duplicate)
+        answer = {**context, "response": resp.body, "id": remote_id, "status": resp.status}
+        outputs = await self._evaluate(spec.outputs, answer)
+        customer = await self._evaluate(spec.customer, answer)
+        link = data.get("recording_url")
+        if spec.needs_recording and self.recording_linked is not None and link:
+            await self.recording_linked(data, idempotency_key, str(link))
+        return StepResult(
+            step=step, status="duplicate" if duplicate else "done", remote_id=remote_id,
+            outputs=outputs, customer={k: v for k, v in customer.items() if v not in (None, "")},
+        )
+
+    async def fetch(self, step: str, record: Mapping[str, Any], idempotency_key: str,
+                    previous: Mapping[str, StepResult], plan: Sequence[str],
+                    result: StepResult) -> CrmResponse:
+        """Read the object ``result`` created back (the step's ``fetch``), for the doctor."""
+        spec = self._spec(step)
+        if spec.fetch is None:
+            raise KeyError(f"record step {step!r} has no fetch")
+        context = {**self.context(step, jsonable(record), idempotency_key, previous, plan),
+                   "id": result.remote_id}
+        method, url, params, headers, body = spec.fetch.render(context)
+        resp = await self.http.request(f"{step}:fetch", method, url, params=params,
+                                       headers=headers or None, json_body=body)
+        check_error(spec.fetch, resp, context, f"crm record step {step} fetch", step)
+        return resp
+
+    async def _evaluate(self, template: Any, context: dict[str, Any]) -> dict[str, Any]:
+        if template is None:
+            return {}
+        value = await evaluate(template, context, self.plan.runtime, self.refs)
+        return dict(value) if isinstance(value, Mapping) else {}
+
+    def _remote_id(self, spec: RecordStepPlan, resp: CrmResponse, duplicate: bool) -> str | None:
+        if not spec.spec.id_path:
+            return None
+        value = get_path(resp.body, spec.spec.id_path)
+        if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
+            return str(value)
+        if not duplicate:
+            # created, but the id is not where the config says: do not fail the delivery,
+            # but make the mismatch visible
+            CRM_ERRORS.labels(spec.name, CrmMappingError.kind).inc()
+            log.warning("crm record step %s: created, but no id at crm.records (%s).id_path %r",
+                        spec.name, spec.name, spec.spec.id_path)
+        return None

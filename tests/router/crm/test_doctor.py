@@ -1,0 +1,167 @@
+"""``callroute crm doctor`` through the command line, against vendor-shaped fakes
+(tests/crm_fakes) served from a background thread on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from router import cli
+from tests.crm_fakes.base import LI, SARAH, UNKNOWN, FakeCrm
+
+
+class ThreadedFake:
+    """A fake CRM serving from its own event loop in a thread."""
+
+    def __init__(self, name: str) -> None:
+        self.module = importlib.import_module(f"tests.crm_fakes.{name}")
+        self.fake: FakeCrm = self.module.make()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> ThreadedFake:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.fake.start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.fake.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def config(self, tmp_path: Path, **extra: Any) -> Path:
+        """A config file whose crm: section is the preset pointed at the fake."""
+        path = tmp_path / "config.yaml"
+        rules = tmp_path / "rules.yaml"
+        rules.write_text("rules: []\n")
+        crm = {**self.module.config(self.fake), **extra}
+        path.write_text(yaml.safe_dump({"crm": crm, "routing": {"rules": "rules.yaml"}}))
+        return path
+
+
+@pytest.fixture
+def hubspot() -> Iterator[ThreadedFake]:
+    """The HubSpot fake, running."""
+    with ThreadedFake("hubspot") as running:
+        yield running
+
+
+def test_doctor_shows_each_request_answer_and_the_customer(
+        hubspot: ThreadedFake, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """For a caller typed nationally in the CRM, the doctor prints every lookup's request
+    (method, URL, body) and answer, in order, and the customer it maps to; the token is
+    masked."""
+    code = cli.main(["crm", "doctor", "--config", str(hubspot.config(tmp_path)), SARAH])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "lookup 1/3: contact_exact" in out
+    assert "lookup 2/3: contact_digits" in out
+    assert out.index("contact_exact") < out.index("contact_digits")
+    assert "-> POST http://127.0.0.1" in out
+    assert "/crm/v3/objects/contacts/search" in out
+    assert '"value": "*5550100"' in out  # the body, with {last:7} rendered
+    assert "<- HTTP 200" in out
+    assert f"=> customer id={hubspot.fake.ids['sarah']}" in out
+    assert "Authorization: ***" in out
+    assert hubspot.module.TOKEN not in out
+    assert "doctor: OK" in out
+    assert hubspot.fake.violations == []
+
+
+def test_doctor_post_runs_every_step_reads_back_and_finds_the_new_lead(
+        hubspot: ThreadedFake, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --post, an unknown number's test record goes through lead, call and task;
+    each created object is read back by id, and the caller is then found as the new
+    lead."""
+    code = cli.main(["crm", "doctor", "--config", str(hubspot.config(tmp_path)), UNKNOWN,
+                     "--post"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "=> unknown caller" in out
+    for step in ("step lead:", "step call:", "step task:"):
+        assert step in out
+    lead_id = hubspot.fake.created("lead")[0]["id"]
+    assert f"reading lead {lead_id} back:" in out
+    assert f"-> GET http://127.0.0.1:{hubspot.fake.url.rsplit(':', 1)[1]}" \
+           f"/crm/v3/objects/contacts/{lead_id}" in out
+    assert "looking the caller up again:" in out
+    assert f"=> customer id={lead_id}" in out.split("looking the caller up again:")[1]
+    assert "=> found the record the pipeline created" in out
+    assert [c["on"] for c in hubspot.fake.created("call")] == [lead_id]
+    assert hubspot.fake.violations == []
+
+
+def test_doctor_post_for_a_known_customer_skips_the_lead(
+        hubspot: ThreadedFake, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A known caller's test record skips the lead step (its when is false) and posts the
+    call and the task on the customer, assigned to their owner."""
+    code = cli.main(["crm", "doctor", "--config", str(hubspot.config(tmp_path)), LI, "--post"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "step lead: skipped" in out
+    assert [(t["on"], t["owner"]) for t in hubspot.fake.created("task")] == [
+        (hubspot.fake.ids["li"], hubspot.fake.owner_ids["o1"])]
+    assert hubspot.fake.created("lead") == []
+
+
+def test_doctor_reports_a_failure_and_exits_1(
+        hubspot: ThreadedFake, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A CRM error is shown with the vendor's answer and the doctor exits 1."""
+    hubspot.fake.fail_next("error")
+    code = cli.main(["crm", "doctor", "--config", str(hubspot.config(tmp_path)), LI])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "<- HTTP 400" in out
+    assert "VALIDATION_ERROR" in out
+    assert "!! lookup failed: 4xx" in out
+    assert "doctor: FAILED" in out
+
+
+def test_doctor_masks_secrets_inside_request_bodies(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Odoo's key travels inside each JSON-RPC body: the doctor masks it there too, and
+    shows the tag-name reference call the field map needed."""
+    with ThreadedFake("odoo") as odoo:
+        code = cli.main(["crm", "doctor", "--config", str(odoo.config(tmp_path)), LI])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert odoo.module.KEY not in out
+        assert '"***"' in out
+        assert "(ref:tag_names)" in out
+        assert "tags=('repeat-buyer',)" in out
+
+
+def test_doctor_without_a_number_describes_the_configuration(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a number the doctor lists the lookups and record steps and makes no
+    request."""
+    with ThreadedFake("salesforce") as sf:
+        code = cli.main(["crm", "doctor", "--config", str(sf.config(tmp_path))])
+        out = capsys.readouterr().out
+        assert code == 0
+        assert "lookups: contact_exact (contact, 1 step(s)), contact_search (contact, 2 " \
+               "step(s)), lead (lead, 1 step(s))" in out
+        assert "record steps: lead [when 'lead' in plan and record.caller], call, task" in out
+        assert sf.fake.seen == []
+
+
+def test_the_doctors_test_record_is_a_call_record() -> None:
+    """The record the doctor posts has exactly the call record's shape (so templates see
+    what they see in production)."""
+    from ami.records import CallRecord
+    from router.crm.doctor import test_record
+    from router.models import Customer
+    from router.phone import normalize
+
+    rec = test_record(normalize(LI, "CN"), Customer(id="C1", owner="7001", kind="lead"))
+    assert CallRecord.model_validate(rec).model_dump(mode="json") == rec
+    assert (rec["customer_id"], rec["customer_owner"], rec["customer_kind"]) == (
+        "C1", "7001", "lead")

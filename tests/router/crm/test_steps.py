@@ -1,0 +1,291 @@
+"""The connector's steps: lookups made of requests, number matching, reference tables,
+and the records pipeline (alone and driven by the delivery worker on a real Redis),
+against scripted servers and the sample CRM on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from router.crm.base import StepResult
+from router.crm.config import CrmSettings
+from router.crm.numbers import forms, stored_matches
+from router.crm.rest import RestConnector
+from router.errors import CrmClientError, CrmError
+from router.phone import normalize
+from tests.crm_server import running_crm, scripted_server
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+
+
+def caller(raw: str) -> Any:
+    """A caller number normalised for region CN."""
+    return normalize(raw, "CN")
+
+
+def test_number_forms() -> None:
+    """Every form a template may search by, for a London number."""
+    assert forms("+442071838751") == {
+        "e164": "+442071838751", "digits": "442071838751", "national": "2071838751",
+        "local": "02071838751", "national_format": "020 7183 8751",
+        "international": "+44 20 7183 8751", "country": "GB"}
+
+
+@pytest.mark.parametrize(("stored", "matches"), [
+    (["020 7183 8751"], True),        # national, read in the caller's country
+    (["+44 (0)20 7183 8751"], True),
+    (["0044 20 7183 8751"], True),
+    (["442071838751"], True),
+    (["020 7183 8752", None, ""], False),
+    (["+1 (202) 718-3875"], False),
+    ([], False),
+])
+def test_stored_numbers_match_when_they_normalise_to_the_caller(
+        stored: list[Any], matches: bool) -> None:
+    """Stored numbers typed any way match the caller's E.164, and only that."""
+    values = [s for s in stored if isinstance(s, str)]
+    assert stored_matches(values, "+442071838751", "GB") is matches
+
+
+def settings(url: str, **section: Any) -> CrmSettings:
+    """A crm section pointed at ``url``."""
+    return CrmSettings.model_validate({"base_url": url, **section})
+
+
+async def test_search_then_fetch_each_record_and_keep_the_callers() -> None:
+    """Two steps: the search returns ids and numbers only; records whose numbers are not
+    the caller's are dropped before the fetch; the fetch fills tier and owner; a fetch
+    answering 404 drops its candidate."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/search":
+            return 200, {"hits": [{"id": "1", "phone": "(415) 555-0100"},
+                                  {"id": "2", "phone": "(212) 555-0100"},
+                                  {"id": "3", "phone": "415.555.0100"}]}, {}
+        if req["path"] == "/people/1":
+            return 200, {"id": "1", "name": "Sarah", "tier": "gold", "owner": {"id": "o7"}}, {}
+        return 404, {"error": "gone"}, {}
+
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(server.url, lookups=[{
+            "kind": "contact",
+            "steps": [
+                {"url": "/search", "params": {"digits": "{last:7}"}, "results": "hits",
+                 "numbers": ["phone"]},
+                {"url": "/people/{item.id}"},
+            ],
+            "fields": {"id": "id", "name": "name", "tier": "tier", "owner": "owner.id"},
+        }]))
+        try:
+            customer = await conn.find_by_number(caller("+14155550100"))
+        finally:
+            await conn.aclose()
+    assert customer is not None
+    assert (customer.id, customer.tier, customer.owner, customer.kind) == (
+        "1", "gold", "o7", "contact")
+    assert [s["path"] for s in server.seen] == ["/search", "/people/1", "/people/3"]
+    assert server.seen[0]["query"] == {"digits": "5550100"}
+
+
+async def test_later_steps_run_for_at_most_max_candidates_in_parallel() -> None:
+    """A broad search with many hits fetches only the first max_candidates records."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/search":
+            return 200, [{"id": str(i)} for i in range(10)], {}
+        return 200, {"id": req["path"].rsplit("/", 1)[1], "phone": "+8613800138000"}, {}
+
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(server.url, lookups=[{
+            "max_candidates": 3, "multiple": "first",
+            "steps": [{"url": "/search", "results": ""},
+                      {"url": "/r/{item.id}", "numbers": ["phone"]}]}]))
+        try:
+            found = await conn.find_all(caller("13800138000"))
+        finally:
+            await conn.aclose()
+    assert [c.id for c in found] == ["0", "1", "2"]
+    assert len(server.seen) == 4
+
+
+async def test_ordered_lookups_stop_at_the_first_that_keeps_a_record() -> None:
+    """Lookups run in order; the secondary object's kind is the customer's kind; an
+    error in a lookup fails the whole lookup (never "unknown" by mistake)."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/contacts":
+            return 200, {"results": []}, {}
+        if req["path"] == "/leads":
+            return 200, {"results": [{"id": "L1", "name": "Lead"}]}, {}
+        return 500, {"error": "boom"}, {}
+
+    lookups = [{"name": "contacts", "kind": "contact", "steps": [{"url": "/contacts"}]},
+               {"name": "leads", "kind": "lead", "steps": [{"url": "/leads"}]},
+               {"name": "never", "steps": [{"url": "/broken"}]}]
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(server.url, lookups=lookups))
+        failing = RestConnector(settings(server.url, lookups=[lookups[0], lookups[2]]))
+        try:
+            customer = await conn.find_by_number(caller("13800138000"))
+            with pytest.raises(CrmError):
+                await failing.find_by_number(caller("13800138000"))
+        finally:
+            await conn.aclose()
+            await failing.aclose()
+    assert customer is not None
+    assert (customer.id, customer.kind) == ("L1", "lead")
+
+
+async def test_reference_tables_are_fetched_once_and_cached() -> None:
+    """A table ref is read once for many lookups; a per-key ref once per key; both feed
+    field maps (tag ids to names, owner id to the owner's extension)."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/search":
+            return 200, [{"id": "C1", "tag_ids": [1, 3], "owner": "u9"}], {}
+        if req["path"] == "/tags":
+            return 200, {"data": [{"id": 1, "name": "vip"}, {"id": 3, "name": "churn"}]}, {}
+        if req["path"] == "/users/u9":
+            return 200, {"user": {"ext": "7009"}}, {}
+        return 404, {}, {}
+
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(
+            server.url,
+            refs={"tags": {"url": "/tags", "results": "data", "key": "id", "value": "name"},
+                  "extension": {"url": "/users/{key}", "value": "user.ext"}},
+            lookups=[{"steps": [{"url": "/search", "results": ""}],
+                      "fields": {"id": "id", "tags": "{record.tag_ids | ref('tags')}",
+                                 "owner": "{record.owner | ref('extension')}"}}]))
+        try:
+            for _ in range(3):
+                customer = await conn.find_by_number(caller("13800138000"))
+                assert customer is not None
+                assert (customer.tags, customer.owner) == (("vip", "churn"), "7009")
+        finally:
+            await conn.aclose()
+    paths = [s["path"] for s in server.seen]
+    assert paths.count("/tags") == 1
+    assert paths.count("/users/u9") == 1
+    assert paths.count("/search") == 3
+
+
+async def test_a_failing_reference_fails_the_lookup_when_nothing_is_cached() -> None:
+    """A reference the CRM cannot answer fails the lookup (a customer with silently wrong
+    tags would be cached and routed)."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/search":
+            return 200, [{"id": "C1", "tag_ids": [1]}], {}
+        return 503, {"error": "down"}, {}
+
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(
+            server.url, refs={"tags": {"url": "/tags", "key": "id", "value": "name"}},
+            lookups=[{"steps": [{"url": "/search", "results": ""}],
+                      "fields": {"id": "id", "tags": "{record.tag_ids | ref('tags')}"}}]))
+        try:
+            with pytest.raises(CrmError):
+                await conn.find_by_number(caller("13800138000"))
+        finally:
+            await conn.aclose()
+
+
+async def test_error_template_turns_a_200_answer_into_a_client_error() -> None:
+    """An answer the error template calls an error (JSON-RPC style) fails with its text."""
+    async with scripted_server(lambda _r: (200, {"error": {"message": "Access Denied"}}, {})) \
+            as server:
+        conn = RestConnector(settings(server.url, lookups=[{"steps": [{
+            "url": "/rpc", "error": "{response.error.message if response.error else ''}"}]}]))
+        try:
+            with pytest.raises(CrmClientError, match="Access Denied"):
+                await conn.find_by_number(caller("13800138000"))
+        finally:
+            await conn.aclose()
+
+
+def sample_steps(url: str) -> CrmSettings:
+    """examples/crm-sample.yaml (the steps form) pointed at ``url``."""
+    data = yaml.safe_load((EXAMPLES / "crm-sample.yaml").read_text(encoding="utf-8"))["crm"]
+    data["base_url"] = url
+    data["auth"] = {"type": "bearer", "token": "demo-token"}
+    return CrmSettings.model_validate(data)
+
+
+def missed(key: str, customer_id: str | None = None) -> dict[str, Any]:
+    """A missed call's record."""
+    return {"record_key": key, "linkedid": key, "caller": "+8613999999999",
+            "customer_id": customer_id, "outcome": "missed", "start": "2025-03-03T02:30:00Z",
+            "talk_s": None, "did": "4008001000"}
+
+
+async def test_pipeline_hangs_the_call_and_task_on_the_new_lead_and_skips_what_is_not_wanted(
+        ) -> None:
+    """An unknown caller: lead first, then the call and the task on the lead's id (the
+    lead step's customer output); a known caller's call skips the lead step."""
+    async with running_crm(token="demo-token") as crm:
+        conn = RestConnector(sample_steps(crm.url))
+        try:
+            done: dict[str, StepResult] = {}
+            rec = missed("call:1")
+            for step in conn.step_names():
+                result = await conn.run_step(step, rec, f"call:1:{step}", done,
+                                             ["call", "lead", "task"])
+                done[step] = result
+            known = await conn.run_step("lead", missed("call:2", "C-1001"), "k", {},
+                                        ["call", "task"])
+        finally:
+            await conn.aclose()
+    lead_id = done["lead"].remote_id
+    assert lead_id is not None
+    assert done["lead"].customer == {"id": lead_id, "kind": "lead"}
+    activity = next(iter(crm.state.objects["activities"].values()))
+    assert (activity["customer_id"], activity["customer_kind"]) == (lead_id, "lead")
+    assert activity["outcome"] == "no_answer"  # through crm.maps
+    assert "recording_url" not in activity  # omitted, not null
+    task = next(iter(crm.state.objects["tasks"].values()))
+    assert task["customer_id"] == lead_id
+    assert known.status == "skipped"
+    assert len(crm.state.objects["leads"]) == 1
+
+
+async def test_worker_retry_resumes_with_the_lead_created_before_the_failure(
+        redis_url: str, tmp_path: Path) -> None:
+    """The delivery worker keeps each step's result in its marker: when the call step
+    fails after the lead was created, the retry posts the call on that lead without
+    creating a second one."""
+    from redis.asyncio import Redis
+
+    from router.keys import Keys
+    from router.records.delivery import DeliveryWorker
+    from router.records.outbox import Outbox
+    from router.records.spool import Spool
+    from tests.router.records.outbox_crm import outbox_settings
+
+    async with running_crm(token="demo-token") as crm:
+        crm.faults.add("status", path="/api/activities", status=503, count=1)
+        redis = Redis.from_url(redis_url, decode_responses=True)
+        keys = Keys(prefix="steps:")
+        settings_ = outbox_settings()
+        conn = RestConnector(sample_steps(crm.url))
+        outbox = Outbox(redis, keys, settings_, Spool(tmp_path, max_records=10,
+                                                      max_bytes=100_000))
+        worker = DeliveryWorker(redis, conn, keys=keys, settings=settings_)
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop, grace_s=1.0))
+        try:
+            await outbox.enqueue(missed("call:77"))
+            for _ in range(500):
+                if crm.state.objects["tasks"]:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            await task
+            await conn.aclose()
+            await redis.aclose()
+    leads = list(crm.state.objects["leads"].values())
+    assert len(leads) == 1
+    activities = list(crm.state.objects["activities"].values())
+    assert [a["customer_id"] for a in activities] == [leads[0]["id"]]
+    assert [r.path for r in crm.state.requests].count("/api/leads") == 1
+    assert [r.path for r in crm.state.requests].count("/api/activities") == 2

@@ -1,0 +1,240 @@
+"""The template language (router/crm/template.py, filters.py): syntax, evaluation rules,
+filters, the sandbox, and the errors ``callroute check`` shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from router.crm.filters import FILTERS, Runtime
+from router.crm.template import (
+    OMIT,
+    compile_expression,
+    compile_json,
+    compile_request,
+    compile_text,
+    scan,
+)
+from router.errors import ConfigError
+from router.settings import load_settings
+
+NAMES = ["record", "customer", "vars", "omit", "e164", "last"]
+
+
+def text(template: str, **context: Any) -> Any:
+    """Evaluate a text template."""
+    return compile_text(template, NAMES)({"omit": OMIT, **context})
+
+
+def value(template: str, **context: Any) -> Any:
+    """Evaluate a template that keeps the value's type."""
+    return compile_text(template, NAMES, native=True)({"omit": OMIT, **context})
+
+
+def test_plain_text_and_literal_braces() -> None:
+    """Text without expressions is itself; {{ and }} are literal braces (SOSL's FIND {x})."""
+    assert text("no placeholders") == "no placeholders"
+    assert text("FIND {{{e164}}}", e164="+1") == "FIND {+1}"
+    assert scan("a{{b}}c") == ["a{b}c"]
+
+
+def test_paths_through_missing_keys_and_null_are_none() -> None:
+    """A missing key, or any path through null, is none: empty in text, null as a value."""
+    rec = {"owner": None, "items": [1, 2]}
+    assert text("[{record.owner.id}]", record=rec) == "[]"
+    assert value("{record.nothing.at.all}", record=rec) is None
+    assert value("{record.items}", record=rec) == [1, 2]  # a key, not dict.items
+    assert value("{record['items'][5]}", record=rec) is None
+
+
+def test_lone_expression_keeps_its_type_text_does_not() -> None:
+    """A string that is one expression keeps the value's type; in text, values are
+    written as text (booleans lower-case, lists as JSON)."""
+    rec = {"n": 42, "ok": True, "tags": ["a", "b"]}
+    assert value("{record.n}", record=rec) == 42
+    assert text("{record.n}", record=rec) == "42"
+    assert text("{record.ok} {record.tags}", record=rec) == 'true ["a","b"]'
+
+
+def test_conditionals_joins_defaults_and_value_maps() -> None:
+    """Inline conditionals, join of parts (empty ones dropped), defaults and value maps."""
+    rec = {"first": "Lei", "last": None, "outcome": "missed", "owner": ""}
+    assert text("{[record.first, record.last] | join(' ')}", record=rec) == "Lei"
+    assert text("{'yes' if record.outcome == 'missed' else 'no'}", record=rec) == "yes"
+    assert text("{record.owner | default('nobody')}", record=rec) == "nobody"
+    assert text("{record.outcome | translate({'missed': 'no_answer'})}", record=rec) == \
+        "no_answer"
+    assert text("{record.outcome | translate({'answered': 'ok'})}", record=rec) == "missed"
+    assert text("{record.outcome | translate({'answered': 'ok'}, 'other')}", record=rec) == \
+        "other"
+
+
+def test_named_value_maps_come_from_the_runtime() -> None:
+    """translate('name') reads crm.maps (case-insensitive keys as a fallback)."""
+    rt = Runtime(maps={"outcome": {"Missed": "NO_ANSWER"}})
+    template = compile_text("{record.outcome | translate('outcome')}", ["record"])
+    assert template({"record": {"outcome": "missed"}, "_rt": rt}) == "NO_ANSWER"
+
+
+def test_dates_in_utc_epochs_and_the_crms_time_zone() -> None:
+    """Date filters: ISO UTC, epoch seconds and milliseconds, and the CRM's time zone for
+    local ISO, dates and strftime (a call at 23:30 UTC is the next day in Shanghai)."""
+    rec = {"start": "2025-01-10T23:30:00Z"}
+    shanghai = Runtime(tz=ZoneInfo("Asia/Shanghai"))
+
+    def at(template: str, rt: Runtime = shanghai) -> Any:
+        return compile_text(template, NAMES, native=True)({"record": rec, "_rt": rt})
+
+    assert at("{record.start | iso}") == "2025-01-10T23:30:00Z"
+    assert at("{record.start | epoch}") == 1736551800
+    assert at("{record.start | epoch_ms}") == 1736551800000
+    assert at("{record.start | iso_local}") == "2025-01-11T07:30:00+08:00"
+    assert at("{record.start | date}") == "2025-01-11"
+    assert at("{record.start | date}", Runtime()) == "2025-01-10"
+    assert at("{record.start | strftime('%d/%m %H:%M')}") == "11/01 07:30"
+    assert at("{record.start | strftime('%H:%M', 'UTC')}") == "23:30"
+    assert at("{1736551800 | iso}") == "2025-01-10T23:30:00Z"  # epoch seconds in
+
+
+def test_durations_and_numbers() -> None:
+    """Durations (ms, mm:ss, hh:mm rounded up to the minute) and number filters; none in,
+    none out."""
+    assert value("{record.s | ms}", record={"s": 42.5}) == 42500
+    assert value("{record.s | mmss}", record={"s": 125}) == "02:05"
+    assert value("{record.s | hhmm}", record={"s": 61}) == "00:02"
+    assert value("{record.s | int}", record={"s": "7.6"}) == 8
+    assert value("{record.s | ms}", record={"s": None}) is None
+    assert value("{record.s | int | default(0)}", record={}) == 0
+
+
+def test_text_filters_regex_escape_soql_pluck_where() -> None:
+    """Text and list filters used by the presets."""
+    rec = {"msg": "Contact already exists. Existing ID: 12345",
+           "phones": [{"value": "+1 415", "primary": True}, {"value": "+1 212"}]}
+    assert value("{record.msg | regex('Existing ID: (\\\\d+)')}", record=rec) == "12345"
+    assert value("{'(415) 555-0100' | escape('(),')}") == "\\(415\\) 555-0100"
+    assert value("{\"O'Brien\" | soql}") == "O\\'Brien"
+    assert value("{record.phones | pluck('value')}", record=rec) == ["+1 415", "+1 212"]
+    assert value("{record.phones | where('primary') | pluck('value')}", record=rec) == ["+1 415"]
+    assert value("{'+86 138 0013 8000' | digits}") == "8613800138000"
+    assert value("{'138 0013 8000' | e164}") == "+8613800138000"
+
+
+def test_last_n_digits_shorthand() -> None:
+    """{last:N} is last(N), the caller's last N digits."""
+    assert text("*{last:7}", last=lambda n: "8613800138000"[-n:]) == "*0138000"
+
+
+def test_omit_drops_keys_and_items_from_json() -> None:
+    """A value that is omit removes its key (or list item) from the JSON body."""
+    body = compile_json({"a": "{record.x or omit}", "b": ["{omit}", 1], "c": {"d": "{omit}"}},
+                        NAMES)
+    assert body({"record": {"x": None}, "omit": OMIT}) == {"b": [1], "c": {}}
+    assert body({"record": {"x": 5}, "omit": OMIT}) == {"a": 5, "b": [1], "c": {}}
+
+
+def test_requests_encode_url_values_and_drop_empty_params() -> None:
+    """URL values are percent-encoded (a whole-URL expression is not); params and headers
+    are text; the request is one compiled value."""
+    request = compile_request("/c/{e164}", {"q": "{e164}", "empty": "{record.none}"},
+                              {"X-Id": "{e164}"}, {"n": "{e164}"}, NAMES)
+    url, params, headers, body = request({"e164": "+8613800138000", "record": {}})
+    assert url == "/c/%2B8613800138000"
+    assert params == {"q": "+8613800138000", "empty": ""}
+    assert headers == {"X-Id": "+8613800138000"}
+    assert body == {"n": "+8613800138000"}
+    whole = compile_request("{record.next}", {}, {}, None, NAMES)
+    assert whole({"record": {"next": "https://x/y?z=1"}})[0] == "https://x/y?z=1"
+    constant = compile_request("/c", {"a": "b"}, {}, None, NAMES)
+    assert constant.constant
+    assert constant({}) == ("/c", {"a": "b"}, {}, None)
+
+
+def test_when_expressions_with_or_without_braces() -> None:
+    """A when is an expression; one pair of braces around it is allowed."""
+    for source in ("customer.id is empty", "{customer.id is empty}"):
+        when = compile_expression(source, NAMES, "when")
+        assert when({"customer": {"id": ""}}) is True
+        assert when({"customer": {"id": "C1"}}) is False
+
+
+def test_the_sandbox_hides_python_internals() -> None:
+    """Attributes of Python objects that could reach the interpreter read as none."""
+    assert value("{record.__class__}", record={}) is None
+    assert value("{''.__class__.__mro__}") is None
+    assert text("{record.x.__globals__}", record={"x": text}) == ""
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{nothing}", "unknown name 'nothing'"),
+        ("{_rt}", "unknown name '_rt'"),
+        ("{record.x | bogus}", "unknown filter 'bogus'"),
+        ("{record.x is weird}", "unknown test 'weird'"),
+        ("{record.x +}", "bad expression"),
+        ("{record.x", "'{' without '}'"),
+        ("a } b", "unbalanced brace"),
+        ("{}", "empty {}"),
+        ("{record.x | ref(vars.name)}", "ref needs the table's name as a literal"),
+    ],
+)
+def test_mistakes_are_named(template: str, message: str) -> None:
+    """Each kind of template mistake is a ValueError that says what is wrong."""
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("{", r"\{")):
+        compile_text(template, NAMES)
+
+
+def test_every_filter_takes_none_calmly() -> None:
+    """No filter raises on none (a field the CRM left out)."""
+    needs = {"translate": "({})", "pluck": "('x')", "where": "('x')", "regex": "('x')",
+             "escape": "('x')", "replace": "('a', 'b')", "truncate": "(3)",
+             "strftime": "('%Y')", "ref": "('t')"}
+    for name in FILTERS:
+        template = compile_text(f"{{record.none | {name}{needs.get(name, '')}}}", NAMES,
+                                native=True)
+        template({"record": {}})
+
+
+@pytest.mark.parametrize(
+    ("crm_yaml", "field", "message"),
+    [
+        ("records: [{name: call, url: /c, body: {s: '{record.start | epoch_mss}'}}]",
+         "crm.records.0.body", "s: unknown filter 'epoch_mss'"),
+        ("records: [{name: call, url: /c, when: 'customer.id is emptyy'}]",
+         "crm.records.0.when", "unknown test 'emptyy'"),
+        ("records: [{name: call, url: /c, fields: {properties.x: '{record.caller'}}]",
+         "crm.records.0.fields", "properties.x"),
+        ("records: [{name: call, url: /c, outputs: {x: '{responce.id}'}}]",
+         "crm.records.0.outputs", "unknown name 'responce'"),
+        ("records: [{name: call, url: /c, customer: {boss: '{id}'}}]",
+         "crm.records.0.customer", "unknown customer field 'boss'"),
+        ("lookups: [{steps: [{url: /c, params: {q: '{e164 | lower}'}}, {url: '/c/{item.id}',"
+         " numbers: ['{record.phone | nope}']}]}]",
+         "crm.lookups.0.steps.1.numbers", "unknown filter 'nope'"),
+        ("lookups: [{fields: {name: '{record.first} {record.lats | upper'}}]",
+         "crm.lookups.0.fields", "name: unbalanced brace"),
+        ("lookups: [{fields: {tags: '{record.tag_ids | ref(\"tags\")}'}}]",
+         "crm", "ref('tags') is not in crm.refs"),
+        ("records: [{name: call, url: /c, body: {o: \"{record.outcome | translate('x')}\"}}]",
+         "crm", "translate('x') is not in crm.maps"),
+        ("refs: {t: {url: '/t/{key}', value: '{respons.name}'}}",
+         "crm.refs.t.value", "unknown name 'respons'"),
+        ("timezone: Mars/Olympus", "crm.timezone", "unknown time zone"),
+        ("preset: nosuchcrm", "crm", "no such preset"),
+        ("lookups: [{name: a, steps: [{url: /a}]}, {name: a, steps: [{url: /b}]}]",
+         "crm", "names must be unique"),
+    ],
+)
+def test_check_names_the_field_of_a_template_mistake(
+        tmp_path: Path, crm_yaml: str, field: str, message: str) -> None:
+    """``callroute check`` (load_settings) fails with the field and the problem named."""
+    config = tmp_path / "config.yaml"
+    config.write_text("crm:\n  " + crm_yaml + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    assert field in str(info.value)
+    assert message in str(info.value)
