@@ -53,7 +53,7 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from router.crm.base import PostResult, RecordSink, StepResult, StepSink
+from router.crm.base import RecordSink, StepResult, StepSink
 from router.crypto import KeyRing, keyring_from_settings
 from router.errors import CrmError, CrmRateLimited, CryptoError
 from router.keys import Keys
