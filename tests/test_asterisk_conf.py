@@ -154,7 +154,8 @@ def test_parser_accepts_the_recorded_dialplan() -> None:
 @pytest.mark.parametrize(("old", "new", "problem"), [
     ("Dial(${ROUTE_TARGET},${ROUTE_TIMEOUT})", "Dial(${ROUTE_TARGET},${ROUTE_TIMEOUT}",
      "not App(args)"),
-    ("Queue(${ROUTE_QUEUE})", "Queue(${ROUTE_QUEUE)", "unbalanced ')'"),
+    ("Queue(${ROUTE_QUEUE},,,,${CR_WAIT})", "Queue(${ROUTE_QUEUE},,,,${CR_WAIT)",
+     "unbalanced ')'"),
     (" same => n(queue),", " same => n(queue)", "not 'exten =>'"),
     (" same => n,Busy(5)", " same -> n,Busy(5)", "not 'exten =>'"),
     ('?fallback)\n same => n,GotoIf($["${ROUTE_ACTION}" = "reject"]',
@@ -203,7 +204,8 @@ def test_fallback_condition_checks_agistatus_and_empty_route() -> None:
     for var in ("ROUTE_TARGET", "ROUTE_QUEUE", "ROUTE_VOICEMAIL", "ROUTE_REJECT"):
         assert f'"${{{var}}}" = ""' in cond
     fallback = next(i for i, s in enumerate(steps) if s.label == "fallback")
-    assert any(s.app == "Queue" and s.args == "${CR_QUEUE}" for s in steps[fallback:])
+    assert any(s.app == "Queue" and s.args == "${CR_QUEUE},,,,${CR_WAIT}"
+               for s in steps[fallback:])
 
 
 def _all_variables() -> set[str]:
@@ -232,17 +234,53 @@ def test_every_action_and_reject_cause_is_handled() -> None:
     assert "${ROUTE_TARGET},${ROUTE_TIMEOUT}" in [s.args for s in steps if s.app == "Dial"]
     assert "${ROUTE_TARGET2},${ROUTE_TIMEOUT2}" in [s.args for s in steps if s.app == "Dial"]
     assert any("Set(QUEUE_PRIO=${ROUTE_PRIORITY})" in a for a in args)
-    assert "${ROUTE_QUEUE}" in [s.args for s in steps if s.app == "Queue"]
-    assert "${ROUTE_VOICEMAIL},u" in [s.args for s in steps if s.app == "VoiceMail"]
+    assert "${ROUTE_QUEUE},,,,${CR_WAIT}" in [s.args for s in steps if s.app == "Queue"]
+    assert "${CR_BOX},u" in [s.args for s in steps if s.app == "VoiceMail"]
+    assert any("CR_BOX=" in a and "${ROUTE_VOICEMAIL}" in a for a in args)
     assert any('"${ROUTE_REJECT}" = "hangup"' in a for a in args)
     assert any('"${ROUTE_REJECT}" = "congestion"' in a for a in args)
     assert {"Busy", "Congestion", "MixMonitor", "Hangup"} <= {s.app for s in steps}
 
 
+def test_every_queue_has_a_timeout_and_a_status_check() -> None:
+    """Each Queue() has a timeout (CALLROUTE_QUEUE_WAIT_S) and is followed, before any
+    other application runs, by a GotoIf on QUEUESTATUS: a TIMEOUT goes on to the mailbox
+    (or ends as missed), any other status (no such queue, full, empty) to the default
+    queue; the default queue itself is tried once (no loop)."""
+    steps = callroute_steps()
+    queues = [i for i, s in enumerate(steps) if s.app == "Queue"]
+    assert len(queues) == 2
+    for i in queues:
+        assert steps[i].args.endswith(",,,,${CR_WAIT}")
+    route_queue, default_queue = queues
+    after = [s for s in steps[route_queue + 1:route_queue + 4] if s.app == "GotoIf"]
+    assert any("QUEUESTATUS" in s.args for s in after)
+    after = [s for s in steps[default_queue + 1:default_queue + 3] if s.app != "NoOp"]
+    assert [(s.app, s.args) for s in after[:1]] == [("Goto", "noanswer")]
+    args = [s.args for s in steps]
+    assert any('"${QUEUESTATUS}" = "TIMEOUT"]?noanswer' in a for a in args)
+    assert any('"${ROUTE_QUEUE}" != "${CR_QUEUE}"]?fallback:noanswer' in a for a in args)
+    assert any("CR_FELLBACK" in a and a.endswith("?noanswer") for a in args)
+    assert any(a.startswith("CR_WAIT=") and "${CALLROUTE_QUEUE_WAIT_S}" in a for a in args)
+
+
+def test_voicemail_length_is_published() -> None:
+    """After a voicemail, the h extension publishes the message's length (the duration
+    VoiceMail wrote in the message's .txt file) as CALLROUTE_VM_SECONDS for the record."""
+    plan = parse(DIALPLAN.read_text())
+    h = plan.contexts["callroute-inbound"]["h"]
+    assert any(s.app == "Set" and s.args.startswith("CALLROUTE_VM_SECONDS=${AST_CONFIG(")
+               and "${VM_MESSAGEFILE}.txt,message,duration" in s.args for s in h)
+
+
 def test_manager_conf_is_least_privilege() -> None:
     """The AMI user may read what callroute listens to and write only `reporting`
-    (CoreShowChannels); no originate, command or system write rights."""
-    section = DIALPLAN.parent.joinpath("manager.conf").read_text().split("\n[callroute]\n")[1]
+    (CoreShowChannels, Getvar); no originate, command or system write rights. The file is
+    a fragment: the user section only, no [general]."""
+    text = (CONF / "manager_callroute.conf").read_text()
+    sections = re.findall(r"^\[([^\]]+)\]", text, re.M)
+    assert sections == ["callroute"]
+    section = text.split("\n[callroute]\n")[1]
     values = dict(re.findall(r"^(read|write)\s*=\s*(.+)$", section, re.M))
     assert set(values["read"].replace(" ", "").split(",")) == {"system", "call", "agent",
                                                                "cdr", "dialplan"}
@@ -251,14 +289,42 @@ def test_manager_conf_is_least_privilege() -> None:
 
 
 def test_queues_conf_has_the_example_queues() -> None:
-    """queues.conf defines every queue examples/rules.yaml can route to."""
-    text = (CONF / "queues.conf").read_text()
-    queues = set(re.findall(r"^\[([a-z-]+)\](?:\((?!!)[^)]*\))?\s*$", text, re.M)) - {"general"}
+    """queues_callroute.conf (a fragment: no [general]) defines every queue
+    examples/rules.yaml can route to; each queue names its own strategy and the template
+    none (Asterisk applies a queue's first strategy line, a template's included)."""
+    text = (CONF / "queues_callroute.conf").read_text()
+    assert not re.search(r"^\[general\]", text, re.M)
+    sections = re.split(r"^(\[[^\]]+\](?:\([^)]*\))?)\s*$", text, flags=re.M)
+    bodies = dict(zip(sections[1::2], sections[2::2], strict=True))
+    template = bodies.pop("[callroute-defaults](!)")
+    assert not re.search(r"^strategy\s*=", template, re.M)
+    queues = {}
+    for header, body in bodies.items():
+        name = header[1:header.index("]")]
+        queues[name] = re.findall(r"^strategy\s*=\s*(\S+)", body, re.M)
+    assert queues == {"support": ["rrmemory"], "vip": ["leastrecent"],
+                      "retention": ["rrmemory"], "sales": ["ringall"]}
     rules = load_rules(ROOT / "examples" / "rules.yaml")
-    assert queues == {"support", "vip", "retention", "sales"}
     assert rules.default_queue in queues
     for rule in rules.rules:
         plan = rule.route.resolve(None, None)
         if plan.terminal.kind == "queue":
             assert plan.terminal.value in queues, rule.name
-    assert re.search(r"^enabled\s*=\s*yes", (CONF / "cdr_manager.conf").read_text(), re.M)
+
+
+def test_readme_documents_the_includes_the_suite_uses() -> None:
+    """asterisk-conf/README.md tells a user to copy each fragment and #include it from
+    their own file; the real-Asterisk suite installs them exactly so (same lines)."""
+    from tests.asterisk.harness import FRAGMENTS, user_files
+
+    readme = (CONF / "README.md").read_text()
+    files = user_files(5038, 4573)
+    owner = {"extensions_callroute.conf": "extensions.conf",
+             "manager_callroute.conf": "manager.conf", "queues_callroute.conf": "queues.conf"}
+    assert set(FRAGMENTS) == {p.name for p in CONF.glob("*.conf")}
+    for fragment in FRAGMENTS:
+        line = f"#include {fragment}"
+        assert line in readme, line
+        assert f"\n{line}\n" in files[owner[fragment]], fragment
+    assert re.search(r"^enabled\s*=\s*yes", files["cdr_manager.conf"], re.M)
+    assert "enabled = yes" in readme

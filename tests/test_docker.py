@@ -85,8 +85,11 @@ def test_mounted_files_exist(compose: dict[str, Any]) -> None:
                 assert (COMPOSE.parent / source).is_file(), source
                 mounts.append((source, target))
     targets = dict(mounts)
-    for name in ("extensions_callroute.conf", "queues.conf", "cdr_manager.conf"):
+    for name in ("extensions_callroute.conf", "manager_callroute.conf",
+                 "queues_callroute.conf"):
         assert targets[f"../asterisk-conf/{name}"] == f"/etc/asterisk/{name}"
+    for name in ("manager.conf", "queues.conf", "cdr_manager.conf"):
+        assert targets[f"./asterisk/{name}"] == f"/etc/asterisk/{name}"
     assert targets["../examples/rules.yaml"] == "/etc/callroute/rules.yaml"
     assert targets["./config.yaml"] == "/etc/callroute/config.yaml"
 
@@ -114,18 +117,21 @@ def test_docker_config_validates() -> None:
     assert rules.default_queue == "support"
 
 
-def test_harness_ami_user_matches_the_shipped_one() -> None:
-    """The harness's AMI user has the same read/write classes as asterisk-conf's, and
-    permits the compose subnet."""
-    def perms(path: Path) -> dict[str, str]:
-        section = path.read_text().split("\n[callroute]\n")[1]
-        return dict(re.findall(r"^(read|write)\s*=\s*(.+)$", section, re.M))
-
-    harness = DOCKER / "asterisk" / "manager.conf"
-    assert perms(harness) == perms(ROOT / "asterisk-conf" / "manager.conf")
+def test_harness_ami_user_is_the_shipped_one() -> None:
+    """The harness includes asterisk-conf's AMI user unchanged (as the README says) and
+    only adds a permit for the compose subnet: no privilege of its own."""
+    harness = (DOCKER / "asterisk" / "manager.conf").read_text()
+    assert "\n#include manager_callroute.conf\n" in harness
+    assert "\n[callroute]\n" not in harness
+    added = harness.split("\n[callroute](+)\n")[1]
+    keys = re.findall(r"^(\w+)\s*=", added, re.M)
+    assert keys == ["permit"]
     subnet = yaml.safe_load(COMPOSE.read_text())["networks"]["default"]["ipam"]["config"][0]
     assert subnet["subnet"] == "172.28.0.0/16"
-    assert "permit = 172.28.0.0/255.255.0.0" in harness.read_text()
+    assert "permit = 172.28.0.0/255.255.0.0" in added
+    for name in ("queues.conf",):
+        assert f"#include {name.replace('.conf', '_callroute.conf')}" in (
+            DOCKER / "asterisk" / name).read_text()
 
 
 def test_harness_dialplan_points_at_callroute() -> None:
