@@ -5,7 +5,10 @@ event lists such as ``CoreShowChannels`` / ``QueueStatus``) by ``ActionID``, han
 every other event to ``on_event`` and to the :class:`~ami.tracker.CallTracker`,
 pings periodically, and reconnects forever with capped exponential backoff and
 jitter. After every (re)connect it rebuilds the view from ``QueueStatus`` and
-``CoreShowChannels`` and tells the tracker, logging which calls may be incomplete.
+``CoreShowChannels`` and tells the tracker, logging which calls may be incomplete, then
+asks the server's UTC offset (``Getvar`` of ``STRFTIME(,,%z)``, for dating Cdr times).
+An orderly :meth:`AmiClient.stop` logs off quietly: its own Logoff closing the
+connection is not reported as a lost connection.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ami.clock import parse_utc_offset
 from ami.protocol import AmiParser, FieldValue, Message, build_action
 from ami.tracker import CallTracker
 from router.errors import AmiError
@@ -92,7 +96,7 @@ class AmiClient:
         on_event: Callable[[Message], None] | None = None,
         *,
         tracker: CallTracker | None = None,
-        flush_interval_s: float = 0.5,
+        flush_interval_s: float = 0.1,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
@@ -277,7 +281,7 @@ class AmiClient:
             writer.close()
         if was_connected and self.tracker is not None:
             calls = self.tracker.mark_disconnected()
-            if calls:
+            if calls and not self._stopping:
                 log.warning("AMI connection lost with %d call(s) in progress, which may miss "
                             "events: %s", len(calls), ", ".join(calls))
 
@@ -332,8 +336,24 @@ class AmiClient:
         await self._rebuild()
         self._connected_event.set()
 
+    async def _learn_offset(self) -> None:
+        """Tell the tracker the server's UTC offset (Getvar needs write=reporting)."""
+        if self.tracker is None:
+            return
+        try:
+            result = await self.send_action("Getvar", Variable="STRFTIME(,,%z)")
+        except AmiError as exc:
+            log.info("AMI Getvar of the server's UTC offset failed: %s", exc)
+            return
+        offset = parse_utc_offset(result.response.get("Value")) if result.ok else None
+        if offset is None:
+            log.info("AMI: the server's UTC offset is unknown (%s); Cdr times are dated by "
+                     "each call's Uniqueid", result.response.get("Message") or "no value")
+        self.tracker.set_server_offset(offset)
+
     async def _rebuild(self) -> None:
-        """Ask for QueueStatus then CoreShowChannels and resync the tracker."""
+        """Ask for QueueStatus then CoreShowChannels and resync the tracker; then the
+        server's UTC offset."""
         queue = await self.send_action("QueueStatus")
         queue_events = queue.events if queue.ok else []
 
@@ -356,6 +376,7 @@ class AmiClient:
                     log.exception("AMI resync listener failed")
 
         await self.send_action("CoreShowChannels", on_complete=apply_all)
+        await self._learn_offset()
 
     async def _read(
         self, reader: asyncio.StreamReader, parser: AmiParser, banner_seen: asyncio.Event
@@ -370,7 +391,7 @@ class AmiClient:
                 parser.feed_eof()
                 self._writer = None  # no new action may wait on a dead connection
                 self._fail_pending()
-                if self.connected:
+                if self.connected and not self._stopping:
                     log.warning("AMI connection closed by %s:%s", self.settings.host,
                                 self.settings.port)
                 return

@@ -6,7 +6,8 @@ closes), and once logged in replays the events of a ``.raw`` recording byte for 
 at full speed or paced, optionally dropping the connection after N events (and
 skipping the events that "happened" while the client was away) to test reconnects.
 It answers ``Ping``, ``CoreShowChannels`` (the channels alive at the current point
-of the recording), ``QueueStatus`` (the recording's own answer), ``Logoff``. Each
+of the recording), ``QueueStatus`` (the recording's own answer), ``Getvar`` of
+``STRFTIME(,,%z)`` (the recording Asterisk's UTC offset, ``+0000``), ``Logoff``. Each
 action received is kept in :attr:`AmiPeer.actions`.
 
 Usage::
@@ -104,6 +105,7 @@ class AmiPeer:
         drop_after: int | None = None,
         gap_events: int = 0,
         replay: bool = True,
+        utc_offset: str = "+0000",
     ) -> None:
         if recording is None:
             self.recording = Recording(banner=BANNER, events=[], parsed=[])
@@ -119,6 +121,7 @@ class AmiPeer:
         self.drop_after = drop_after
         self.gap_events = gap_events
         self.replay = replay
+        self.utc_offset = utc_offset
         self.position = 0
         self.actions: list[Message] = []
         self.connections = 0
@@ -286,6 +289,9 @@ class AmiPeer:
             writer.write(self._core_show_channels(aid))
         elif name == "queuestatus":
             writer.write(self._queue_status(aid))
+        elif name == "getvar" and action.get("Variable") == "STRFTIME(,,%z)":
+            writer.write(_reply("Success", aid, Variable="STRFTIME(,,%z)",
+                                Value=self.utc_offset))
         else:
             writer.write(_reply("Error", aid, Message="Invalid/unknown command"))
         return True

@@ -15,7 +15,14 @@ deterministic. Exactly one record is emitted per Linkedid.
 
 The customer-facing leg is the call's first channel (Uniqueid == Linkedid): its
 caller id is the caller, its hangup cause the call's. The routing decision reaches
-the tracker as ``VarSet`` events of the variables the FastAGI side sets.
+the tracker as ``VarSet`` events of the variables the FastAGI side sets (``ROUTE_ACTION``
+tells rejected calls); ``Newexten`` of ``VoiceMail`` and the ``CALLROUTE_VM_SECONDS`` the
+dialplan sets after it tell a voicemail and the message's length.
+
+Times: event times (the ``Timestamp`` header, else this process's clock when the event
+arrived) are used when the call's first channel was seen being created within a couple
+of seconds of its Uniqueid's epoch (the two clocks agree); otherwise the Cdr times, dated
+by :class:`ami.clock.CdrClock` (Asterisk writes them in its local time, with no zone).
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, tzinfo
+from typing import NamedTuple
 
+from ami.clock import CdrClock, uid_epoch
 from ami.protocol import Message
 from ami.records import CallRecord, HangupCause, Outcome, record_key_for
 from router.log import bind_call, mask_record
+from router.models import NumberKind
 from router.phone import normalize
 from router.rules.presence import Presence, device_of
 
@@ -38,10 +48,23 @@ log = logging.getLogger(__name__)
 #: Channel variables set by the router (the AGI) that the record reports.
 ROUTE_VARS = frozenset(
     {"CRM_CUSTOMER_ID", "CRM_TIER", "CRM_OWNER", "ROUTE_RULE", "ROUTE_REASON", "ROUTE_TARGET",
-     "ROUTE_QUEUE", "CALL_DID"}
+     "ROUTE_QUEUE", "ROUTE_ACTION", "ROUTE_REJECT", "ROUTE_VOICEMAIL", "CALL_DID"}
 )
 #: Dial/Queue timing variables (milliseconds), read from the channel that dialled.
 TIMING_VARS = frozenset({"DIALEDTIME_MS", "ANSWEREDTIME_MS"})
+#: Variables of the voicemail and queue steps (set by app_voicemail, app_queue and the
+#: dialplan's ``h`` extension), read from any channel of the call.
+STEP_VARS = frozenset({"VM_MESSAGEFILE", "CALLROUTE_VM_SECONDS", "QUEUESTATUS", "QUEUEWAIT_MS"})
+#: Variables that show callroute (or another router) decided the route.
+DECISION_VARS = ("ROUTE_ACTION", "ROUTE_TARGET", "ROUTE_QUEUE", "ROUTE_VOICEMAIL",
+                 "ROUTE_REJECT")
+#: ROUTE_REASON values of a complete decision (anything else: the route was degraded).
+COMPLETE_REASONS = frozenset({"rule", "default"})
+#: Dial statuses meaning the call could not be put through.
+FAILED_DIALS = frozenset({"CHANUNAVAIL", "CONGESTION", "INVALIDARGS"})
+#: How far (s) the first event of a call may lag its Uniqueid's epoch for the event clock
+#: to be trusted (the epoch is truncated to the second; events take a moment to arrive).
+EVENT_CLOCK_SLACK_S = 2.0
 #: Caller id values that mean "no number/name".
 UNKNOWN_IDS = frozenset({"", "<unknown>", "unknown"})
 #: Q.850 causes that mean the call failed rather than that somebody hung up.
@@ -82,10 +105,11 @@ class _Call:
     __slots__ = (
         "abandon_hold", "abandoned", "answer_dest", "answer_time", "answered_by", "caller_name",
         "caller_num", "cdr_dests", "cdr_uids", "cdrs", "closed_at", "created", "dest_uids",
-        "dial_statuses", "dialers", "end_time", "exten", "first_uid", "hangup_code",
-        "hangup_text", "incomplete", "joined_queue", "linkedid", "live", "local_pairs",
-        "names", "queue", "recording", "rung", "start_time", "suspect", "talk_time", "timing",
-        "vars",
+        "dial_statuses", "dialers", "end_time", "exten", "first_seen", "first_uid",
+        "hangup_code", "hangup_text", "hold_time", "incomplete", "joined_queue", "linkedid",
+        "live", "local_pairs", "names", "queue", "quiet_since", "recording", "rung",
+        "start_time", "steps", "suspect", "talk_time", "timing", "vars", "voicemail",
+        "voicemail_time",
     )
 
     def __init__(self, linkedid: str, now: float) -> None:
@@ -93,9 +117,11 @@ class _Call:
         self.created = now
         self.start_time = now
         self.first_uid: str | None = None
+        self.first_seen: float | None = None
         self.live: set[str] = set()
         self.names: dict[str, str] = {}
         self.vars: dict[str, str] = {}
+        self.steps: dict[str, str] = {}
         self.timing: dict[str, str] = {}
         self.caller_num: str | None = None
         self.caller_name: str | None = None
@@ -114,6 +140,9 @@ class _Call:
         self.joined_queue = False
         self.abandoned = False
         self.abandon_hold: str | None = None
+        self.hold_time: str | None = None
+        self.voicemail: str | None = None
+        self.voicemail_time: float | None = None
         self.hangup_code: str | None = None
         self.hangup_text: str | None = None
         self.recording: str | None = None
@@ -121,15 +150,24 @@ class _Call:
         self.cdr_uids: set[str] = set()
         self.cdr_dests: set[str] = set()
         self.closed_at: float | None = None
+        self.quiet_since = 0.0
         self.incomplete = False
         self.suspect = False
 
-    def cdrs_in(self) -> bool:
-        """True when every channel has a Cdr of its own or is the destination of one."""
+    def cdrs_in(self, partners: bool = False) -> bool:
+        """True when every channel has a Cdr of its own or is the destination of one; with
+        ``partners``, also when it is the other half of such a Local channel (Asterisk
+        writes no Cdr for the ``;2`` half of a Local channel that was busy), as long as the
+        caller's own Cdr is in."""
         uids, dests = self.cdr_uids, self.cdr_dests
-        return bool(uids) and all(
-            uid in uids or name in dests for uid, name in self.names.items()
-        )
+        covered = {uid for uid, name in self.names.items() if uid in uids or name in dests}
+        if partners:
+            if self.first_uid not in uids:
+                return False
+            for one, two in self.local_pairs.items():
+                if one in covered or two in covered:
+                    covered.update((one, two))
+        return bool(uids) and covered.issuperset(self.names)
 
 
 class CallTracker:
@@ -149,8 +187,9 @@ class CallTracker:
         clock: Callable[[], float] = time.time,
         *,
         cdr_grace_s: float = 2.0,
+        cdr_settle_s: float = 0.2,
         max_open_calls: int = 10_000,
-        cdr_tz: tzinfo = UTC,
+        cdr_tz: tzinfo | None = None,
     ) -> None:
         self.on_record = on_record
         self.region = region
@@ -158,8 +197,9 @@ class CallTracker:
         self.agent_for_device = agent_for_device
         self.clock = clock
         self.cdr_grace_s = cdr_grace_s
+        self.cdr_settle_s = cdr_settle_s
         self.max_open_calls = max_open_calls
-        self.cdr_tz = cdr_tz
+        self.cdr_clock = CdrClock(cdr_tz)
         self._calls: dict[str, _Call] = {}
         self._uid_lid: dict[str, str] = {}
         self._closed: dict[str, _Call] = {}
@@ -167,6 +207,8 @@ class CallTracker:
         self._done: OrderedDict[str, None] = OrderedDict()
         self._adopted: list[str] = []
         self.records_emitted = 0
+        self._skew_warned = False
+        self._last_skew = 0.0
         self.late_cdrs = 0
         self.evicted = 0
         self._chan_handlers: dict[str, Callable[[_Call, dict[str, str], str], None]] = {
@@ -182,6 +224,7 @@ class CallTracker:
             "Hangup": self._on_hangup,
             "Rename": self._on_rename,
             "NewCallerid": self._on_callerid,
+            "Newexten": self._on_newexten,
         }
         self._other_handlers: dict[str, Callable[[dict[str, str]], None]] = {
             "Cdr": self._on_cdr,
@@ -222,6 +265,10 @@ class CallTracker:
         if other is not None:
             other(h)
 
+    def set_server_offset(self, offset_s: int | None) -> None:
+        """The UTC offset (s) Asterisk reported over AMI: the fallback for dating Cdrs."""
+        self.cdr_clock.server_offset = offset_s
+
     def handle_all(self, messages: Iterable[Message]) -> None:
         """:meth:`handle` each message in turn."""
         for msg in messages:
@@ -230,14 +277,16 @@ class CallTracker:
     def flush(self, now: float | None = None) -> int:
         """Finalise closed calls whose Cdrs are in or whose grace has passed by ``now``.
 
-        ``now=None`` finalises every closed call (end of a replay, shutdown).
-        Returns the number of records emitted.
+        A call whose channels are all covered but for the Cdr-less half of a Local channel
+        is finalised once no Cdr came for ``cdr_settle_s``. ``now=None`` finalises every
+        closed call (end of a replay, shutdown). Returns the number of records emitted.
         """
         before = self.records_emitted
         self._finalise_ready()
         for lid, call in list(self._closed.items()):
             closed = call.closed_at if call.closed_at is not None else 0.0
-            if now is None or closed + self.cdr_grace_s <= now:
+            if now is None or closed + self.cdr_grace_s <= now or (
+                    call.quiet_since + self.cdr_settle_s <= now and call.cdrs_in(partners=True)):
                 self._finalise(lid)
         return self.records_emitted - before
 
@@ -372,6 +421,7 @@ class CallTracker:
 
     def _close(self, call: _Call, now: float) -> None:
         call.closed_at = now
+        call.quiet_since = self.clock()
         if call.end_time is None:
             call.end_time = now
         self._closed[call.linkedid] = call
@@ -388,8 +438,17 @@ class CallTracker:
 
     # --- channel events -------------------------------------------------------------------
     def _on_newchannel(self, call: _Call, h: dict[str, str], uid: str) -> None:
-        if uid == call.first_uid and call.exten is None:
-            call.exten = h.get("Exten")
+        if uid == call.first_uid:
+            if call.exten is None:
+                call.exten = h.get("Exten")
+            if call.first_seen is None and not call.incomplete:
+                call.first_seen = self._event_time(h)
+
+    def _on_newexten(self, call: _Call, h: dict[str, str], uid: str) -> None:
+        if h.get("Application") == "VoiceMail" and call.voicemail is None:
+            box = (h.get("AppData") or "").split(",", 1)[0].split("&", 1)[0]
+            call.voicemail = box or None
+            call.voicemail_time = self._event_time(h)
 
     def _on_callerid(self, call: _Call, h: dict[str, str], uid: str) -> None:
         return None  # caller id is read for the customer leg in handle()
@@ -410,6 +469,13 @@ class CallTracker:
         elif var in TIMING_VARS:
             if value and uid in call.dialers:
                 call.timing[var] = value
+        elif var in STEP_VARS:
+            if value:
+                call.steps[var] = value
+            if var == "QUEUESTATUS" and value:
+                # Queue() returned with the caller still there: a QueueCallerAbandon before
+                # it was the queue giving up (TIMEOUT), not the caller hanging up.
+                call.abandoned = False
         elif var == "MIXMONITOR_FILENAME" and value:
             call.recording = value
 
@@ -453,6 +519,7 @@ class CallTracker:
         if call.answer_time is None:
             call.answer_time = self._event_time(h)
         call.queue = h.get("Queue") or call.queue
+        call.hold_time = h.get("HoldTime") or call.hold_time
 
     def _on_agent_complete(self, call: _Call, h: dict[str, str], uid: str) -> None:
         call.talk_time = h.get("TalkTime")
@@ -488,6 +555,7 @@ class CallTracker:
             return
         call.cdrs.append({k: v for k, v in h.items() if k not in _CDR_DROP})
         call.cdr_uids.add(uid)
+        call.quiet_since = self.clock()
         dest = h.get("DestinationChannel")
         if dest:
             call.cdr_dests.add(dest)
@@ -557,31 +625,65 @@ class CallTracker:
                 log.exception("record consumer failed; record was %s",
                               json.dumps(mask_record(record.model_dump(mode="json"))))
 
-    def _cdr_time(self, value: str | None) -> datetime | None:
-        if not value:
-            return None
-        try:
-            return datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=self.cdr_tz)
-        except ValueError:
-            return None
+    # --- the record -----------------------------------------------------------------------
+    def _skew(self, call: _Call) -> float:
+        """Seconds to add to this call's event times to put them on Asterisk's clock: 0
+        when its first channel was seen created within a moment of the epoch its Uniqueid
+        carries (the clocks agree), else the difference (logged once); for a call whose
+        creation was not seen (adopted), the last difference measured."""
+        epoch = uid_epoch(call.linkedid)
+        if call.first_seen is None or epoch is None:
+            return self._last_skew
+        lag = call.first_seen - epoch
+        if -1.0 <= lag <= 1.0 + EVENT_CLOCK_SLACK_S:
+            self._last_skew = 0.0
+        else:
+            self._last_skew = epoch + 0.5 - call.first_seen
+            if not self._skew_warned:
+                self._skew_warned = True
+                log.warning("this host's clock and Asterisk's differ by about %.0f s: call "
+                            "times are taken from the Cdr events (synchronise the clocks, or "
+                            "set timestampevents = yes in manager.conf)", lag)
+        return self._last_skew
 
-    def _times(self, call: _Call) -> tuple[datetime | None, datetime | None, datetime | None]:
-        starts = [t for c in call.cdrs if (t := self._cdr_time(c.get("StartTime")))]
-        ends = [t for c in call.cdrs if (t := self._cdr_time(c.get("EndTime")))]
-        start = min(starts) if starts else datetime.fromtimestamp(call.start_time, UTC)
-        end = max(ends) if ends else (
-            datetime.fromtimestamp(call.end_time, UTC) if call.end_time is not None else None
-        )
-        answer = None
+    @staticmethod
+    def _answered_cdr(call: _Call) -> dict[str, str] | None:
+        """The Cdr of the leg an agent answered: by the answer seen on AMI, else (events
+        missed) the first answered Cdr towards another party."""
+        for cdr in call.cdrs:
+            if call.answer_dest and cdr.get("DestinationChannel") == call.answer_dest:
+                return cdr
         if call.answered_by is not None:
-            for cdr in call.cdrs:
-                if call.answer_dest and cdr.get("DestinationChannel") == call.answer_dest:
-                    answer = self._cdr_time(cdr.get("AnswerTime"))
-                    if answer:
-                        break
-            if answer is None and call.answer_time is not None:
-                answer = datetime.fromtimestamp(call.answer_time, UTC)
-        return start, answer, end
+            return None
+        return next((c for c in call.cdrs if c.get("DestinationChannel")
+                     and c.get("Disposition") == "ANSWERED" and c.get("AnswerTime")), None)
+
+    def _times(self, call: _Call, answered: dict[str, str] | None) -> _Times:
+        """Start, agent answer, end, mailbox pickup: from the events when the clocks agree
+        (to the millisecond), else from the Cdrs (whole seconds, Asterisk's own clock)."""
+        zone = self.cdr_clock.zone_for(call.cdrs)
+
+        def cdr(value: str | None) -> datetime | None:
+            return self.cdr_clock.read(value, zone)
+
+        skew = self._skew(call)
+
+        def event(at: float | None) -> datetime | None:
+            return _utc(at + skew) if at is not None else None
+
+        mailbox = next((c for c in call.cdrs if c.get("LastApplication") == "VoiceMail"), None)
+        c_start = min((t for c in call.cdrs if (t := cdr(c.get("StartTime")))), default=None)
+        c_end = max((t for c in call.cdrs if (t := cdr(c.get("EndTime")))), default=None)
+        c_answer = cdr(answered.get("AnswerTime")) if answered else None
+        c_pickup = cdr(mailbox.get("AnswerTime")) if mailbox else None
+        if skew == 0.0 and call.first_seen is not None:
+            return _Times(event(call.first_seen), event(call.answer_time) or c_answer,
+                          event(call.end_time) or c_end, event(call.voicemail_time) or c_pickup)
+        epoch = uid_epoch(call.linkedid)
+        start = c_start or event(call.first_seen) or (
+            _utc(epoch) if epoch is not None else event(call.start_time))
+        return _Times(start, c_answer or event(call.answer_time), c_end or event(call.end_time),
+                      c_pickup or event(call.voicemail_time))
 
     @staticmethod
     def _ms(value: str | None) -> float | None:
@@ -597,47 +699,66 @@ class CallTracker:
         except ValueError:
             return None
 
-    def _outcome(self, call: _Call) -> Outcome:
-        if call.answered_by is not None:
+    @staticmethod
+    def _outcome(call: _Call, answered_by: str | None) -> Outcome:
+        if answered_by is not None:
             return "answered"
+        if (call.vars.get("ROUTE_ACTION") == "reject" and not call.joined_queue
+                and not call.dial_statuses and call.voicemail is None):
+            return "rejected"
+        if call.voicemail is not None:
+            return "voicemail"
         if call.abandoned:
             return "abandoned"
         if call.joined_queue:
             return "missed"
         if call.dial_statuses:
             last = call.dial_statuses[-1]
+            if last == "CANCEL":
+                return "abandoned"
             if last == "BUSY":
                 return "busy"
-            if last in ("NOANSWER", "CANCEL"):
-                return "missed"
-            return "failed"
+            return "failed" if last in FAILED_DIALS else "missed"
         try:
             code = int(call.hangup_code or "0")
         except ValueError:
             code = 0
         return "failed" if code in FAILURE_CAUSES else "abandoned"
 
-    def _durations(
-        self, call: _Call, start: datetime | None, answer: datetime | None, end: datetime | None
-    ) -> tuple[float | None, float | None]:
-        dialed = self._ms(call.timing.get("DIALEDTIME_MS"))
-        answered = self._ms(call.timing.get("ANSWEREDTIME_MS"))
-        if call.answered_by is not None:
-            if dialed is not None and answered:
-                return round(dialed - answered, 3), answered
-            wait = (answer - start).total_seconds() if answer and start else None
-            talk = self._seconds(call.talk_time)
-            if talk is None and answer and end:
-                talk = (end - answer).total_seconds()
-            return wait, talk
-        if dialed:
-            return dialed, 0.0
-        if start and end:
-            return (end - start).total_seconds(), 0.0
-        return self._seconds(call.abandon_hold), 0.0
+    def _durations(self, call: _Call, times: _Times, outcome: Outcome
+                   ) -> tuple[float | None, float | None]:
+        """(wait_s, talk_s): the wait until an agent or the mailbox answered (or the end),
+        and the agent's talk time."""
+        start, answer, end = times.start, times.answer, times.end
+        if outcome == "answered":
+            wait = _span(start, answer)
+            talk = self._ms(call.timing.get("ANSWEREDTIME_MS")) or self._seconds(call.talk_time)
+            return wait, talk if talk is not None else _span(answer, end)
+        if outcome == "voicemail" and times.pickup is not None:
+            return _span(start, times.pickup), 0.0
+        wait = _span(start, end)
+        if wait is None:
+            wait = self._seconds(call.abandon_hold)
+        return wait, 0.0
 
-    def build_record(self, call: _Call) -> CallRecord:
-        """The record of ``call`` as it stands (used at finalisation)."""
+    def _queue_wait(self, call: _Call) -> float | None:
+        if not call.joined_queue:
+            return None
+        waited = self._ms(call.steps.get("QUEUEWAIT_MS"))
+        if waited is not None:
+            return waited
+        return self._seconds(call.hold_time) or self._seconds(call.abandon_hold)
+
+    def _voicemail_s(self, call: _Call) -> float | None:
+        if call.voicemail is None:
+            return None
+        seconds = self._seconds(call.steps.get("CALLROUTE_VM_SECONDS"))
+        if seconds is not None:
+            return seconds
+        return None if call.steps.get("VM_MESSAGEFILE") else 0.0
+
+    def _caller_number(self, call: _Call) -> tuple[str | None, str | None, bool]:
+        """(E.164 or None, raw number, anonymous) of the caller."""
         raw = call.caller_num
         if raw is None:
             first = call.names.get(call.first_uid or "")
@@ -646,43 +767,83 @@ class CallTracker:
                  c.get("Source")), None,
             )
         number = normalize(raw, self.region) if raw else None
-        start, answer, end = self._times(call)
-        wait, talk = self._durations(call, start, answer, end)
+        anonymous = number is None or number.kind is NumberKind.ANONYMOUS
+        return (number.e164 if number is not None else None), raw, anonymous
+
+    def build_record(self, call: _Call) -> CallRecord:
+        """The record of ``call`` as it stands (used at finalisation)."""
+        caller, raw, anonymous = self._caller_number(call)
+        answered_cdr = self._answered_cdr(call)
+        answered_by = call.answered_by
+        if answered_by is None and answered_cdr is not None:
+            answered_by = device_of_channel(answered_cdr.get("DestinationChannel"))
+        times = self._times(call, answered_cdr)
+        outcome = self._outcome(call, answered_by)
+        wait, talk = self._durations(call, times, outcome)
         agent = None
-        if call.answered_by is not None and self.agent_for_device is not None:
-            agent = self.agent_for_device(call.answered_by)
+        if answered_by is not None and self.agent_for_device is not None:
+            agent = self.agent_for_device(answered_by)
         cause = None
         if call.hangup_code is not None or call.hangup_text is not None:
             text = call.hangup_code or ""
             code = int(text) if text.isdigit() else None
             cause = HangupCause(code=code, text=call.hangup_text)
         v = call.vars
+        reason = v.get("ROUTE_REASON")
+        incomplete = call.incomplete or call.suspect
+        decided = any(v.get(name) for name in DECISION_VARS)
+        degraded = reason not in COMPLETE_REASONS if reason else not (decided or incomplete)
         return CallRecord(
             record_key=record_key_for(call.linkedid),
             linkedid=call.linkedid,
-            caller=number.e164 if number is not None else None,
+            caller=caller,
             caller_raw=raw,
             caller_name=call.caller_name,
+            anonymous=anonymous,
             did=v.get("CALL_DID") or call.exten,
             customer_id=v.get("CRM_CUSTOMER_ID"),
             customer_tier=v.get("CRM_TIER"),
             customer_owner=v.get("CRM_OWNER") or None,
             routing_rule=v.get("ROUTE_RULE"),
-            route_reason=v.get("ROUTE_REASON"),
+            route_reason=reason,
             route_target=v.get("ROUTE_TARGET"),
             route_queue=v.get("ROUTE_QUEUE"),
+            degraded=degraded,
             queue=call.queue,
             agents_rung=list(call.rung),
-            answered_by=call.answered_by,
+            answered_by=answered_by,
             answered_by_agent=agent,
-            start=start,
-            answer=answer,
-            end=end,
+            start=times.start,
+            answer=times.answer if answered_by is not None else None,
+            end=times.end,
             wait_s=wait,
             talk_s=talk,
-            outcome=self._outcome(call),
+            queue_wait_s=self._queue_wait(call),
+            voicemail=call.voicemail,
+            voicemail_s=self._voicemail_s(call),
+            outcome=outcome,
             hangup_cause=cause,
             recording=call.recording,
-            incomplete=call.incomplete or call.suspect,
+            incomplete=incomplete,
             cdrs=call.cdrs,
         )
+
+
+class _Times(NamedTuple):
+    """A call's start, agent answer, end and mailbox pickup, in UTC."""
+
+    start: datetime | None
+    answer: datetime | None
+    end: datetime | None
+    pickup: datetime | None
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def _span(a: datetime | None, b: datetime | None) -> float | None:
+    """Seconds from ``a`` to ``b`` (never negative), None when one is missing."""
+    if a is None or b is None:
+        return None
+    return round(max((b - a).total_seconds(), 0.0), 3)

@@ -71,7 +71,9 @@ async def test_live_replay_equals_offline_replay(fixtures_dir: Path) -> None:
         assert metric("callroute_ami_connected") == 0.0
     assert dumps(records) == dumps(replay(parse(path.read_bytes())))
     names = [a.action for a in peer.actions]
-    assert names == ["Login", "QueueStatus", "CoreShowChannels", "Logoff"]
+    assert names == ["Login", "QueueStatus", "CoreShowChannels", "Getvar", "Logoff"]
+    assert client.tracker is not None
+    assert client.tracker.cdr_clock.server_offset == 0  # the peer's +0000
     assert peer.actions[0]["Username"] == USER
 
 

@@ -22,6 +22,7 @@ BASIC = [
     {  # call 1: Dial(Local/7001@agents) answered, recorded, agent hung up
         "record_key": "call:1795338333.0", "linkedid": "1795338333.0",
         "caller": "+8613800138000", "caller_raw": "+8613800138000", "caller_name": "Li Lei",
+        "anonymous": False, "degraded": False, "recording_url": None,
         "did": "4008001000", "customer_id": "C-1001", "customer_tier": "gold",
         "customer_owner": None, "customer_kind": None,
         "routing_rule": None, "route_reason": None,
@@ -30,14 +31,16 @@ BASIC = [
         "answered_by": "Local/7001@agents", "answered_by_agent": "7001",
         "start": "2026-11-22T09:05:33Z", "answer": "2026-11-22T09:05:33Z",
         "end": "2026-11-22T09:05:35Z",
-        "wait_s": 0.307,  # DIALEDTIME_MS 1810 - ANSWEREDTIME_MS 1503
+        "wait_s": 0.0,  # Cdr StartTime to AnswerTime (the replay's clock is not Asterisk's)
         "talk_s": 1.503,  # ANSWEREDTIME_MS
+        "queue_wait_s": None, "voicemail": None, "voicemail_s": None,
         "outcome": "answered", "hangup_cause": {"code": 16, "text": "Normal Clearing"},
         "recording": MONITOR + "1795338333.1.wav", "incomplete": False,
     },
     {  # call 2: owner 7009 busy, then queue vip, agent 7101 (AgentConnect/AgentComplete)
         "record_key": "call:1795338363.4", "linkedid": "1795338363.4",
         "caller": "+8613900139000", "caller_raw": "13900139000", "caller_name": "Han Meimei",
+        "anonymous": False, "degraded": False, "recording_url": None,
         "did": "4008001000", "customer_id": None, "customer_tier": None,
         "customer_owner": None, "customer_kind": None,
         "routing_rule": None, "route_reason": None,
@@ -46,14 +49,16 @@ BASIC = [
         "answered_by": "Local/7101@agents", "answered_by_agent": "7101",
         "start": "2026-11-22T09:06:03Z", "answer": "2026-11-22T09:06:03Z",
         "end": "2026-11-22T09:06:05Z",
-        "wait_s": 0.311,  # 1815 - 1504 ms
+        "wait_s": 0.0,
         "talk_s": 1.504,
+        "queue_wait_s": 0.0, "voicemail": None, "voicemail_s": None,  # QUEUEWAIT_MS 0
         "outcome": "answered", "hangup_cause": {"code": 16, "text": "Normal Clearing"},
         "recording": MONITOR + "1795338363.5.wav", "incomplete": False,
     },
     {  # call 3: Dial(7008) NOANSWER after 8 s, queue support rings 7002+7001, 7002 answers
         "record_key": "call:1795338393.10", "linkedid": "1795338393.10",
         "caller": "+862150501234", "caller_raw": "02150501234", "caller_name": None,
+        "anonymous": False, "degraded": False, "recording_url": None,
         "did": "4008002000", "customer_id": None, "customer_tier": None,
         "customer_owner": None, "customer_kind": None,
         "routing_rule": None, "route_reason": None,
@@ -62,8 +67,9 @@ BASIC = [
         "answered_by": "Local/7002@agents", "answered_by_agent": "7002",
         "start": "2026-11-22T09:06:33Z", "answer": "2026-11-22T09:06:41Z",
         "end": "2026-11-22T09:06:43Z",
-        "wait_s": 8.323,  # 9826 - 1503 ms
+        "wait_s": 8.0,  # 8 s ringing 7008, then the queue
         "talk_s": 1.503,
+        "queue_wait_s": 0.0, "voicemail": None, "voicemail_s": None,
         "outcome": "answered", "hangup_cause": {"code": 16, "text": "Normal Clearing"},
         "recording": MONITOR + "1795338393.11.wav", "incomplete": False,
     },
@@ -71,6 +77,7 @@ BASIC = [
         # arrived after the caller's leg was gone; no Dial, no queue, no recording
         "record_key": "call:1795338423.18", "linkedid": "1795338423.18",
         "caller": "+8613700137000", "caller_raw": "13700137000", "caller_name": "Slow Case",
+        "anonymous": False, "degraded": False, "recording_url": None,
         "did": "4008001000", "customer_id": None, "customer_tier": None,
         "customer_owner": None, "customer_kind": None,
         "routing_rule": None, "route_reason": None,
@@ -78,6 +85,7 @@ BASIC = [
         "agents_rung": [], "answered_by": None, "answered_by_agent": None,
         "start": "2026-11-22T09:07:03Z", "answer": None, "end": "2026-11-22T09:07:08Z",
         "wait_s": 5.0, "talk_s": 0.0,
+        "queue_wait_s": None, "voicemail": None, "voicemail_s": None,
         "outcome": "abandoned",
         "hangup_cause": {"code": 19, "text": "User alerting, no answer"},
         "recording": None, "incomplete": False,
@@ -94,6 +102,7 @@ BASIC_CDR_UIDS = [
 ABANDON = {
     "record_key": "call:1795338618.96", "linkedid": "1795338618.96",
     "caller": "+8613600136000", "caller_raw": "13600136000", "caller_name": "Impatient",
+    "anonymous": False, "degraded": False, "recording_url": None,
     "did": "4008001000", "customer_id": None, "customer_tier": None,
     "customer_owner": None, "customer_kind": None,
     "routing_rule": None, "route_reason": None,
@@ -101,8 +110,9 @@ ABANDON = {
     "route_queue": "empty", "queue": "empty",
     "agents_rung": [], "answered_by": None, "answered_by_agent": None,
     "start": "2026-11-22T09:10:18Z", "answer": None, "end": "2026-11-22T09:10:25Z",
-    "wait_s": 7.008,  # DIALEDTIME_MS after Queue; QueueCallerAbandon HoldTime=7
+    "wait_s": 7.0,  # Cdr StartTime to EndTime
     "talk_s": 0.0, "outcome": "abandoned",
+    "queue_wait_s": 7.0, "voicemail": None, "voicemail_s": None,  # QUEUEWAIT_MS 7000
     "hangup_cause": {"code": 19, "text": "User alerting, no answer"},
     "recording": MONITOR + "1795338618.97.wav", "incomplete": False,
 }
@@ -178,10 +188,11 @@ def test_without_cdrs_the_grace_period_finalises(abandon: list[Message]) -> None
     assert tracker.flush(102.5) == 1
     assert records[0].outcome == "abandoned"
     assert records[0].cdrs == []
-    # without Cdrs the times come from the events (the clock here)
+    # without Cdrs the times come from the events, put on Asterisk's clock by the
+    # Linkedid's epoch (this test's clock, 100.0, is not Asterisk's)
     assert records[0].start is not None
-    assert records[0].start.timestamp() == 100.0
-    assert records[0].wait_s == 7.008
+    assert int(records[0].start.timestamp()) == 1795338618
+    assert records[0].queue_wait_s == 7.0  # QUEUEWAIT_MS: Asterisk's own measure
 
 
 def test_garbage_between_events_changes_nothing(fixtures_dir: Path) -> None:
