@@ -15,6 +15,7 @@ nobody needs to sign in. ``admin.token``, when set, is a token of user ``admin``
 ``GET /api/outbox``   outbox depth, oldest entry age, dead letters
 ``GET /api/whoami``   the caller's user, role and agent id
 ``POST /webhooks/crm`` the CRM says a customer changed (signed; see router.lookup.webhook)
+``GET /recordings/..`` a call recording, by the signed link in its record (ami.recordings)
 ====================  =================================================================
 """
 
@@ -433,3 +434,14 @@ def connect_actions(deps: AdminDeps, settings: Any, *, watcher: Any, cache: Any,
 
     deps.outbox_retry = retry
     deps.outbox_replay = replay
+
+
+def add_recordings(app: web.Application, handler: Handler) -> None:
+    """Mount ``GET /recordings/{name}`` (ami.recordings), whose handler checks the link's
+    HMAC signature itself: a CRM user follows the link from a call record, signed in to
+    callroute or not; the signature is the credential."""
+    async def recording(request: web.Request) -> web.StreamResponse:
+        return await handler(request)
+
+    app.router.add_get("/recordings/{name}", signed(
+        "HMAC-SHA256 of the file name with recordings.key, checked by the handler")(recording))

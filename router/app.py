@@ -20,12 +20,15 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from ami.complete import CustomerFinder, RecordCompleter
+from ami.recordings import RecordingLinks
 from dialplan.explain import outcome_to_dict
 from dialplan.route import Router, make_route_handler
 from dialplan.server import AgiServer
 from router.admin import (
     AdminDeps,
     add_crm_webhook,
+    add_recordings,
     auth_context,
     connect_actions,
     make_admin_app,
@@ -35,6 +38,8 @@ from router.log import mask_record
 from router.lookup.cache import TwoLevelCache
 from router.lookup.cached_lookup import CachedLookup
 from router.lookup.sync import SyncReport, periodic_sync, run_sync
+from router.models import Customer
+from router.phone import normalize
 from router.rules.presence import Presence, device_of
 from router.rules.ruleswatch import RulesWatcher
 from router.settings import Settings
@@ -115,6 +120,9 @@ def assemble_admin(settings: Settings, deps: AdminDeps, cache: TwoLevelCache,
     ``extra`` adds (every route with its access rule; tests enumerate them all)."""
     app = make_admin_app(deps)
     add_crm_webhook(app, cache, settings, deps.audit)
+    links = recording_links(settings)
+    if links is not None:
+        add_recordings(app, links.handle)
     if extra is not None:
         extra(app)
     return app
@@ -165,7 +173,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         def agents() -> dict[str, str]:
             return {device_of(a.dial): agent for agent, a in watcher.current().agents.items()}
 
-        background = await _start_records(settings, presence, stack, agents, web_parts)
+        background = await _start_records(settings, presence, stack, agents, web_parts,
+                                          _customer_finder(settings, router),
+                                          recording_links(settings))
 
         if settings.admin.enabled:
             from router.auth.setup import start_audit
@@ -261,9 +271,31 @@ class _Background:
         self.redis: Any | None = None
 
 
+def recording_links(settings: Settings) -> RecordingLinks | None:
+    """Signed links to recordings (``recordings.dir`` set), served by the admin API."""
+    rec = settings.recordings
+    if rec.dir is None:
+        return None
+    base = rec.url or f"http://{settings.admin.host}:{settings.admin.port}/recordings"
+    key = rec.key.get_secret_value() or settings.redis.key_secret.get_secret_value()
+    return RecordingLinks(settings.path(rec.dir), base, key)
+
+
+def _customer_finder(settings: Settings, router: Router) -> CustomerFinder:
+    """Looks a number up after its call (cache first, then the CRM within its timeout)."""
+    region, timeout = settings.phone.default_region, settings.crm.timeout_s
+
+    async def find(e164: str) -> Customer | None:
+        return (await router.lookup.find(normalize(e164, region), timeout_s=timeout)).customer
+
+    return find
+
+
 async def _start_records(settings: Settings, presence: Presence, stack: AsyncExitStack,
                          agents: Callable[[], Mapping[str, str]],
-                         web_parts: WebParts | None = None) -> _Background:
+                         web_parts: WebParts | None = None,
+                         find: CustomerFinder | None = None,
+                         links: RecordingLinks | None = None) -> _Background:
     """AMI tracking → outbox → delivery, each stopped in that order on exit.
 
     Posting uses a connector (HTTP pool) of its own, so slow posts never queue in front
@@ -312,12 +344,14 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
             from router.web.assemble import attach_records
 
             consumer = attach_records(web_parts, settings, redis, outbox.keys, outbox.enqueue)
-        pending = RecordQueue(consumer)
+        completer = RecordCompleter(find, links.link if links is not None else None)
+        pending = RecordQueue(consumer, completer.complete)
+        zone = settings.ami.cdr_timezone
         tracker = CallTracker(
             pending.put, settings.phone.default_region, presence,
             agent_for_device=lambda device: agents().get(device_of(device)),
             cdr_grace_s=settings.ami.cdr_grace_s, max_open_calls=settings.ami.max_open_calls,
-            cdr_tz=ZoneInfo(settings.ami.cdr_timezone),
+            cdr_tz=ZoneInfo(zone) if zone else None,
         )
         ami = AmiClient(settings.ami, tracker=tracker)
         if web_parts is not None:
@@ -341,11 +375,14 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
 
 
 class RecordQueue:
-    """Hands call records from the (synchronous) tracker to the (async) outbox, keeping
-    every enqueue task referenced until it is done; shutdown waits for them all."""
+    """Hands call records from the (synchronous) tracker to the (async) outbox, after
+    ``complete`` (customer, recording link), keeping every task referenced until it is
+    done; shutdown waits for them all."""
 
-    def __init__(self, enqueue: Callable[[Any], Awaitable[object]]) -> None:
+    def __init__(self, enqueue: Callable[[Any], Awaitable[object]],
+                 complete: Callable[[Any], Awaitable[Any]] | None = None) -> None:
         self.enqueue = enqueue
+        self.complete = complete
         self._tasks: set[asyncio.Task[None]] = set()
 
     def put(self, record: Any) -> None:
@@ -355,6 +392,12 @@ class RecordQueue:
         task.add_done_callback(self._tasks.discard)
 
     async def _enqueue(self, record: Any) -> None:
+        if self.complete is not None:
+            try:
+                record = await self.complete(record)
+            except Exception:
+                log.exception("call record %s could not be completed: stored as it is",
+                              getattr(record, "record_key", "?"))
         try:
             await self.enqueue(record)
         except Exception:

@@ -93,11 +93,17 @@ class AmiSettings(_Section):
         2.0, ge=0, description="after a call's last hangup, wait this long for its Cdr events"
     )
     max_open_calls: int = Field(10_000, ge=1, description="bound on calls tracked at once")
-    cdr_timezone: str = Field("UTC", description="time zone of the Cdr times Asterisk writes")
+    cdr_timezone: str | None = Field(
+        None, description="zone of the Cdr times Asterisk writes; normally unset: each call's "
+        "times are dated by its Uniqueid and the server's offset (AMI), this is only the "
+        "fallback for calls that carry neither",
+    )
 
     @field_validator("cdr_timezone")
     @classmethod
-    def _zone(cls, value: str) -> str:
+    def _zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -190,12 +196,29 @@ class OutboxSettings(_Section):
     spool_drain_interval_s: float = Field(1.0, gt=0)
     max_record_bytes: int = Field(256 * 1024, ge=1024)
     redis_timeout_s: float = Field(2.0, gt=0, description="outbox Redis socket timeout")
-    create_leads: bool = Field(True, description="an unknown caller becomes a lead")
-    create_tasks: bool = Field(True, description="a missed call becomes a follow-up task")
+    create_leads: bool = Field(
+        True, description="an unknown caller with a number becomes a lead (never a rejected one)")
+    create_tasks: bool = Field(
+        True, description="a call nobody answered becomes a call-back task (callers with a number)")
     task_outcomes: list[str] = Field(
-        default_factory=lambda: ["missed", "abandoned"],
+        default_factory=lambda: ["missed", "abandoned", "voicemail"],
         description="record outcomes that get a follow-up task",
     )
+
+
+class RecordingsSettings(_Section):
+    """Links to call recordings, served by the admin API (``GET /recordings/<file>``)."""
+
+    dir: Path | None = Field(
+        None, description="where Asterisk writes the recordings (MixMonitor), as this host "
+        "sees it; unset: records carry no recording link from callroute",
+    )
+    url: str = Field(
+        "", description="the link's base, as the CRM's users reach the admin API, e.g. "
+        "https://pbx.example.com:8074/recordings (default: http://<admin host:port>/recordings)",
+    )
+    key: SecretStr = Field(
+        SecretStr(""), description="HMAC key signing the links (default: redis.key_secret)")
 
 
 class AdminSettings(_Section):
@@ -327,6 +350,7 @@ class Settings(_Section):
     web: WebSettings = Field(default_factory=WebSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
+    recordings: RecordingsSettings = Field(default_factory=RecordingsSettings)
     log_level: str = "INFO"
     log_personal_data: bool = Field(
         False, description="debugging only: log phone numbers and names unmasked")

@@ -9,9 +9,10 @@ configured ``crm.records`` pipeline (:class:`~router.crm.base.StepSink`: each st
 
 - ``call``: :meth:`RecordSink.post_call`;
 - ``lead``: :meth:`RecordSink.create_lead` when the caller is unknown (no
-  ``customer_id``) and ``create_leads`` is on;
+  ``customer_id``), has a number (not withheld), was not rejected, and ``create_leads``
+  is on;
 - ``task``: :meth:`RecordSink.create_task` when the outcome is one of
-  ``task_outcomes`` and ``create_tasks`` is on.
+  ``task_outcomes``, the caller has a number to call back, and ``create_tasks`` is on.
 
 :func:`plan` is that choice of call/lead/task; record steps see it as ``plan``.
 
@@ -171,9 +172,12 @@ def backoff_delay(
 def plan(record: Mapping[str, Any], settings: OutboxSettings) -> list[str]:
     """The steps a record needs: always ``call``; ``lead`` and ``task`` per configuration."""
     steps = ["call"]
-    if settings.create_leads and not record.get("customer_id"):
+    outcome = str(record.get("outcome", ""))
+    reachable = bool(record.get("caller"))  # a number: withheld callers get neither
+    if (settings.create_leads and reachable and not record.get("customer_id")
+            and outcome != "rejected"):
         steps.append("lead")
-    if settings.create_tasks and str(record.get("outcome", "")) in settings.task_outcomes:
+    if settings.create_tasks and reachable and outcome in settings.task_outcomes:
         steps.append("task")
     return steps
 

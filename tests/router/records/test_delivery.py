@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from typing import Any
+
+import pytest
 
 from router.records.delivery import Entry, backoff_delay, plan
 from router.records.outbox import ensure_group
@@ -235,3 +238,17 @@ async def test_bad_entry_is_dead_lettered_not_crashing(h: Harness, crm: FakeCrm)
     await wait_until_async(h, lambda: h.redis.xlen(h.keys.outbox_dead), 1)
     (dead,) = await dead_entries(h)
     assert (dead["key"], dead["reason"]) == ("junk", "bad_entry")
+
+
+@pytest.mark.parametrize(("fields", "steps"), [
+    ({"customer_id": None, "outcome": "answered"}, ["call", "lead"]),
+    ({"customer_id": None, "outcome": "voicemail"}, ["call", "lead", "task"]),
+    ({"customer_id": "C1", "outcome": "rejected"}, ["call"]),
+    ({"customer_id": None, "outcome": "rejected"}, ["call"]),
+    ({"customer_id": None, "caller": None, "outcome": "missed"}, ["call"]),
+    ({"customer_id": "C1", "caller": None, "outcome": "abandoned"}, ["call"]),
+])
+def test_leads_and_tasks_follow_the_outcome(fields: dict[str, Any], steps: list[str]) -> None:
+    """No lead and no call-back task for a rejected (blocked) caller or a caller without a
+    number; a voicemail gets a call-back task; an unknown caller with a number a lead."""
+    assert plan(call_record(1, **fields), OutboxSettings()) == steps

@@ -44,7 +44,7 @@ async def test_enqueue_accepts_a_pydantic_call_record(
     try:
         record = CallRecord(
             record_key="call:1.1", linkedid="1.1", outcome="missed", customer_id="C1",
-            start=datetime(2024, 1, 1, tzinfo=UTC),
+            caller="+8613800138000", start=datetime(2024, 1, 1, tzinfo=UTC),
         )
         assert await h.outbox.enqueue(record) == "enqueued"
         h.start()
