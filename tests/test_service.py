@@ -53,9 +53,10 @@ async def service(redis_url: str, tmp_path: Path, fixtures_dir: Path) -> AsyncIt
     """`serve()` with the example config, pointed at loopback peers."""
     app = make_app(token="demo-token")
     runner, crm_url = await start_sample_crm("127.0.0.1", 0, app)
-    ami = AmiPeer(fixtures_dir / "ami-basic.raw", pace_s=0.0)
-    await ami.start()
     base = load_settings(ROOT / "examples" / "config.yaml")
+    ami = AmiPeer(fixtures_dir / "ami-basic.raw", pace_s=0.0, username=base.ami.username,
+                  secret=base.ami.secret)
+    await ami.start()
     settings = base.model_copy(update={
         "agi": base.agi.model_copy(update={"port": free_port()}),
         "ami": base.ami.model_copy(update={"port": ami.port, "reconnect_min_s": 0.05,
