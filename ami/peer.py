@@ -12,7 +12,7 @@ action received is kept in :attr:`AmiPeer.actions`.
 
 Usage::
 
-    async with AmiPeer(path, username="router", secret="routersecret") as peer:
+    async with AmiPeer(path) as peer:   # user callroute, as examples/config.yaml logs in
         ... connect to peer.host, peer.port ...
         await peer.wait_replayed()
 """
@@ -97,8 +97,8 @@ class AmiPeer:
         self,
         recording: Recording | bytes | str | Path | None = None,
         *,
-        username: str = "router",
-        secret: str = "routersecret",  # noqa: S107 - the test peer's own login
+        username: str = "callroute",
+        secret: str = "change-me-to-a-long-random-string",  # noqa: S107 - the example's
         host: str = "127.0.0.1",
         port: int = 0,
         pace_s: float = 0.0,

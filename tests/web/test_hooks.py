@@ -39,7 +39,8 @@ async def test_a_failing_listener_neither_stops_the_tracker_nor_the_others(
     def broken(msg: Message) -> None:
         raise RuntimeError("listener bug")
 
-    async with AmiPeer(fixtures_dir / "ami-basic.raw") as peer:
+    async with AmiPeer(fixtures_dir / "ami-basic.raw", username="router",
+                       secret="routersecret") as peer:
         tracker = CallTracker(records.append, agent_for_device=extension_agent,
                               cdr_grace_s=0.5)
         client = AmiClient(AmiSettings(host="127.0.0.1", port=peer.port, username="router",
