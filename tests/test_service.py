@@ -55,7 +55,7 @@ async def service(redis_url: str, tmp_path: Path, fixtures_dir: Path) -> AsyncIt
     runner, crm_url = await start_sample_crm("127.0.0.1", 0, app)
     base = load_settings(ROOT / "examples" / "config.yaml")
     ami = AmiPeer(fixtures_dir / "ami-basic.raw", pace_s=0.0, username=base.ami.username,
-                  secret=base.ami.secret)
+                  secret=base.ami.secret.get_secret_value())
     await ami.start()
     settings = base.model_copy(update={
         "agi": base.agi.model_copy(update={"port": free_port()}),

@@ -231,16 +231,19 @@ def test_record(number: CallerNumber, customer: Customer | None) -> dict[str, An
     linkedid = f"doctor.{int(now.timestamp())}"
     return {
         "record_key": f"call:{linkedid}", "linkedid": linkedid, "caller": number.e164,
-        "caller_raw": number.raw, "caller_name": None, "did": None,
+        "caller_raw": number.raw, "caller_name": None, "anonymous": number.e164 is None,
+        "did": None,
         "customer_id": customer.id if customer else None,
         "customer_tier": customer.tier if customer else None,
         "customer_owner": customer.owner if customer else None,
         "customer_kind": customer.kind if customer else None,
         "routing_rule": "callroute-doctor", "route_reason": "doctor", "route_target": None,
-        "route_queue": None, "queue": None, "agents_rung": [], "answered_by": None,
+        "route_queue": None, "degraded": False, "queue": None, "agents_rung": [],
+        "answered_by": None,
         "answered_by_agent": None, "start": _iso(now - timedelta(minutes=1)),
         "answer": None, "end": _iso(now - timedelta(seconds=30)), "wait_s": 30.0,
-        "talk_s": None, "outcome": "missed", "hangup_cause": None, "recording": None,
+        "talk_s": None, "queue_wait_s": None, "voicemail": None, "voicemail_s": None,
+        "outcome": "missed", "hangup_cause": None, "recording": None, "recording_url": None,
         "incomplete": False, "cdrs": [],
     }
 
