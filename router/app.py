@@ -344,7 +344,9 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
             from router.web.assemble import attach_records
 
             consumer = attach_records(web_parts, settings, redis, outbox.keys, outbox.enqueue)
-        completer = RecordCompleter(find, links.link if links is not None else None)
+        # crm.recordings (an upload, or a link of its own) wins over callroute's link
+        linker = links.link if links is not None and settings.crm.recordings is None else None
+        completer = RecordCompleter(find, linker)
         pending = RecordQueue(consumer, completer.complete)
         zone = settings.ami.cdr_timezone
         tracker = CallTracker(

@@ -211,7 +211,8 @@ class RecordingsSettings(_Section):
 
     dir: Path | None = Field(
         None, description="where Asterisk writes the recordings (MixMonitor), as this host "
-        "sees it; unset: records carry no recording link from callroute",
+        "sees it; unset: records carry no recording link from callroute (nor when "
+        "crm.recordings uploads or links them its own way)",
     )
     url: str = Field(
         "", description="the link's base, as the CRM's users reach the admin API, e.g. "
