@@ -95,10 +95,11 @@ def log_tap() -> Iterator[LogTap]:
     level = root.level
     root.addHandler(tap)
     root.setLevel(logging.DEBUG)
+    logging.getLogger("tests.log_tap").debug("log tap attached")
+    assert tap.lines, "no log line was collected: the tap is not attached"
     yield tap
     root.removeHandler(tap)
     root.setLevel(level)
     leaks = tap.leaks()
-    assert tap.lines, "no log line was collected: the tap is not attached"
     assert not leaks, (f"{len(leaks)} of {len(tap.lines)} log lines show personal data "
                        "unmasked:\n" + "\n".join(leaks[:20]))
