@@ -429,8 +429,10 @@ def connect_actions(deps: AdminDeps, settings: Any, *, watcher: Any, cache: Any,
 
     async def replay(wanted: list[str] | None, since: datetime | None, until: datetime | None,
                      dead: bool) -> list[str]:
-        return await outbox_cli.replay(outbox_redis, keys, record_keys=wanted, since=since,
+        # delivered records are not sent again from here (the CLI's --force does that)
+        done = await outbox_cli.replay(outbox_redis, keys, record_keys=wanted, since=since,
                                        until=until, dead=dead)
+        return done.queued
 
     deps.outbox_retry = retry
     deps.outbox_replay = replay

@@ -33,6 +33,9 @@ from router.admin import (
     connect_actions,
     make_admin_app,
 )
+from router.crm.auth import TokenStore
+from router.crm.http import CrmHttp
+from router.crm.limits import RateGate
 from router.crm.rest import RestConnector
 from router.log import mask_record
 from router.lookup.cache import TwoLevelCache
@@ -50,12 +53,44 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class CrmLink:
+    """What the connectors of one process share for the CRM: its rate gate (a 429 seen
+    while posting pauses the lookups too) and, for OAuth2, the Redis client that shares
+    the access token between instances (:mod:`router.crm.auth`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from router.records.outbox import connect_redis
+
+        self.settings = settings
+        self.gate = RateGate(settings.crm.limits, crm=settings.crm.name)
+        oauth2 = settings.crm.auth.oauth2
+        shared = settings.crm.auth.type == "oauth2" and oauth2 is not None and oauth2.shared
+        self.redis = connect_redis(settings) if shared else None
+
+    def connector(self) -> RestConnector:
+        """A connector with a pool of its own, sharing the gate and the token store."""
+        from router.records.outbox import keys_from_settings
+
+        crm = self.settings.crm
+        store = None if self.redis is None else TokenStore(
+            self.redis, keys_from_settings(self.settings), crm.name)
+        http = CrmHttp(crm, gate=self.gate, token_store=store)
+        return RestConnector(crm, region=self.settings.phone.default_region, http=http)
+
+    async def aclose(self) -> None:
+        """Close the token store's Redis client."""
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
 @asynccontextmanager
 async def build_router(
-    settings: Settings, presence: Presence | None = None
+    settings: Settings, presence: Presence | None = None, link: CrmLink | None = None
 ) -> AsyncIterator[Router]:
     """A :class:`Router` with the configured CRM connector, cache and rules."""
-    connector = RestConnector(settings.crm, region=settings.phone.default_region)
+    own_link = link is None
+    link = link or CrmLink(settings)
+    connector = link.connector()
     lookup = CachedLookup.from_settings(settings, connector)
     watcher = RulesWatcher(settings.path(settings.routing.rules),
                            default_queue=settings.routing.default_queue)
@@ -67,12 +102,15 @@ async def build_router(
         await lookup.drain(1.0)
         await lookup.aclose()
         await connector.aclose()
+        if own_link:
+            await link.aclose()
 
 
 async def run_sync_once(settings: Settings, *, progress: bool) -> SyncReport:
     """``callroute sync``: one pre-warm pass from the CRM's changed-customers feed,
     resuming from the cursor saved in Redis."""
-    connector = RestConnector(settings.crm, region=settings.phone.default_region)
+    link = CrmLink(settings)
+    connector = link.connector()
     lookup = CachedLookup.from_settings(settings, connector)
     cache = lookup.cache
     try:
@@ -80,6 +118,7 @@ async def run_sync_once(settings: Settings, *, progress: bool) -> SyncReport:
     finally:
         await lookup.aclose()
         await connector.aclose()
+        await link.aclose()
 
 
 
@@ -92,7 +131,8 @@ async def deliver(settings: Settings, stop: asyncio.Event | None = None) -> int:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     redis = connect_redis(settings)
-    sink = RestConnector(settings.crm, region=settings.phone.default_region)
+    link = CrmLink(settings)
+    sink = link.connector()
     outbox = Outbox.from_settings(settings, redis)
     worker = DeliveryWorker.from_settings(settings, redis, sink)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -103,6 +143,7 @@ async def deliver(settings: Settings, stop: asyncio.Event | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await sink.aclose()
+        await link.aclose()
         await redis.aclose()
     return 0
 
@@ -156,7 +197,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         if not keyring_from_settings(settings).enabled:
             log.warning("encryption at rest is off (no encryption.keys): customers and call "
                         "records are stored in clear in Redis and the spool")
-        router = await stack.enter_async_context(build_router(settings, presence))
+        link = CrmLink(settings)
+        stack.push_async_callback(link.aclose)
+        router = await stack.enter_async_context(build_router(settings, presence, link))
         watcher = router.watcher
         assert watcher is not None  # build_router always sets it
         watcher.start()
@@ -173,7 +216,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         def agents() -> dict[str, str]:
             return {device_of(a.dial): agent for agent, a in watcher.current().agents.items()}
 
-        background = await _start_records(settings, presence, stack, agents, web_parts,
+        background = await _start_records(settings, presence, stack, agents, link, web_parts,
                                           _customer_finder(settings, router),
                                           recording_links(settings))
 
@@ -292,7 +335,7 @@ def _customer_finder(settings: Settings, router: Router) -> CustomerFinder:
 
 
 async def _start_records(settings: Settings, presence: Presence, stack: AsyncExitStack,
-                         agents: Callable[[], Mapping[str, str]],
+                         agents: Callable[[], Mapping[str, str]], link: CrmLink,
                          web_parts: WebParts | None = None,
                          find: CustomerFinder | None = None,
                          links: RecordingLinks | None = None) -> _Background:
@@ -312,7 +355,7 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
     redis = connect_redis(settings)
     stack.push_async_callback(redis.aclose)
     bg.redis = redis
-    sink = RestConnector(settings.crm, region=settings.phone.default_region)
+    sink = link.connector()
     stack.push_async_callback(sink.aclose)
     outbox = Outbox.from_settings(settings, redis)
     worker = DeliveryWorker.from_settings(settings, redis, sink)

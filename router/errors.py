@@ -14,13 +14,15 @@ callers only ever catch these::
     ├── CrmError                 the CRM did not give a usable answer  (.kind, .retryable)
     │   ├── CrmTimeout           no answer within the per-request timeout
     │   ├── CrmUnavailable       connection refused, dropped or DNS failure
-    │   ├── CrmHttpError         an HTTP error status (.status)
+    │   ├── CrmHttpError         an HTTP error status (.status, .detail: the CRM's words)
     │   │   ├── CrmClientError   4xx: credentials, URL or payload are wrong; not retried
     │   │   ├── CrmRateLimited   429: slow down; honour .retry_after
     │   │   └── CrmServerError   5xx: the CRM is failing; retried
     │   ├── CrmBadResponse       the body is not the JSON that was promised
     │   ├── CrmMappingError      the JSON does not fit the configured field mapping
-    │   └── CircuitOpen          too many recent failures: the CRM is not asked for a while
+    │   ├── CircuitOpen          too many recent failures: the CRM is not asked for a while
+    │   └── CrmUnconfirmed       a create's answer was lost and nothing can confirm it
+    ├── WebhookError             an inbound webhook is refused (.status, .outcome)
     ├── CacheError               Redis is unreachable or answered garbage: served without it
     └── OutboxError              a call record could not be stored durably anywhere
 """
@@ -67,11 +69,14 @@ class CrmError(CallrouteError):
     """The CRM did not give a usable answer.
 
     ``kind`` is a short stable label for logs and metrics; ``retryable`` says whether
-    the same request may succeed later.
+    the same request may succeed later; ``may_have_acted`` whether the CRM may have
+    carried the request out even so (a lost answer: timeout, dropped connection, 5xx,
+    an unreadable 2xx), which a create must not simply repeat.
     """
 
     kind = "error"
     retryable = True
+    may_have_acted = True
 
 
 class CrmTimeout(CrmError):
@@ -87,13 +92,18 @@ class CrmUnavailable(CrmError):
 
 
 class CrmHttpError(CrmError):
-    """The CRM answered with an HTTP error status."""
+    """The CRM answered with an HTTP error status.
+
+    ``detail`` is what the CRM said (its error body, compacted, truncated, secrets and
+    personal data masked), already part of the message; empty when it said nothing.
+    """
 
     kind = "http"
 
-    def __init__(self, message: str, *, status: int) -> None:
+    def __init__(self, message: str, *, status: int, detail: str = "") -> None:
         self.status = status
-        super().__init__(message)
+        self.detail = detail
+        super().__init__(f"{message}: {detail}" if detail else message)
 
 
 class CrmClientError(CrmHttpError):
@@ -101,18 +111,21 @@ class CrmClientError(CrmHttpError):
 
     kind = "4xx"
     retryable = False
+    may_have_acted = False
 
 
 class CrmRateLimited(CrmHttpError):
     """429 Too Many Requests: wait ``retry_after`` seconds (None when not given)."""
 
     kind = "429"
+    may_have_acted = False
 
     def __init__(
-        self, message: str, *, status: int = 429, retry_after: float | None = None
+        self, message: str, *, status: int = 429, retry_after: float | None = None,
+        detail: str = "",
     ) -> None:
         self.retry_after = retry_after
-        super().__init__(message, status=status)
+        super().__init__(message, status=status, detail=detail)
 
 
 class CrmServerError(CrmHttpError):
@@ -139,6 +152,27 @@ class CircuitOpen(CrmError):
     """The circuit breaker is open after repeated failures; the CRM is not being asked."""
 
     kind = "circuit_open"
+    may_have_acted = False
+
+
+class CrmUnconfirmed(CrmError):
+    """A create was sent, its answer was lost, and neither the CRM's idempotency nor a
+    configured find-by-key can tell whether it was made: sending again could duplicate
+    it, so the record waits for a person (``outbox replay --force`` once checked)."""
+
+    kind = "unconfirmed"
+    retryable = False
+
+
+class WebhookError(CallrouteError):
+    """An inbound webhook is refused: ``status`` is the HTTP answer (400 wrong shape,
+    401 signature, 409 replay, 413 too large, 503 not configured or Redis down) and
+    ``outcome`` the short label of ``callroute_webhooks{outcome}``."""
+
+    def __init__(self, status: int, outcome: str, message: str) -> None:
+        self.status = status
+        self.outcome = outcome
+        super().__init__(message)
 
 
 class CacheError(CallrouteError):

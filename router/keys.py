@@ -91,8 +91,15 @@ class Keys:
         return f"{self.prefix}outbox:sent"
 
     def outbox_step(self, record_key: str, step: str) -> str:
-        """String with TTL: one step (call, lead, task) of a record is done at the CRM."""
+        """String with TTL: one step done at the CRM, as versions before the ledger marked
+        it (read only, so a record they half-delivered keeps its steps done)."""
         return f"{self.prefix}outbox:step:{step}:{record_key}"
+
+    def outbox_ledger(self, record_key: str) -> str:
+        """Hash with TTL: what each step of a record created at the CRM (``<step>`` ->
+        id and key) and which steps were sent without a known answer (``<step>:sent``)
+        (:mod:`router.records.ledger`)."""
+        return f"{self.prefix}outbox:ledger:{record_key}"
 
     def ratelimit(self, crm: str) -> str:
         """Key for the client-side rate limit towards one CRM."""
@@ -145,3 +152,16 @@ class Keys:
     def web_day_calls(self, day: str) -> str:
         """List: one JSON row per call of one day, for the CSV export."""
         return f"{self.prefix}web:calls:{day}"
+
+    # --- CRM credentials (router.crm.auth) ----------------------------------------------
+    def crm_token(self, crm: str) -> str:
+        """String with TTL: the CRM's OAuth2 access token, shared by every instance."""
+        return f"{self.prefix}crm:token:{crm}"
+
+    def crm_token_lock(self, crm: str) -> str:
+        """String with TTL: held by the one instance refreshing the CRM's token."""
+        return f"{self.prefix}crm:token-lock:{crm}"
+
+    def crm_refresh_token(self, crm: str) -> str:
+        """String: the newest refresh token, when the CRM rotates them."""
+        return f"{self.prefix}crm:refresh-token:{crm}"

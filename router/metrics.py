@@ -68,6 +68,21 @@ LOOKUP_BACKGROUND = Gauge(
     "callroute_lookup_background", "CRM lookups running in the background (cache fill)",
     registry=REGISTRY,
 )
+CRM_LIMIT_WAITS = Counter(
+    "callroute_crm_limit_waits",
+    "Requests held back by the CRM's rate limit, by operation and outcome (queued: sent "
+    "after the wait; refused: the wait was over the bound, not sent)",
+    ["op", "outcome"], registry=REGISTRY,
+)
+CRM_LIMIT_REMAINING = Gauge(
+    "callroute_crm_limit_remaining",
+    "Requests the CRM says are left in its current window or quota (its limit headers)",
+    ["crm"], registry=REGISTRY,
+)
+CRM_TOKEN_REFRESHES = Counter(
+    "callroute_crm_token_refreshes",
+    "OAuth2 token endpoint requests by outcome (ok, failed)", ["outcome"], registry=REGISTRY,
+)
 WEBHOOKS = Counter(
     "callroute_webhooks", "CRM webhooks by outcome (ok, bad_signature, stale, replay, ...)",
     ["outcome"], registry=REGISTRY,
@@ -95,6 +110,13 @@ AMI_CONNECTED = Gauge("callroute_ami_connected", "1 while logged in to AMI", reg
 RECORDS = Counter(
     "callroute_records", "Call records by stage (enqueued, spooled, delivered, dead, duplicate)",
     ["stage"], registry=REGISTRY,
+)
+LEDGER_STEPS = Counter(
+    "callroute_ledger_steps",
+    "Delivery steps by how the ledger settled them (created, found: an earlier send's "
+    "object found by its key, skipped: already in the ledger, reposted: sent again after a "
+    "lost answer, trusting the CRM's idempotency, unconfirmed: held for a person)",
+    ["outcome"], registry=REGISTRY,
 )
 OUTBOX_DEPTH = Gauge("callroute_outbox_depth", "Records waiting for delivery", registry=REGISTRY)
 

@@ -384,7 +384,8 @@ def expand_env(value: Any) -> Any:
 #: file's content, without its trailing newline; relative to the config file), the way
 #: container secrets are mounted. They are ``SecretStr``: printed as ``**********``.
 SECRET_FIELDS = frozenset({"secret", "key_secret", "token", "webhook_secret",
-                           "session_secret", "key", "password", "keys"})
+                           "session_secret", "key", "password", "keys",
+                           "client_secret", "refresh_token"})
 
 
 def read_secret_files(value: Any, base_dir: Path, where: str = "") -> Any:

@@ -142,3 +142,33 @@ class StepSink(Protocol):
     async def run_step(self, step: str, record: Mapping[str, Any], idempotency_key: str,
                        previous: Mapping[str, StepResult], plan: Sequence[str]) -> StepResult:
         """Run one step (a skipped one returns status ``skipped`` without a request)."""
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a sink can do for a step whose create was sent but whose answer was lost.
+
+    ``find``: look the object up by the key written into it (``find_created``), and post
+    only when it is not there (not before ``settle_s`` after the lost send, for CRMs
+    whose search index lags); ``repost``: the CRM honours the idempotency key, post
+    again; ``hold``: neither, so a second post could duplicate the object.
+    """
+
+    mode: Literal["find", "repost", "hold"]
+    settle_s: float = 0.0
+
+
+@runtime_checkable
+class CreatedFinder(Protocol):
+    """A :class:`RecordSink` that can tell whether an earlier create reached the CRM
+    (``router.records.ledger``). Sinks without it are trusted to be idempotent."""
+
+    def recovery(self, step: str) -> Recovery:
+        """What to do after a lost answer of ``step`` (call, lead, task)."""
+
+    async def find_created(
+        self, step: str, record: Mapping[str, Any], idempotency_key: str,
+        previous: Mapping[str, StepResult], plan: Sequence[str],
+    ) -> StepResult | None:
+        """The object an earlier send of ``step`` created, found by its key (the step's
+        outputs read from it), or None."""

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         ChangedSettings,
         CrmSettings,
         FieldMap,
+        FindSpec,
         LookupSpec,
         LookupStep,
         MultipleSettings,
@@ -234,6 +235,19 @@ class ChangedPlan:
 
 
 @dataclass(frozen=True)
+class FindPlan:
+    """A compiled ``find``: the search, and the match each object found must pass."""
+
+    spec: FindSpec
+    request: Request
+    match: Compiled | None
+
+    @property
+    def uses(self) -> Uses:
+        return self.request.uses | (self.match.uses if self.match else Uses())
+
+
+@dataclass(frozen=True)
 class RecordStepPlan:
     """One compiled record step."""
 
@@ -246,6 +260,8 @@ class RecordStepPlan:
     fetch: Request | None
     #: whether the step's templates read ``record.recording_url`` (an upload is made then)
     needs_recording: bool
+    #: the search for the object a lost answer's send may have created
+    find: FindPlan | None = None
 
     @property
     def uses(self) -> Uses:
@@ -256,6 +272,8 @@ class RecordStepPlan:
                 out = out | part.uses
         if self.fetch is not None:
             out = out | self.fetch.uses
+        if self.find is not None:
+            out = out | self.find.uses
         return out
 
 
@@ -375,10 +393,21 @@ def _record_step(step: RecordStep, where: str, names: frozenset[str],
     request = compile_request_spec(step, names, where, body=body)
     fetch = (compile_request_spec(step.fetch, fetch_names, f"{where}.fetch")
              if step.fetch is not None else None)
+    find = None
+    if step.find is not None:
+        match = None
+        if step.find.match is not None:
+            text = step.find.match.equals or step.find.match.contains or ""
+            try:
+                match = compile_text(text, names, native=False)
+            except ValueError as exc:
+                raise ValueError(f"{where}.find.match: {exc}") from None
+        find = FindPlan(step.find, compile_request_spec(step.find, names, f"{where}.find"),
+                        match)
     text = f"{step.url} {step.params} {step.headers} {body}"
     return RecordStepPlan(
         name=step.name, spec=step, when=when, request=request, outputs=outputs,
-        customer=customer, fetch=fetch, needs_recording="recording_url" in text,
+        customer=customer, fetch=fetch, needs_recording="recording_url" in text, find=find,
     )
 
 

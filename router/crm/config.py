@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from router.crm.template import check_expression, check_json, check_text
+from router.crm.auth import AuthSettings
+from router.crm.limits import RateLimitSettings
+from router.crm.template import check_expression, check_json, check_text, json_strings
 
 _TIERS = ["platinum", "gold", "silver", "bronze"]
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -63,37 +65,6 @@ def _check_fields_or_paths(value: dict[str, str | None], names: frozenset[str]) 
             check_text(text, names)
         except ValueError as exc:
             raise ValueError(f"{key}: {exc}") from None
-
-
-class AuthSettings(_Model):
-    """How each request proves who we are.
-
-    ``bearer``: ``Authorization: Bearer <token>``; ``api_key``: ``<header>: <key>`` (or a
-    query parameter named ``header`` when ``location: query``); ``basic``: HTTP basic
-    with ``username``/``password``; ``none``: nothing.
-    """
-
-    type: Literal["none", "bearer", "api_key", "basic"] = "none"
-    token: SecretStr = SecretStr("")
-    header: str = "X-API-Key"
-    key: SecretStr = SecretStr("")
-    location: Literal["header", "query"] = "header"
-    username: str = ""
-    password: SecretStr = SecretStr("")
-
-    @model_validator(mode="after")
-    def _complete(self) -> AuthSettings:
-        needed = {"bearer": "token", "api_key": "key", "basic": "username"}.get(self.type)
-        if needed and not getattr(self, needed):
-            raise ValueError(f"auth type {self.type} needs crm.auth.{needed} (e.g. ${{CRM_TOKEN}})")
-        if ":" in self.username:
-            raise ValueError("crm.auth.username must not contain ':' (HTTP basic auth)")
-        return self
-
-    @property
-    def secrets(self) -> list[str]:
-        """The secret values (to mask wherever they could be printed)."""
-        return [s.get_secret_value() for s in (self.token, self.key, self.password) if s]
 
 
 class RequestSpec(_Model):
@@ -337,6 +308,43 @@ class FetchSpec(RequestSpec):
     NAMES: ClassVar[frozenset[str]] = RECORD_NAMES | {"id"}
 
 
+class MatchSpec(_Model):
+    """How an object a search found proves it is this step's: the text at ``path``
+    equals (or contains) the rendered template (a broad search is never trusted)."""
+
+    path: str = Field(min_length=1)
+    equals: str | None = None
+    contains: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> MatchSpec:
+        if (self.equals is None) == (self.contains is None):
+            raise ValueError("give exactly one of equals or contains")
+        check_text(self.equals or self.contains or "", COMMON | RECORD_NAMES)
+        return self
+
+
+class FindSpec(RequestSpec):
+    """Find the object an earlier send of the step created, by the key the step writes
+    into it (an external-id field, a tag, a marker in the description): asked after an
+    answer was lost, instead of creating the object again (docs/crm/exactly-once.md).
+
+    ``results`` is the dotted path to the objects in the answer; ``match`` checks each;
+    the first match's ``id_path`` is the id, and the step's ``outputs`` and ``customer``
+    are read from that object (as ``response``). ``settle_s``: a "not found" sooner than
+    this after the lost send is not believed (search indexes that lag). A status in
+    ``not_found_status`` means nothing found. Templates see what the step's see.
+    """
+
+    NAMES: ClassVar[frozenset[str]] = RECORD_NAMES
+
+    results: str = "results"
+    match: MatchSpec | None = None
+    id_path: str = "id"
+    settle_s: float = Field(0.0, ge=0, le=3600)
+    not_found_status: list[int] = Field(default_factory=lambda: [404])
+
+
 class RecordStep(RequestSpec):
     """One request of the records pipeline (create a lead, post the call, add a task...).
 
@@ -356,7 +364,9 @@ class RecordStep(RequestSpec):
     ``outputs`` (templates over ``response``, ``id``, ``status``) are kept as
     ``steps.<name>.<output>``, and ``customer`` sets fields of ``customer`` for later
     steps (``customer: {id: "{id}", kind: lead}`` after creating a lead).
-    ``idempotency_header`` sends the step's idempotency key in that header.
+    ``idempotency_header`` sends the step's idempotency key in that header. ``find``
+    looks the object up by that key after a lost answer (exactly once without the CRM's
+    idempotency support).
     """
 
     NAMES: ClassVar[frozenset[str]] = RECORD_NAMES
@@ -372,6 +382,9 @@ class RecordStep(RequestSpec):
     outputs: dict[str, str] = Field(default_factory=dict)
     customer: dict[str, str] = Field(default_factory=dict)
     fetch: FetchSpec | None = None
+    find: FindSpec | None = Field(
+        None, description="after a lost answer, find the object by the key written into it "
+        "instead of creating it again (docs/crm/exactly-once.md)")
 
     @field_validator("name")
     @classmethod
@@ -420,7 +433,17 @@ class RecordStep(RequestSpec):
     def _one_body(self) -> RecordStep:
         if self.body is not None and self.fields is not None:
             raise ValueError("give either body or fields, not both")
+        if self.find is not None and not self._writes_key():
+            raise ValueError("find looks the object up by its key, but the body never "
+                             "writes {idempotency_key} (or {record.record_key}) into it (an "
+                             "external-id field, a tag or a marker in the description)")
         return self
+
+    def _writes_key(self) -> bool:
+        texts = json_strings(self.body) + list((self.fields or {}).values())
+        if self.body is None and self.fields is None:
+            return True  # the record itself is posted: its record_key is the key
+        return any("idempotency_key" in t or "record.record_key" in t for t in texts)
 
 
 def _strip_braces(text: str) -> str:
@@ -504,6 +527,7 @@ class CrmSettings(_Model):
     timeout_s: float = Field(2.0, gt=0, le=120)
     max_connections: int = Field(64, ge=1)
     max_response_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     timezone: str = Field("UTC", description="the CRM's time zone, for date filters")
     vars: dict[str, Any] = Field(default_factory=dict, description="constants: {vars.x}")
     secrets: dict[str, str] = Field(

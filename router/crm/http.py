@@ -10,13 +10,23 @@ what happened                                          raised
 ====================================================  =========================
 no complete answer within ``timeout_s``                :class:`CrmTimeout`
 refused, reset, dropped, DNS failure, TLS failure      :class:`CrmUnavailable`
-429 (``Retry-After`` seconds or HTTP-date parsed)      :class:`CrmRateLimited`
+429, or a 4xx naming a ``limits.limit_error_codes``   :class:`CrmRateLimited`
 other 4xx                                              :class:`CrmClientError`
 5xx                                                    :class:`CrmServerError`
 body is not JSON, or too large                         :class:`CrmBadResponse`
 ====================================================  =========================
 
-Statuses the caller expects (404 for "unknown caller") are returned, not raised.
+An HTTP error keeps what the CRM said (its body, compacted, truncated, with secrets and
+personal data masked: :mod:`router.crm.redact`) in ``.detail`` and in its message, so
+the log line, the dead letter and ``outbox list`` say *why*. Statuses the caller expects
+(404 for "unknown caller") are returned, not raised.
+
+Every answer's rate-limit headers feed the CRM's :class:`~router.crm.limits.RateGate`
+(pauses after a 429 or an exhausted budget; lookups paced per ``crm.limits``), and
+every request first waits for its turn there. Credentials come from
+:mod:`router.crm.auth`: static ones are default headers of the pool; an OAuth2 token
+is added per request from memory, refreshed once and the request sent again on a 401.
+
 Every request counts in ``CRM_REQUESTS{op}``, every failure in ``CRM_ERRORS{op,kind}``.
 Log lines show the method and the URL path only (no query string, which may carry phone
 numbers or keys) and never a header value that holds a secret.
@@ -25,21 +35,21 @@ numbers or keys) and never a header value that holds a secret.
 from __future__ import annotations
 
 import asyncio
-import base64
-import email.utils
 import json
 import logging
 import ssl
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
+from router.crm.auth import OAuth2Client, Token, TokenStore, static_credentials
 from router.crm.config import CrmSettings
+from router.crm.limits import RateGate, limit_error, parse_retry_after, read_limits
+from router.crm.redact import summarize_body
 from router.errors import (
     ConfigError,
     CrmBadResponse,
@@ -50,13 +60,16 @@ from router.errors import (
     CrmTimeout,
     CrmUnavailable,
 )
-from router.metrics import CRM_ERRORS, CRM_REQUESTS
+from router.metrics import CRM_ERRORS, CRM_REQUESTS, CRM_TOKEN_REFRESHES
 
 log = logging.getLogger(__name__)
 
 #: Header names whose values are never shown.
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
 MASK = "***"
+
+__all__ = ["CrmHttp", "CrmResponse", "Exchange", "make_ssl", "mask_headers",
+           "parse_retry_after"]
 
 
 @dataclass
@@ -86,29 +99,6 @@ class CrmResponse:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value (delta-seconds or HTTP-date).
-
-    None when absent or unreadable; never negative.
-    """
-    if not value or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if seconds == seconds else None  # NaN check
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
 def mask_headers(headers: Mapping[str, str], extra_secret: Collection[str] = ()) -> dict[str, str]:
     """A copy of ``headers`` safe to log: secret values replaced by ``***``."""
     secret = SECRET_HEADERS | {h.lower() for h in extra_secret}
@@ -128,18 +118,45 @@ def make_ssl(settings: CrmSettings) -> ssl.SSLContext | bool:
     return context
 
 
-class CrmHttp:
-    """A small JSON-over-HTTP client for one CRM (one connection pool)."""
+@dataclass(frozen=True)
+class _Raw:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
 
-    def __init__(self, settings: CrmSettings) -> None:
+
+class CrmHttp:
+    """A small JSON-over-HTTP client for one CRM (one connection pool).
+
+    ``gate``: the CRM's rate gate, to share between the connectors of one process (a
+    new one by default); ``token_store``: Redis for an OAuth2 token shared by every
+    instance; ``oauth``: an OAuth2 client to share (made from the settings by default).
+    """
+
+    def __init__(
+        self,
+        settings: CrmSettings,
+        *,
+        gate: RateGate | None = None,
+        token_store: TokenStore | None = None,
+        oauth: OAuth2Client | None = None,
+    ) -> None:
         self.settings = settings
         self.ssl = make_ssl(settings)
         self._timeout = settings.timeout_s
         self._client: aiohttp.ClientSession | None = None
-        self._headers, self._auth_params = _auth(settings)
+        self._headers, self._auth_params = static_credentials(settings.auth, settings.headers)
+        self._headers.setdefault("Accept", "application/json")
         self._secret_headers = (
             {settings.auth.header} if settings.auth.type == "api_key" else set()
         )
+        self.gate = gate or RateGate(settings.limits, crm=settings.name)
+        oauth2 = settings.auth.oauth2 if settings.auth.type == "oauth2" else None
+        if oauth is None and oauth2 is not None:
+            oauth = OAuth2Client(oauth2, self._token_request, store=token_store)
+        self.oauth = oauth
+        if oauth2 is not None:
+            self._secret_headers.add(oauth2.header)
         #: When a list, every request and its answer is appended (``callroute crm doctor``).
         self.trace: list[Exchange] | None = None
 
@@ -151,11 +168,19 @@ class CrmHttp:
         """The headers sent on every request, masked for display."""
         return mask_headers(self._headers, self._secret_headers)
 
-    def url(self, url: str) -> str:
-        """An absolute URL: ``url`` itself, or ``base_url`` + ``url`` for a path."""
+    @property
+    def secrets(self) -> list[str]:
+        """Every secret value this client holds (to mask wherever text is shown)."""
+        held = list(self.settings.auth.secrets)
+        if self.oauth is not None:
+            held += self.oauth.secrets
+        return held
+
+    def url(self, url: str, base: str | None = None) -> str:
+        """An absolute URL: ``url`` itself, or ``base_url`` (or ``base``) + ``url``."""
         if url.startswith(("http://", "https://")):
             return url
-        return self.settings.base_url + (url if url.startswith("/") else "/" + url)
+        return (base or self.settings.base_url) + (url if url.startswith("/") else "/" + url)
 
     def _session(self) -> aiohttp.ClientSession:
         if self._client is None or self._client.closed:
@@ -171,6 +196,8 @@ class CrmHttp:
 
     async def aclose(self) -> None:
         """Close the connection pool (a later request opens a new one)."""
+        if self.oauth is not None:
+            await self.oauth.aclose()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -192,24 +219,44 @@ class CrmHttp:
         ``op`` labels metrics and logs (``lookup``, ``changed``, ``activity``...);
         statuses in ``accept_status`` are returned like a 2xx instead of raised.
         """
+        try:
+            await self.gate.admit(op)
+        except CrmRateLimited as exc:
+            log.info("crm %s %s %s not sent: %s", op, method, _path(self.url(url)), exc)
+            raise
         CRM_REQUESTS.labels(op).inc()
         started = time.monotonic()
         target = self.url(url)
         exchange = None
-        if self.trace is not None:
-            exchange = Exchange(
-                op, method, target, {**(params or {}), **self._auth_params},
-                {**self._headers, **(headers or {})}, json_body)
-            self.trace.append(exchange)
         try:
-            status, resp_headers, raw = await self._send(
-                method, target, params=params, json_body=json_body, headers=headers, data=data,
+            token = await self._token()
+            if token is not None:
+                target = self.url(url, token.base_url)
+            if self.trace is not None:
+                sent = {**self._headers, **(headers or {})}
+                if token is not None and self.oauth is not None:
+                    sent.update([self.oauth.header(token)])
+                exchange = Exchange(op, method, target, {**(params or {}), **self._auth_params},
+                                    sent, json_body)
+                self.trace.append(exchange)
+            raw = await self._exchange(
+                method, target, token, params=params, json_body=json_body, headers=headers,
+                data=data,
             )
+            if raw.status == 401 and token is not None:
+                assert self.oauth is not None
+                log.info("crm %s: 401 with the current token: refreshing it once", op)
+                token = await self.oauth.rejected(token)
+                target = self.url(url, token.base_url)
+                raw = await self._exchange(
+                    method, target, token, params=params, json_body=json_body,
+                    headers=headers, data=data,
+                )
             if exchange is not None:
-                exchange.status = status
-                exchange.response_headers = dict(resp_headers)
-                exchange.response = _preview(raw)
-            response = _classify(method, target, status, resp_headers, raw, accept_status)
+                exchange.status = raw.status
+                exchange.response_headers = dict(raw.headers)
+                exchange.response = _preview(raw.body)
+            response = self._classify(op, method, target, raw, accept_status)
         except CrmError as exc:
             if exchange is not None:
                 exchange.error = f"{exc.kind}: {exc}"
@@ -230,35 +277,75 @@ class CrmHttp:
             )
         return response
 
-    async def _send(
+    async def _token(self) -> Token | None:
+        """The OAuth2 token to send: from memory without an await when valid."""
+        if self.oauth is None:
+            return None
+        token = self.oauth.valid()
+        return token if token is not None else await self.oauth.get()
+
+    async def _exchange(
         self,
         method: str,
         target: str,
+        token: Token | None,
         *,
         params: Mapping[str, str] | None,
         json_body: Any,
         headers: Mapping[str, str] | None,
         data: aiohttp.FormData | None,
-    ) -> tuple[int, Mapping[str, str], bytes]:
+    ) -> _Raw:
         query = {**params, **self._auth_params} if params else self._auth_params or None
+        if token is not None:
+            assert self.oauth is not None
+            name, value = self.oauth.header(token)
+            headers = {**(headers or {}), name: value}
         try:
             async with asyncio.timeout(self._timeout):
                 async with self._session().request(
                     method, target, params=query, json=json_body, headers=headers, data=data,
                 ) as resp:
                     raw = await self._read(resp, method, target)
-                    status, resp_headers = resp.status, resp.headers
+                    return _Raw(resp.status, resp.headers, raw)
         except TimeoutError as exc:
             raise CrmTimeout(
                 f"{_where(method, target)}: no answer within {self._timeout:g} s"
             ) from exc
         except aiohttp.ClientConnectorError as exc:
-            raise CrmUnavailable(f"{_where(method, target)}: cannot connect: {exc}") from exc
+            unreached = CrmUnavailable(f"{_where(method, target)}: cannot connect: {exc}")
+            unreached.may_have_acted = False  # nothing left this host
+            raise unreached from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise CrmUnavailable(
                 f"{_where(method, target)}: connection failed: {type(exc).__name__}: {exc}"
             ) from exc
-        return status, resp_headers, raw
+
+    async def _token_request(
+        self, url: str, form: dict[str, str], headers: dict[str, str], send_as: str
+    ) -> tuple[int, bytes]:
+        """POST to the OAuth2 token endpoint (form body or query); status and raw body."""
+        CRM_REQUESTS.labels("token").inc()
+        target = self.url(url)
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._session().post(
+                    target, headers=headers,
+                    data=form if send_as == "form" else None,
+                    params=form if send_as == "query" else None,
+                ) as resp:
+                    raw = await self._read(resp, "POST", target)
+                    status = resp.status
+        except TimeoutError as exc:
+            CRM_TOKEN_REFRESHES.labels("failed").inc()
+            CRM_ERRORS.labels("token", CrmTimeout.kind).inc()
+            raise CrmTimeout(f"POST {_path(target)}: no answer within {self._timeout:g} s") \
+                from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            CRM_TOKEN_REFRESHES.labels("failed").inc()
+            CRM_ERRORS.labels("token", CrmUnavailable.kind).inc()
+            raise CrmUnavailable(f"POST {_path(target)}: {type(exc).__name__}: {exc}") from exc
+        CRM_TOKEN_REFRESHES.labels("ok" if 200 <= status < 300 else "failed").inc()
+        return status, raw
 
     async def _read(self, resp: aiohttp.ClientResponse, method: str, target: str) -> bytes:
         limit = self.settings.max_response_bytes
@@ -278,24 +365,35 @@ class CrmHttp:
             chunks.append(chunk)
         return b"".join(chunks)
 
-
-def _auth(settings: CrmSettings) -> tuple[dict[str, str], dict[str, str]]:
-    """Default headers and extra query parameters carrying the configured credentials."""
-    headers = dict(settings.headers)
-    params: dict[str, str] = {}
-    auth = settings.auth
-    if auth.type == "bearer":
-        headers["Authorization"] = f"Bearer {auth.token.get_secret_value()}"
-    elif auth.type == "basic":
-        pair = f"{auth.username}:{auth.password.get_secret_value()}".encode()
-        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
-    elif auth.type == "api_key":
-        if auth.location == "query":
-            params[auth.header] = auth.key.get_secret_value()
-        else:
-            headers[auth.header] = auth.key.get_secret_value()
-    headers.setdefault("Accept", "application/json")
-    return headers, params
+    def _classify(
+        self, op: str, method: str, target: str, raw: _Raw, accept: Collection[int]
+    ) -> CrmResponse:
+        status = raw.status
+        limited = status == 429 or (
+            400 <= status < 500 and status not in accept
+            and limit_error(raw.body, self.settings.limits.limit_error_codes)
+        )
+        wait = self.gate.observe(op, read_limits(raw.headers), limited=limited)
+        if 200 <= status < 300:
+            body = _parse_json(method, target, raw.body) \
+                if status != 204 and raw.body.strip() else None
+            return CrmResponse(status=status, body=body, headers=raw.headers)
+        if status in accept:  # e.g. 404 "no such caller": the body may be an HTML error page
+            try:
+                body = _parse_json(method, target, raw.body) if raw.body.strip() else None
+            except CrmBadResponse:
+                body = None
+            return CrmResponse(status=status, body=body, headers=raw.headers)
+        where = _where(method, target)
+        detail = summarize_body(raw.body, self.secrets) if status >= 400 else ""
+        if limited:
+            raise CrmRateLimited(f"{where}: HTTP {status} rate limited", status=status,
+                                 retry_after=wait, detail=detail)
+        if 400 <= status < 500:
+            raise CrmClientError(f"{where}: HTTP {status}", status=status, detail=detail)
+        if status >= 500:
+            raise CrmServerError(f"{where}: HTTP {status}", status=status, detail=detail)
+        raise CrmBadResponse(f"{where}: unexpected HTTP status {status}")
 
 
 def _preview(raw: bytes) -> Any:
@@ -318,30 +416,6 @@ def _path(url: str) -> str:
     except (ValueError, TypeError):
         return "<bad url>"
     return str(parsed.with_query(None).with_user(None).with_fragment(None))
-
-
-def _classify(
-    method: str, target: str, status: int, headers: Mapping[str, str], raw: bytes,
-    accept: Collection[int],
-) -> CrmResponse:
-    if 200 <= status < 300:
-        body = _parse_json(method, target, raw) if status != 204 and raw.strip() else None
-        return CrmResponse(status=status, body=body, headers=headers)
-    if status in accept:  # e.g. 404 "no such caller": the body may be an HTML error page
-        try:
-            body = _parse_json(method, target, raw) if raw.strip() else None
-        except CrmBadResponse:
-            body = None
-        return CrmResponse(status=status, body=body, headers=headers)
-    where = _where(method, target)
-    if status == 429:
-        retry = parse_retry_after(headers.get("Retry-After"))
-        raise CrmRateLimited(f"{where}: HTTP 429 rate limited", retry_after=retry)
-    if 400 <= status < 500:
-        raise CrmClientError(f"{where}: HTTP {status}", status=status)
-    if status >= 500:
-        raise CrmServerError(f"{where}: HTTP {status}", status=status)
-    raise CrmBadResponse(f"{where}: unexpected HTTP status {status}")
 
 
 def _parse_json(method: str, target: str, raw: bytes) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 from router.crm.base import StepResult
 from router.crm.compiled import Plan, RecordStepPlan
 from router.crm.config import CUSTOMER_FIELDS
+from router.crm.find import find_object
 from router.crm.http import CrmHttp, CrmResponse
 from router.crm.lookups import check_error
 from router.crm.mapping import get_path
@@ -154,6 +155,27 @@ class RecordRunner:
         return StepResult(
             step=step, status="duplicate" if duplicate else "done", remote_id=remote_id,
             outputs=outputs, customer={k: v for k, v in customer.items() if v not in (None, "")},
+        )
+
+    async def find_existing(self, step: str, record: Mapping[str, Any], idempotency_key: str,
+                            previous: Mapping[str, StepResult], plan: Sequence[str]
+                            ) -> StepResult | None:
+        """The object an earlier send of ``step`` created, by its ``find`` (None: not
+        found, or no ``find``); its outputs and customer fields read from that object."""
+        spec = self._spec(step)
+        if spec.find is None:
+            return None
+        context = self.context(step, jsonable(record), idempotency_key, previous, plan)
+        found = await find_object(self.http, spec.find, context, f"{step}.find")
+        if found is None:
+            return None
+        remote_id, obj = found
+        answer = {**context, "response": obj, "id": remote_id, "status": 200}
+        outputs = await self._evaluate(spec.outputs, answer)
+        customer = await self._evaluate(spec.customer, answer)
+        return StepResult(
+            step=step, status="done", remote_id=remote_id, outputs=outputs,
+            customer={k: v for k, v in customer.items() if v not in (None, "")},
         )
 
     async def fetch(self, step: str, record: Mapping[str, Any], idempotency_key: str,

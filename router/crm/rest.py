@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from router.crm.base import ChangedPage, PostResult, StepResult
+from router.crm.base import ChangedPage, PostResult, Recovery, StepResult
 from router.crm.compiled import ChangedPlan, build_plan, choose, map_customer
 from router.crm.config import CrmSettings, RecordingSettings
 from router.crm.http import CrmHttp, CrmResponse
@@ -188,6 +188,27 @@ class RestConnector:
                        previous: Mapping[str, StepResult], plan: Sequence[str]) -> StepResult:
         """Run record step ``step`` (see :mod:`router.crm.records`)."""
         return await self.records.run_step(step, record, idempotency_key, previous, plan)
+
+    # --- exactly once (router.crm.base.CreatedFinder) ---------------------------------
+
+    def recovery(self, step: str) -> Recovery:
+        """After a lost answer of ``step``: find it by its key (``find``), post it again
+        (an ``idempotency_header`` the CRM honours), or hold it (neither: a second post
+        could duplicate the object)."""
+        spec = self.plan.record_step(step)
+        if spec is None:
+            return Recovery("repost")  # nothing is posted for this step
+        if spec.find is not None:
+            return Recovery("find", spec.find.spec.settle_s)
+        return Recovery("repost" if spec.spec.idempotency_header else "hold")
+
+    async def find_created(self, step: str, record: Mapping[str, Any], idempotency_key: str,
+                           previous: Mapping[str, StepResult], plan: Sequence[str]
+                           ) -> StepResult | None:
+        """The object an earlier send of ``step`` created, found by its key."""
+        if self.plan.record_step(step) is None:
+            return None
+        return await self.records.find_existing(step, record, idempotency_key, previous, plan)
 
     async def post_call(self, record: Mapping[str, Any], idempotency_key: str) -> PostResult:
         """Run the record step ``call`` alone."""

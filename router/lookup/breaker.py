@@ -3,14 +3,17 @@
 States::
 
     closed --(``failures`` consecutive CRM-side failures)--> open
-    open   --(``cooldown_s`` elapsed, or Retry-After if longer)--> half-open
+    open   --(``cooldown_s`` elapsed)--> half-open
     half-open: exactly one probe request is let through;
                success -> closed, failure -> open again
 
 Only failures that say the CRM is in trouble count (:func:`counts`): timeouts, refused or
-dropped connections, 5xx, 429 and unreadable JSON. "Unknown caller" is an answer, not a
+dropped connections, 5xx and unreadable JSON. "Unknown caller" is an answer, not a
 failure; 4xx and mapping errors are our configuration's fault, and opening the circuit
-would not help. A 429 with ``Retry-After`` opens the circuit at once, for at least that long.
+would not help. A 429 (rate limited) does not count either: the CRM is healthy and asks
+us to slow down, which the connector's rate gate does (it holds lookups back until the
+CRM's limit resets, :mod:`router.crm.limits`); a burst of new callers must never open
+the circuit and leave every caller unrouted for a cooldown.
 
 ``callroute_breaker_open`` is 1 while open, 0.5 while half-open, 0 while closed.
 """
@@ -24,7 +27,6 @@ from enum import StrEnum
 
 from router.errors import (
     CrmBadResponse,
-    CrmRateLimited,
     CrmServerError,
     CrmTimeout,
     CrmUnavailable,
@@ -33,7 +35,7 @@ from router.metrics import BREAKER_STATE
 
 log = logging.getLogger(__name__)
 
-_COUNTED = (CrmTimeout, CrmUnavailable, CrmServerError, CrmRateLimited, CrmBadResponse)
+_COUNTED = (CrmTimeout, CrmUnavailable, CrmServerError, CrmBadResponse)
 
 
 def counts(exc: BaseException) -> bool:
@@ -110,17 +112,14 @@ class CircuitBreaker:
             return
         self._probing = False
         self.consecutive += 1
-        retry_after = exc.retry_after if isinstance(exc, CrmRateLimited) else None
-        if (self.state is State.HALF_OPEN or self.consecutive >= self.threshold
-                or retry_after is not None):
-            self._open(retry_after)
+        if self.state is State.HALF_OPEN or self.consecutive >= self.threshold:
+            self._open()
 
     def release(self) -> None:
         """An allowed request ended without an outcome (cancelled, or not a CRM failure)."""
         self._probing = False
 
-    def _open(self, retry_after: float | None) -> None:
-        wait = max(self.cooldown_s, retry_after or 0.0)
-        self.open_until = max(self.open_until, self.clock() + wait)
+    def _open(self) -> None:
+        self.open_until = max(self.open_until, self.clock() + self.cooldown_s)
         self._set(State.OPEN)
 

@@ -16,11 +16,14 @@ configured ``crm.records`` pipeline (:class:`~router.crm.base.StepSink`: each st
 
 :func:`plan` is that choice of call/lead/task; record steps see it as ``plan``.
 
-A step that succeeded is marked (``outbox:step:<step>:<key>``, holding its result: the
-created id and the outputs later steps use) so a retry of a partially done record
-skips it and still hands its results on. When all steps are done, one Lua script sets the
-delivered marker, XACKs and XDELs the entry and appends it to ``outbox:sent``; a
-reclaimed entry whose delivered marker exists is acked without sending anything.
+What each step created (its id and the outputs later steps use) is written to the
+record's ledger (:mod:`router.records.ledger`) before the record is acked, so a retry of
+a partially done record skips the steps done and still hands their results on, and a
+step whose answer was lost (timeout, dropped connection, crash) is first looked up at
+the CRM by its key instead of being created twice, even when the CRM has no idempotency
+support. When all steps are done, one Lua script sets the delivered marker, XACKs and
+XDELs the entry and appends it to ``outbox:sent``; a reclaimed entry whose delivered
+marker exists is acked without sending anything.
 
 Failures: a retryable :class:`CrmError` moves the entry (atomically: XACK + XDEL +
 ZADD) to the ``outbox:retry`` sorted set, due after a capped exponential backoff with
@@ -28,8 +31,9 @@ full jitter (``uniform(0, min(cap, base * 2**(n-1)))`` after the n-th failure), 
 the CRM's ``Retry-After``. Any worker moves due entries back into the stream (one Lua
 script, safe to run from several instances), so attempts survive restarts and a
 waiting record never blocks the others. Non-retryable errors, and retryable ones
-after ``max_attempts``, go to the ``outbox:dead`` stream with the reason, the attempt
-count and the last error. Entries of a crashed worker are reclaimed with XAUTOCLAIM
+after ``max_attempts``, go to the ``outbox:dead`` stream with the reason (``rejected``,
+``max_attempts``, ``unconfirmed``, ...), the attempt count and the last error (with what
+the CRM said, masked). Entries of a crashed worker are reclaimed with XAUTOCLAIM
 after ``claim_idle_s``.
 
 ``callroute serve`` runs one; ``callroute deliver`` runs one alone (more delivery beside
@@ -54,12 +58,13 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from router.crm.base import RecordSink, StepResult, StepSink
+from router.crm.base import CreatedFinder, RecordSink, Recovery, StepResult, StepSink
 from router.crypto import KeyRing, keyring_from_settings
-from router.errors import CrmError, CrmRateLimited, CryptoError
+from router.errors import CrmError, CrmRateLimited, CrmUnconfirmed, CryptoError
 from router.keys import Keys
 from router.log import bind_call
-from router.metrics import OUTBOX_DEPTH, RECORDS
+from router.metrics import LEDGER_STEPS, OUTBOX_DEPTH, RECORDS
+from router.records.ledger import Ledger, LedgerState, StepEntry
 from router.records.outbox import ensure_group, keys_from_settings, now_ms
 from router.records.ratelimit import TokenBucket
 from router.settings import OutboxSettings, Settings
@@ -254,6 +259,7 @@ class DeliveryWorker:
             redis=redis if settings.rate_shared else None, key=keys.ratelimit(crm_name),
         )
         self.rng = rng or random.Random()  # noqa: S311 - retry jitter, not a secret
+        self.ledger = Ledger(redis, keys, settings.delivered_ttl_s)
         self._done = redis.register_script(_DONE_LUA)
         self._retry = redis.register_script(_RETRY_LUA)
         self._dead = redis.register_script(_DEAD_LUA)
@@ -298,19 +304,26 @@ class DeliveryWorker:
             return await self._dead_letter(entry, entry.attempt, "bad_entry", str(exc))
         wanted = plan(record, self.settings)
         steps = self.steps.step_names()
-        markers = [self.keys.delivered(entry.key)]
-        markers += [self.keys.outbox_step(entry.key, step) for step in steps]
-        state = await self.redis.mget(markers)
-        if state[0] is not None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.keys.delivered(entry.key))
+            pipe.hgetall(self.keys.outbox_ledger(entry.key))
+            pipe.mget([self.keys.outbox_step(entry.key, step) for step in steps])
+            delivered, fields, legacy = await pipe.execute()
+        if delivered:
             await self._finish(entry, duplicate=True)
             return "duplicate"
+        ledger = LedgerState.parse(fields or {})
         previous: dict[str, StepResult] = {}
         try:
-            for step, done in zip(steps, state[1:], strict=True):
-                if done is not None:
-                    previous[step] = StepResult.from_marker(step, done)
+            for step, marker in zip(steps, legacy, strict=True):
+                done = ledger.done.get(step)
+                if done is not None or marker is not None:
+                    previous[step] = done.result if done is not None \
+                        else StepResult.from_marker(step, marker)
+                    LEDGER_STEPS.labels("skipped").inc()
                 elif self.steps.wants(step, record, previous, wanted):
-                    previous[step] = await self._send(step, record, entry.key, previous, wanted)
+                    previous[step] = await self._send(step, record, entry.key, previous,
+                                                      wanted, ledger)
         except CrmError as exc:
             return await self._failed(entry, exc)
         except Exception as exc:  # a connector bug must not lose the record: retried
@@ -320,15 +333,71 @@ class DeliveryWorker:
         return "delivered"
 
     async def _send(self, step: str, record: Mapping[str, Any], key: str,
-                    previous: Mapping[str, StepResult], wanted: Sequence[str]) -> StepResult:
+                    previous: Mapping[str, StepResult], wanted: Sequence[str],
+                    ledger: LedgerState) -> StepResult:
+        """Settle one step: recover a lost answer's object, else run it; either way the
+        ledger says what the step created before this returns."""
+        idem = idempotency_key(key, step)
+        sent_at = ledger.sent.get(step)
+        if sent_at is not None:
+            found = await self._recover(step, record, idem, sent_at, previous, wanted)
+            if found is not None:
+                await self.ledger.done(key, step, StepEntry(found, idem, now_ms(), "found"))
+                LEDGER_STEPS.labels("found").inc()
+                log.info("%s step %s: the lost answer's object was found at the CRM (id %s);"
+                         " not created again", key, step, found.remote_id)
+                return found
         await self.limiter.acquire()
-        result = await self.steps.run_step(step, record, idempotency_key(key, step), previous,
-                                           wanted)
-        if result.status != "skipped":
-            ttl = int(self.settings.delivered_ttl_s * 1000)
-            await self.redis.set(self.keys.outbox_step(key, step), result.marker(), px=ttl)
+        await self.ledger.sending(key, step, now_ms())
+        try:
+            result = await self.steps.run_step(step, record, idem, previous, wanted)
+        except CrmError as exc:
+            if not exc.may_have_acted:
+                await self.ledger.not_sent(key, step)
+            raise
+        if result.status == "skipped":
+            await self.ledger.not_sent(key, step)
+        else:
+            how = "duplicate" if result.status == "duplicate" else "created"
+            await self.ledger.done(key, step, StepEntry(result, idem, now_ms(), how))
+            LEDGER_STEPS.labels("created" if sent_at is None else "reposted").inc()
         log.debug("%s step %s %s (remote id %s)", key, step, result.status, result.remote_id)
         return result
+
+    async def _recover(self, step: str, record: Mapping[str, Any], idem: str, sent_at: int,
+                       previous: Mapping[str, StepResult], wanted: Sequence[str]
+                       ) -> StepResult | None:
+        """After a lost answer: the object found by its key, or None to run the step
+        (again). Raises CrmUnconfirmed when nothing can tell and posting could duplicate,
+        and a retryable CrmError while a not-found may still be the CRM's search lagging.
+        """
+        sink = self.sink
+        recovery = sink.recovery(step) if isinstance(sink, CreatedFinder) \
+            else Recovery("repost")
+        if recovery.mode == "repost":
+            log.info("step %s: answer lost earlier; sent again with the same "
+                     "idempotency key %s", step, idem)
+            return None
+        if recovery.mode == "hold" or not isinstance(sink, CreatedFinder):
+            LEDGER_STEPS.labels("unconfirmed").inc()
+            raise CrmUnconfirmed(
+                f"step {step}: the answer to an earlier send was lost and the CRM may have "
+                f"created it; give the step a find (look it up by {idem!r}) or an "
+                f"idempotency header, or check the CRM and run outbox replay --force"
+            )
+        await self.limiter.acquire()
+        found = await sink.find_created(step, record, idem, previous, wanted)
+        if found is not None:
+            return found
+        waited = (now_ms() - sent_at) / 1000.0
+        if waited < recovery.settle_s:
+            raise CrmError(
+                f"step {step}: not found by its key {waited:.1f} s after the lost send; "
+                f"looking again after the CRM's search settles ({recovery.settle_s:g} s)"
+            )
+        log.info("step %s: answer lost earlier, not found by its key %s: posting it",
+                 step, idem)
+        return None
 
     async def _finish(self, entry: Entry, *, duplicate: bool) -> None:
         """Delivered: marker + XACK + XDEL (+ keep in outbox:sent), atomically."""
@@ -347,6 +416,8 @@ class DeliveryWorker:
         kind = exc.kind if isinstance(exc, CrmError) else "internal"
         error = f"{kind}: {exc}"[:MAX_ERROR_CHARS]
         retryable = exc.retryable if isinstance(exc, CrmError) else True
+        if isinstance(exc, CrmUnconfirmed):
+            return await self._dead_letter(entry, attempt, "unconfirmed", error)
         if not retryable:
             return await self._dead_letter(entry, attempt, "rejected", error)
         if attempt >= self.settings.max_attempts:

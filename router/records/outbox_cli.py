@@ -6,11 +6,15 @@
   letters only, ``--limit``).
 - ``retry``: move dead letters (all, or ``--key K`` ...) back into the outbox with a
   fresh attempt count.
-- ``replay``: send records again: by ``--key`` (delivered ones still kept in
-  ``outbox:sent``, or dead ones), all delivered in a window (``--since``/``--until``,
-  ISO 8601), or ``--dead``. Replay clears the delivered and step markers, so every step
-  runs again; the idempotency keys are unchanged, so a CRM that still remembers a key
-  answers "duplicate" instead of creating a second object.
+- ``replay``: send records again: by ``--key`` (dead ones, or delivered ones still kept
+  in ``outbox:sent``), all delivered in a window (``--since``/``--until``, ISO 8601),
+  or ``--dead``. A dead letter goes back into the outbox with its ledger: the steps it
+  already created are not sent again. A *delivered* record is not sent again (a no-op,
+  reported as skipped) unless ``--force``: then its delivered marker and ledger are
+  dropped and every step runs again (a step with a ``find`` still looks its object up
+  by its key first, and the idempotency keys are unchanged, so a CRM that remembers a
+  key answers "duplicate"). ``--force`` on a dead letter also drops its ledger (after a
+  person checked an ``unconfirmed`` one at the CRM).
 
 Every command prints a human-readable table, or one JSON document with ``--json``. The
 functions below are the programmatic API (also used by the admin API if it wants).
@@ -22,6 +26,7 @@ import argparse
 import asyncio
 import json
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -162,8 +167,15 @@ async def _dead_ids(redis: Redis, keys: Keys, record_keys: Sequence[str] | None)
 
 
 async def _clear_markers(redis: Redis, keys: Keys, record_key: str) -> None:
-    await redis.delete(keys.delivered(record_key),
-                       *(keys.outbox_step(record_key, s) for s in ("call", "lead", "task")))
+    await redis.delete(keys.delivered(record_key), keys.outbox_ledger(record_key))
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """What a replay did: records queued again, and delivered ones left alone."""
+
+    queued: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
 async def retry_dead(
@@ -189,14 +201,18 @@ async def replay(
     since: datetime | None = None,
     until: datetime | None = None,
     dead: bool = False,
-) -> list[str]:
-    """Send records again (kept delivered ones by key or delivery window, and/or dead
-    letters); clears their delivered/step markers. Returns the record keys queued."""
+    force: bool = False,
+) -> Replayed:
+    """Send records again: dead letters (by key, or all with ``dead``) go back into the
+    outbox; delivered ones (kept in ``outbox:sent``, by key or delivery window) only
+    with ``force``, which drops their delivered marker and ledger (see the module)."""
     queued: list[str] = []
     if dead or record_keys:
         for key in await retry_dead(redis, keys, record_keys if not dead else None):
-            await _clear_markers(redis, keys, key)
+            if force:
+                await _clear_markers(redis, keys, key)
             queued.append(key)
+    skipped: list[str] = []
     if record_keys or since or until:
         lo = f"{int(since.timestamp() * 1000)}-0" if since else "-"
         hi = f"{int(until.timestamp() * 1000)}-0" if until else "+"
@@ -206,13 +222,16 @@ async def replay(
             if (wanted is None or f.get("key") in wanted) and f.get("key") not in queued:
                 latest[f["key"]] = f
         for key, f in latest.items():
+            if not force:
+                skipped.append(key)
+                continue
             await _clear_markers(redis, keys, key)
             await redis.xadd(keys.outbox_stream, {
                 "key": key, "record": f.get("record", ""), "attempt": "0",
-                "enq": str(now_ms()), "error": "replayed",
+                "enq": str(now_ms()), "error": "replayed (forced)",
             })
             queued.append(key)
-    return queued
+    return Replayed(queued, skipped)
 
 
 # --- command line ------------------------------------------------------------------------
@@ -256,6 +275,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--since", type=_iso, help="delivered at or after (ISO 8601)")
     p.add_argument("--until", type=_iso, help="delivered before (ISO 8601)")
     p.add_argument("--dead", action="store_true", help="all dead letters")
+    p.add_argument("--force", action="store_true",
+                   help="also send delivered records again, and forget what dead ones created")
     p.set_defaults(outbox_handler=_sync(_cmd_replay))
 
 
@@ -297,11 +318,13 @@ async def _cmd_list(redis: Redis, settings: Settings, args: argparse.Namespace) 
         raise ConfigError("--limit must be at least 1")
     rows = await list_entries(redis, keys_from_settings(settings), settings.outbox.group,
                               dead_only=args.dead, limit=args.limit)
-    lines = [f"{'KEY':<40} {'STATE':<9} {'AGE_S':>9} {'TRIES':>5}  LAST ERROR"]
+    lines = [f"{'KEY':<40} {'STATE':<9} {'AGE_S':>9} {'TRIES':>5}  REASON"]
     for r in rows:
         age = "-" if r["age_s"] is None else f"{r['age_s']:.1f}"
-        error = (r["last_error"] or "")[:60]
-        lines.append(f"{r['key']:<40} {r['state']:<9} {age:>9} {r['attempts']:>5}  {error}")
+        lines.append(f"{r['key']:<40} {r['state']:<9} {age:>9} {r['attempts']:>5}  "
+                     f"{r.get('reason') or ''}")
+        if r["last_error"]:  # whole: it holds what the CRM said (masked, bounded)
+            lines.append(f"    last error: {r['last_error']}")
     if not rows:
         lines.append("(no entries)")
     _emit(args, rows, "\n".join(lines))
@@ -329,11 +352,15 @@ async def _cmd_replay(redis: Redis, settings: Settings, args: argparse.Namespace
     if not (args.key or args.since or args.until or args.dead):
         print("callroute outbox replay: give --key, --since/--until or --dead")
         return 2
-    queued = await replay(redis, keys_from_settings(settings), record_keys=args.key,
-                          since=args.since, until=args.until, dead=args.dead)
-    await _audit(redis, settings, "outbox.replay", queued,
+    done = await replay(redis, keys_from_settings(settings), record_keys=args.key,
+                        since=args.since, until=args.until, dead=args.dead, force=args.force)
+    await _audit(redis, settings, "outbox.replay", done.queued,
                  {"keys": args.key, "since": args.since, "until": args.until,
-                  "dead": args.dead})
-    _emit(args, {"replayed": queued}, f"queued {len(queued)} record(s) for delivery again")
-    return 0 if queued else 1
+                  "dead": args.dead, "force": args.force})
+    text = f"queued {len(done.queued)} record(s) for delivery again"
+    if done.skipped:
+        text += (f"; {len(done.skipped)} already delivered, not sent again "
+                 f"(--force to send them anyway): {', '.join(done.skipped[:10])}")
+    _emit(args, {"replayed": done.queued, "skipped": done.skipped}, text)
+    return 0 if done.queued or done.skipped else 1
 

@@ -193,7 +193,8 @@ async def test_accepted_status_is_returned() -> None:
 
 
 async def test_rate_limited_with_seconds_and_date() -> None:
-    """429 carries retry_after from Retry-After as delta-seconds or as an HTTP-date."""
+    """429 carries retry_after from Retry-After as delta-seconds or as an HTTP-date, and
+    the configured default pause (crm.limits.default_retry_s) when it names none."""
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     async with running_crm() as crm:
         crm.faults.add("status", status=429, retry_after="7", count=1)
@@ -208,7 +209,7 @@ async def test_rate_limited_with_seconds_and_date() -> None:
     assert seconds.value.retry_after == 7.0
     assert date.value.retry_after is not None
     assert 27 <= date.value.retry_after <= 30
-    assert absent.value.retry_after is None
+    assert absent.value.retry_after == 1.0
 
 
 def test_parse_retry_after_edge_cases() -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from router.crm.config import CrmSettings, sample_crm_section
 from router.crm.rest import RestConnector
+from router.lookup.breaker import State
 from router.metrics import REGISTRY
 from router.samplecrm import SampleCrm, make_app, seed_customers, start_sample_crm, state_of
 from tests.router.lookup.cache_crm import make_lookup, num
@@ -86,16 +87,20 @@ async def test_faults_are_classified_and_counted_once(
     await lookup.aclose()
 
 
-async def test_rate_limit_with_retry_after_opens_breaker(
+async def test_rate_limit_with_retry_after_pauses_without_opening_breaker(
     sample: Sample, redis: aioredis.Redis
 ) -> None:
-    """429 with Retry-After: 7 opens the circuit for 7 s (cooldown 1 s): no more requests."""
+    """429 with Retry-After: 7 pauses the CRM for 7 s in the connector's rate gate (over
+    its 5 s queue bound, so later lookups are refused unsent) and leaves the circuit
+    closed: the CRM received one request."""
     sample.state.faults.add("status", path="/api/customers", status=429, retry_after="7")
     lookup = make_lookup(sample.connector, redis, breaker_cooldown_s=1)
     assert (await lookup.find(num(LI_LEI), timeout_s=1)).error == "429"
-    assert lookup.breaker.retry_in > 6.5
-    assert (await lookup.find(num("+8613900139000"), timeout_s=1)).error == "circuit_open"
+    assert lookup.breaker.state is State.CLOSED
+    assert sample.connector.http.gate.pause_left > 6.5
+    assert (await lookup.find(num("+8613900139000"), timeout_s=1)).error == "429"
     assert sample.lookups() == 1
+    assert lookup.breaker.state is State.CLOSED
 
 
 async def test_single_flight_and_deadline_against_sample_crm(

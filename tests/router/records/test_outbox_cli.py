@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from router.records.outbox_cli import register, replay, retry_dead, status
+from router.records.outbox_cli import Replayed, register, replay, retry_dead, status
 from router.settings import load_settings
 from tests.router.records.outbox_crm import (  # noqa: F401  (fixtures)
     FakeCrm,
@@ -113,25 +113,33 @@ async def test_retry_moves_dead_letters_back_and_they_are_delivered(
     assert crm.count() == {"call-0": 2, "call-1": 2, "call-2": 2}
 
 
-async def test_replay_resends_delivered_records_in_a_window(
+async def test_replay_of_delivered_records_is_a_no_op_unless_forced(
     h: Harness, crm: FakeCrm, redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """replay --since re-sends delivered records kept in outbox:sent with the same
-    idempotency key (the CRM answers duplicate: still one object per key); replay of a
-    key outside the kept set queues nothing."""
+    """replay --since of delivered records sends nothing and reports them skipped; with
+    --force they are sent again with the same idempotency key (the CRM answers duplicate:
+    still one object per key); replay of a key outside the kept set queues nothing."""
     for n in range(3):
         await h.outbox.enqueue(call_record(n))
     h.start()
     await wait_until(lambda: len(crm.objects()) == 3)
     cfg = config_file(tmp_path, redis_url)
-    code, out = await cli(["outbox", "replay", "--since", "2000-01-01T00:00:00+00:00",
-                           "--config", str(cfg), "--json"], capsys)
+    since = ["--since", "2000-01-01T00:00:00+00:00", "--config", str(cfg)]
+    code, out = await cli(["outbox", "replay", *since, "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert (data["replayed"], sorted(data["skipped"])) == ([], ["call-0", "call-1", "call-2"])
+    code, out = await cli(["outbox", "replay", *since], capsys)
+    assert "3 already delivered, not sent again (--force" in out
+    await asyncio.sleep(0.3)
+    assert len(crm.received) == 3
+    code, out = await cli(["outbox", "replay", *since, "--force", "--json"], capsys)
     assert code == 0
     assert sorted(json.loads(out)["replayed"]) == ["call-0", "call-1", "call-2"]
     await wait_until(lambda: len(crm.received) == 6)
     assert crm.count() == {"call-0": 2, "call-1": 2, "call-2": 2}
     assert len(crm.objects()) == 3
-    assert await replay(h.redis, h.keys, record_keys=["nope"]) == []
+    assert await replay(h.redis, h.keys, record_keys=["nope"]) == Replayed([], [])
     code, out = await cli(["outbox", "replay", "--config", str(cfg)], capsys)
     assert code == 2
 

@@ -1,0 +1,81 @@
+"""Find an object a record step created earlier, by the key written into it.
+
+For CRMs without idempotency keys, exactly-once delivery needs a way to ask "is the
+activity of call K already there?" after an answer was lost. The step writes its
+idempotency key into the object (an external-id field, a tag, a marker such as
+``callroute:{idempotency_key}`` in the description), and its ``find``
+(:class:`~router.crm.config.FindSpec`) says how to search for it::
+
+    records:
+      - name: call
+        url: /crm/v3/objects/calls
+        body: {properties: {hs_call_body: "... callroute:{idempotency_key}"}}
+        find:
+          method: POST
+          url: /crm/v3/objects/calls/search
+          body: {filterGroups: [{filters: [{propertyName: hs_call_body,
+                 operator: CONTAINS_TOKEN, value: "callroute:{idempotency_key}"}]}]}
+          results: results
+          match: {path: properties.hs_call_body, contains: "callroute:{idempotency_key}"}
+          id_path: id
+          settle_s: 10
+
+callroute never trusts a broad search: each object must carry the key at ``match.path``
+(equal to, or containing, the rendered text); the first that does is the step's object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from router.crm.lookups import check_error
+from router.crm.mapping import MISSING, get_path
+from router.errors import CrmMappingError
+
+if TYPE_CHECKING:
+    from router.crm.compiled import FindPlan
+    from router.crm.http import CrmHttp
+
+
+async def find_object(
+    http: CrmHttp, find: FindPlan, context: Mapping[str, Any], op: str
+) -> tuple[str, Any] | None:
+    """The id and the object the search finds and ``match`` accepts, or None.
+
+    Raises the request's CrmError, or CrmMappingError naming the config path when the
+    answer has no list at ``results`` or a matching object no id at ``id_path``.
+    """
+    spec = find.spec
+    method, url, params, headers, body = find.request.render(context)
+    resp = await http.request(op, method, url, params=params, headers=headers or None,
+                              json_body=body, accept_status=spec.not_found_status)
+    if resp.status in spec.not_found_status or resp.body is None:
+        return None
+    check_error(find.request, resp, context, f"crm {op}", op)
+    found = get_path(resp.body, spec.results)
+    if found is MISSING:
+        raise CrmMappingError(f"{op}.results: path {spec.results!r} not in the answer")
+    objects = found if isinstance(found, list) else [found] if isinstance(found, dict) else []
+    wanted = str(find.match(context)) if find.match is not None else None
+    for obj in objects:
+        if find.match is not None and not _matches(obj, spec.match.path if spec.match else "",
+                                                   wanted or "", spec.match is not None
+                                                   and spec.match.equals is not None):
+            continue
+        value = get_path(obj, spec.id_path)
+        if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
+            return str(value), obj
+        raise CrmMappingError(f"{op}.id_path: {spec.id_path!r} not in the object found")
+    return None
+
+
+def _matches(obj: Any, path: str, wanted: str, equals: bool) -> bool:
+    value = get_path(obj, path)
+    if value is MISSING or value is None or not wanted:
+        return False
+    text = str(value)
+    return text == wanted if equals else wanted in text
+
+
+__all__ = ["find_object"]

@@ -1,0 +1,314 @@
+"""OAuth2 and static auth against a loopback token endpoint and an API that checks
+every header it gets; the token shared by instances through a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from pydantic import SecretStr, ValidationError
+
+from router.crm.auth import OAuth2Client, Token, TokenStore
+from router.crm.config import CrmSettings
+from router.crm.http import CrmHttp
+from router.errors import CrmClientError
+from router.keys import Keys
+from router.settings import load_settings
+from tests.crm_server import closed_port
+from tests.redis_server import RedisServer
+from tests.router.crm.oauth_server import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    REFRESH_TOKEN,
+    OAuthServer,
+    oauth_server,
+)
+
+KEYS = Keys(prefix="t:")
+
+
+class Clock:
+    """A wall clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def crm(server: OAuthServer, **oauth: Any) -> CrmSettings:
+    """Settings for the loopback API with an oauth2 block."""
+    base_url = oauth.pop("base_url", server.url)
+    block = {"token_url": "/oauth/token", "client_id": CLIENT_ID,
+             "client_secret": CLIENT_SECRET, **oauth}
+    return CrmSettings.model_validate({
+        "name": "loop", "base_url": base_url,
+        "auth": {"type": "oauth2", "oauth2": block},
+    })
+
+
+def client(settings: CrmSettings, *, redis: aioredis.Redis | None = None,
+           clock: Callable[[], float] = time.time) -> CrmHttp:
+    """A CrmHttp whose OAuth2 client uses ``clock`` and, with ``redis``, the shared store."""
+    http = CrmHttp(settings)
+    assert settings.auth.oauth2 is not None
+    store = TokenStore(redis, KEYS, settings.name) if redis is not None else None
+    http.oauth = OAuth2Client(settings.auth.oauth2, http._token_request, store=store,
+                              clock=clock)
+    return http
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of the flushed test Redis."""
+    r = aioredis.Redis.from_url(redis_url)
+    yield r
+    await r.aclose()
+
+
+async def ping(http: CrmHttp) -> Any:
+    """One API request; the body the API answered."""
+    return (await http.request("lookup", "GET", "/api/ping")).body
+
+
+async def test_client_credentials_token_is_fetched_once_and_sent() -> None:
+    """The client credentials grant posts grant_type, client_id and client_secret as a
+    form; the token is sent as Bearer on every request and fetched only once."""
+    async with oauth_server() as server:
+        http = client(crm(server))
+        try:
+            for _ in range(5):
+                assert (await ping(http))["token"] == "at-1"
+        finally:
+            await http.aclose()
+    (request,) = server.token_requests
+    assert request["grant_type"] == "client_credentials"
+    assert (request["client_id"], request["client_secret"]) == (CLIENT_ID, CLIENT_SECRET)
+    assert {r["authorization"] for r in server.api_requests} == {"Bearer at-1"}
+
+
+async def test_refresh_before_expiry_runs_in_the_background() -> None:
+    """Within refresh_margin_s of the expiry a request goes on with the valid token while
+    one refresh runs; past the expiry a request waits for a new token. The API never
+    gets an expired token."""
+    clock = Clock()
+    async with oauth_server(expires_in=3600) as server:
+        http = client(crm(server, refresh_margin_s=60), clock=clock)
+        try:
+            assert (await ping(http))["token"] == "at-1"
+            clock.now += 3550  # 50 s left: inside the margin
+            assert (await ping(http))["token"] == "at-1"
+            assert http.oauth is not None
+            refresh = http.oauth._refresh
+            assert refresh is not None
+            await refresh
+            assert (await ping(http))["token"] == "at-2"
+            assert len(server.token_requests) == 2
+            clock.now += 7200  # at-2 expired long ago
+            assert (await ping(http))["token"] == "at-3"
+        finally:
+            await http.aclose()
+    assert [r["authorization"] for r in server.api_requests] == [
+        "Bearer at-1", "Bearer at-1", "Bearer at-2", "Bearer at-3"]
+
+
+async def test_a_401_forces_exactly_one_refresh_and_one_resend() -> None:
+    """A token the API refuses (revoked) is refreshed once and the request sent again;
+    when the new token is refused too, the 401 is final and says what the API said."""
+    async with oauth_server() as server:
+        http = client(crm(server))
+        try:
+            await ping(http)
+            server.revoke_all()
+            assert (await ping(http))["token"] == "at-2"
+            assert [r["authorization"] for r in server.api_requests] == [
+                "Bearer at-1", "Bearer at-1", "Bearer at-2"]
+            server.accept = False  # from now on no token is accepted
+            before = len(server.token_requests)
+            with pytest.raises(CrmClientError) as refused:
+                await ping(http)
+        finally:
+            await http.aclose()
+    assert len(server.token_requests) == before + 1
+    assert refused.value.status == 401
+    assert "invalid_token" in str(refused.value)
+
+
+async def test_refresh_token_grant_with_basic_client_auth_and_rotation(
+    redis: aioredis.Redis,
+) -> None:
+    """The refresh grant (Pipedrive's form: client as HTTP basic) sends the refresh token;
+    a rotated one is used next time and kept in Redis, so a second instance configured
+    with the old one still refreshes."""
+    async with oauth_server(client_auth="basic", rotate=True) as server:
+        settings = crm(server, grant="refresh_token", refresh_token=REFRESH_TOKEN,
+                       client_auth="basic")
+        first = client(settings, redis=redis)
+        second = client(settings, redis=redis)
+        try:
+            await ping(first)
+            server.revoke_all()
+            await ping(first)
+            await redis.delete(KEYS.crm_token("loop"))  # the second must refresh itself
+            server.revoke_all()
+            assert (await ping(second))["token"] == "at-6"
+        finally:
+            await first.aclose()
+            await second.aclose()
+    grants = [(r["grant_type"], r["refresh_token"]) for r in server.token_requests]
+    assert grants == [("refresh_token", REFRESH_TOKEN), ("refresh_token", "rt-rotated-1"),
+                      ("refresh_token", "rt-rotated-3")]
+    assert all(r["authorization"].startswith("Basic ") for r in server.token_requests)
+    assert all("client_secret" not in r for r in server.token_requests)
+    assert (await redis.get(KEYS.crm_refresh_token("loop"))) == b"rt-rotated-5"
+
+
+async def test_instances_share_the_token_and_only_one_refreshes(
+    redis: aioredis.Redis,
+) -> None:
+    """A second instance adopts the token from Redis without asking the endpoint; when
+    every token is revoked, 3 instances x 5 concurrent requests cause ONE refresh (the
+    lock holder's; the others wait for it and adopt it)."""
+    async with oauth_server(delay_s=0.2) as server:
+        settings = crm(server)
+        instances = [client(settings, redis=redis) for _ in range(3)]
+        try:
+            await ping(instances[0])
+            assert (await ping(instances[1]))["token"] == "at-1"
+            assert len(server.token_requests) == 1
+            server.revoke_all()
+            answers = await asyncio.gather(*(ping(i) for i in instances for _ in range(5)))
+        finally:
+            for i in instances:
+                await i.aclose()
+    assert {a["token"] for a in answers} == {"at-2"}
+    assert len(server.token_requests) == 2
+    assert await redis.exists(KEYS.crm_token_lock("loop")) == 0
+    stored = Token.from_json(await redis.get(KEYS.crm_token("loop")))
+    assert stored is not None
+    assert stored.access_token == "at-2"
+
+
+async def test_a_valid_token_costs_no_redis_command(redis: aioredis.Redis) -> None:
+    """With a valid token in memory, requests send no command to Redis at all (the
+    call path's lookups add no await on Redis for auth)."""
+    async with oauth_server() as server:
+        http = client(crm(server), redis=redis)
+        try:
+            await ping(http)
+            before = await redis.info("commandstats")
+            for _ in range(30):
+                await ping(http)
+            after = await redis.info("commandstats")
+        finally:
+            await http.aclose()
+
+    def calls(stats: dict[str, Any]) -> int:
+        return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+    assert calls(after) == calls(before)
+    assert len(server.api_requests) == 31
+
+
+async def test_redis_down_degrades_to_a_refresh_per_instance(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the token store's Redis gone, the token is still fetched (per instance) and
+    requests go through; a log line says so."""
+    caplog.set_level(logging.WARNING, logger="router.crm.auth")
+    store_redis = aioredis.Redis.from_url(own_redis.url, socket_timeout=0.2,
+                                          socket_connect_timeout=0.2)
+    own_redis.stop()
+    async with oauth_server() as server:
+        http = client(crm(server), redis=store_redis)
+        try:
+            assert (await ping(http))["token"] == "at-1"
+        finally:
+            await http.aclose()
+            await store_redis.aclose()
+    assert "Redis unavailable" in caplog.text
+
+
+async def test_token_endpoint_refusal_says_why_with_the_secret_masked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong client secret fails with the endpoint's own error (invalid_client) in the
+    exception and the log line, and the secret it echoes is masked."""
+    caplog.set_level(logging.WARNING)
+    async with oauth_server() as server:
+        settings = crm(server)
+        assert settings.auth.oauth2 is not None
+        settings.auth.oauth2.client_secret = SecretStr("wrong-SECRET-999")
+        http = client(settings)
+        try:
+            with pytest.raises(CrmClientError) as refused:
+                await ping(http)
+        finally:
+            await http.aclose()
+    assert refused.value.status == 401
+    assert '"error":"invalid_client"' in str(refused.value)
+    assert "wrong-SECRET-999" not in str(refused.value)
+    assert "***" in refused.value.detail
+    assert "invalid_client" in caplog.text
+    assert "wrong-SECRET-999" not in caplog.text
+
+
+async def test_zoho_style_query_parameters_and_token_scheme() -> None:
+    """send_as: query puts the grant in the query string (Zoho's documented form), and
+    the token goes out as 'Authorization: Zoho-oauthtoken <token>'."""
+    async with oauth_server(scheme="Zoho-oauthtoken") as server:
+        http = client(crm(server, grant="refresh_token", refresh_token=REFRESH_TOKEN,
+                          send_as="query", scheme="Zoho-oauthtoken"))
+        try:
+            assert (await ping(http))["token"] == "at-1"
+        finally:
+            await http.aclose()
+    assert server.token_requests[0]["grant_type"] == "refresh_token"
+    assert server.api_requests[0]["authorization"] == "Zoho-oauthtoken at-1"
+
+
+async def test_salesforce_style_instance_url_and_default_lifetime() -> None:
+    """A token answer without expires_in lives default_expires_s; its instance_url is
+    the base of the API requests (the configured base_url points nowhere)."""
+    clock = Clock()
+    async with oauth_server(expires_in=None) as server:
+        server.instance_url = server.url.replace("127.0.0.1", "localhost")
+        settings = crm(server, base_url=f"http://127.0.0.1:{closed_port()}",
+                       token_url=f"{server.url}/oauth/token", base_url_field="instance_url",
+                       default_expires_s=7200)
+        http = client(settings, clock=clock)
+        try:
+            assert (await ping(http))["token"] == "at-1"
+        finally:
+            await http.aclose()
+    assert http.oauth is not None
+    assert http.oauth.token is not None
+    assert http.oauth.token.expires_at == pytest.approx(clock.now + 7200, abs=1)
+
+
+def test_oauth2_config_needs_its_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """oauth2 without its block, or a grant without its secret, fails validation naming
+    the field; secrets come from the environment with ${VAR}."""
+    with pytest.raises(ValidationError, match=r"crm\.auth\.oauth2"):
+        CrmSettings.model_validate({"auth": {"type": "oauth2"}})
+    with pytest.raises(ValidationError, match="refresh_token"):
+        CrmSettings.model_validate({"auth": {"type": "oauth2", "oauth2": {
+            "token_url": "/t", "client_id": "c", "grant": "refresh_token"}}})
+    with pytest.raises(ValidationError, match="client_secret"):
+        CrmSettings.model_validate({"auth": {"type": "oauth2", "oauth2": {
+            "token_url": "/t", "client_id": "c"}}})
+    monkeypatch.setenv("CRM_CLIENT_SECRET", "from-env-123")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("crm:\n  auth:\n    type: oauth2\n    oauth2:\n      token_url: /t\n"
+                   "      client_id: c\n      client_secret: ${CRM_CLIENT_SECRET}\n")
+    oauth2 = load_settings(cfg).crm.auth.oauth2
+    assert oauth2 is not None
+    assert oauth2.client_secret.get_secret_value() == "from-env-123"
+    assert "from-env-123" in load_settings(cfg).crm.auth.secrets
