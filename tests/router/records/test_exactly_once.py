@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from tests.router.records.noidem_crm import (  # noqa: F401  (fixture)
 from tests.router.records.outbox_crm import call_record, outbox_settings, wait_until
 
 KEYS = Keys(prefix="t:")
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def steps(outcome: str) -> float:
@@ -281,14 +284,10 @@ async def test_worker_killed_after_the_crm_committed(
 
 async def spawn_worker(redis_url: str, crm: NoIdemCrm, *flags: str) -> Any:
     """Start a ledger worker process and wait for its READY line."""
-    import os
-    import sys
-
-    root = Path(__file__).resolve().parents[3]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.router.records.ledger_worker_proc", redis_url, crm.url,
-        "t:", *flags, cwd=root, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(root)},
+        "t:", *flags, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 20)
