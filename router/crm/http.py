@@ -48,7 +48,13 @@ from yarl import URL
 
 from router.crm.auth import OAuth2Client, Token, TokenStore, static_credentials
 from router.crm.config import CrmSettings
-from router.crm.limits import RateGate, limit_error, parse_retry_after, read_limits
+from router.crm.limits import (
+    HeldBack,
+    RateGate,
+    limit_error,
+    parse_retry_after,
+    read_limits,
+)
 from router.crm.redact import summarize_body
 from router.errors import (
     ConfigError,
@@ -67,6 +73,9 @@ log = logging.getLogger(__name__)
 #: Header names whose values are never shown.
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
 MASK = "***"
+#: Operations that only read: sent again after a rate limit (a write is retried by its
+#: caller, which knows whether it was carried out).
+READS = frozenset({"lookup", "changed"})
 
 __all__ = ["CrmHttp", "CrmResponse", "Exchange", "make_ssl", "mask_headers",
            "parse_retry_after"]
@@ -217,11 +226,40 @@ class CrmHttp:
         """Send one request; return the answer or raise a :class:`CrmError` subclass.
 
         ``op`` labels metrics and logs (``lookup``, ``changed``, ``activity``...);
-        statuses in ``accept_status`` are returned like a 2xx instead of raised.
+        statuses in ``accept_status`` are returned like a 2xx instead of raised. A read
+        (``lookup``, ``changed``) that is rate limited is sent again once the CRM's
+        limit resets, as long as that is within the op's queue bound.
         """
+        started = time.monotonic()
+        while True:
+            try:
+                return await self._once(
+                    op, method, url, params=params, json_body=json_body, headers=headers,
+                    data=data, accept_status=accept_status,
+                )
+            except HeldBack:
+                raise
+            except CrmRateLimited:
+                # reads wait their turn again (the gate queues or holds them back); a
+                # write is the caller's to retry (the outbox schedules it)
+                if op not in READS or time.monotonic() - started >= self.gate.queue_bound(op):
+                    raise
+
+    async def _once(
+        self,
+        op: str,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None,
+        json_body: Any,
+        headers: Mapping[str, str] | None,
+        data: aiohttp.FormData | None,
+        accept_status: Collection[int],
+    ) -> CrmResponse:
         try:
             await self.gate.admit(op)
-        except CrmRateLimited as exc:
+        except HeldBack as exc:
             log.info("crm %s %s %s not sent: %s", op, method, _path(self.url(url)), exc)
             raise
         CRM_REQUESTS.labels(op).inc()

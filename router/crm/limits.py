@@ -55,6 +55,10 @@ from router.metrics import CRM_LIMIT_REMAINING, CRM_LIMIT_WAITS
 log = logging.getLogger(__name__)
 
 
+class HeldBack(CrmRateLimited):
+    """Not sent: the CRM's limit resets later than this request may wait."""
+
+
 class RateLimitSettings(BaseModel):
     """Rate limits towards one CRM (the ``crm.limits`` section)."""
 
@@ -233,11 +237,15 @@ class RateGate:
                         self.crm, wait)
         return wait
 
+    def queue_bound(self, op: str) -> float:
+        """The longest an ``op`` request waits for its turn."""
+        return self.settings.lookup_queue_s if op == "lookup" else self.settings.queue_s
+
     async def admit(self, op: str) -> float:
         """Wait for this request's turn; CrmRateLimited (not sent) when the wait would be
         longer than the op's queue bound. Returns the time waited."""
         lookup = op == "lookup"
-        bound = self.settings.lookup_queue_s if lookup else self.settings.queue_s
+        bound = self.queue_bound(op)
         wait = self.pause_left
         if lookup and self._rate > 0:
             wait = max(wait, self._pace_wait())
@@ -247,7 +255,7 @@ class RateGate:
             return 0.0
         if wait > bound:
             CRM_LIMIT_WAITS.labels(op, "refused").inc()
-            raise CrmRateLimited(
+            raise HeldBack(
                 f"{self.crm} {op}: held back, the CRM's rate limit resets in {wait:.1f} s",
                 retry_after=wait,
             )
@@ -266,6 +274,7 @@ class RateGate:
 
 
 __all__ = [
+    "HeldBack",
     "Limits",
     "RateGate",
     "RateLimitSettings",

@@ -19,11 +19,11 @@
    burst of cold callers neither floods the CRM nor starves the event loop). With the
    circuit open nothing is asked: ``"error"``/``circuit_open``.
 5. A rate-limited CRM (429, or its limit headers saying nothing is left) is not a failing
-   one: the breaker ignores it, and the connector's rate gate holds the lookups back
-   until the CRM's limit resets (within ``crm.limits.lookup_queue_s``). A lookup that
-   got the 429 is asked once more after the pause, in the background: callers within
-   their deadline get the answer, later ones the filled cache, and a caller with a
-   stale entry gets it at once.
+   one: the breaker ignores it, and the connector queues the lookups until the CRM's
+   limit resets (its rate gate; a lookup that got a 429 is sent again after the pause,
+   all within ``crm.limits.lookup_queue_s``, in the background): callers within their
+   deadline get the answer, later ones the filled cache, a caller with a stale entry
+   gets it at once, and none is refused for a cooldown.
 
 Every answer counts ``callroute_lookups{source}``. Every CRM failure is logged with its
 kind (timeout, unavailable, 4xx, 5xx, 429 with Retry-After, bad_json, mapping); the
@@ -49,7 +49,7 @@ from router.keys import Keys
 from router.lookup.breaker import CircuitBreaker, State
 from router.lookup.cache import CacheEntry, TwoLevelCache, redis_client
 from router.metrics import CRM_ERRORS, LOOKUP_BACKGROUND, LOOKUPS, child
-from router.models import CallerNumber, Customer, LookupResult, LookupSource
+from router.models import CallerNumber, LookupResult, LookupSource
 from router.settings import BreakerSettings, CacheSettings, RedisSettings
 
 if TYPE_CHECKING:
@@ -250,7 +250,8 @@ class CachedLookup:
         assert number.e164 is not None
         try:
             try:
-                customer = await self._ask(number)
+                async with self._crm_slots:
+                    customer = await self.directory.find_by_number(number)
             except CrmError as exc:
                 self.breaker.failure(exc)
                 _log_crm_error(exc)
@@ -271,20 +272,6 @@ class CachedLookup:
         finally:
             if self._inflight.get(number.e164) is asyncio.current_task():
                 del self._inflight[number.e164]
-
-
-    async def _ask(self, number: CallerNumber) -> Customer | None:
-        """The CRM's answer; a rate-limited lookup is asked once more, after the pause
-        the connector's rate gate imposes (or refused by it, when the CRM's limit resets
-        later than the gate's queue bound)."""
-        for attempt in (1, 2):
-            try:
-                async with self._crm_slots:
-                    return await self.directory.find_by_number(number)
-            except CrmRateLimited:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _log_crm_error(exc: CrmError) -> None:
