@@ -211,25 +211,54 @@ async def _whoami(request: web.Request) -> web.Response:
 
 
 def add_crm_webhook(app: web.Application, cache: Any, settings: Any,
-                    audit: AuditLog | None = None) -> None:
-    """Mount ``POST /webhooks/crm`` (router.lookup.webhook), whose handler checks the CRM's
-    HMAC signature itself: no principal needed, the signature is the credential."""
-    from router.lookup.webhook import PATH, make_webhook_handler
+                    audit: AuditLog | None = None, connector: Any = None) -> None:
+    """Mount the CRM's change webhooks (router.lookup.webhook): ``POST /webhooks/crm``
+    (callroute's own scheme, ``admin.webhook_secret``) and one route per
+    ``crm.webhooks`` receiver. Each handler checks the CRM's signature itself: no
+    principal needed, the signature is the credential. ``connector`` (the lookup's)
+    maps the records webhooks carry and fetches those they only name; each applied
+    change goes to the audit trail."""
+    from router.crm.webhooks import WebhookReceiver, callroute_webhook
+    from router.lookup.webhook import PATH, WebhookEndpoint
 
-    async def applied(request: web.Request, payload: Any, result: dict[str, int]) -> None:
+    async def applied(request: web.Request, changes: Any, result: dict[str, int]) -> None:
         if audit is None:
             return
-        await audit.write(AuditEntry(
-            who=CRM_WEBHOOK.user, role=str(CRM_WEBHOOK.role), action="cache.invalidate",
-            target=f"customer:{payload.customer_id}", source=peer_of(request),
-            after=state_hash(payload.customer.model_dump(mode="json")
-                             if payload.customer is not None else None),
-            outcome=f"ok: {payload.event}, {result.get('invalidated', 0)} dropped, "
-                    f"{result.get('replaced', 0)} replaced"))
+        for change in changes:
+            await audit.write(AuditEntry(
+                who=CRM_WEBHOOK.user, role=str(CRM_WEBHOOK.role), action="cache.invalidate",
+                target=f"customer:{change.customer_id}", source=peer_of(request),
+                after=state_hash(change.customer.model_dump(mode="json")
+                                 if change.customer is not None else None),
+                outcome=f"ok: {change.event}, {result.get('invalidated', 0)} dropped, "
+                        f"{result.get('replaced', 0)} replaced"
+                        + (", fetching" if change.fetch else "")))
 
-    handler = make_webhook_handler(cache, settings, on_applied=applied)
+    admin = settings.admin
+    region = settings.phone.default_region
+    own = None
+    secret = admin.webhook_secret.get_secret_value()
+    if secret:
+        own = WebhookReceiver(callroute_webhook(secret, admin.webhook_tolerance_s,
+                                                admin.webhook_max_bytes))
+    endpoints = [WebhookEndpoint(cache, own, region, on_applied=applied)]
     app.router.add_post(PATH, signed("HMAC-SHA256 with admin.webhook_secret, checked by "
-                                     "the handler")(handler))
+                                     "the handler")(endpoints[0].handler()))
+    for config in settings.crm.webhooks:
+        receiver = WebhookReceiver(
+            config, mapper=getattr(connector, "customer_from_record", None),
+            fetcher=getattr(connector, "fetch_by_id", None))
+        endpoint = WebhookEndpoint(cache, receiver, region, on_applied=applied)
+        endpoints.append(endpoint)
+        app.router.add_post(config.mount, signed(
+            f"{config.signature.scheme} signature of crm.webhooks {config.name}, checked by "
+            "the handler")(endpoint.handler()))
+
+    async def drain(_: web.Application) -> None:
+        for endpoint in endpoints:
+            await endpoint.drain(1.0)
+
+    app.on_cleanup.append(drain)
 
 
 def _time(text: str | None, name: str) -> datetime | None:

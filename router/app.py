@@ -156,11 +156,12 @@ def _explainer(router: Router) -> Callable[[str, str | None, datetime | None],
 
 
 def assemble_admin(settings: Settings, deps: AdminDeps, cache: TwoLevelCache,
-                   extra: Callable[[web.Application], None] | None = None) -> web.Application:
-    """The admin HTTP application as ``serve`` runs it: the API, the CRM webhook and what
+                   extra: Callable[[web.Application], None] | None = None,
+                   connector: RestConnector | None = None) -> web.Application:
+    """The admin HTTP application as ``serve`` runs it: the API, the CRM webhooks and what
     ``extra`` adds (every route with its access rule; tests enumerate them all)."""
     app = make_admin_app(deps)
-    add_crm_webhook(app, cache, settings, deps.audit)
+    add_crm_webhook(app, cache, settings, deps.audit, connector)
     links = recording_links(settings)
     if links is not None:
         add_recordings(app, links.handle)
@@ -251,8 +252,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
 
                     add_web_routes(app, web_service)
 
-            runner = await _start_admin(settings, assemble_admin(settings, deps, lookup.cache,
-                                                                 add_pages))
+            connector = lookup.directory if isinstance(lookup.directory, RestConnector) else None
+            runner = await _start_admin(settings, assemble_admin(
+                settings, deps, lookup.cache, add_pages, connector=connector))
             stack.push_async_callback(runner.cleanup)
 
         lookup_ = router.lookup

@@ -172,3 +172,78 @@ class CreatedFinder(Protocol):
     ) -> StepResult | None:
         """The object an earlier send of ``step`` created, found by its key (the step's
         outputs read from it), or None."""
+
+
+# --- change webhooks (router.crm.webhooks decodes, router.lookup.webhook applies) -------
+
+
+@dataclass(frozen=True)
+class InboundRequest:
+    """A webhook request as received (no I/O object): what a signature may cover."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    query: Mapping[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class CustomerChange:
+    """One customer the CRM says changed: its id, the numbers the event carried (as
+    written), the new record when the event carried it, and whether to fetch it."""
+
+    event: Literal["updated", "deleted"]
+    customer_id: str
+    numbers: tuple[str, ...] = ()
+    customer: Customer | None = None
+    fetch: bool = False
+
+
+@dataclass(frozen=True)
+class WebhookMessage:
+    """A verified, decoded webhook: its changes, the nonce that must be seen only once
+    (None: the scheme has none), and how many events were of no interest."""
+
+    changes: list[CustomerChange]
+    nonce: str | None = None
+    ignored: int = 0
+
+
+#: A customer fetched by id, with the numbers it is reachable at (E.164 or as written).
+Fetched = tuple[Customer, list[str]]
+
+
+class ChangeReceiver(Protocol):
+    """Verifies and decodes one CRM's change webhooks (``crm.webhooks[]``)."""
+
+    @property
+    def name(self) -> str:
+        """The receiver's name (metrics, logs)."""
+
+    @property
+    def path(self) -> str:
+        """Where it is mounted (``/webhooks/<name>``)."""
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest body accepted."""
+
+    @property
+    def replay_ttl_s(self) -> float:
+        """How long a nonce is remembered (covers the timestamp window)."""
+
+    @property
+    def can_fetch(self) -> bool:
+        """Whether :meth:`fetch` is configured."""
+
+    async def receive(self, request: InboundRequest, now: float) -> WebhookMessage:
+        """Verify and decode; raise :class:`~router.errors.WebhookError` (401 signature,
+        400 shape with the missing path, ...)."""
+
+    def answer(self) -> tuple[str, bytes] | None:
+        """The acknowledgement body the CRM expects (content type, bytes), or None for
+        callroute's JSON answer."""
+
+    async def fetch(self, customer_id: str) -> Fetched | None:
+        """The customer's current record by id (None: the CRM has none); CrmError."""

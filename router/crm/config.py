@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from router.crm.auth import AuthSettings
 from router.crm.limits import RateLimitSettings
 from router.crm.template import check_expression, check_json, check_text, json_strings
+from router.crm.webhooks import WebhookSettings
 
 _TIERS = ["platinum", "gold", "silver", "bronze"]
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -540,6 +541,17 @@ class CrmSettings(_Model):
     changed: ChangedSettings | None = None
     records: list[RecordStep] = Field(default_factory=list)
     recordings: RecordingSettings | None = None
+    webhooks: list[WebhookSettings] = Field(
+        default_factory=list, description="change webhooks the CRM sends (router.crm.webhooks)")
+
+    @field_validator("webhooks")
+    @classmethod
+    def _one_per_path(cls, value: list[WebhookSettings]) -> list[WebhookSettings]:
+        paths = [w.mount for w in value]
+        for path in paths:
+            if paths.count(path) > 1 or path == "/webhooks/crm":
+                raise ValueError(f"two webhooks at {path} (/webhooks/crm is callroute's own)")
+        return value
 
     @model_validator(mode="before")
     @classmethod

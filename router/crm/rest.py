@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from router.crm.base import ChangedPage, PostResult, Recovery, StepResult
+from router.crm.base import ChangedPage, Fetched, PostResult, Recovery, StepResult
 from router.crm.compiled import ChangedPlan, build_plan, choose, map_customer
 from router.crm.config import CrmSettings, RecordingSettings
 from router.crm.http import CrmHttp, CrmResponse
@@ -30,6 +30,7 @@ from router.crm.numbers import stored_numbers
 from router.crm.records import RecordRunner
 from router.crm.refs import RefTables, map_record
 from router.crm.template import OMIT, url_quote
+from router.crm.webhooks import FetchSettings, fetch_record
 from router.errors import CrmMappingError
 from router.metrics import CRM_ERRORS
 from router.models import CallerNumber, Customer, NumberKind
@@ -188,6 +189,27 @@ class RestConnector:
                        previous: Mapping[str, StepResult], plan: Sequence[str]) -> StepResult:
         """Run record step ``step`` (see :mod:`router.crm.records`)."""
         return await self.records.run_step(step, record, idempotency_key, previous, plan)
+
+    # --- change webhooks (router.crm.webhooks) ----------------------------------------
+
+    async def customer_from_record(self, record: Any) -> Customer:
+        """A CRM record (as a webhook or a fetch carries it) mapped by the first lookup's
+        field map."""
+        fields = self.plan.lookups[0].fields
+        context = None
+        if fields.templates is not None:
+            context = {**self.plan.base, "record": record, "steps": {}, "kind": fields.kind,
+                       "_rt": self.plan.runtime}
+        try:
+            return await map_record(fields, record, context, self.plan.runtime, self.refs)
+        except CrmMappingError as exc:
+            CRM_ERRORS.labels("webhook", exc.kind).inc()
+            raise
+
+    async def fetch_by_id(self, spec: FetchSettings, customer_id: str) -> Fetched | None:
+        """The customer ``customer_id`` by the webhook's ``fetch`` request, with its numbers."""
+        return await fetch_record(self.http, spec, customer_id, self.customer_from_record,
+                                  self.plan.base)
 
     # --- exactly once (router.crm.base.CreatedFinder) ---------------------------------
 

@@ -1,4 +1,5 @@
-"""The CRM webhook: signature, replay and timestamp checks, invalidate vs replace."""
+"""callroute's own CRM webhook scheme: signature, replay and timestamp checks, invalidate
+vs replace (the vendors' schemes: tests/router/crm/test_webhooks.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from router.crm.webhooks import WebhookReceiver, callroute_webhook, sign
 from router.lookup.cache import CacheEntry, TwoLevelCache, decode_entry, redis_client
-from router.lookup.webhook import PATH, add_webhook_routes, sign
+from router.lookup.webhook import PATH, WebhookEndpoint, add_webhook_routes
 from router.metrics import REGISTRY
 from router.models import Customer
 from router.settings import AdminSettings, CacheSettings, RedisSettings, Settings
@@ -41,7 +43,14 @@ def settings(secret: str = SECRET) -> Settings:
 async def serve(cache: TwoLevelCache, cfg: Settings) -> TestClient[web.Request, web.Application]:
     """A real aiohttp server on loopback with the webhook mounted, and a client for it."""
     app = web.Application()
-    add_webhook_routes(app, cache, cfg)
+    admin = cfg.admin
+    if admin.webhook_secret:
+        receiver = WebhookReceiver(callroute_webhook(
+            admin.webhook_secret, admin.webhook_tolerance_s, admin.webhook_max_bytes))
+        add_webhook_routes(app, cache, [receiver], cfg.phone.default_region)
+    else:
+        endpoint = WebhookEndpoint(cache, None, cfg.phone.default_region)
+        app.router.add_post(PATH, endpoint.handler())
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     return client
@@ -190,14 +199,25 @@ async def test_stale_timestamp_is_401(
 async def test_bad_json_and_bad_shape_are_400(
     client: TestClient[web.Request, web.Application],
 ) -> None:
-    """Signed garbage, an unknown event or a record for another customer id: 400."""
-    for raw in (b"{not json", b'{"event": "customer.merged", "customer_id": "C1"}',
-                b'{"event": "customer.updated", "customer_id": "C1", '
-                b'"customer": {"id": "C9"}}', b"[]"):
+    """Signed garbage is 400 bad_json; an unknown event, a missing customer_id or a record
+    for another customer id is 400 bad_shape naming the path."""
+    cases = [
+        (b"{not json", "bad_json", "not JSON"),
+        (b'{"event": "customer.merged", "customer_id": "C1"}', "bad_shape",
+         "(body).event: unknown event 'customer.merged'"),
+        (b'{"event": "customer.updated"}', "bad_shape", "(body).customer_id: missing"),
+        (b'{"event": "customer.updated", "customer_id": "C1", "customer": {"id": "C9"}}',
+         "bad_shape", "(body).customer_id: 'C1' differs from the record's id 'C9'"),
+        (b'{"event": "customer.updated", "customer_id": "C1", "customer": {"name": "x"}}',
+         "bad_shape", "(body).customer.id: Field required"),
+    ]
+    for raw, error, detail in cases:
         body, headers = signed(None, raw=raw)
         resp = await client.post(PATH, data=body, headers=headers)
         assert resp.status == 400, raw
-        assert (await resp.json())["error"] == "bad_json"
+        answer = await resp.json()
+        assert answer["error"] == error, raw
+        assert detail in answer["detail"], (raw, answer)
 
 
 async def test_oversized_body_is_413(
