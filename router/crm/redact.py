@@ -30,11 +30,10 @@ _SECRET_KEY = re.compile(
     r"(pass(word)?|secret|token|authorization|api[_-]?key|apikey|session|cookie|signature)",
     re.IGNORECASE,
 )
-_PII_KEY = re.compile(
-    r"(phone|mobile|fax|e-?mail|(^|_)name$|^name|firstname|lastname|first_name|last_name"
-    r"|address|street|birth)",
-    re.IGNORECASE,
-)
+_PII_KEY = re.compile(r"(phone|mobile|fax|e-?mail|address|street|birth)", re.IGNORECASE)
+#: Keys holding a person's name (``api_name``, ``propertyName``: a field's name, kept).
+_NAME_KEYS = frozenset({"name", "fullname", "firstname", "lastname", "middlename",
+                        "displayname", "contactname", "callername", "salutation"})
 _ID_KEY = re.compile(r"id$", re.IGNORECASE)
 _BEARER = re.compile(r"\b(Bearer|Basic|Zoho-oauthtoken)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
@@ -75,7 +74,9 @@ def mask_json(value: Any, secrets: Collection[str] = (), key: str = "") -> Any:
         return [mask_json(v, secrets, key) for v in value]
     if value is None or isinstance(value, bool):
         return value
-    if key and (_SECRET_KEY.search(key) or _PII_KEY.search(key)) and not _ID_KEY.search(key):
+    if key and not _ID_KEY.search(key) and (
+            _SECRET_KEY.search(key) or _PII_KEY.search(key)
+            or key.lower().replace("_", "").replace("-", "") in _NAME_KEYS):
         return MASK
     if isinstance(value, str):
         return value if key and _ID_KEY.search(key) else mask_text(value, secrets)
