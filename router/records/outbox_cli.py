@@ -2,8 +2,9 @@
 
 - ``status``: backlog (stream entries: ready + in flight; plus retries waiting), age of
   the oldest record, dead letters, spooled records, kept delivered records.
-- ``list``: entries with key, state, age, attempts and last error (``--dead`` for dead
-  letters only, ``--limit``).
+- ``list``: entries with key, state, age, attempts, the last error (what the CRM said,
+  masked) and the ledger (what each step already created at the CRM, and steps sent
+  whose answer was lost) (``--dead`` for dead letters only, ``--limit``).
 - ``retry``: move dead letters (all, or ``--key K`` ...) back into the outbox with a
   fresh attempt count.
 - ``replay``: send records again: by ``--key`` (dead ones, or delivered ones still kept
@@ -38,6 +39,7 @@ from router.audit import from_settings as audit_from_settings
 from router.errors import ConfigError
 from router.keys import Keys
 from router.log import mask_url
+from router.records.ledger import LedgerState
 from router.records.outbox import Outbox, connect_redis, keys_from_settings, now_ms
 from router.records.spool import Spool
 from router.settings import Settings
@@ -97,9 +99,11 @@ async def _in_flight(redis: Redis, keys: Keys, group: str) -> dict[str, tuple[st
 
 
 async def list_entries(
-    redis: Redis, keys: Keys, group: str, *, dead_only: bool = False, limit: int = 100
+    redis: Redis, keys: Keys, group: str, *, dead_only: bool = False, limit: int = 100,
+    ledger: bool = True,
 ) -> list[dict[str, Any]]:
-    """Outbox entries (ready, in_flight, retry) and dead letters, oldest first."""
+    """Outbox entries (ready, in_flight, retry) and dead letters, oldest first; with
+    ``ledger``, each with what its steps already created at the CRM."""
     now = now_ms()
     rows: list[dict[str, Any]] = []
     if not dead_only:
@@ -120,7 +124,17 @@ async def list_entries(
     for eid, f in await _scan_stream(redis, keys.outbox_dead):
         rows.append(_row(eid, f, "dead", now, reason=f.get("reason")))
     rows.sort(key=lambda r: -(r["age_s"] or 0))
-    return rows[:limit]
+    rows = rows[:limit]
+    if not ledger:
+        return rows
+    async with redis.pipeline(transaction=False) as pipe:
+        for row in rows:
+            pipe.hgetall(keys.outbox_ledger(row["key"]))
+        ledgers = await pipe.execute()
+    for row, fields in zip(rows, ledgers, strict=True):
+        # what the CRM already holds of this record, and steps sent without an answer
+        row["ledger"] = LedgerState.parse(fields or {}).as_dict()
+    return rows
 
 
 def _row(eid: str, f: dict[str, Any], state: str, now: int, **extra: Any) -> dict[str, Any]:
@@ -144,7 +158,7 @@ async def status(redis: Redis, keys: Keys, group: str, spool: Spool) -> dict[str
         pipe.xlen(keys.outbox_sent)
         stream_len, retry, dead, sent = await pipe.execute()
     flight = await _in_flight(redis, keys, group)
-    rows = await list_entries(redis, keys, group, limit=SCAN_LIMIT)
+    rows = await list_entries(redis, keys, group, limit=SCAN_LIMIT, ledger=False)
     waiting = [r for r in rows if r["state"] != "dead" and r["age_s"] is not None]
     spooled, spool_bytes = await asyncio.to_thread(spool.usage)
     return {
@@ -325,6 +339,13 @@ async def _cmd_list(redis: Redis, settings: Settings, args: argparse.Namespace) 
                      f"{r.get('reason') or ''}")
         if r["last_error"]:  # whole: it holds what the CRM said (masked, bounded)
             lines.append(f"    last error: {r['last_error']}")
+        ledger = r.get("ledger") or {}
+        done = ", ".join(f"{step}={d['id'] or '?'} ({d['how']})"
+                         for step, d in (ledger.get("done") or {}).items())
+        if done or ledger.get("unconfirmed"):
+            lines.append(f"    at the CRM: {done or '-'}"
+                         + (f"; sent, answer lost: {', '.join(ledger['unconfirmed'])}"
+                            if ledger.get("unconfirmed") else ""))
     if not rows:
         lines.append("(no entries)")
     _emit(args, rows, "\n".join(lines))

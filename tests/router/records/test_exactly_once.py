@@ -151,6 +151,7 @@ async def test_without_find_or_idempotency_a_lost_answer_is_held_not_duplicated(
     assert "replay --force" in dead["error"]
     rows = await list_entries(rig.redis, KEYS, "delivery")
     assert rows[0]["reason"] == "unconfirmed"
+    assert rows[0]["ledger"] == {"done": {}, "unconfirmed": ["call"]}
     assert (await replay(rig.redis, KEYS, record_keys=["call-3"])).queued == ["call-3"]
     await wait_until_dead(rig, 1)
     assert noidem.keys("calls") == ["call-3"]

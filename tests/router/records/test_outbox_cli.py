@@ -65,7 +65,7 @@ async def test_status_and_list_show_backlog_dead_and_spool(
     h: Harness, crm: FakeCrm, redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """status reports depth, oldest age, dead letters and spool size (JSON and text);
-    list shows keys, states, attempts and last errors."""
+    list shows keys, states, attempts and the whole last error."""
     await make_dead(h, crm, 2)
     await h.stop_workers()
     for n in range(10, 13):
@@ -93,6 +93,7 @@ async def test_status_and_list_show_backlog_dead_and_spool(
     code, out = await cli(["outbox", "list", "--dead", "--config", str(cfg)], capsys)
     assert "call-0" in out
     assert "call-10" not in out
+    assert "\n    last error: 4xx: HTTP 400\n" in out
 
 
 async def test_retry_moves_dead_letters_back_and_they_are_delivered(
