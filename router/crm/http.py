@@ -285,6 +285,11 @@ class CrmHttp:
                 assert self.oauth is not None
                 log.info("crm %s: 401 with the current token: refreshing it once", op)
                 token = await self.oauth.rejected(token)
+                if data is not None:  # a form is sent once: the caller retries the step
+                    refused = CrmUnavailable(f"{_where(method, target)}: HTTP 401 with an "
+                                             "expired token; refreshed, to be sent again")
+                    refused.may_have_acted = False
+                    raise refused
                 target = self.url(url, token.base_url)
                 raw = await self._exchange(
                     method, target, token, params=params, json_body=json_body,

@@ -312,3 +312,29 @@ def test_oauth2_config_needs_its_secrets(tmp_path: Path, monkeypatch: pytest.Mon
     assert oauth2 is not None
     assert oauth2.client_secret.get_secret_value() == "from-env-123"
     assert "from-env-123" in load_settings(cfg).crm.auth.secrets
+
+
+async def test_an_upload_refused_with_an_expired_token_is_left_to_the_retry() -> None:
+    """A multipart upload (sent once) refused with 401: the token is refreshed and the
+    request is not sent again here: a retryable CrmUnavailable that says nothing was
+    done, so the outbox's retry sends it with the new token."""
+    import aiohttp
+
+    from router.errors import CrmUnavailable
+
+    async with oauth_server() as server:
+        http = client(crm(server))
+        try:
+            await ping(http)
+            server.revoke_all()
+            form = aiohttp.FormData()
+            form.add_field("file", b"RIFF", filename="1.wav")
+            with pytest.raises(CrmUnavailable) as refused:
+                await http.request("recording", "POST", "/api/upload", data=form)
+            assert (await ping(http))["token"] == "at-2"
+        finally:
+            await http.aclose()
+    assert refused.value.retryable
+    assert not refused.value.may_have_acted
+    assert [r["path"] for r in server.api_requests] == ["/api/ping", "/api/upload", "/api/ping"]
+    assert len(server.token_requests) == 2
