@@ -464,3 +464,41 @@ def test_collect_walks_lists_and_xml_becomes_data() -> None:
     assert xml == {"r": {"n": ["1", "2"], "e": None, "s": {"t": "x"}}}
     with pytest.raises(WebhookError, match="not XML"):
         xml_document(b"<r>")
+
+
+async def test_the_admin_server_mounts_each_configured_webhook(
+    redis: aioredis.Redis, api: Any
+) -> None:
+    """serve's admin app mounts /webhooks/crm and one route per crm.webhooks entry, each
+    declaring that it checks its own signature; through the access middleware a wrong
+    signature is the handler's 401 and a right one is applied."""
+    from router.admin import AdminDeps
+    from router.app import assemble_admin
+    from router.auth.access import route_table
+    from router.settings import Settings
+
+    settings = Settings.model_validate({
+        "crm": {"base_url": api.url, "lookup": {"fields": HUBSPOT_FIELDS},
+                "webhooks": [HUBSPOT]},
+        "phone": {"default_region": "US"}})
+    connector = RestConnector(settings.crm, region="US")
+    cache = TwoLevelCache(redis, KEYS, CacheSettings())
+    app = assemble_admin(settings, AdminDeps(), cache, connector=connector)
+    rules = {(m, p): r.describe() if r else None for m, p, r in route_table(app)}
+    assert rules[("POST", "/webhooks/hubspot")].startswith("signed (hubspot_v3 signature")
+    assert rules[("POST", "/webhooks/crm")].startswith("signed (")
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        body = json.dumps([hubspot_event(501)]).encode()
+        bad = await client.post("/webhooks/hubspot", data=body,
+                                headers=hubspot_headers(body, secret="wrong"))
+        assert (bad.status, (await bad.json())["error"]) == (401, "bad_signature")
+        good = await client.post("/webhooks/hubspot", data=body, headers=hubspot_headers(body))
+        assert (good.status, (await good.json())["fetching"]) == (200, 1)
+        unset = await client.post("/webhooks/crm", data=b"{}")
+        assert (unset.status, (await unset.json())["error"]) == (503, "not_configured")
+    finally:
+        await client.close()  # the app's cleanup drains the fetch
+        await connector.aclose()
+    assert await redis.exists(KEYS.customer(NEW)) == 1
