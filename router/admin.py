@@ -230,7 +230,8 @@ def add_crm_webhook(app: web.Application, cache: Any, settings: Any,
                 target=f"customer:{change.customer_id}", source=peer_of(request),
                 after=state_hash(change.customer.model_dump(mode="json")
                                  if change.customer is not None else None),
-                outcome=f"ok: {change.event}, {result.get('invalidated', 0)} dropped, "
+                outcome=f"ok: {change.name or change.event}, "
+                        f"{result.get('invalidated', 0)} dropped, "
                         f"{result.get('replaced', 0)} replaced"
                         + (", fetching" if change.fetch else "")))
 

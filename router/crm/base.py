@@ -198,6 +198,8 @@ class CustomerChange:
     numbers: tuple[str, ...] = ()
     customer: Customer | None = None
     fetch: bool = False
+    #: the event as the CRM named it (``contact.propertyChange``), for the audit trail
+    name: str = ""
 
 
 @dataclass(frozen=True)

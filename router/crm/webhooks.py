@@ -73,6 +73,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -109,7 +110,7 @@ class SignatureSettings(_Model):
     """How a webhook request proves it comes from the CRM (see the module)."""
 
     scheme: Literal["hmac", "stripe", "hubspot_v3", "token", "basic", "salesforce"]
-    secret: str = ""
+    secret: SecretStr = SecretStr("")
     header: str = ""
     encoding: Literal["hex", "base64"] = "hex"
     prefix: str = ""
@@ -117,11 +118,11 @@ class SignatureSettings(_Model):
     timestamp_header: str | None = None
     tolerance_s: float = Field(300.0, gt=0)
     public_url: str | None = None
-    token: str = ""
+    token: SecretStr = SecretStr("")
     query: str | None = None
     body_path: str | None = None
     username: str = ""
-    password: str = ""
+    password: SecretStr = SecretStr("")
     organization_id: str = ""
 
     @model_validator(mode="after")
@@ -149,7 +150,7 @@ class SignatureSettings(_Model):
 
     @property
     def secrets(self) -> list[str]:
-        return [s for s in (self.secret, self.token, self.password) if s]
+        return [s.get_secret_value() for s in (self.secret, self.token, self.password) if s]
 
 
 #: Names the templates of a webhook's ``fetch`` may use.
@@ -232,7 +233,8 @@ class WebhookSettings(_Model):
         return self.path or f"/webhooks/{self.name}"
 
 
-def callroute_webhook(secret: str, tolerance_s: float, max_bytes: int) -> WebhookSettings:
+def callroute_webhook(secret: str | SecretStr, tolerance_s: float,
+                      max_bytes: int) -> WebhookSettings:
     """callroute's own scheme (``POST /webhooks/crm``, ``admin.webhook_secret``): HMAC
     hex of ``<timestamp>.<body>`` in ``X-Callroute-Signature: sha256=...``; events
     ``customer.updated``/``customer.deleted`` with ``customer_id``, ``numbers`` and an
@@ -240,7 +242,9 @@ def callroute_webhook(secret: str, tolerance_s: float, max_bytes: int) -> Webhoo
     return WebhookSettings(
         name="crm", path="/webhooks/crm", max_bytes=max_bytes,
         signature=SignatureSettings(
-            scheme="hmac", secret=secret, header="X-Callroute-Signature", prefix="sha256=",
+            scheme="hmac", secret=SecretStr(secret) if isinstance(secret, str) else secret,
+            header="X-Callroute-Signature",
+            prefix="sha256=",
             signed="timestamp.body", timestamp_header="X-Callroute-Timestamp",
             tolerance_s=tolerance_s),
         numbers=["numbers"], record="customer", record_format="customer",
@@ -293,7 +297,7 @@ def _hmac(sig: SignatureSettings, req: InboundRequest, now: float) -> str:
             raise _refuse(401, "bad_signature", f"header {sig.timestamp_header} missing")
         if sig.signed == "timestamp.body":
             payload = f"{stamp}.".encode() + req.body
-    expected = sig.prefix + _mac(sig.secret, payload, sig.encoding)
+    expected = sig.prefix + _mac(sig.secret.get_secret_value(), payload, sig.encoding)
     if sig.encoding == "hex":
         given = given[: len(sig.prefix)] + given[len(sig.prefix):].lower()
     if not _same(given, expected):
@@ -310,7 +314,7 @@ def _stripe(sig: SignatureSettings, req: InboundRequest, now: float) -> str:
     given = [v.lower() for k, _, v in parts if k == "v1"]
     if not stamps or not given:
         raise _refuse(401, "bad_signature", f"{header} needs t= and v1=")
-    expected = _mac(sig.secret, f"{stamps[0]}.".encode() + req.body, "hex")
+    expected = _mac(sig.secret.get_secret_value(), f"{stamps[0]}.".encode() + req.body, "hex")
     if not any(_same(g, expected) for g in given):
         raise _refuse(401, "bad_signature", f"no v1 of {header} matches")
     _check_time(stamps[0], now, sig.tolerance_s)
@@ -340,7 +344,7 @@ def _hubspot(sig: SignatureSettings, req: InboundRequest, now: float) -> str:
         raise _refuse(401, "bad_signature",
                       "X-HubSpot-Signature-v3 or X-HubSpot-Request-Timestamp missing")
     payload = (req.method.upper() + _hubspot_uri(sig, req)).encode() + req.body + stamp.encode()
-    expected = _mac(sig.secret, payload, "base64")
+    expected = _mac(sig.secret.get_secret_value(), payload, "base64")
     if not _same(given, expected):
         raise _refuse(401, "bad_signature", "X-HubSpot-Signature-v3 does not match")
     _check_time(stamp, now, min(sig.tolerance_s, HUBSPOT_WINDOW_S))
@@ -348,7 +352,8 @@ def _hubspot(sig: SignatureSettings, req: InboundRequest, now: float) -> str:
 
 
 def _basic(sig: SignatureSettings, req: InboundRequest) -> None:
-    pair = base64.b64encode(f"{sig.username}:{sig.password}".encode()).decode()
+    pair = base64.b64encode(
+        f"{sig.username}:{sig.password.get_secret_value()}".encode()).decode()
     if not _same(req.headers.get("Authorization", ""), f"Basic {pair}"):
         raise _refuse(401, "bad_signature", "HTTP basic credentials missing or wrong")
 
@@ -361,7 +366,7 @@ def _token(sig: SignatureSettings, req: InboundRequest, doc: Any) -> None:
     else:
         value = get_path(doc, sig.body_path or "")
         given = value if isinstance(value, str) else ""
-    if not given or not _same(given, sig.token):
+    if not given or not _same(given, sig.token.get_secret_value()):
         raise _refuse(401, "bad_signature", "webhook token missing or wrong")
 
 
@@ -507,7 +512,8 @@ class WebhookReceiver:
         org = get_path(doc, SALESFORCE_ORG)
         if not isinstance(org, str) or not _same(org, sig.organization_id):
             raise _refuse(401, "bad_signature", "OrganizationId is not the configured one")
-        if sig.token and not _same(req.query.get(sig.query or "token", ""), sig.token):
+        token = sig.token.get_secret_value()
+        if token and not _same(req.query.get(sig.query or "token", ""), token):
             raise _refuse(401, "bad_signature", "webhook token missing or wrong")
 
     async def _changes(self, doc: Any) -> tuple[list[CustomerChange], int]:
@@ -527,7 +533,8 @@ class WebhookReceiver:
             if kind is None:
                 ignored += 1
                 continue
-            changes += await self._event(event, kind, index)
+            name = get_path(event, s.type) if s.type is not None else kind
+            changes += await self._event(event, kind, index, str(name))
         return changes, ignored
 
     def _kind(self, event: Any, index: int | None) -> Literal["updated", "deleted"] | None:
@@ -547,7 +554,7 @@ class WebhookReceiver:
         return None
 
     async def _event(self, event: Any, kind: Literal["updated", "deleted"],
-               index: int | None) -> list[CustomerChange]:
+                     index: int | None, name: str) -> list[CustomerChange]:
         s = self.settings
         where = _where(s.events, index, s.customer_id)
         raw = get_path(event, s.customer_id)
@@ -565,7 +572,7 @@ class WebhookReceiver:
             raise _refuse(400, "bad_shape", f"{where}: {ids[0]!r} differs from the record's "
                                             f"id {customer.id!r}")
         fetch = kind == "updated" and customer is None and self.can_fetch
-        return [CustomerChange(kind, str(i), numbers, customer, fetch) for i in ids]
+        return [CustomerChange(kind, str(i), numbers, customer, fetch, name) for i in ids]
 
     async def _record(self, event: Any, index: int | None) -> Customer | None:
         s = self.settings

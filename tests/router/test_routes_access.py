@@ -27,9 +27,9 @@ from router.audit import AuditEntry, AuditLog, state_hash
 from router.auth.access import AuthContext, route_table
 from router.auth.roles import Principal, Role
 from router.auth.users import Directory, make_user
+from router.crm.webhooks import sign
 from router.keys import Keys
 from router.lookup.cache import CacheEntry, TwoLevelCache, redis_client
-from router.lookup.webhook import sign
 from router.models import Customer
 from router.rules.presence import Presence
 from router.rules.ruleswatch import RulesWatcher
