@@ -213,14 +213,16 @@ async def test_vendor_error_is_a_client_error(vendor: Vendor) -> None:
 
 async def test_vendor_rate_limit_is_recognised(vendor: Vendor) -> None:
     """The vendor's rate-limit answer raises the rate-limited error with its Retry-After
-    (vendors whose limit is not a 429 say so in RATE_LIMIT_STATUS)."""
-    conn = vendor.connector()
+    (vendors whose limit is not a 429 say so in RATE_LIMIT_STATUS) and pauses the CRM's
+    rate gate (lookups are not queued here: lookup_queue_s 0)."""
+    conn = vendor.connector(limits={"lookup_queue_s": 0})
     vendor.fake.fail_next("rate_limit")
     with pytest.raises(CrmError) as info:
         await conn.find_by_number(caller(LI))
     if vendor.module.RATE_LIMIT_STATUS == 429:
         assert isinstance(info.value, CrmRateLimited)
         assert info.value.retry_after == vendor.fake.RETRY_AFTER
+        assert conn.http.gate.pause_left > vendor.fake.RETRY_AFTER - 0.5
     else:
         assert getattr(info.value, "status", None) == vendor.module.RATE_LIMIT_STATUS
 
