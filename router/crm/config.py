@@ -386,6 +386,9 @@ class RecordStep(RequestSpec):
     find: FindSpec | None = Field(
         None, description="after a lost answer, find the object by the key written into it "
         "instead of creating it again (docs/crm/exactly-once.md)")
+    lost_answer: Literal["hold", "repost"] | None = Field(
+        None, description="without find, after a lost answer: hold the record for a person "
+        "(default without an idempotency_header) or post again (default with one)")
 
     @field_validator("name")
     @classmethod

@@ -222,6 +222,8 @@ class RestConnector:
             return Recovery("repost")  # nothing is posted for this step
         if spec.find is not None:
             return Recovery("find", spec.find.spec.settle_s)
+        if spec.spec.lost_answer is not None:
+            return Recovery(spec.spec.lost_answer)
         return Recovery("repost" if spec.spec.idempotency_header else "hold")
 
     async def find_created(self, step: str, record: Mapping[str, Any], idempotency_key: str,

@@ -294,3 +294,21 @@ async def spawn_worker(redis_url: str, crm: NoIdemCrm, *flags: str) -> Any:
     line = await asyncio.wait_for(proc.stdout.readline(), 20)
     assert line.strip() == b"READY"
     return proc
+
+
+async def test_lost_answer_repost_is_chosen_per_step(
+    noidem: NoIdemCrm, make_rig: Any
+) -> None:
+    """A step without find that says lost_answer: repost is posted again after a lost
+    answer (a duplicate accepted by choice); without the setting it would be held."""
+    settings = hubspot_settings(noidem.url, find=False)
+    data = settings.model_dump(mode="json", exclude={"lookups", "auth"})
+    data["records"][0]["lost_answer"] = "repost"
+    data["auth"] = {"type": "bearer", "token": TOKEN}
+    noidem.lose["call-9"] = "drop"
+    rig = make_rig(CrmSettings.model_validate(data))
+    await rig.outbox.enqueue(call_record(9))
+    rig.start()
+    await rig.delivered("call-9")
+    assert noidem.keys("calls") == ["call-9", "call-9"]
+    assert await rig.dead() == []
