@@ -1,12 +1,17 @@
 """Typed settings, loaded from one YAML file (``callroute --config FILE``).
 
-Each section is a pydantic model with defaults, so a minimal file works. String
-values may use ``${VAR}`` or ``${VAR:-default}`` to take secrets from the
-environment, and every secret (see :data:`SECRET_FIELDS`) may be read from a file
-with ``<name>_file: PATH`` instead; secrets are ``SecretStr`` (shown as ``**********``
-wherever settings are printed or logged). Paths (the rules file, the spool directory)
-are relative to the config file. Every error is a :class:`~router.errors.ConfigError`
-naming the file and the field.
+Each section is a pydantic model with defaults, so a minimal file works; only
+``crm.base_url`` (where the CRM is) must be given. String values may use ``${VAR}``
+or ``${VAR:-default}`` to take secrets from the environment: an unset ``${VAR}``
+with no default is an error naming the variable and the field (``${VAR:-}`` says
+"empty is fine"). Every secret (see :data:`SECRET_FIELDS`) may be read from a file
+with ``<name>_file: PATH`` instead; secrets are ``SecretStr`` (shown as
+``**********`` wherever settings are printed or logged). Paths (the rules file, the
+spool directory) are relative to the config file. Every error is a
+:class:`~router.errors.ConfigError` naming the file and the field.
+
+Without ``--config`` the command line takes ``./config.yaml`` when there is one,
+else the example config packaged with callroute (:func:`default_config`).
 """
 
 from __future__ import annotations
@@ -68,6 +73,11 @@ class AgiSettings(_Section):
     max_sessions: int = Field(512, ge=1)
     env_timeout_s: float = Field(2.0, gt=0, description="deadline to read the agi_* environment")
     command_timeout_s: float = Field(2.0, gt=0, description="deadline for each command's reply")
+    session_timeout_s: float = Field(
+        5.0, gt=0, le=300,
+        description="deadline for a whole session, from accept to close (environment, "
+        "decision and every command): a peer that stops answering frees its slot then",
+    )
     max_env_bytes: int = Field(16384, ge=1024)
     max_line_bytes: int = Field(4096, ge=256)
     max_env_lines: int = Field(128, ge=16)
@@ -125,6 +135,14 @@ class RedisSettings(_Section):
     )
     max_connections: int = Field(32, ge=1, description="connection pool bound of the cache")
 
+    @field_validator("key_secret")
+    @classmethod
+    def _secret(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("is empty: numbers in Redis keys are hashed with it (HMAC); "
+                             "set a long random string, e.g. ${CALLROUTE_KEY_SECRET}")
+        return value
+
 
 class CacheSettings(_Section):
     """The two-level customer cache."""
@@ -171,6 +189,34 @@ class RoutingSettings(_Section):
         description="part of the deadline kept for writing the variables to Asterisk",
     )
     default_queue: str = "support"
+    queues: list[str] = Field(
+        default_factory=list,
+        description="the Asterisk queues that exist (optional): when listed, a rule or "
+        "default_queue naming any other is an error (callroute check --asterisk asks "
+        "Asterisk itself)",
+    )
+    timezone: str | None = Field(
+        None, description="time zone of a time given without an offset (explain --at); "
+        "default: the time zone of the rules' schedules",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"unknown time zone {value!r} (use an IANA name such as "
+                                 "Asia/Shanghai)") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _default_listed(self) -> RoutingSettings:
+        if self.queues and self.default_queue not in self.queues:
+            raise ValueError(f"default_queue {self.default_queue!r} is not in routing.queues "
+                             f"({', '.join(self.queues)})")
+        return self
 
 
 class OutboxSettings(_Section):
@@ -229,7 +275,8 @@ class AdminSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8074, ge=0, le=65535)
     token: SecretStr = Field(
-        SecretStr(""), description="bearer token of user admin on the admin API; empty = none")
+        SecretStr(""), description="bearer token of user admin on the admin API; left out: "
+        "none (written but empty is an error: an unset variable?)")
     webhook_secret: SecretStr = SecretStr("")
     webhook_tolerance_s: float = Field(300.0, gt=0)
     webhook_max_bytes: int = Field(262_144, ge=1024, description="largest webhook body")
@@ -241,6 +288,15 @@ class AdminSettings(_Section):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("admin.tls_cert and admin.tls_key go together")
         return self
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr) -> SecretStr:
+        # runs only when the setting is written (a default is not validated)
+        if not value.get_secret_value().strip():
+            raise ValueError("is empty (an unset variable?): set a token, or leave the "
+                             "setting out for none")
+        return value
 
 
 class AuthSettings(_Section):
@@ -365,18 +421,47 @@ class Settings(_Section):
         """``value`` resolved against the config file's directory."""
         return value if value.is_absolute() else self.base_dir / value
 
+    @model_validator(mode="after")
+    def _session_outlives_decision(self) -> Settings:
+        if self.agi.session_timeout_s * 1000 <= self.routing.deadline_ms:
+            raise ValueError(
+                f"agi.session_timeout_s ({self.agi.session_timeout_s:g} s) must be longer "
+                f"than routing.deadline_ms ({self.routing.deadline_ms} ms)")
+        return self
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
 
-def expand_env(value: Any) -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a YAML tree."""
+def expand_env(value: Any, where: str = "", problems: dict[str, str] | None = None) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a YAML tree.
+
+    ``${VAR:-default}`` takes the default when VAR is unset or empty (as the shell
+    does). ``${VAR}`` with VAR unset is a problem naming the variable and ``where`` it is
+    (the dotted field path): put in ``problems`` (field path -> message) when given, and
+    replaced by "", else raised as a :class:`ConfigError`."""
     if isinstance(value, str):
-        return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), value)
+        return _ENV.sub(lambda m: _variable(m, where, problems), value)
     if isinstance(value, dict):
-        return {k: expand_env(v) for k, v in value.items()}
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k), problems)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v) for v in value]
+        return [expand_env(v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def _variable(match: re.Match[str], where: str, problems: dict[str, str] | None) -> str:
+    name, has_default, default = match.group(1), match.group(2), match.group(3)
+    value = os.environ.get(name)
+    if has_default is not None:
+        return value if value else default
+    if value is None:
+        problem = (f"{where or '(top level)'}: ${{{name}}} is not set in the environment "
+                   f"(set it, or give a default: ${{{name}:-value}})")
+        if problems is None:
+            raise ConfigError(problem)
+        problems[where] = problem
+        return ""
     return value
 
 
@@ -428,25 +513,69 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"not valid YAML: {exc}", location=where) from exc
 
 
-def validation_message(exc: ValidationError) -> str:
-    """One line per problem: ``field.path: message``."""
+def validation_message(exc: ValidationError, skip: set[str] | None = None) -> str:
+    """One line per problem: ``field.path: message`` (none for the paths in ``skip``)."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if skip and loc in skip:
+            continue
         lines.append(f"{loc}: {err['msg']}")
     return "; ".join(lines)
 
 
 def load_settings(path: str | Path) -> Settings:
-    """Load and validate the config file at ``path``."""
+    """Load and validate the config file at ``path``; every problem found is in the one
+    :class:`ConfigError` raised (``; `` between them)."""
     file = Path(path)
     data = read_yaml(file) or {}
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping of sections", location=str(file))
+    problems: list[str] = []
+    crm = data.get("crm")
+    if not isinstance(crm, dict) or not crm.get("base_url"):
+        field = "crm.base_url" if isinstance(crm, dict) else "crm"
+        problems.append(
+            f"{field}: missing: say where the CRM's REST API is (crm.base_url, e.g. "
+            "https://crm.example.com; examples/crm-*.yaml show real CRMs, and "
+            "`callroute sample-crm` serves a sample one at http://127.0.0.1:8088)")
+    unset: dict[str, str] = {}
+    expanded = expand_env(data, problems=unset)
+    problems += unset.values()
+    settings: Settings | None = None
     try:
-        settings = Settings.model_validate(
-            read_secret_files(expand_env(data), file.resolve().parent))
+        settings = Settings.model_validate(read_secret_files(expanded, file.resolve().parent))
+    except ConfigError as exc:  # a secret file that cannot be read
+        problems.append(str(exc))
     except ValidationError as exc:
-        raise ConfigError(validation_message(exc), location=str(file)) from exc
+        # a field whose variable is unset is reported once, for that
+        message = validation_message(exc, skip=set(unset))
+        if message:
+            problems.append(message)
+    if problems or settings is None:
+        raise ConfigError("; ".join(problems), location=str(file))
     settings.base_dir = file.resolve().parent
     return settings
+
+
+#: Where the files packaged with callroute live, by name: in an installed wheel they are
+#: inside the package (router/_data/<package>, see pyproject.toml); in a source checkout
+#: (and an editable install), at the repository's root.
+_DATA = {"examples": "examples", "asterisk-conf": "asterisk_conf"}
+
+
+def data_dir(name: Literal["examples", "asterisk-conf"]) -> Path:
+    """The directory of the example files (``examples``: config, rules, CRM examples) or of
+    the Asterisk snippets (``asterisk-conf``) that come with callroute."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_data" / _DATA[name], here.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"the {name} files packaged with callroute are missing: reinstall it")
+
+
+def default_config() -> Path:
+    """The config file used without ``--config``: ``./config.yaml`` when it exists, else the
+    example config packaged with callroute (what ``callroute demo`` runs)."""
+    local = Path("config.yaml")
+    return local if local.is_file() else data_dir("examples") / "config.yaml"

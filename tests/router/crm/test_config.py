@@ -16,7 +16,8 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 def _load(tmp_path: Path, crm_yaml: str) -> CrmSettings:
     config = tmp_path / "config.yaml"
-    config.write_text("crm:\n" + "\n".join("  " + line for line in crm_yaml.splitlines()))
+    config.write_text("crm:\n  base_url: http://crm.example.com\n"
+                      + "\n".join("  " + line for line in crm_yaml.splitlines()))
     return load_settings(config).crm
 
 

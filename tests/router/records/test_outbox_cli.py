@@ -27,6 +27,7 @@ def config_file(tmp_path: Path, redis_url: str) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(
         f"redis:\n  url: {redis_url}\n  prefix: 't:'\noutbox:\n  spool_dir: spool\n"
+        "crm:\n  base_url: http://127.0.0.1:1\n"
     )
     return path
 
@@ -148,13 +149,21 @@ async def test_replay_of_delivered_records_is_a_no_op_unless_forced(
 async def test_status_without_redis_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """With Redis unreachable the command exits 2 with a message, no traceback."""
+    """With Redis unreachable the command exits 2, says Redis is down and still shows
+    what is known without it (the records waiting in the disk spool), no traceback."""
     from tests.redis_server import free_port
 
     cfg = config_file(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
+    from router.records.spool import Spool
+
+    Spool(tmp_path / "spool", max_records=10, max_bytes=1 << 20).put("k1", {"linkedid": "1"})
     code, out = await cli(["outbox", "status", "--config", str(cfg)], capsys)
     assert code == 2
-    assert "Redis unavailable" in out
+    lines = dict(line.split(None, 1) for line in out.splitlines() if line.strip())
+    assert lines["redis"] == "down"
+    assert "Connect" in lines["error"]
+    assert lines["depth"] == "-"
+    assert lines["spool_records"] == "1"
 
 
 async def test_status_counts_pending_and_retry(h: Harness) -> None:
