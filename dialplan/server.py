@@ -48,7 +48,7 @@ from dialplan.protocol import (
     EndOfStream,
     HangupNotice,
 )
-from router.errors import AgiHangup, AgiProtocolError
+from router.errors import AgiHangup, AgiProtocolError, ListenError
 from router.log import call_id
 from router.metrics import AGI_ACTIVE, AGI_REJECTED, AGI_SESSIONS, child
 from router.settings import AgiSettings
@@ -467,15 +467,20 @@ class AgiServer:
         return len(self._connections)
 
     async def start(self) -> None:
-        """Bind and start accepting connections."""
+        """Bind and start accepting connections; :class:`ListenError` when the address
+        cannot be bound (the port is in use...)."""
         self._stopped.clear()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: AgiConnection(self),
-            self.settings.host,
-            self.settings.port,
-            backlog=max(128, self.settings.max_sessions),
-        )
+        try:
+            self._server = await loop.create_server(
+                lambda: AgiConnection(self),
+                self.settings.host,
+                self.settings.port,
+                backlog=max(128, self.settings.max_sessions),
+            )
+        except OSError as exc:
+            raise ListenError.from_os_error(
+                exc, "agi.port", self.settings.host, self.settings.port) from exc
         if self._sweeper is None:
             self._sweeper = loop.create_task(self._sweep(), name="agi-deadlines")
         log.info("FastAGI server listening on %s:%d", self.settings.host, self.port)

@@ -1,7 +1,9 @@
 """``callroute demo``: the whole call path on one machine, printed call by call.
 
 Starts the sample CRM at ``crm.base_url``, the FastAGI server at ``agi.host:port``
-with the example rules, then plays calls through FastAGI exactly as Asterisk does
+with the example rules (either on a free port instead when its own is taken, saying
+so: the demo never talks to whatever else listens there), then plays calls through
+FastAGI exactly as Asterisk does
 (the same bytes as the recordings in tests/fixtures) and prints, for each call, what
 the dialplan was told. Redis is used when it answers at ``redis.url``; without it the
 cache runs in-process only (and says so once).
@@ -10,6 +12,7 @@ cache runs in-process only (and says so once).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -20,9 +23,10 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from dialplan.peer import AsteriskAgiPeer, PeerResult, build_environment
-from dialplan.route import make_route_handler
+from dialplan.route import Router, make_route_handler
 from dialplan.server import AgiServer
 from router.app import build_router
+from router.errors import ListenError
 from router.rules.presence import Presence
 from router.samplecrm import make_app, start_sample_crm
 from router.settings import Settings
@@ -65,17 +69,44 @@ def _sample_crm_address(settings: Settings) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 80
 
 
-async def _start_crm(settings: Settings) -> web.AppRunner | None:
+async def _start_crm(settings: Settings) -> tuple[web.AppRunner, Settings]:
+    """The demo's own sample CRM at ``crm.base_url``; when that port is taken, on a free
+    one (said in one line), never whatever listens there. Returns the runner and the
+    settings pointing at it."""
     host, port = _sample_crm_address(settings)
     auth = settings.crm.auth
     token = auth.token.get_secret_value() if auth.type == "bearer" else None
     try:
         runner, url = await start_sample_crm(host, port, make_app(token=token or None))
-    except OSError:
-        print(f"sample CRM: {host}:{port} is taken; using whatever serves there")
-        return None
-    print(f"sample CRM: {url}")
-    return runner
+    except OSError as exc:
+        try:
+            runner, url = await start_sample_crm(host, 0, make_app(token=token or None))
+        except OSError as again:
+            raise ListenError.from_os_error(again, "crm.base_url", host, port) from exc
+        why = "is taken by another program" if exc.errno == errno.EADDRINUSE \
+            else f"cannot be used ({exc.strerror})"
+        print(f"sample CRM: {host}:{port} (crm.base_url) {why}; the demo runs its own on "
+              f"{url} instead")
+    else:
+        print(f"sample CRM: {url}")
+    crm = settings.crm.model_copy(update={"base_url": url})
+    return runner, settings.model_copy(update={"crm": crm})
+
+
+async def _start_agi(settings: Settings, router: Router) -> AgiServer:
+    """The demo's FastAGI server at ``agi.host:agi.port``, or on a free port when that one
+    is taken (said in one line: the demo plays its calls itself)."""
+    agi = AgiServer(settings.agi)
+    agi.route("route", make_route_handler(router))
+    try:
+        await agi.start()
+    except ListenError as exc:
+        agi = AgiServer(settings.agi.model_copy(update={"port": 0}))
+        agi.route("route", make_route_handler(router))
+        await agi.start()
+        print(f"FastAGI: {exc.host}:{exc.port} (agi.port) is taken by another program; "
+              f"the demo uses port {agi.port} instead")
+    return agi
 
 
 def _row(call: DemoCall, result: PeerResult) -> list[str]:
@@ -114,7 +145,7 @@ def _print_table(rows: list[list[str]]) -> None:
 async def run_demo(settings: Settings, *, extra_calls: int = 0) -> int:
     """Run the demo; returns the exit code (1 when a call went wrong)."""
     logging.getLogger().setLevel(logging.WARNING)
-    crm = await _start_crm(settings)
+    crm, settings = await _start_crm(settings)
     presence = Presence()
     presence.update("Local/7009@agents", "INUSE")  # as AMI would report a busy phone
     clock = {"now": OPEN}
@@ -122,9 +153,7 @@ async def run_demo(settings: Settings, *, extra_calls: int = 0) -> int:
     try:
         async with build_router(settings, presence) as router:
             router.clock = lambda: clock["now"]
-            agi = AgiServer(settings.agi)
-            agi.route("route", make_route_handler(router))
-            await agi.start()
+            agi = await _start_agi(settings, router)
             print(f"FastAGI: agi://{settings.agi.host}:{agi.port}/route  "
                   f"(deadline {settings.routing.deadline_ms} ms)\n")
             rows = []
@@ -149,7 +178,6 @@ async def run_demo(settings: Settings, *, extra_calls: int = 0) -> int:
                 print(f"  {call.callerid:<16} {call.note}")
             await agi.stop(1.0)
     finally:
-        if crm is not None:
-            with contextlib.suppress(Exception):
-                await crm.cleanup()
+        with contextlib.suppress(Exception):
+            await crm.cleanup()
     return 1 if failures else 0

@@ -6,6 +6,7 @@ callers only ever catch these::
 
     CallrouteError
     ├── ConfigError              a config or rules file is invalid: fix the file it names
+    │   └── ListenError          a listening address of the config cannot be bound (in use)
     ├── ProtocolError            a peer broke its protocol
     │   ├── AgiProtocolError     a FastAGI session misbehaved: the call gets the safe route
     │   │   └── AgiHangup        the channel hung up (HANGUP line, 511, EOF): stop sending
@@ -29,6 +30,8 @@ callers only ever catch these::
 
 from __future__ import annotations
 
+import errno
+
 
 class CallrouteError(Exception):
     """Base class of every error callroute raises on purpose."""
@@ -43,6 +46,34 @@ class ConfigError(CallrouteError):
     def __init__(self, message: str, *, location: str | None = None) -> None:
         self.location = location
         super().__init__(f"{location}: {message}" if location else message)
+
+
+class ListenError(ConfigError):
+    """A listening address the config names cannot be bound: the port is in use, or not
+    ours to take. The message names the address and the setting to change."""
+
+    def __init__(self, setting: str, host: str, port: int, reason: str) -> None:
+        self.setting = setting
+        self.host = host
+        self.port = port
+        super().__init__(f"cannot listen on {host}:{port} ({setting}): {reason}")
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, setting: str, host: str, port: int,
+                      *, fix: str | None = None) -> ListenError:
+        """Translate the ``OSError`` of a bind into one line saying what to do; ``fix`` says
+        what to change (default: ``<setting> in the config``)."""
+        fix = fix or f"{setting} in the config"
+        if exc.errno == errno.EADDRINUSE:
+            reason = (f"the port is already in use (another callroute? `ss -ltnp` shows "
+                      f"which program): change {fix}, or stop that program")
+        elif exc.errno == errno.EACCES:
+            reason = f"permission denied (ports below 1024 need privileges): change {fix}"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            reason = f"no such address on this machine: change {fix}"
+        else:
+            reason = f"{exc.strerror or exc}: change {fix}"
+        return cls(setting, host, port, reason)
 
 
 class ProtocolError(CallrouteError):

@@ -47,6 +47,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from router.errors import ListenError
+
 if TYPE_CHECKING:
     from router.settings import Settings
 
@@ -575,7 +577,11 @@ async def start_sample_crm(
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
     server = getattr(site, "_server", None)
     sockets = getattr(server, "sockets", None) or []
     bound = sockets[0].getsockname()[1] if sockets else port
@@ -588,15 +594,20 @@ async def serve_forever(
 ) -> int:
     """``callroute sample-crm``: serve on the address of ``crm.base_url`` until stopped.
 
-    A bearer token configured in ``crm.auth`` is required from clients.
+    A bearer token configured in ``crm.auth`` is required from clients. An address that
+    cannot be bound raises :class:`ListenError` (one line: which address, which setting).
     """
     parts = urlsplit(settings.crm.base_url)
     auth = settings.crm.auth
     app = make_app(token=auth.token.get_secret_value() if auth.type == "bearer" else None)
-    runner, url = await start_sample_crm(
-        host or parts.hostname or "127.0.0.1", port if port is not None else (parts.port or 8088),
-        app,
-    )
+    host = host or parts.hostname or "127.0.0.1"
+    port = port if port is not None else (parts.port or 8088)
+    try:
+        runner, url = await start_sample_crm(host, port, app)
+    except OSError as exc:
+        raise ListenError.from_os_error(
+            exc, "crm.base_url", host, port,
+            fix="crm.base_url in the config, or pass --port") from exc
     print(f"sample CRM listening on {url} ({len(state_of(app).customers)} customers); "
           f"faults: POST {url}/_faults", flush=True)
     try:
