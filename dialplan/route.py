@@ -60,8 +60,12 @@ class Router:
         rules: Callable[[], RuleSet],
         presence: Presence | None = None,
         clock: Callable[[], datetime] | None = None,
+        *,
+        count: bool = True,
     ) -> None:
         self.settings = settings
+        #: False for a router that only explains: its decisions count in no metric.
+        self.count = count
         self.clock = clock or (lambda: datetime.now(UTC))
         #: Set by :func:`router.app.build_router` when the rules come from a watched file.
         self.watcher: RulesWatcher | None = None
@@ -103,9 +107,18 @@ class Router:
                 log.exception("rules raised; using the default route")
                 decision = ruleset.safe_default("rules-error")
         elapsed_ms = (time.monotonic() - t0) * 1000
-        metrics.child(metrics.DECISIONS, decision.rule, decision.reason).inc()
-        metrics.DECISION_SECONDS.observe(elapsed_ms / 1000)
+        if self.count:
+            metrics.child(metrics.DECISIONS, decision.rule, decision.reason).inc()
+            metrics.DECISION_SECONDS.observe(elapsed_ms / 1000)
         return RouteOutcome(number, did, when, result, decision, elapsed_ms)
+
+    def explaining(self, lookup: Lookup) -> Router:
+        """A router with the same settings, rules, presence and clock, deciding with
+        ``lookup`` (a read-only one) and counting nothing: what ``explain`` runs."""
+        router = Router(self.settings, lookup, self.rules, self.presence,
+                        clock=lambda: self.clock(), count=False)
+        router.watcher = self.watcher
+        return router
 
 
 def did_of(session: AgiSession) -> str | None:

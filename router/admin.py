@@ -12,7 +12,8 @@ nobody needs to sign in. ``admin.token``, when set, is a token of user ``admin``
 ``GET /metrics``      Prometheus text format
 ``GET /api/explain``  ``?number=&did=&at=``: the decision trace, as ``callroute explain --json``
 ``GET /api/presence`` agent device states as AMI last reported them
-``GET /api/outbox``   outbox depth, oldest entry age, dead letters
+``GET /api/outbox``   outbox depth, oldest entry age, dead letters (503 while Redis is
+                      down: spool depth and ``"redis": "down"``)
 ``GET /api/whoami``   the caller's user, role and agent id
 ``POST /webhooks/crm`` the CRM says a customer changed (signed; see router.lookup.webhook)
 ``GET /recordings/..`` a call recording, by the signed link in its record (ami.recordings)
@@ -46,7 +47,7 @@ from router.auth.access import signed_in as _signed_in
 from router.auth.roles import CRM_WEBHOOK, Permission, Principal, Role
 from router.auth.users import Directory
 from router.errors import CacheError as CacheUnavailable
-from router.errors import CallrouteError
+from router.errors import CallrouteError, ConfigError
 from router.metrics import REGISTRY
 from router.rules.presence import Presence
 
@@ -64,7 +65,6 @@ Replay = Callable[[list[str] | None, datetime | None, datetime | None, bool],
                   Awaitable[list[str]]]
 Explain = Callable[[str, str | None, datetime | None], Awaitable[Mapping[str, Any]]]
 Status = Callable[[], Awaitable[Mapping[str, Any]]]
-
 
 
 @dataclass
@@ -174,7 +174,10 @@ def _explain(deps: AdminDeps) -> Handler:
                 at = datetime.fromisoformat(request.query["at"])
             except ValueError:
                 return _json({"error": "'at' must be an ISO 8601 time"}, status=400)
-        result = dict(await deps.explain(number, request.query.get("did"), at))
+        try:
+            result = dict(await deps.explain(number, request.query.get("did"), at))
+        except ConfigError as exc:  # a time without offset that fits no single zone
+            return _json({"error": str(exc)}, status=400)
         customer = result.get("customer")
         target = (f"customer:{customer.get('id')}" if isinstance(customer, dict)
                   else deps.number_target(number))
@@ -194,11 +197,20 @@ def _presence(deps: AdminDeps) -> Handler:
 
 
 def _outbox(deps: AdminDeps) -> Handler:
+    """What is known about the outbox; 503 when part of it (Redis) could not be read,
+    with the rest (the disk spool) still in the body."""
+
     @requires(Permission.STATUS)
     async def handler(_: web.Request) -> web.Response:
         if deps.outbox_status is None:
             return _json({"error": "the outbox is not enabled"}, status=503)
-        return _json(await deps.outbox_status())
+        try:
+            status = await deps.outbox_status()
+        except Exception as exc:  # whatever broke, the operator gets a line, not a 500
+            log.warning("outbox status failed: %s: %s", type(exc).__name__, exc)
+            return _json({"error": f"outbox status failed: {type(exc).__name__}: {exc}"},
+                         status=503)
+        return _json(status, status=503 if status.get("redis") == "down" else 200)
 
     return handler
 

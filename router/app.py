@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ami.complete import CustomerFinder, RecordCompleter
 from ami.recordings import RecordingLinks
-from dialplan.explain import outcome_to_dict
+from dialplan.explain import explain, outcome_to_dict
 from dialplan.route import Router, make_route_handler
 from dialplan.server import AgiServer
 from router.admin import (
@@ -37,9 +37,11 @@ from router.crm.auth import TokenStore
 from router.crm.http import CrmHttp
 from router.crm.limits import RateGate
 from router.crm.rest import RestConnector
+from router.errors import ListenError
 from router.log import mask_record
 from router.lookup.cache import TwoLevelCache
 from router.lookup.cached_lookup import CachedLookup
+from router.lookup.readonly import ReadOnlyLookup
 from router.lookup.sync import SyncReport, periodic_sync, run_sync
 from router.models import Customer
 from router.phone import normalize
@@ -149,10 +151,16 @@ async def deliver(settings: Settings, stop: asyncio.Event | None = None) -> int:
 
 def _explainer(router: Router) -> Callable[[str, str | None, datetime | None],
                                            Awaitable[dict[str, Any]]]:
-    async def explain(number: str, did: str | None, at: datetime | None) -> dict[str, Any]:
-        return outcome_to_dict(await router.decide(number, did, at=at))
+    """``/api/explain``: decisions of a read-only view of the service's router (its cache
+    is read, never written; nothing is counted)."""
+    lookup = router.lookup
+    assert isinstance(lookup, CachedLookup)  # build_router makes one
+    explaining = router.explaining(ReadOnlyLookup(lookup))
 
-    return explain
+    async def explain_one(number: str, did: str | None, at: datetime | None) -> dict[str, Any]:
+        return outcome_to_dict(await explain(explaining, number, did, at))
+
+    return explain_one
 
 
 def assemble_admin(settings: Settings, deps: AdminDeps, cache: TwoLevelCache,
@@ -177,7 +185,12 @@ async def _start_admin(settings: Settings, app: web.Application) -> web.AppRunne
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.admin.host, settings.admin.port, ssl_context=context)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError.from_os_error(
+            exc, "admin.port", settings.admin.host, settings.admin.port) from exc
     log.info("admin API on %s://%s:%d", "https" if context else "http", settings.admin.host,
              settings.admin.port)
     return runner

@@ -4,6 +4,11 @@ Every log line written while a call is being handled carries that call's id
 (the AGI ``uniqueid`` or the AMI ``Linkedid``) through a context variable, the way
 structlog's contextvars integration does, without requiring callers to pass it.
 
+A task or callback inherits the context it is created in: work started from inside a
+call that serves every call afterwards (a shared Redis batch, the invalidation feed, a
+queued cache write) must be started in :func:`detached` context, or all its log lines
+carry the id of whichever call happened to start it.
+
 Masking works at two depths, on by default:
 
 1. Where callroute itself puts personal data into a message, it masks it there:
@@ -24,6 +29,7 @@ WARNING at start-up.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import re
 import sys
@@ -52,6 +58,14 @@ def bind_call(value: str) -> Iterator[None]:
         yield
     finally:
         call_id.reset(token)
+
+
+def detached() -> contextvars.Context:
+    """A copy of the current context with no call bound, to start shared background work
+    in: ``loop.create_task(coro, context=detached())``."""
+    context = contextvars.copy_context()
+    context.run(call_id.set, "-")
+    return context
 
 
 class StderrHandler(logging.StreamHandler[TextIO]):

@@ -44,6 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from router.crypto import KeyRing
 from router.errors import CacheError, CryptoError
 from router.keys import Keys
+from router.log import detached
 from router.lookup.cachefeed import InvalidationFeed, customer_message, number_message
 from router.metrics import CACHE_ERRORS
 from router.models import Customer
@@ -157,6 +158,11 @@ class LruCache:
             return None
         self._data.move_to_end(e164)
         return CacheEntry(slot[0], slot[1]), slot[2]
+
+    def peek(self, e164: str) -> tuple[CacheEntry, float] | None:
+        """As :meth:`get`, without marking the entry used (a read that changes nothing)."""
+        slot = self._data.get(e164)
+        return None if slot is None else (CacheEntry(slot[0], slot[1]), slot[2])
 
     def put(self, e164: str, entry: CacheEntry) -> None:
         """Store (or replace) the entry for ``e164``, evicting the oldest over the bound."""
@@ -321,7 +327,8 @@ class ReadBatcher:
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
-        task = asyncio.get_running_loop().create_task(self._run(batch))
+        # one read for many calls: in no call's context (log lines carry no call id)
+        task = asyncio.get_running_loop().create_task(self._run(batch), context=detached())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -433,7 +440,7 @@ class WriteBehind:
         batch = list(self._queue.items())[:MAX_BATCH]
         for e164, _ in batch:
             del self._queue[e164]
-        task = asyncio.get_running_loop().create_task(self._send(batch))
+        task = asyncio.get_running_loop().create_task(self._send(batch), context=detached())
         self._sending[task] = batch
         task.add_done_callback(self._sent)
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from router.log import detached
 from router.metrics import CACHE_ERRORS, CACHE_FEED
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,10 @@ class InvalidationFeed:
     def start(self) -> None:
         """Start listening in the background (no-op when already started)."""
         if self._task is None:
+            # started by the first call's lookup, it serves every call after: not that
+            # call's context, or each of its log lines would carry that call's id
             self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="cache-invalidation-feed"
+                self._run(), name="cache-invalidation-feed", context=detached()
             )
 
     def covers(self, stored_at: float) -> bool:

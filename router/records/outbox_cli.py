@@ -1,7 +1,8 @@
 """``callroute outbox status|list|retry|replay``: look into and repair the outbox.
 
 - ``status``: backlog (stream entries: ready + in flight; plus retries waiting), age of
-  the oldest record, dead letters, spooled records, kept delivered records.
+  the oldest record, dead letters, spooled records, kept delivered records. With Redis
+  down it still shows the spool (``redis: down``, exit status 2).
 - ``list``: entries with key, state, age, attempts, the last error (what the CRM said,
   masked) and the ledger (what each step already created at the CRM, and steps sent
   whose answer was lost) (``--dead`` for dead letters only, ``--limit``).
@@ -44,7 +45,6 @@ from router.records.outbox import Outbox, connect_redis, keys_from_settings, now
 from router.records.spool import Spool
 from router.settings import Settings
 
-DEFAULT_CONFIG = "examples/config.yaml"
 SCAN_CHUNK = 1000
 SCAN_LIMIT = 200_000
 
@@ -150,18 +150,31 @@ def _row(eid: str, f: dict[str, Any], state: str, now: int, **extra: Any) -> dic
 
 
 async def status(redis: Redis, keys: Keys, group: str, spool: Spool) -> dict[str, Any]:
-    """Depth (ready + in flight + waiting retry), oldest age, dead letters, spool size."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.outbox_stream)
-        pipe.zcard(keys.outbox_retry)
-        pipe.xlen(keys.outbox_dead)
-        pipe.xlen(keys.outbox_sent)
-        stream_len, retry, dead, sent = await pipe.execute()
-    flight = await _in_flight(redis, keys, group)
-    rows = await list_entries(redis, keys, group, limit=SCAN_LIMIT, ledger=False)
-    waiting = [r for r in rows if r["state"] != "dead" and r["age_s"] is not None]
+    """Depth (ready + in flight + waiting retry), oldest age, dead letters, spool size.
+
+    Never raises for Redis: while Redis cannot be read, the answer has what is known
+    without it (the disk spool, where records wait meanwhile) and ``"redis": "down"``
+    with the error; the counts kept in Redis are None."""
     spooled, spool_bytes = await asyncio.to_thread(spool.usage)
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(keys.outbox_stream)
+            pipe.zcard(keys.outbox_retry)
+            pipe.xlen(keys.outbox_dead)
+            pipe.xlen(keys.outbox_sent)
+            stream_len, retry, dead, sent = await pipe.execute()
+        flight = await _in_flight(redis, keys, group)
+        rows = await list_entries(redis, keys, group, limit=SCAN_LIMIT, ledger=False)
+    except (RedisError, OSError, TimeoutError) as exc:
+        return {
+            "redis": "down", "error": f"{type(exc).__name__}: {exc}",
+            "depth": None, "ready": None, "in_flight": None, "waiting_retry": None,
+            "oldest_age_s": None, "dead": None,
+            "spool_records": spooled, "spool_bytes": spool_bytes, "kept_delivered": None,
+        }
+    waiting = [r for r in rows if r["state"] != "dead" and r["age_s"] is not None]
     return {
+        "redis": "up",
         "depth": int(stream_len) + int(retry),
         "ready": int(stream_len) - len(flight),
         "in_flight": len(flight),
@@ -253,8 +266,9 @@ Handler = Callable[[Settings, argparse.Namespace], int]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
-                        help=f"config file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--config", "-c", default=None, metavar="FILE",
+                        help="config file (default: ./config.yaml if there is one, else the "
+                        "example config that comes with callroute)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -269,7 +283,9 @@ def _iso(text: str) -> datetime:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``outbox status|list|retry|replay`` to the ``callroute`` parser; each sets
     ``outbox_handler(settings, args) -> exit code``."""
-    outbox = subparsers.add_parser("outbox", help="inspect and repair call record delivery")
+    outbox = subparsers.add_parser(
+        "outbox", help="inspect and re-send call records (status, list, retry, replay)",
+        description="Inspect and repair the delivery of call records to the CRM.")
     sub = outbox.add_subparsers(dest="outbox_command", required=True)
     p = sub.add_parser("status", help="backlog, oldest age, dead letters, spool")
     _common(p)
@@ -324,7 +340,7 @@ async def _cmd_status(redis: Redis, settings: Settings, args: argparse.Namespace
     width = max(len(k) for k in data)
     _emit(args, data, "\n".join(f"{k:<{width}}  {v if v is not None else '-'}"
                                 for k, v in data.items()))
-    return 0
+    return 2 if data["redis"] == "down" else 0
 
 
 async def _cmd_list(redis: Redis, settings: Settings, args: argparse.Namespace) -> int:
