@@ -177,4 +177,5 @@ async def apply(session: AgiSession, decision: Decision) -> None:
     except AgiHangup:
         log.info("channel hung up before all variables were set")
     except CallrouteError as exc:
-        log.warning("could not set channel variables: %s", exc)
+        if not session.timed_out:  # a timeout is logged (and counted) by the server
+            log.warning("could not set channel variables: %s", exc)

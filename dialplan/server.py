@@ -6,11 +6,20 @@ under a deadline and size limits, hands an :class:`AgiSession` to the handler ro
 for the script name, and always closes the socket afterwards: Asterisk then goes on
 with the dialplan (its fallback applies when nothing was set).
 
-Guarantees: a bound on concurrent sessions (over it, a connection is closed at once,
-without a command, and counted); deadlines on the environment and on every reply; no
-input (early close, garbage, megabytes, silence) can crash the server or stall the
-event loop; handler exceptions are logged and contained; every log line of a session
-carries its ``uniqueid``; ``stop()`` drains in-flight sessions within a grace period.
+Guarantees: a bound on concurrent sessions; one deadline per session
+(``session_timeout_s``, from accept to close, over the environment, the decision and
+every command) besides the environment's own; no input (early close, garbage,
+megabytes, silence) can crash the server or stall the event loop; handler exceptions
+are logged and contained; every log line of a session carries its ``uniqueid``;
+``stop()`` drains in-flight sessions within a grace period.
+
+Capacity under a flood: at ``max_sessions``, a new connection closes the oldest one
+that has not yet sent a complete environment (counted as ``outcome="shed"``): Asterisk
+sends its environment at once, so such a connection is idle or hostile, and a real call
+arriving during a flood of idle connections is still served. Only when every slot holds
+a session past its environment is a new connection refused (closed at once, counted in
+``callroute_agi_rejected``). A peer that stops answering holds its slot until the
+session deadline, and the session counts as ``outcome="timeout"``.
 
 Shape: each connection is an :class:`asyncio.Protocol` (:class:`AgiConnection`) that
 feeds the bytes it receives to an :class:`~dialplan.protocol.AgiParser` and hands the
@@ -85,8 +94,10 @@ class AgiSession:
 
     Commands are sent one at a time, each after the previous reply; a command (or a
     batch of ``n``) waits for its replies at most ``command_timeout_s`` (``n`` times
-    that). What Asterisk writes is parsed as it arrives, so :attr:`hungup` turns true
-    as soon as ``HANGUP`` (or EOF) arrives, even while the handler is busy elsewhere.
+    that), and never past the session's ``deadline`` (loop time), when the session is
+    failed and closed whatever it is doing. What Asterisk writes is parsed as it
+    arrives, so :attr:`hungup` turns true as soon as ``HANGUP`` (or EOF) arrives, even
+    while the handler is busy elsewhere.
     After ``HANGUP`` commands may still be sent (Asterisk answers them); after EOF
     they raise :class:`AgiHangup`.
     """
@@ -99,12 +110,16 @@ class AgiSession:
         command_timeout_s: float,
         started_at: float,
         closer: Callable[[], None] | None = None,
+        deadline: float = float("inf"),
     ) -> None:
         self.env = env
         self.started_at = started_at
         self.command_timeout_s = command_timeout_s
+        #: loop time by which the whole session must be over
+        self.deadline = deadline
         self.hungup = False
-        #: True once a command went unanswered for ``command_timeout_s``.
+        #: True once a command went unanswered for ``command_timeout_s``, or the session
+        #: deadline passed.
         self.timed_out = False
         self._transport = transport
         self._lock = asyncio.Lock()
@@ -153,7 +168,7 @@ class AgiSession:
         async with self._lock:
             self._check_usable()
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.command_timeout_s * len(lines)
+            deadline = min(loop.time() + self.command_timeout_s * len(lines), self.deadline)
             batch = _Batch(lines, loop.create_future(), deadline)
             self._batch = batch
             try:
@@ -243,7 +258,11 @@ class AgiSession:
         batch.future.set_result(batch.replies)
 
     def check_deadline(self, now: float) -> None:
-        """Fail the batch in flight if its deadline (loop time) has passed."""
+        """Fail the batch in flight if its deadline (loop time) has passed; past the
+        session deadline, fail the session and close it."""
+        if now >= self.deadline:
+            self._session_timeout()
+            return
         batch = self._batch
         if batch is not None and now >= batch.deadline:
             self._on_timeout()
@@ -258,7 +277,23 @@ class AgiSession:
         self._broken = AgiProtocolError(
             f"no reply within {self.command_timeout_s}s to {sent[:60]!r}"
         )
+        log.warning("FastAGI session timed out: %s", self._broken)
         batch.future.set_exception(self._broken)
+
+    def _session_timeout(self) -> None:
+        if self._broken is not None and self.timed_out:
+            return
+        self.timed_out = True
+        batch = self._batch
+        waiting = ""
+        if batch is not None and not batch.future.done():
+            index = len(batch.replies)
+            sent = batch.lines[index] if index < len(batch.lines) else b""
+            waiting = f", waiting for the reply to {sent[:60]!r}"
+        self._broken = AgiProtocolError(f"session deadline passed{waiting}")
+        log.warning("FastAGI session timed out: %s; closing it", self._broken)
+        self._finish(self._broken)
+        self.close()
 
     def _finish(self, exc: AgiProtocolError) -> None:
         batch = self._batch
@@ -304,6 +339,7 @@ class AgiConnection(asyncio.Protocol):
             max_line_bytes=self._settings.max_line_bytes,
         )
         self._env_deadline = 0.0
+        self._deadline = 0.0
         self._session: AgiSession | None = None
         self._context: contextvars.Context | None = None
         self._done = False  # counted and closing: nothing more to do
@@ -317,7 +353,9 @@ class AgiConnection(asyncio.Protocol):
             self._done = True
             transport.close()
             return
-        self._env_deadline = self._server.loop_time() + self._settings.env_timeout_s
+        now = self._server.loop_time()
+        self._deadline = now + self._settings.session_timeout_s
+        self._env_deadline = min(now + self._settings.env_timeout_s, self._deadline)
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -388,6 +426,7 @@ class AgiConnection(asyncio.Protocol):
             command_timeout_s=self._settings.command_timeout_s,
             started_at=time.monotonic(),
             closer=self.close,
+            deadline=self._deadline,
         )
         self._context = contextvars.copy_context()
         self._context.run(call_id.set, env.uniqueid or "-")
@@ -407,6 +446,12 @@ class AgiConnection(asyncio.Protocol):
                 f"no complete environment within {self._settings.env_timeout_s}s"
             )
             self.close()
+
+    def shed(self) -> None:
+        """Closed to make room for a new connection: it had not sent its environment."""
+        self._done = True
+        child(AGI_SESSIONS, "shed").inc()
+        self.close()
 
     def _bad_environment(self, why: str) -> None:
         self._done = True
@@ -444,7 +489,10 @@ class AgiServer:
         self._routes: dict[str, Handler] = {}
         self._server: asyncio.Server | None = None
         self._connections: set[AgiConnection] = set()
+        #: connections still reading their environment, oldest first (shed first)
+        self._waiting_env: dict[AgiConnection, None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._overload = _Throttled()
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -555,15 +603,25 @@ class AgiServer:
                     log.exception("deadline check failed")
 
     def admit(self, conn: AgiConnection) -> bool:
-        """A new connection: False (and counted) when ``max_sessions`` are in flight."""
+        """A new connection. At ``max_sessions``, the oldest connection still without a
+        complete environment is shed to make room; when there is none, False (counted)."""
         if len(self._connections) >= self.settings.max_sessions:
-            AGI_REJECTED.inc()
-            log.warning(
-                "refused a FastAGI connection: %d sessions in flight (max_sessions)",
-                len(self._connections),
-            )
-            return False
+            victim = next(iter(self._waiting_env), None)
+            if victim is None:
+                AGI_REJECTED.inc()
+                self._overload.note(
+                    "refused", "FastAGI at max_sessions (%d), every session past its "
+                    "environment: %d connection(s) refused in the last %.1fs",
+                    self.settings.max_sessions)
+                return False
+            self.release(victim)
+            victim.shed()
+            self._overload.note(
+                "shed", "FastAGI at max_sessions (%d): %d connection(s) that had not sent "
+                "their environment closed to make room in the last %.1fs",
+                self.settings.max_sessions)
         self._connections.add(conn)
+        self._waiting_env[conn] = None
         AGI_ACTIVE.inc()
         return True
 
@@ -571,12 +629,14 @@ class AgiServer:
         """A connection is gone."""
         if conn in self._connections:
             self._connections.discard(conn)
+            self._waiting_env.pop(conn, None)
             AGI_ACTIVE.dec()
 
     def start_session(
         self, conn: AgiConnection, session: AgiSession, context: contextvars.Context
     ) -> None:
         """Run the handler for ``session`` in a task, in the call's logging context."""
+        self._waiting_env.pop(conn, None)
         task = asyncio.get_running_loop().create_task(
             self._run(conn, session), context=context
         )
@@ -602,9 +662,32 @@ class AgiServer:
             log.info("session ended by hangup: %s", exc)
             return "hangup"
         except AgiProtocolError as exc:
+            if session.timed_out:
+                return "timeout"  # logged when it timed out
             log.warning("session failed: %s", exc)
-            return "timeout" if session.timed_out else "protocol_error"
+            return "protocol_error"
         except Exception:
             log.exception("route handler failed (the dialplan falls back)")
             return "handler_error"
-        return "ok"
+        # a handler may swallow the failure of its commands (the route handler does: the
+        # dialplan falls back); a session that ran out of time still counts as a timeout
+        return "timeout" if session.timed_out else "ok"
+
+
+class _Throttled:
+    """Counts overload events by kind and logs each kind at most once a second."""
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self._counts: dict[str, int] = {}
+        self._since: dict[str, float] = {}
+
+    def note(self, kind: str, message: str, limit: int) -> None:
+        now = time.monotonic()
+        count = self._counts.get(kind, 0) + 1
+        since = self._since.setdefault(kind, now - self.every_s)
+        if now - since >= self.every_s:
+            log.warning(message, limit, count, now - since)
+            count = 0
+            self._since[kind] = now
+        self._counts[kind] = count

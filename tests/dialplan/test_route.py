@@ -243,3 +243,35 @@ async def test_explain_dict_has_the_documented_keys(stack: Stack) -> None:
     text = format_text(outcome)
     assert "MATCH vip-owner" in text
     assert "ROUTE_QUEUE=vip" in text
+
+
+def agi_sessions(outcome: str) -> float:
+    from router.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value("callroute_agi_sessions_total", {"outcome": outcome}) or 0.0
+
+
+async def test_asterisk_that_stops_answering_is_a_timeout_not_ok(stack: Stack) -> None:
+    """An Asterisk that sends the environment and then answers no SET VARIABLE: the route
+    handler's session ends at the session deadline (not after command_timeout_s per
+    variable) and counts as outcome="timeout", not "ok"."""
+    agi = AgiServer(stack.settings.agi.model_copy(update={"port": 0, "session_timeout_s": 0.6}))
+    agi.route("route", make_route_handler(stack.router))
+    await agi.start()
+    try:
+        ok, timeouts = agi_sessions("ok"), agi_sessions("timeout")
+        reader, writer = await asyncio.open_connection("127.0.0.1", agi.port)
+        started = asyncio.get_running_loop().time()
+        writer.write(build_environment("13800138000", "Li Lei", "4008001000", port=agi.port))
+        async with asyncio.timeout(5):
+            got = await reader.read()  # until the server closes
+        elapsed = asyncio.get_running_loop().time() - started
+        writer.close()
+        assert got.startswith(b"SET VARIABLE ")
+        assert got.count(b"\n") == 1  # the first command, never answered
+        assert 0.5 <= elapsed < 1.2
+        await asyncio.sleep(0.05)
+        assert agi_sessions("timeout") == timeouts + 1
+        assert agi_sessions("ok") == ok
+    finally:
+        await agi.stop(1.0)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from dialplan import protocol
 from dialplan.peer import ROUTER, AsteriskAgiPeer, build_environment
 from dialplan.server import AgiServer, AgiSession
 from router.errors import AgiHangup, AgiProtocolError
@@ -177,6 +178,97 @@ async def test_command_reply_timeout() -> None:
         assert seen[0][0] is AgiProtocolError
         assert 0.15 <= seen[0][1] < 0.6
         assert sessions("timeout") == before + 1
+
+
+async def test_silent_peer_is_bounded_by_one_session_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer that sends its environment and then never answers holds its slot until the
+    session deadline, not command_timeout_s per variable (11 variables x 2 s = 22 s), and
+    the session counts as a timeout, with one log line, even when the handler swallows
+    the failure as the route handler does."""
+    items = [(f"ROUTE_VAR{i}", "x") for i in range(11)]
+
+    async def swallowing(session: AgiSession) -> None:
+        with contextlib.suppress(AgiProtocolError):
+            await session.set_variables(items)
+
+    caplog.set_level(logging.WARNING, logger="callroute.agi")
+    async with AgiServer(settings(command_timeout_s=2.0, session_timeout_s=0.6)) as srv:
+        srv.route("route", swallowing)
+        ok, timeouts = sessions("ok"), sessions("timeout")
+        got, elapsed = await raw_session(srv.port, ENV, wait_s=5.0)
+        assert got == protocol.set_variable(*items[0])
+        assert 0.5 <= elapsed < 1.2
+        await asyncio.sleep(0.05)
+        assert sessions("timeout") == timeouts + 1
+        assert sessions("ok") == ok
+        assert srv.active == 0
+    lines = [r.getMessage() for r in caplog.records if "timed out" in r.getMessage()]
+    assert len(lines) == 1
+    assert "session deadline passed" in lines[0]
+
+
+async def test_session_deadline_covers_a_slow_handler() -> None:
+    """The session deadline counts from the accept: a handler still busy when it passes
+    finds its session closed (the dialplan goes on with its fallback) and the session
+    counts as a timeout."""
+    async def slow(session: AgiSession) -> None:
+        await asyncio.sleep(1.0)
+        await set_target(session)
+
+    async with AgiServer(settings(session_timeout_s=0.4)) as srv:
+        srv.route("route", slow)
+        before = sessions("timeout")
+        result = await (await peer(srv)).run()
+        assert result.closed_by_server
+        assert result.commands == []
+        assert result.decision_ms is not None
+        assert result.decision_ms < 800
+        await asyncio.sleep(0.8)
+        assert sessions("timeout") == before + 1
+
+
+async def idle_flood(port: int, count: int, opened: list[asyncio.StreamWriter],
+                     pause_s: float = 0.002) -> None:
+    """Open ``count`` connections that never send anything, keeping them open."""
+    for _ in range(count):
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection(HOST, port)
+            opened.append(writer)
+        await asyncio.sleep(pause_s)
+
+
+async def test_real_calls_are_served_during_a_flood_of_idle_connections() -> None:
+    """With every slot taken by connections that never send an environment (a flood of
+    idle sockets, far more than max_sessions), real calls are still served: the oldest
+    idle connection is shed for each newcomer, and a session past its environment is
+    never shed. Shed connections are counted."""
+    async def holding(session: AgiSession) -> None:
+        await asyncio.sleep(0.1)  # in flight while the flood goes on
+        await set_target(session)
+
+    opened: list[asyncio.StreamWriter] = []
+    async with AgiServer(settings(max_sessions=8, env_timeout_s=5.0)) as srv:
+        srv.route("route", holding)
+        shed_before, refused_before = sessions("shed"), rejected()
+        await idle_flood(srv.port, 16, opened, pause_s=0.0)  # every slot idle
+        await asyncio.sleep(0.05)
+        flood = asyncio.create_task(idle_flood(srv.port, 300, opened))
+        results = []
+        for _ in range(10):
+            results.append(await (await peer(srv)).run())
+        concurrent = await asyncio.gather(*[(await peer(srv)).run() for _ in range(3)])
+        await flood
+        try:
+            for result in [*results, *concurrent]:
+                assert result.variables == {"ROUTE_TARGET": "Local/7001@agents"}
+            assert sessions("shed") - shed_before >= 300
+            assert rejected() == refused_before
+            assert srv.active <= 8
+        finally:
+            for writer in opened:
+                writer.close()
 
 
 async def test_over_bound_connections_rejected_at_once() -> None:
