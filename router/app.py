@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
@@ -37,7 +38,7 @@ from router.crm.auth import TokenStore
 from router.crm.http import CrmHttp
 from router.crm.limits import RateGate
 from router.crm.rest import RestConnector
-from router.errors import ListenError
+from router.errors import AmiError, ListenError
 from router.log import mask_record
 from router.lookup.cache import TwoLevelCache
 from router.lookup.cached_lookup import CachedLookup
@@ -45,11 +46,14 @@ from router.lookup.readonly import ReadOnlyLookup
 from router.lookup.sync import SyncReport, periodic_sync, run_sync
 from router.models import Customer
 from router.phone import normalize
+from router.rules import inventory
+from router.rules.decide import RuleSet
 from router.rules.presence import Presence, device_of
 from router.rules.ruleswatch import RulesWatcher
 from router.settings import Settings
 
 if TYPE_CHECKING:
+    from ami.client import AmiClient
     from router.web.assemble import WebParts
 
 log = logging.getLogger(__name__)
@@ -201,6 +205,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     presence = Presence()
+    # a port that is taken fails the start before anything runs (and logs)
+    check_free("agi.port", settings.agi.host, settings.agi.port)
+    if settings.admin.enabled:
+        check_free("admin.port", settings.admin.host, settings.admin.port)
     async with AsyncExitStack() as stack:
         from router.auth.setup import start_auth
 
@@ -233,6 +241,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         background = await _start_records(settings, presence, stack, agents, link, web_parts,
                                           _customer_finder(settings, router),
                                           recording_links(settings))
+        _warn_unknown_queues(settings, watcher.current())
+        if background.ami is not None:
+            check = asyncio.create_task(
+                warn_about_asterisk(background.ami, watcher.current, settings),
+                name="asterisk-check")
+            stack.push_async_callback(_cancel, check)
 
         if settings.admin.enabled:
             from router.auth.setup import start_audit
@@ -309,7 +323,26 @@ def _web_parts(settings: Settings, presence: Presence, router: Router) -> WebPar
     return build_parts(settings, presence, lambda: watcher.current().agents, describe, find)
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
+def check_free(setting: str, host: str, port: int) -> None:
+    """Raise :class:`ListenError` when ``host:port`` cannot be bound right now (bound and
+    released at once, with the SO_REUSEADDR the servers use)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError:
+        return  # the server's own bind reports an address it cannot resolve
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ListenError.from_os_error(exc, setting, host, port) from exc
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 
@@ -327,6 +360,7 @@ class _Background:
         self.ami_connected: Callable[[], bool] | None = None
         #: the outbox's Redis client (None: the outbox is off)
         self.redis: Any | None = None
+        self.ami: AmiClient | None = None
 
 
 def recording_links(settings: Settings) -> RecordingLinks | None:
@@ -418,6 +452,7 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
             ami.listeners.append(web_parts.live.handle)
             ami.resync_listeners.append(web_parts.live.resync)
         await ami.start()
+        bg.ami = ami
 
         async def stop_ami() -> None:
             await ami.stop()
@@ -472,3 +507,35 @@ class RecordQueue:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
+
+
+def _warn_unknown_queues(settings: Settings, ruleset: RuleSet) -> None:
+    """Start-up: a queue the rules name that ``routing.queues`` does not list."""
+    names = inventory.named(ruleset, settings.routing.default_queue)
+    for line in inventory.against_list(names, settings.routing.queues).errors:
+        log.warning("rules: %s", line)
+
+
+async def warn_about_asterisk(ami: AmiClient, rules: Callable[[], RuleSet],
+                              settings: Settings) -> inventory.Report | None:
+    """Once the AMI connection is first up: compare the queues and agents the rules name
+    with the running Asterisk and log a warning for each one missing (``callroute check
+    --asterisk`` prints the same). Nothing is refused: calls still run."""
+    while True:
+        try:
+            await ami.wait_connected(3600.0)
+            break
+        except TimeoutError:
+            continue
+    names = inventory.named(rules(), settings.routing.default_queue)
+    try:
+        view = await inventory.ask_asterisk(ami, names, settings.ami.action_timeout_s)
+    except (AmiError, PermissionError) as exc:
+        log.warning("could not compare the rules with Asterisk: %s", exc)
+        return None
+    report = inventory.against_asterisk(names, view)
+    for line in report.errors + report.warnings:
+        log.warning("asterisk: %s", line)
+    if not report.errors and not report.warnings:
+        log.info("asterisk: %s: all there", "; ".join(report.checked))
+    return report
