@@ -284,7 +284,11 @@ async def cmd_explain(settings: Settings, args: argparse.Namespace) -> int:
     async with build_router(settings) as router:
         assert isinstance(router.lookup, CachedLookup)
         explaining = router.explaining(ReadOnlyLookup(router.lookup))
-        outcome = await explain(explaining, args.number, args.did, args.at)
+        try:
+            outcome = await explain(explaining, args.number, args.did, args.at)
+        except ConfigError as exc:  # --at without an offset, and no single zone to read it in
+            print(f"callroute explain: {exc}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(outcome_to_dict(outcome), ensure_ascii=False, indent=2, default=str))
     else:

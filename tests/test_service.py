@@ -19,7 +19,7 @@ from dialplan.peer import AsteriskAgiPeer, build_environment
 from router.app import serve
 from router.samplecrm import make_app, start_sample_crm, state_of
 from router.settings import Settings, load_settings
-from tests.redis_server import free_port
+from tests.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).parents[1]
 
@@ -146,3 +146,135 @@ async def test_deliver_alone_posts_what_waits_in_the_outbox(
         assert await asyncio.wait_for(task, 10) == 0
         await redis.aclose()
         await runner.cleanup()
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """The current value of one metric sample (0 when absent)."""
+    from router.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+def total(name: str) -> float:
+    """The sum of a counter over all its label values."""
+    from router.metrics import REGISTRY
+
+    return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == name)
+
+
+async def test_serve_warns_about_what_asterisk_lacks(
+    service: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once logged in to AMI, `serve` compares the queues and agents the rules name with
+    the running Asterisk (the recording has support and vip only) and logs a warning for
+    each one missing, and keeps running."""
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.get_records("setup") + caplog.records
+                if r.name == "router.app" and r.getMessage().startswith("asterisk: ")]
+
+    await wait_for(lambda: len(warnings()) >= 2)
+    lines = warnings()
+    assert ("asterisk: queue 'retention' (rule 'churn-risk') does not exist in Asterisk "
+            "(queues there: support, vip)") in lines
+    assert any(line.startswith("asterisk: queue 'sales'") for line in lines)
+    port = service.settings.agi.port
+    env = build_environment("+8613800138000", "Li Lei", "4008001000", port=port)
+    assert (await AsteriskAgiPeer("127.0.0.1", port, env).run()).variables
+
+
+async def test_api_explain_counts_nothing_and_stores_nothing(service: Service) -> None:
+    """/api/explain decides as a call would, but no decision or lookup is counted, nothing
+    is written to the shared cache, and the service's own cache stays as it was: the
+    next real call for that number still asks the CRM. A time without an offset is read
+    in the rules' time zone (Asia/Shanghai): 10:30 there is business hours."""
+    import redis.asyncio as aioredis
+
+    admin = f"http://127.0.0.1:{service.settings.admin.port}"
+    redis = aioredis.Redis.from_url(service.settings.redis.url)
+    prefix = service.settings.redis.prefix
+    try:
+        cached = len(await redis.keys(f"{prefix}cust:*"))
+        decisions, lookups = total("callroute_decisions_total"), total("callroute_lookups_total")
+        async with aiohttp.ClientSession() as http:
+            url = f"{admin}/api/explain?number=13900139000&did=4008001000&at=2026-11-23T10:30:00"
+            async with http.get(url) as r:
+                assert r.status == 200
+                body = await r.json()
+        assert body["rule"] == "vip-owner"
+        assert body["customer"]["id"] == "C-1002"
+        assert body["at"] == "2026-11-23T10:30:00+08:00"
+        await asyncio.sleep(0.2)  # a write behind would have gone out by now
+        assert total("callroute_decisions_total") == decisions
+        assert total("callroute_lookups_total") == lookups
+        assert len(await redis.keys(f"{prefix}cust:*")) == cached
+        crm_lookups = sample("callroute_lookups_total", {"source": "crm"})
+        port = service.settings.agi.port
+        env = build_environment("13900139000", "Han Meimei", "4008001000", port=port)
+        result = await AsteriskAgiPeer("127.0.0.1", port, env).run()
+        assert result.variables["CRM_CUSTOMER_ID"] == "C-1002"
+        assert sample("callroute_lookups_total", {"source": "crm"}) == crm_lookups + 1
+        assert total("callroute_decisions_total") == decisions + 1
+    finally:
+        await redis.aclose()
+
+
+async def test_api_outbox_while_redis_is_down(own_redis: RedisServer, tmp_path: Path) -> None:
+    """GET /api/outbox while the redis-server is killed answers 503 with what is known
+    (Redis down, the records waiting in the disk spool), not a 500; with Redis back it
+    answers 200, and killing Redis again mid-run gives the 503 again."""
+    from router.records.outbox import Outbox, connect_redis
+
+    base = load_settings(ROOT / "examples" / "config.yaml")
+    settings = base.model_copy(update={
+        "agi": base.agi.model_copy(update={"port": 0}),
+        "ami": base.ami.model_copy(update={"enabled": False}),
+        "admin": base.admin.model_copy(update={"port": free_port()}),
+        "crm": base.crm.model_copy(update={"base_url": f"http://127.0.0.1:{free_port()}"}),
+        "redis": base.redis.model_copy(update={"url": own_redis.url}),
+        "outbox": base.outbox.model_copy(update={"spool_dir": tmp_path / "spool"}),
+    })
+    own_redis.stop()
+    redis = connect_redis(settings)
+    record = CallRecord(record_key=record_key_for("1700000000.9"), linkedid="1700000000.9",
+                        caller="+8613800138000", outcome="answered")
+    await Outbox.from_settings(settings, redis).enqueue(record)  # Redis down: spooled
+    await redis.aclose()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop))
+    url = f"http://127.0.0.1:{settings.admin.port}/api/outbox"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def outbox() -> tuple[int, dict[str, object]]:
+                async with http.get(url) as r:
+                    return r.status, await r.json()
+
+            async def answers(status: int) -> bool:
+                try:
+                    return (await outbox())[0] == status
+                except aiohttp.ClientError:
+                    return False
+
+            async def until(status: int) -> dict[str, object]:
+                deadline = asyncio.get_running_loop().time() + 15
+                while not await answers(status):
+                    assert not task.done(), task.exception()
+                    assert asyncio.get_running_loop().time() < deadline, f"no {status}"
+                    await asyncio.sleep(0.05)
+                return (await outbox())[1]
+
+            body = await until(503)
+            assert body["redis"] == "down"
+            assert body["depth"] is None
+            assert body["spool_records"] == 1
+            assert "Error" in str(body["error"])
+            own_redis.start()
+            body = await until(200)
+            assert body["redis"] == "up"
+            assert isinstance(body["depth"], int)
+            own_redis.stop()
+            body = await until(503)
+            assert body["redis"] == "down"
+            assert isinstance(body["spool_records"], int)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -163,3 +165,264 @@ def test_sync_prewarms_the_cache(sample_crm: Path, redis_server: RedisServer,
                                                       f"127.0.0.1:{free_port()}"))
     assert main(["sync", "--config", str(broken), "--no-progress"]) == 1
     assert "resume" in capsys.readouterr().err
+
+
+def test_explain_stores_nothing(sample_crm: Path, redis_server: RedisServer,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`explain` asks the CRM but writes nothing to the shared cache (a call would)."""
+    import redis as syncredis
+
+    client = syncredis.Redis.from_url(redis_server.url)
+    client.flushall()
+    try:
+        assert main(["explain", "--config", str(sample_crm), "13800138000", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["lookup"]["source"] == "crm"
+        assert list(client.scan_iter("callroute:*")) == []
+    finally:
+        client.close()
+
+
+def test_explain_reads_a_time_without_offset_in_the_rules_zone(
+    sample_crm: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--at 2026-11-23T10:30` (no offset) is 10:30 in the schedules' zone (Asia/Shanghai),
+    inside business hours, not 10:30 UTC (18:30 there, closed)."""
+    code = main(["explain", "--config", str(sample_crm), "13800138000", "--did", "4008001000",
+                 "--at", "2026-11-23T10:30", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["at"] == "2026-11-23T10:30:00+08:00"
+    assert data["rule"] == "vip-owner"
+
+
+def test_explain_time_without_offset_and_several_zones(
+    sample_crm: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With schedules in two zones, a time without an offset is refused in one line saying
+    what to do; routing.timezone settles it."""
+    rules = sample_crm.parent / "rules.yaml"
+    text = (ROOT / "examples" / "rules.yaml").read_text()
+    rules.write_text(text.replace("schedules:\n", "schedules:\n  london:\n    timezone: "
+                                  "Europe/London\n    hours: {mon-fri: '09:00-17:00'}\n", 1))
+    config = sample_crm.parent / "two-zones.yaml"
+    config.write_text(sample_crm.read_text().replace(
+        f"rules: {ROOT / 'examples' / 'rules.yaml'}", f"rules: {rules}"))
+    argv = ["explain", "--config", str(config), "13800138000", "--at", "2026-11-23T10:30"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("callroute explain: the time 2026-11-23T10:30:00 has no UTC offset and the "
+                   "rules' schedules use several time zones (Asia/Shanghai, Europe/London): add "
+                   "an offset (e.g. 2026-11-23T10:30:00+08:00) or set routing.timezone")
+    config.write_text(config.read_text().replace("routing:\n", "routing:\n  timezone: "
+                                                 "Asia/Shanghai\n", 1))
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["at"] == "2026-11-23T10:30:00+08:00"
+
+
+def test_unset_variable_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A config whose ${VAR} is not set: every command exits 1 naming the variable."""
+    monkeypatch.delenv("CALLROUTE_TEST_UNSET", raising=False)
+    config = write_config(tmp_path, "http://127.0.0.1:1", "redis://127.0.0.1:1/0")
+    config.write_text(config.read_text().replace("admin:\n", "admin:\n  token: "
+                                                 "${CALLROUTE_TEST_UNSET}\n", 1))
+    assert main(["check", "--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "admin.token: ${CALLROUTE_TEST_UNSET} is not set in the environment" in err
+
+
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """`callroute --help` and every command's help read as plain text (no reST markup)."""
+    from router.cli import build_parser
+
+    parser = build_parser()
+    texts = [parser.format_help()]
+    for command in ("init", "serve", "deliver", "check", "explain", "demo", "sample-crm",
+                    "sync", "outbox"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts.append(capsys.readouterr().out)
+    for text in texts:
+        assert "``" not in text
+        assert "===" not in text
+        assert ":class:" not in text
+    assert "init" in texts[0]
+    assert "commands:" in texts[0]
+
+
+def test_dev_help_prints_a_usage_text() -> None:
+    """`./dev help` prints what each entry point does (not the script's source) and,
+    once the virtualenv exists, callroute's commands."""
+    env = {**os.environ, "CALLROUTE_VENV": sys.prefix}
+    proc = subprocess.run([str(ROOT / "dev"), "help"], capture_output=True, text=True,
+                          timeout=60, env=env, check=True)
+    assert proc.stdout.startswith("Usage: ./dev COMMAND")
+    assert "set -euo" not in proc.stdout
+    assert "explain" in proc.stdout.split("callroute's commands")[1]
+
+
+def test_init_writes_the_starting_files(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`init DIR` writes a commented config, the example rules, the CRM examples and the
+    Asterisk snippets (the same as asterisk-conf/); the config passes `check` as written,
+    with the rules beside it."""
+    target = tmp_path / "site"
+    assert main(["init", str(target)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    config = (target / "config.yaml").read_text()
+    assert config.startswith("# callroute configuration, written by `callroute init`")
+    assert f"callroute check --config {target / 'config.yaml'} --asterisk" in config
+    assert "spool_dir: var/spool" in config
+    assert (target / "rules.yaml").read_text() == (ROOT / "examples" / "rules.yaml").read_text()
+    for crm in ("crm-hubspot.yaml", "crm-zoho.yaml", "crm-salesforce.yaml", "crm-sample.yaml"):
+        assert (target / "crm-examples" / crm).is_file()
+    snippets = sorted(p.name for p in (ROOT / "asterisk-conf").iterdir())
+    assert sorted(p.name for p in (target / "asterisk").iterdir()) == snippets
+    for name in snippets:
+        assert (target / "asterisk" / name).read_bytes() == \
+            (ROOT / "asterisk-conf" / name).read_bytes()
+    assert main(["check", "--config", str(target / "config.yaml")]) == 0
+    assert f"config OK: {target}" in capsys.readouterr().out
+
+
+def test_init_leaves_existing_files_alone(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A second `init` into the same folder changes nothing and exits 1 naming the files;
+    with --force it writes them again."""
+    target = tmp_path / "site"
+    assert main(["init", str(target)]) == 0
+    (target / "rules.yaml").write_text("# mine\n")
+    capsys.readouterr()
+    assert main(["init", str(target)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("callroute init: ")
+    assert str(target / "rules.yaml") in err
+    assert "--force" in err
+    assert (target / "rules.yaml").read_text() == "# mine\n"
+    assert main(["init", str(target), "--force"]) == 0
+    assert (target / "rules.yaml").read_text() != "# mine\n"
+
+
+def test_init_reads_the_snippets_at_run_time(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Asterisk snippets init writes are read from the packaged files when it runs
+    (not a copy of their text kept in the code)."""
+    import router.cli
+
+    real = router.cli.data_dir
+    fake = tmp_path / "asterisk-conf"
+    fake.mkdir()
+    (fake / "extensions_callroute.conf").write_text("; edited since\n")
+
+    def data_dir(name: str) -> Path:
+        return fake if name == "asterisk-conf" else real("examples")
+
+    monkeypatch.setattr(router.cli, "data_dir", data_dir)
+    assert main(["init", str(tmp_path / "site")]) == 0
+    assert (tmp_path / "site" / "asterisk" / "extensions_callroute.conf").read_text() == \
+        "; edited since\n"
+
+
+def test_without_config_local_file_then_packaged_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --config, `check` reads ./config.yaml; with none there, the example config
+    that comes with callroute, saying so on stderr."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["check"]) == 0
+    captured = capsys.readouterr()
+    assert "using the example config" in captured.err
+    assert f"config OK: {ROOT / 'examples'}" in captured.out
+    write_config(tmp_path, "http://127.0.0.1:1", "redis://127.0.0.1:1/0")
+    assert main(["check"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert f"config OK: {tmp_path}" in captured.out
+
+
+@pytest.fixture
+def squatter() -> Iterator[tuple[socket.socket, int]]:
+    """A program holding a port: it listens and never accepts nor answers."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    try:
+        yield sock, sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def light_config(tmp_path: Path, **ports: int) -> Path:
+    """The example config on free ports (or those given), without AMI and outbox."""
+    config = write_config(tmp_path, f"http://127.0.0.1:{ports.get('crm', free_port())}",
+                          "redis://127.0.0.1:1/0")
+    text = config.read_text()
+    text = text.replace("port: 4573", f"port: {ports.get('agi', free_port())}")
+    text = text.replace("port: 8074", f"port: {ports.get('admin', free_port())}")
+    text = text.replace("ami:\n  enabled: true", "ami:\n  enabled: false")
+    text = text.replace("outbox:\n", "outbox:\n  enabled: false\n")
+    config.write_text(text)
+    return config
+
+
+@pytest.mark.parametrize("setting", ["agi", "admin"])
+def test_serve_on_a_port_in_use_is_one_line(
+    tmp_path: Path, squatter: tuple[socket.socket, int], setting: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`serve` with its FastAGI or admin port taken exits 1 with one line naming the
+    address and the setting to change, not a traceback."""
+    port = squatter[1]
+    config = light_config(tmp_path, **{setting: port})
+    assert main(["serve", "--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"callroute serve: cannot listen on 127.0.0.1:{port} ({setting}.port): the "
+                   "port is already in use (another callroute? `ss -ltnp` shows which "
+                   f"program): change {setting}.port in the config, or stop that program")
+
+
+def test_sample_crm_on_a_port_in_use_is_one_line(
+    tmp_path: Path, squatter: tuple[socket.socket, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sample-crm` on a taken port exits 1 with one line saying what to change."""
+    port = squatter[1]
+    config = light_config(tmp_path, crm=port)
+    assert main(["sample-crm", "--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"callroute sample-crm: cannot listen on 127.0.0.1:{port} "
+                          "(crm.base_url): the port is already in use")
+    assert err.endswith("change crm.base_url in the config, or pass --port, or stop that "
+                        "program")
+
+
+def test_demo_never_talks_to_what_holds_its_ports(
+    tmp_path: Path, squatter: tuple[socket.socket, int], redis_server: RedisServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With its CRM port and its FastAGI port held by another program, the demo says so,
+    runs its own sample CRM and FastAGI server on free ports, and plays its calls against
+    them; the other program never gets a connection."""
+    sock, port = squatter
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    other.bind(("127.0.0.1", 0))
+    other.listen(16)
+    other.setblocking(False)
+    try:
+        agi_port = other.getsockname()[1]
+        config = light_config(tmp_path, crm=port, agi=agi_port)
+        config.write_text(config.read_text().replace("redis://127.0.0.1:1/0", redis_server.url))
+        assert main(["demo", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert (f"sample CRM: 127.0.0.1:{port} (crm.base_url) is taken by another program; "
+                "the demo runs its own on http://127.0.0.1:") in out
+        assert f"FastAGI: 127.0.0.1:{agi_port} (agi.port) is taken by another program" in out
+        assert "C-1001 Li Lei" in out
+        for held in (sock, other):
+            with pytest.raises(BlockingIOError):
+                held.accept()
+    finally:
+        other.close()
