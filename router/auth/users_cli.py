@@ -28,13 +28,13 @@ from router.auth.users import User, UserStore, check_user, make_user, rotated
 from router.errors import AuthError
 from router.settings import Settings
 
-DEFAULT_CONFIG = "examples/config.yaml"
 Handler = Callable[[Settings, argparse.Namespace], int]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
-                        help=f"config file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--config", "-c", default=None, metavar="FILE",
+                        help="config file (default: ./config.yaml if there is one, else the "
+                        "example config that comes with callroute)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

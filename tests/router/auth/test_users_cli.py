@@ -30,7 +30,8 @@ def _restore_logging() -> Iterator[None]:
 
 def _config(tmp_path: Path, redis_url: str, extra: str = "") -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(f"redis: {{url: '{redis_url}', prefix: 'cli:'}}\n{extra}")
+    path.write_text(f"redis: {{url: '{redis_url}', prefix: 'cli:'}}\n"
+                    f"crm: {{base_url: 'http://127.0.0.1:1'}}\n{extra}")
     return path
 
 
