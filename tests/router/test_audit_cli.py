@@ -31,7 +31,8 @@ def config(tmp_path: Path, redis_server: RedisServer) -> Iterator[str]:
     url = redis_server.url.replace("/0", "/4")
     redis.Redis.from_url(url).flushdb()
     path = tmp_path / "config.yaml"
-    path.write_text(f"redis: {{url: '{url}'}}\naudit: {{file: audit.jsonl}}\n")
+    path.write_text(f"redis: {{url: '{url}'}}\naudit: {{file: audit.jsonl}}\n"
+                    "crm: {base_url: 'http://127.0.0.1:1'}\n")
     return str(path)
 
 
@@ -94,6 +95,7 @@ def test_outbox_retry_from_the_command_line_is_audited(
 def test_audit_list_with_redis_down(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With Redis unreachable, `audit list` says so on stderr and exits 2."""
     path = tmp_path / "config.yaml"
-    path.write_text("redis: {url: 'redis://127.0.0.1:1/0', connect_timeout_s: 0.2}\n")
+    path.write_text("redis: {url: 'redis://127.0.0.1:1/0', connect_timeout_s: 0.2}\n"
+                    "crm: {base_url: 'http://127.0.0.1:1'}\n")
     assert main(["audit", "list", "-c", str(path)]) == 2
     assert "Redis unavailable" in capsys.readouterr().err
