@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from router import __version__, log
 from router.errors import CallrouteError, ConfigError, ListenError
 from router.runner import run
-from router.settings import Settings, data_dir, default_config, load_settings
+from router.settings import CONFIG_HELP, Settings, data_dir, default_config, load_settings
 
 if TYPE_CHECKING:
     from router.rules.inventory import Named, Report
@@ -37,10 +37,6 @@ EPILOG = """\
 Every command takes --config FILE. Without it callroute reads ./config.yaml when
 there is one, else the example config that comes with it (what the demo runs).
 "callroute COMMAND --help" shows a command's options."""
-
-CONFIG_HELP = ("config file (default: ./config.yaml if there is one, else the example "
-               "config that comes with callroute)")
-
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None, metavar="FILE", help=CONFIG_HELP)

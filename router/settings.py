@@ -574,6 +574,11 @@ def data_dir(name: Literal["examples", "asterisk-conf"]) -> Path:
     raise ConfigError(f"the {name} files packaged with callroute are missing: reinstall it")
 
 
+#: The ``--config`` help of every command (none of them defaults to a path of its own).
+CONFIG_HELP = ("config file (default: ./config.yaml if there is one, else the example config "
+               "that comes with callroute)")
+
+
 def default_config() -> Path:
     """The config file used without ``--config``: ``./config.yaml`` when it exists, else the
     example config packaged with callroute (what ``callroute demo`` runs)."""

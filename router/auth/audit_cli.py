@@ -22,9 +22,7 @@ from redis.exceptions import RedisError
 from router.audit import AuditEntry
 from router.audit import from_settings as audit_from_settings
 from router.log import mask_url
-from router.settings import Settings
-
-DEFAULT_CONFIG = "examples/config.yaml"
+from router.settings import CONFIG_HELP, Settings
 
 
 def _iso(text: str) -> datetime:
@@ -41,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = audit.add_subparsers(dest="audit_command", required=True)
     for name, what in (("list", "print entries"), ("export", "write entries as JSON lines")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
-                       help=f"config file (default: {DEFAULT_CONFIG})")
+        p.add_argument("--config", "-c", default=None, metavar="FILE",
+                       help=CONFIG_HELP)
         p.add_argument("--since", type=_iso, help="at or after (ISO 8601)")
         p.add_argument("--until", type=_iso, help="before (ISO 8601)")
         p.add_argument("--who", help="only this user")

@@ -26,15 +26,14 @@ from router.auth.roles import Role
 from router.auth.setup import user_store
 from router.auth.users import User, UserStore, check_user, make_user, rotated
 from router.errors import AuthError
-from router.settings import Settings
+from router.settings import CONFIG_HELP, Settings
 
 Handler = Callable[[Settings, argparse.Namespace], int]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None, metavar="FILE",
-                        help="config file (default: ./config.yaml if there is one, else the "
-                        "example config that comes with callroute)")
+                        help=CONFIG_HELP)
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

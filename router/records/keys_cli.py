@@ -31,9 +31,8 @@ from router.errors import CryptoError
 from router.keys import Keys
 from router.log import mask_url
 from router.records.outbox import Outbox, connect_redis, ensure_group, keys_from_settings
-from router.settings import Settings
+from router.settings import CONFIG_HELP, Settings
 
-DEFAULT_CONFIG = "examples/config.yaml"
 SCAN_CHUNK = 500
 PLAIN = "(plain)"
 
@@ -159,14 +158,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = parser.add_subparsers(dest="keys_command", required=True)
     p = sub.add_parser("generate", help="print a new key line for encryption.keys")
     p.add_argument("--id", help="the key id (default: k + 8 random hex digits)")
-    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
-                   help=f"config file (default: {DEFAULT_CONFIG})")
+    p.add_argument("--config", "-c", default=None, metavar="FILE",
+                   help=CONFIG_HELP)
     p.set_defaults(security_handler=_generate)
     for name, what in (("status", "which key each stored value uses"),
                        ("rotate", "re-encrypt the outbox and the spool with the current key")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("--config", "-c", default=DEFAULT_CONFIG, metavar="FILE",
-                       help=f"config file (default: {DEFAULT_CONFIG})")
+        p.add_argument("--config", "-c", default=None, metavar="FILE",
+                       help=CONFIG_HELP)
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(security_handler=_run(name))
 

@@ -43,7 +43,7 @@ from router.log import mask_url
 from router.records.ledger import LedgerState
 from router.records.outbox import Outbox, connect_redis, keys_from_settings, now_ms
 from router.records.spool import Spool
-from router.settings import Settings
+from router.settings import CONFIG_HELP, Settings
 
 SCAN_CHUNK = 1000
 SCAN_LIMIT = 200_000
@@ -267,8 +267,7 @@ Handler = Callable[[Settings, argparse.Namespace], int]
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None, metavar="FILE",
-                        help="config file (default: ./config.yaml if there is one, else the "
-                        "example config that comes with callroute)")
+                        help=CONFIG_HELP)
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
