@@ -213,8 +213,8 @@ async def _check_asterisk(settings: Settings, names: Named) -> Report:
 INIT_HEADER = """\
 # callroute configuration, written by `callroute init` (callroute {version}) from the
 # example config. Next steps:
-#   1. crm: where your CRM's REST API is and how to log in (crm-examples/ has HubSpot,
-#      Zoho, Salesforce and the sample CRM); secrets from the environment: ${{VAR}}
+#   1. crm: where your CRM's REST API is and how to log in (crm-examples/ has one per
+#      CRM callroute knows, and the sample CRM); secrets from the environment: ${{VAR}}
 #   2. rules.yaml: your agents, schedules and rules; routing.queues: your Asterisk queues
 #   3. asterisk/README.md: hook the dialplan, the AMI user and the queues into Asterisk
 #      (ami: below must match the AMI user)
