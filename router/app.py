@@ -242,6 +242,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
                                           _customer_finder(settings, router),
                                           recording_links(settings))
         _warn_unknown_queues(settings, watcher.current())
+        check: asyncio.Task[Any] | None = None
         if background.ami is not None:
             check = asyncio.create_task(
                 warn_about_asterisk(background.ami, watcher.current, settings),
@@ -302,6 +303,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         loop.add_signal_handler(signal.SIGHUP, watcher.reload, "signal")
         log.info("callroute is running")
         await stop.wait()
+        if check is not None:
+            check.cancel()  # a start-up check still under way says nothing more now
         log.info("shutting down")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -306,7 +306,8 @@ def test_oauth2_config_needs_its_secrets(tmp_path: Path, monkeypatch: pytest.Mon
             "token_url": "/t", "client_id": "c"}}})
     monkeypatch.setenv("CRM_CLIENT_SECRET", "from-env-123")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("crm:\n  auth:\n    type: oauth2\n    oauth2:\n      token_url: /t\n"
+    cfg.write_text("crm:\n  base_url: http://crm.example.com\n  auth:\n    type: oauth2\n"
+                   "    oauth2:\n      token_url: /t\n"
                    "      client_id: c\n      client_secret: ${CRM_CLIENT_SECRET}\n")
     oauth2 = load_settings(cfg).crm.auth.oauth2
     assert oauth2 is not None
