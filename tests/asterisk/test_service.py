@@ -46,7 +46,8 @@ async def test_ami_user_has_exactly_the_shipped_privileges(lab: Lab) -> None:
     try:
         login = await ami.connect("callroute", CALLROUTE_SECRET)
         assert login.response == "Success"
-        for name, fields in [("Ping", {}), ("Getvar", {"Variable": "STRFTIME(,,%z)"})]:
+        for name, fields in [("Ping", {}), ("Getvar", {"Variable": "STRFTIME(,,%z)"}),
+                             ("Getvar", {"Variable": "DEVICE_STATE(Local/7001@agents)"})]:
             answer = await ami.action(name, **fields)
             assert answer.response == "Success", (name, answer.headers)
         for name in ("QueueStatus", "CoreShowChannels"):
