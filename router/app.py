@@ -241,13 +241,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         background = await _start_records(settings, presence, stack, agents, link, web_parts,
                                           _customer_finder(settings, router),
                                           recording_links(settings))
-        _warn_unknown_queues(settings, watcher.current())
-        check: asyncio.Task[Any] | None = None
-        if background.ami is not None:
-            check = asyncio.create_task(
-                warn_about_asterisk(background.ami, watcher.current, settings),
-                name="asterisk-check")
-            stack.push_async_callback(_cancel, check)
+        checks = RulesChecks(settings, watcher.current, background.ami)
+        checks.run()
+        watcher.listeners.append(checks.on_reload)
+        stack.push_async_callback(checks.stop)
 
         if settings.admin.enabled:
             from router.auth.setup import start_audit
@@ -303,8 +300,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         loop.add_signal_handler(signal.SIGHUP, watcher.reload, "signal")
         log.info("callroute is running")
         await stop.wait()
-        if check is not None:
-            check.cancel()  # a start-up check still under way says nothing more now
+        checks.cancel()  # a comparison still under way says nothing more now
         log.info("shutting down")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -510,6 +506,45 @@ class RecordQueue:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
+
+
+class RulesChecks:
+    """The rules' queues and agents compared with ``routing.queues`` and the running
+    Asterisk: at start-up, and again after every reload that replaced the rules (one
+    comparison at a time; a newer reload cancels the one under way)."""
+
+    def __init__(self, settings: Settings, rules: Callable[[], RuleSet],
+                 ami: AmiClient | None) -> None:
+        self.settings = settings
+        self.rules = rules
+        self.ami = ami
+        self._task: asyncio.Task[Any] | None = None
+
+    def run(self) -> None:
+        """Warn about queues missing from ``routing.queues`` now, and compare with
+        Asterisk in the background (once AMI is up)."""
+        _warn_unknown_queues(self.settings, self.rules())
+        if self.ami is None:
+            return
+        if self._task is not None:
+            self._task.cancel()
+        self._task = asyncio.get_running_loop().create_task(
+            warn_about_asterisk(self.ami, self.rules, self.settings), name="asterisk-check")
+
+    def on_reload(self, trigger: str, before: str, after: str, replaced: bool) -> None:
+        """A :class:`RulesWatcher` listener: check the new rules."""
+        if replaced:
+            self.run()
+
+    def cancel(self) -> None:
+        """Cancel a comparison under way (it logs nothing more)."""
+        if self._task is not None:
+            self._task.cancel()
+
+    async def stop(self) -> None:
+        """Cancel a comparison under way and wait for it to end."""
+        if self._task is not None:
+            await _cancel(self._task)
 
 
 def _warn_unknown_queues(settings: Settings, ruleset: RuleSet) -> None:

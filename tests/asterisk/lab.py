@@ -212,6 +212,13 @@ class Lab:
             proc.kill()
             return await proc.wait()
 
+    def send_signal(self, sig: int) -> bool:
+        """Send ``sig`` to the running child (True when there is one)."""
+        if self._proc is None or self._proc.returncode is not None:
+            return False
+        self._proc.send_signal(sig)
+        return True
+
     async def wait_ready(self, timeout: float = 20.0) -> None:  # noqa: ASYNC109
         """Until the admin API says ready (AMI logged in, Redis up, FastAGI listening)."""
         url = f"http://127.0.0.1:{self.settings.admin.port}/readyz"

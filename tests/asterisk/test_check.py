@@ -6,6 +6,7 @@ and `callroute serve`'s start-up warning about the same."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -112,6 +113,24 @@ async def test_serve_warns_about_what_asterisk_lacks(lab: Lab) -> None:
         assert asyncio.get_running_loop().time() < deadline, log.read_text()[-3000:]
         await asyncio.sleep(0.1)
     await lab.wait_ready()
-    assert await lab.end_process() == 0
     warned = [line for line in log.read_text().splitlines() if "asterisk: " in line]
     assert len(warned) == 1, warned  # every other queue and agent of the rules is there
+
+    # A reload that brings another missing queue is compared again (SIGHUP, as an
+    # engineer reloads after editing the rules).
+    _replace_in(Path(lab.settings.routing.rules), "queue: nosuchqueue", "queue: billing")
+    assert lab.send_signal(signal.SIGHUP)
+    wanted = ("asterisk: queue 'billing' (rule 'misnamed-queue') does not exist in "
+              "Asterisk (queues there: retention, sales, support, vip)")
+    while wanted not in log.read_text():
+        assert asyncio.get_running_loop().time() < deadline + 20, log.read_text()[-3000:]
+        await asyncio.sleep(0.1)
+    assert await lab.end_process() == 0
+    _replace_in(Path(lab.settings.routing.rules), "queue: billing", "queue: nosuchqueue")
+
+
+def _replace_in(path: Path, old: str, new: str) -> None:
+    """Edit a file in place, as an engineer edits the rules."""
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
