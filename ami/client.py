@@ -150,7 +150,8 @@ class AmiClient:
 
     async def wait_connected(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait until logged in and the view has been rebuilt."""
-        await asyncio.wait_for(self._connected_event.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._connected_event.wait()
 
     # --- actions --------------------------------------------------------------------------
     async def send_action(
@@ -178,9 +179,11 @@ class AmiClient:
         try:
             writer.write(data)
             await writer.drain()
-            return await asyncio.wait_for(
-                asyncio.shield(future), timeout or self.settings.action_timeout_s
-            )
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+            # caller's cancellation when the answer lands at the same moment, and a
+            # cancelled caller (e.g. serve's start-up check at shutdown) must stop here.
+            async with asyncio.timeout(timeout or self.settings.action_timeout_s):
+                return await asyncio.shield(future)
         except TimeoutError as exc:
             raise AmiError(f"no answer to AMI action {name} within the timeout") from exc
         except ConnectionError as exc:

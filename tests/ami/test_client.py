@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ami.client import AmiClient, backoff_delay
+from ami.client import ActionResult, AmiClient, backoff_delay
 from ami.peer import AmiPeer, Recording
 from ami.protocol import Message
 from ami.records import CallRecord
@@ -260,3 +260,35 @@ async def test_panoramisk_speaks_to_the_peer(fixtures_dir: Path) -> None:
     assert got[0] == "FullyBooted"
     assert "QueueCallerAbandon" in got
     assert got.count("Cdr") == 2
+
+
+class _Writer:
+    """Stands in for the AMI socket's writer: takes the bytes, never blocks."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    async def drain(self) -> None:
+        return None
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_a_cancelled_action_stays_cancelled_when_its_answer_lands_at_once() -> None:
+    """The caller of send_action is cancelled in the same loop turn as its answer
+    arrives: it ends cancelled, not with the answer (asyncio.wait_for on Python 3.11
+    swallowed that cancellation, and serve's start-up check logged after shutdown)."""
+    client = AmiClient(AmiSettings(host="127.0.0.1", port=1, username="u", secret="s"))
+    client._writer = _Writer()  # type: ignore[assignment]
+    task = asyncio.create_task(client.send_action("Ping", timeout=5.0))
+    await asyncio.sleep(0)  # the action is sent and waits on its answer now
+    (pending,) = client._pending.values()
+    assert not task.done()
+    pending.future.set_result(ActionResult(Message({"Response": "Success"})))  # answer lands
+    task.cancel()  # ... as the caller is told to stop
+    with pytest.raises(asyncio.CancelledError):
+        await task
