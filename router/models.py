@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import zoneinfo
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def load_zone(name: str) -> zoneinfo.ZoneInfo:
+    """The zone called ``name``; ValueError (for pydantic) when the name is unknown."""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {name!r} (use an IANA name such as "
+                         "Asia/Shanghai)") from exc
+
+
+def _zone_name(name: str) -> str:
+    load_zone(name)
+    return name
+
+
+#: A setting that names an IANA time zone (``Asia/Shanghai``), checked when loaded.
+ZoneName = Annotated[str, AfterValidator(_zone_name)]
 
 
 class Customer(BaseModel):

@@ -20,7 +20,6 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -35,6 +34,7 @@ from pydantic import (
 
 from router.crm.config import CrmSettings
 from router.errors import ConfigError
+from router.models import ZoneName
 from router.phone import DEFAULT_INTERNAL, valid_region
 
 
@@ -103,22 +103,11 @@ class AmiSettings(_Section):
         2.0, ge=0, description="after a call's last hangup, wait this long for its Cdr events"
     )
     max_open_calls: int = Field(10_000, ge=1, description="bound on calls tracked at once")
-    cdr_timezone: str | None = Field(
+    cdr_timezone: ZoneName | None = Field(
         None, description="zone of the Cdr times Asterisk writes; normally unset: each call's "
         "times are dated by its Uniqueid and the server's offset (AMI), this is only the "
         "fallback for calls that carry neither",
     )
-
-    @field_validator("cdr_timezone")
-    @classmethod
-    def _zone(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {value!r}") from exc
-        return value
 
 
 class RedisSettings(_Section):
@@ -195,21 +184,10 @@ class RoutingSettings(_Section):
         "default_queue naming any other is an error (callroute check --asterisk asks "
         "Asterisk itself)",
     )
-    timezone: str | None = Field(
+    timezone: ZoneName | None = Field(
         None, description="time zone of a time given without an offset (explain --at); "
         "default: the time zone of the rules' schedules",
     )
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                ZoneInfo(value)
-            except (ZoneInfoNotFoundError, ValueError) as exc:
-                raise ValueError(f"unknown time zone {value!r} (use an IANA name such as "
-                                 "Asia/Shanghai)") from exc
-        return value
 
     @model_validator(mode="after")
     def _default_listed(self) -> RoutingSettings:
@@ -340,20 +318,11 @@ class WebSettings(_Section):
         "agent's disposition before it is sent without one (0: never wait)")
     last_calls: int = Field(5, ge=0, le=20, description="earlier calls shown on the card")
     history_days: int = Field(8, ge=1, le=400, description="days of figures kept in Redis")
-    timezone: str = Field("UTC", description="the day of the supervisor's daily figures")
+    timezone: ZoneName = Field("UTC", description="the day of the supervisor's daily figures")
     language: Literal["en", "zh"] = "zh"
     alert_success_rate: float = Field(0.99, ge=0, le=1)
     alert_window_s: float = Field(900.0, gt=0)
     alert_oldest_s: float = Field(300.0, gt=0)
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {value!r}") from exc
-        return value
 
     @model_validator(mode="after")
     def _unique(self) -> WebSettings:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -33,6 +32,7 @@ from router.crm.auth import AuthSettings
 from router.crm.limits import RateLimitSettings
 from router.crm.template import check_expression, check_json, check_text, json_strings
 from router.crm.webhooks import WebhookSettings
+from router.models import ZoneName
 
 _TIERS = ["platinum", "gold", "silver", "bronze"]
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -532,7 +532,7 @@ class CrmSettings(_Model):
     max_connections: int = Field(64, ge=1)
     max_response_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
-    timezone: str = Field("UTC", description="the CRM's time zone, for date filters")
+    timezone: ZoneName = Field("UTC", description="the CRM's time zone, for date filters")
     vars: dict[str, Any] = Field(default_factory=dict, description="constants: {vars.x}")
     secrets: dict[str, str] = Field(
         default_factory=dict, description="secret values ({secrets.x}), masked when printed")
@@ -574,15 +574,6 @@ class CrmSettings(_Model):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
-
-    @field_validator("timezone")
-    @classmethod
-    def _timezone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {value!r}") from exc
-        return value
 
     @model_validator(mode="after")
     def _whole(self) -> CrmSettings:

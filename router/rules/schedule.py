@@ -36,6 +36,8 @@ from datetime import UTC, date, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from router.models import ZoneName, load_zone
+
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 _DAY_SECONDS = 86_400
@@ -55,15 +57,9 @@ class ScheduleSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    timezone: str
+    timezone: ZoneName
     hours: dict[str, str | list[str]] = Field(default_factory=dict)
     holidays: list[date | HolidaySpec] = Field(default_factory=list)
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
-        load_zone(value)
-        return value
 
     @field_validator("hours")
     @classmethod
@@ -73,15 +69,6 @@ class ScheduleSpec(BaseModel):
             for text in [windows] if isinstance(windows, str) else windows:
                 parse_window(text)
         return value
-
-
-def load_zone(name: str) -> zoneinfo.ZoneInfo:
-    """The zone called ``name``; ValueError (for pydantic) when the name is unknown."""
-    try:
-        return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValueError(f"unknown time zone {name!r} (use an IANA name such as "
-                         "Asia/Shanghai)") from exc
 
 
 def parse_days(key: str) -> list[int]:
