@@ -16,6 +16,17 @@ from tests.redis_server import RedisServer
 FIXTURES = Path(__file__).parent / "fixtures" / "asterisk-22"
 
 
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    """A test that runs `callroute`'s `main()` configures the root logger as the console
+    script would: undo that after every test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One redis-server for the whole run; tests get a flushed database each."""

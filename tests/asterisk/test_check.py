@@ -20,18 +20,6 @@ from tests.asterisk.lab import Lab, open_lab
 from tests.redis_server import free_port
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """`main()` configures the root logger as the console script would; undo it after."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.fixture(scope="module")
 def asterisk(tmp_path_factory: pytest.TempPathFactory, asterisk_kit: None) -> Iterator[Asterisk]:
     """A real Asterisk with callroute's asterisk-conf/ and the test dialplan's agents."""

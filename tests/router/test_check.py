@@ -25,18 +25,6 @@ AGENTS = ("7001", "7002", "7008", "7009", "7101")
 QUEUES = ("support", "vip", "retention", "sales")
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """`main()` configures the root logger as the console script would; undo it after."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def config(tmp_path: Path, *, ami_port: int = 1, username: str = "callroute",
            secret: str = "s3cret", **routing: Any) -> Path:
     """The example config with its AMI pointed at a test server and the example rules."""

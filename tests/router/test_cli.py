@@ -32,18 +32,6 @@ def write_config(tmp_path: Path, crm_url: str, redis_url: str, rules: Path | Non
     return path
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """`main()` configures the root logger as the console script would; undo it after."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.fixture
 def sample_crm(tmp_path: Path, redis_server: RedisServer) -> Iterator[Path]:
     """`callroute sample-crm` running in a subprocess; yields a config pointing at it."""
