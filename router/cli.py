@@ -13,14 +13,20 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from router import __version__, log
 from router.errors import CallrouteError, ConfigError, ListenError
 from router.runner import run
-from router.settings import CONFIG_HELP, Settings, data_dir, default_config, load_settings
+from router.settings import (
+    Settings,
+    cli_time,
+    config_option,
+    data_dir,
+    default_config,
+    load_settings,
+)
 
 if TYPE_CHECKING:
     from router.rules.inventory import Named, Report
@@ -37,10 +43,6 @@ EPILOG = """\
 Every command takes --config FILE. Without it callroute reads ./config.yaml when
 there is one, else the example config that comes with it (what the demo runs).
 "callroute COMMAND --help" shows a command's options."""
-
-def _config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", default=None, metavar="FILE", help=CONFIG_HELP)
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
@@ -64,20 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "admin API",
                        description="Run the service: FastAGI routing, AMI call tracking, "
                        "call record delivery and the admin API, until SIGTERM/SIGINT.")
-    _config_arg(p)
+    config_option(p)
 
     p = sub.add_parser("deliver", help="run a delivery worker alone (posts the outbox's "
                        "call records)",
                        description="Post the outbox's call records to the CRM (a worker "
                        "beside serve, for more throughput).")
-    _config_arg(p)
+    config_option(p)
 
     p = sub.add_parser("check", help="validate the config and rules files (--asterisk: and "
                        "compare with a running Asterisk)",
                        description="Validate the config file and the rules file, and check "
                        "that the queues the rules name are in routing.queues (when listed). "
                        "Exit status 1 names the problem.")
-    _config_arg(p)
+    config_option(p)
     p.add_argument("--asterisk", action="store_true",
                    help="also log in to Asterisk (the ami: settings) and compare the queues "
                    "and agents the rules name with what it has (QueueStatus, device states)")
@@ -86,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decide for one number as a call would be decided, and "
                        "print every step. Reads the cache and asks the CRM, but stores "
                        "nothing and counts in no metric.")
-    _config_arg(p)
+    config_option(p)
     p.add_argument("number", help="the caller's number as Asterisk would pass it")
     p.add_argument("--did", help="the dialled number (DID)")
-    p.add_argument("--at", type=_iso_time,
+    p.add_argument("--at", type=cli_time,
                    help="the call time, ISO 8601 (default: now); without a UTC offset it is "
                    "read in routing.timezone, else in the time zone of the rules' schedules")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -99,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start the sample CRM and a FastAGI server with the "
                        "example rules, play a set of calls the way Asterisk does, and print "
                        "each decision. Ports that are taken are replaced by free ones.")
-    _config_arg(p)
+    config_option(p)
     p.add_argument("--calls", type=int, default=0, help="extra random calls to play")
 
     p = sub.add_parser("sample-crm", help="serve the sample CRM alone (to try serve or "
                        "explain against it)",
                        description="Serve the sample CRM (customers, activities, leads, "
                        "tasks) at the address of crm.base_url, until interrupted.")
-    _config_arg(p)
+    config_option(p)
     p.add_argument("--host", default=None, help="listen address (default: from crm.base_url)")
     p.add_argument("--port", type=int, default=None, help="port (default: from crm.base_url)")
 
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "last sync",
                        description="Fill the cache with the customers changed since the "
                        "last sync (resumes from its saved cursor).")
-    _config_arg(p)
+    config_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     from router.records import outbox_cli
@@ -131,13 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     crm_doctor.register(sub)
     return parser
-
-
-def _iso_time(text: str) -> datetime:
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
 
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:

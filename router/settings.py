@@ -16,8 +16,10 @@ else the example config packaged with callroute (:func:`default_config`).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -546,6 +548,26 @@ def data_dir(name: Literal["examples", "asterisk-conf"]) -> Path:
 #: The ``--config`` help of every command (none of them defaults to a path of its own).
 CONFIG_HELP = ("config file (default: ./config.yaml if there is one, else the example config "
                "that comes with callroute)")
+
+
+def config_option(parser: argparse.ArgumentParser) -> None:
+    """``--config/-c FILE`` as every command takes it."""
+    parser.add_argument("--config", "-c", default=None, metavar="FILE", help=CONFIG_HELP)
+
+
+def cli_time(text: str) -> datetime:
+    """An ISO 8601 time given on the command line (argparse's error when it is not one).
+    Without a UTC offset it stays naive: the command says which zone it reads it in."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
+
+
+def cli_local_time(text: str) -> datetime:
+    """:func:`cli_time`, a time without a UTC offset read in this machine's zone."""
+    value = cli_time(text)
+    return value if value.tzinfo else value.astimezone()
 
 
 def default_config() -> Path:

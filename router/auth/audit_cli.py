@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 
 from redis.exceptions import RedisError
@@ -22,15 +21,7 @@ from redis.exceptions import RedisError
 from router.audit import AuditEntry
 from router.audit import from_settings as audit_from_settings
 from router.log import mask_url
-from router.settings import CONFIG_HELP, Settings
-
-
-def _iso(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
-    return value if value.tzinfo else value.astimezone()
+from router.settings import Settings, cli_local_time, config_option
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,10 +30,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = audit.add_subparsers(dest="audit_command", required=True)
     for name, what in (("list", "print entries"), ("export", "write entries as JSON lines")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("--config", "-c", default=None, metavar="FILE",
-                       help=CONFIG_HELP)
-        p.add_argument("--since", type=_iso, help="at or after (ISO 8601)")
-        p.add_argument("--until", type=_iso, help="before (ISO 8601)")
+        config_option(p)
+        p.add_argument("--since", type=cli_local_time, help="at or after (ISO 8601)")
+        p.add_argument("--until", type=cli_local_time, help="before (ISO 8601)")
         p.add_argument("--who", help="only this user")
         p.add_argument("--action", help="only actions starting with this")
         p.add_argument("--limit", type=int, default=100 if name == "list" else 1_000_000)

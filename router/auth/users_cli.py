@@ -26,14 +26,13 @@ from router.auth.roles import Role
 from router.auth.setup import user_store
 from router.auth.users import User, UserStore, check_user, make_user, rotated
 from router.errors import AuthError
-from router.settings import CONFIG_HELP, Settings
+from router.settings import Settings, config_option
 
 Handler = Callable[[Settings, argparse.Namespace], int]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", default=None, metavar="FILE",
-                        help=CONFIG_HELP)
+    config_option(parser)
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

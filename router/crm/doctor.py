@@ -26,7 +26,7 @@ from router.crm.http import Exchange, mask_headers
 from router.crm.rest import RestConnector
 from router.errors import CrmError
 from router.models import CallerNumber, Customer
-from router.settings import CONFIG_HELP, Settings
+from router.settings import Settings, config_option
 
 MASK = "***"
 MAX_BODY = 3000
@@ -280,7 +280,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     crm = sub.add_parser("crm", help="the CRM connector: doctor")
     crm_sub = crm.add_subparsers(dest="crm_command", required=True)
     p = crm_sub.add_parser("doctor", help="show each CRM request and answer for a number")
-    p.add_argument("--config", "-c", default=None, metavar="FILE", help=CONFIG_HELP)
+    config_option(p)
     p.add_argument("number", nargs="?", help="a caller's number to look up")
     p.add_argument("--post", action="store_true",
                    help="also send a test call record through every record step")

@@ -31,7 +31,7 @@ from router.errors import CryptoError
 from router.keys import Keys
 from router.log import mask_url
 from router.records.outbox import Outbox, connect_redis, ensure_group, keys_from_settings
-from router.settings import CONFIG_HELP, Settings
+from router.settings import Settings, config_option
 
 SCAN_CHUNK = 500
 PLAIN = "(plain)"
@@ -158,14 +158,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = parser.add_subparsers(dest="keys_command", required=True)
     p = sub.add_parser("generate", help="print a new key line for encryption.keys")
     p.add_argument("--id", help="the key id (default: k + 8 random hex digits)")
-    p.add_argument("--config", "-c", default=None, metavar="FILE",
-                   help=CONFIG_HELP)
+    config_option(p)
     p.set_defaults(security_handler=_generate)
     for name, what in (("status", "which key each stored value uses"),
                        ("rotate", "re-encrypt the outbox and the spool with the current key")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("--config", "-c", default=None, metavar="FILE",
-                       help=CONFIG_HELP)
+        config_option(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(security_handler=_run(name))
 

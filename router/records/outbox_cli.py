@@ -43,7 +43,7 @@ from router.log import mask_url
 from router.records.ledger import LedgerState
 from router.records.outbox import Outbox, connect_redis, keys_from_settings, now_ms
 from router.records.spool import Spool
-from router.settings import CONFIG_HELP, Settings
+from router.settings import Settings, cli_local_time, config_option
 
 SCAN_CHUNK = 1000
 SCAN_LIMIT = 200_000
@@ -266,17 +266,8 @@ Handler = Callable[[Settings, argparse.Namespace], int]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", default=None, metavar="FILE",
-                        help=CONFIG_HELP)
+    config_option(parser)
     parser.add_argument("--json", action="store_true", help="print JSON")
-
-
-def _iso(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
-    return value if value.tzinfo else value.astimezone()
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -301,8 +292,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser("replay", help="send records again")
     _common(p)
     p.add_argument("--key", action="append", help="record key (repeatable)")
-    p.add_argument("--since", type=_iso, help="delivered at or after (ISO 8601)")
-    p.add_argument("--until", type=_iso, help="delivered before (ISO 8601)")
+    p.add_argument("--since", type=cli_local_time, help="delivered at or after (ISO 8601)")
+    p.add_argument("--until", type=cli_local_time, help="delivered before (ISO 8601)")
     p.add_argument("--dead", action="store_true", help="all dead letters")
     p.add_argument("--force", action="store_true",
                    help="also send delivered records again, and forget what dead ones created")
