@@ -5,6 +5,12 @@ Written once per call, when its record enters the outbox for the first time (so
 several instances tracking the same AMI feed count each call once). Keys are in
 :mod:`router.keys`; a caller the CRM does not know is filed under the keyed hash of
 its number, never the number itself. Everything expires (``web.history_days``).
+
+The rows (one per call: customer id, agent, disposition note...) are encrypted at rest
+with the deployment's key ring (:mod:`router.crypto`), each bound to the Redis key it
+is stored under; the day's counters (outcome, tier, queue names) are not personal and
+stay plain. A row that does not decrypt (a key dropped too early) is skipped with a
+log line.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
 
+from router.crypto import KeyRing
+from router.errors import CryptoError
 from router.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -28,7 +36,10 @@ RECENT_KEEP = 20
 RECENT_TTL_S = 90 * 86400
 #: Columns of the CSV export, in order.
 CSV_COLUMNS = ("start", "call", "outcome", "customer_id", "tier", "queue", "agent",
-               "wait_s", "talk_s", "rule", "reason", "disposition", "note")
+               "wait_s", "talk_s", "rule", "reason", "disposition", "note", "anonymous",
+               "degraded", "voicemail_s")
+#: Every outcome a call record can have (ami.records.Outcome), in the charts' order.
+OUTCOMES = ("answered", "voicemail", "missed", "abandoned", "rejected", "busy", "failed")
 #: Wait buckets of the "wait by tier" chart, upper bounds in seconds.
 WAIT_BUCKETS = (10, 30, 60, 120)
 
@@ -56,6 +67,9 @@ def summary(record: Mapping[str, Any]) -> dict[str, Any]:
         "reason": record.get("route_reason"),
         "disposition": record.get("disposition"),
         "note": record.get("disposition_note"),
+        "anonymous": bool(record.get("anonymous")),
+        "degraded": bool(record.get("degraded")),
+        "voicemail_s": record.get("voicemail_s"),
     }
 
 
@@ -63,9 +77,11 @@ class History:
     """Reads and writes the history keys."""
 
     def __init__(self, redis: Redis, keys: Keys, tz: str = "UTC", days: int = 8,
-                 last_calls: int = 5) -> None:
+                 last_calls: int = 5, crypto: KeyRing | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        #: encrypts the rows at rest (off without a key)
+        self.crypto = crypto or KeyRing()
         self.tz = ZoneInfo(tz)
         self.ttl_s = days * 86400
         self.last_calls = last_calls
@@ -109,6 +125,9 @@ class History:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hincrby(day_key, f"hour:{hour}:{outcome}", 1)
             pipe.hincrby(day_key, f"outcome:{outcome}", 1)
+            for flag in ("anonymous", "degraded"):
+                if record.get(flag):
+                    pipe.hincrby(day_key, f"flag:{flag}", 1)
             wait = record.get("wait_s")
             if isinstance(wait, int | float):
                 pipe.hincrbyfloat(day_key, f"wait_sum:{tier}", float(wait))
@@ -119,12 +138,12 @@ class History:
                 if outcome == "answered":
                     pipe.hincrby(day_key, f"queue_answered:{queue}", 1)
             pipe.expire(day_key, self.ttl_s)
-            pipe.rpush(rows_key, text)
+            pipe.rpush(rows_key, self.crypto.seal(text, rows_key))
             pipe.expire(rows_key, self.ttl_s)
             subject = self.subject(record.get("customer_id"), record.get("caller"))
             if subject is not None:
                 recent = self.keys.web_recent(subject)
-                pipe.lpush(recent, text)
+                pipe.lpush(recent, self.crypto.seal(text, recent))
                 pipe.ltrim(recent, 0, RECENT_KEEP - 1)
                 pipe.expire(recent, RECENT_TTL_S)
             await pipe.execute()
@@ -134,14 +153,22 @@ class History:
         subject = self.subject(customer_id, caller)
         if subject is None or self.last_calls <= 0:
             return []
-        items = await self.redis.lrange(self.keys.web_recent(subject), 0, self.last_calls - 1)
-        out = []
-        for item in items:
-            try:
-                out.append(json.loads(item))
-            except ValueError:
-                continue
-        return out
+        key = self.keys.web_recent(subject)
+        items = await self.redis.lrange(key, 0, self.last_calls - 1)
+        return [row for item in items if (row := self._open(item, key)) is not None]
+
+    def _open(self, item: Any, key: str) -> dict[str, Any] | None:
+        """One stored row, or None (logged) when it does not decrypt or parse."""
+        text = item.decode() if isinstance(item, bytes) else str(item)
+        try:
+            row = json.loads(self.crypto.open(text, key))
+        except CryptoError as exc:
+            log.warning("a history row under %s does not decrypt (%s); skipped", key, exc)
+            return None
+        except ValueError:
+            log.warning("a history row under %s is not JSON; skipped", key)
+            return None
+        return row if isinstance(row, dict) else None
 
     async def day(self, day: str) -> dict[str, Any]:
         """One day's figures, shaped for the charts."""
@@ -150,12 +177,15 @@ class History:
         waits: dict[str, dict[str, Any]] = {}
         queues: dict[str, dict[str, Any]] = {}
         outcomes: dict[str, int] = {}
+        flags = {"anonymous": 0, "degraded": 0}
         for field, value in raw.items():
             parts = field.split(":")
             if parts[0] == "hour" and len(parts) == 3:
                 hours.setdefault(parts[1], {})[parts[2]] = int(value)
             elif parts[0] == "outcome" and len(parts) == 2:
                 outcomes[parts[1]] = int(value)
+            elif parts[0] == "flag" and len(parts) == 2:
+                flags[parts[1]] = int(value)
             elif parts[0] in ("wait_sum", "wait_n") and len(parts) == 2:
                 waits.setdefault(parts[1], {})[parts[0]] = float(value)
             elif parts[0] == "wait_bucket" and len(parts) == 3:
@@ -172,20 +202,15 @@ class History:
                 "rate": v.get("answered", 0) / v["offered"] if v.get("offered") else None}
             for q, v in sorted(queues.items())
         }
-        return {"day": day, "outcomes": outcomes,
+        return {"day": day, "outcomes": outcomes, "flags": flags,
                 "hours": {h: hours[h] for h in sorted(hours)},
                 "wait_by_tier": wait_by_tier, "answer_by_queue": answer_by_queue}
 
     async def rows(self, day: str) -> list[dict[str, Any]]:
         """Every call of ``day`` (the CSV rows), in the order they ended."""
-        items = await self.redis.lrange(self.keys.web_day_calls(day), 0, -1)
-        out = []
-        for item in items:
-            try:
-                out.append(json.loads(item))
-            except ValueError:
-                log.warning("a history row of %s is not JSON; skipped", day)
-        return out
+        key = self.keys.web_day_calls(day)
+        items = await self.redis.lrange(key, 0, -1)
+        return [row for item in items if (row := self._open(item, key)) is not None]
 
     @staticmethod
     def to_csv(rows: list[dict[str, Any]], *, customers: bool) -> str:
@@ -200,7 +225,10 @@ class History:
                 value = row.get(col)
                 if col == "customer_id" and not customers:
                     value = None
-                text = "" if value is None else str(value)
+                if isinstance(value, bool):
+                    text = "true" if value else "false"
+                else:
+                    text = "" if value is None else str(value)
                 if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
                     text = "'" + text
                 cells.append(text)

@@ -8,7 +8,12 @@ queue wait, and hangups. Agents are recognised by device through the rules' agen
 table.
 
 Only calls callroute routed pop a card (its decision is here, or its ``ROUTE_*``/``CRM_*``
-variables were seen), so internal calls between extensions stay off the agents' pages.
+variables were seen, or the call went through ``[callroute-inbound]``, which sets
+``CALL_DID`` before asking callroute: a call the dialplan's fallback queued while
+callroute was unreachable still pops, marked degraded), so internal calls between
+extensions stay off the agents' pages. Cards and the live rows say when the caller
+withheld the number (``anonymous``) and when the route was degraded (``degraded``: the
+reason, e.g. ``deadline``, ``crm-error``, ``fallback``).
 Each change of what an agent should see is pushed at once, as one JSON text, to that
 agent's connected pages only (:class:`Sink`): a ``card`` (ringing, talking, ended) or a
 ``close`` (taken by another agent, not answered, done). The supervisor's pages get a
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
+from router.phone import ANONYMOUS
 from router.rules.presence import Presence, device_of
 from router.web.decisions import CallDecision, DecisionStore
 from router.web.stats import Samples, Window, percentile
@@ -34,7 +40,13 @@ from router.web.stats import Samples, Window, percentile
 log = logging.getLogger(__name__)
 
 ROUTE_VARS = frozenset({"ROUTE_RULE", "ROUTE_REASON", "CRM_CUSTOMER_ID", "CRM_TIER",
-                        "ROUTE_TARGET", "ROUTE_QUEUE", "CRM_OWNER"})
+                        "ROUTE_TARGET", "ROUTE_QUEUE", "CRM_OWNER", "CALL_DID"})
+#: ``ROUTE_REASON`` values of a complete decision; any other reason, or a call that went
+#: through callroute's dialplan (``CALL_DID``) without any decision (the dialplan's own
+#: fallback: callroute was not reached), is shown as routed in a degraded way.
+COMPLETE_REASONS = frozenset({"rule", "default"})
+#: A call through callroute's dialplan that callroute did not decide (AGI failed).
+FALLBACK = "fallback"
 #: A call older than this is dropped from the live view (events were missed).
 MAX_CALL_AGE_S = 6 * 3600.0
 #: A ring older than this is closed (its end was missed: no Dial rings for 10 minutes).
@@ -65,6 +77,23 @@ def device_of_channel(channel: str | None) -> str | None:
     name = channel.split(";", 1)[0]
     base, sep, suffix = name.rpartition("-")
     return base if sep and suffix and "/" in base else name
+
+
+def withheld(number: str | None) -> bool:
+    """Whether a caller id number means "no number" (withheld, anonymous, none)."""
+    if not number:
+        return True
+    compact = number.strip()
+    return compact.lower() in ANONYMOUS or not any(ch.isdigit() for ch in compact)
+
+
+def degraded_reason(reason: str | None, decided: bool) -> str | None:
+    """Why a routed call was routed without a complete decision (None: it was not)."""
+    if reason:
+        return None if reason in COMPLETE_REASONS else reason
+    return None if decided else FALLBACK
+
+
 Enrich = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -246,13 +275,16 @@ class LiveState:
             call.did = h.get("Exten") or None
 
     def _on_varset(self, h: Mapping[str, str]) -> None:
-        var = h.get("Variable", "")
+        var = h.get("Variable", "").lstrip("_")
         if var not in ROUTE_VARS and var != "ROUTE_ACTION":
             return
         call = self._call(h)
         if call is None:
             return
         value = h.get("Value", "")
+        if var == "CALL_DID" and value:
+            call.vars.setdefault(var, value)
+            return
         if var == "ROUTE_ACTION":
             if not call.counted:
                 call.counted = True
@@ -308,6 +340,12 @@ class LiveState:
         queue = h.get("Queue") or call.queue
         call.queue = queue
         self._ring(call, agent, device, "queue", queue, h.get("DestUniqueid"))
+
+    @staticmethod
+    def _decided(call: LiveCall) -> bool:
+        """Whether callroute decided this call's route (not only the dialplan's fallback)."""
+        return call.decision is not None or call.counted or \
+            any(name != "CALL_DID" for name in call.vars)
 
     @staticmethod
     def _routed(call: LiveCall) -> bool:
@@ -509,6 +547,9 @@ class LiveState:
         if customer is not None and self.crm_url:
             crm_link = self.crm_url.replace("{id}", quote(str(customer["id"]), safe=""))
         rule = d.rule if d is not None else v.get("ROUTE_RULE")
+        reason = d.reason if d is not None else v.get("ROUTE_REASON")
+        caller = (d.caller if d is not None and d.caller else None) or call.caller
+        anonymous = withheld(caller)
         return {
             "call": call.linkedid,
             "agent": ring.agent,
@@ -520,15 +561,17 @@ class LiveState:
                              if ring.ended_at is not None and self.wrapup_s > 0 else None),
             "via": ring.via,
             "queue": ring.queue,
-            "caller": (d.caller if d is not None and d.caller else None) or call.caller,
+            "caller": None if anonymous else caller,
             "caller_name": call.caller_name,
+            "anonymous": anonymous,
+            "degraded": degraded_reason(reason, self._decided(call)),
             "did": call.did,
             "customer": customer,
             "crm_link": crm_link,
             "why": {
                 "rule": rule,
                 "description": d.description if d is not None else None,
-                "reason": d.reason if d is not None else v.get("ROUTE_REASON"),
+                "reason": reason,
                 "note": d.note if d is not None else None,
                 "target": d.target if d is not None else v.get("ROUTE_TARGET"),
                 "queue": d.queue if d is not None else v.get("ROUTE_QUEUE"),
@@ -644,6 +687,10 @@ class LiveState:
                 "since_s": round(now - call.started, 1),
                 "tier": (d.customer.tier if d and d.customer else call.vars.get("CRM_TIER")),
                 "rule": d.rule if d else call.vars.get("ROUTE_RULE"),
+                "anonymous": withheld((d.caller if d and d.caller else None) or call.caller),
+                "degraded": (degraded_reason(d.reason if d else call.vars.get("ROUTE_REASON"),
+                                             self._decided(call))
+                             if self._routed(call) else None),
             }
             if customers:
                 row["customer"] = (d.customer.name if d and d.customer else None) or \

@@ -29,9 +29,15 @@
     return w.owner ? t("via_dial_owner") : t("via_dial");
   }
 
+  function degradedText(code) {
+    const key = "degraded_" + code;
+    return t(key) !== key ? t(key) : t("degraded_other", {reason: code});
+  }
+
   function renderCard(card) {
     const c = card.customer || {};
-    const name = c.name || card.caller_name || t("unknown_caller");
+    const name = c.name || card.caller_name || t(card.anonymous ? "withheld" : "unknown_caller");
+    const phone = card.anonymous ? t("withheld") : card.caller;
     const stateText = {ringing: t("ringing"), talking: t("talking"), ended: t("ended")}[card.state];
     const timer = el("span", {class: "timer", "data-call": card.call});
     const head = el("div", {class: "card-head"},
@@ -40,7 +46,7 @@
       c.tier ? el("span", {class: "tier tier-" + c.tier, text: c.tier}) : null,
       timer);
     const known = !!card.customer;
-    const facts = !known ? el("dl", {class: "facts"}, row("☎", card.caller),
+    const facts = !known ? el("dl", {class: "facts"}, row("☎", phone),
                               row(t("customer"), t("not_in_crm"))) : el("dl", {class: "facts"},
       row(t("customer"), c.id),
       row(t("tier"), c.tier),
@@ -49,13 +55,14 @@
       row(t("tags"), (c.tags || []).join(", ")),
       row(t("open_tickets"), c.open_tickets, c.open_tickets > 0 ? "warn" : ""),
       row(t("language"), c.language),
-      row("☎", card.caller));
+      row("☎", phone));
     const w = card.why || {};
     const why = el("div", {class: "why"},
       el("h3", {text: t("why")}),
       el("p", {class: "via", text: whyText(card)}),
       el("p", {text: `${t("rule")}: ${w.rule || t("none")}${w.description ? " — " + w.description : ""}`}),
-      el("p", {text: `${t("reason")}: ${w.reason || t("none")}${w.note ? " · " + w.note : ""}`}));
+      el("p", {text: `${t("reason")}: ${w.reason || t("none")}${w.note ? " · " + w.note : ""}`}),
+      card.degraded ? el("p", {class: "degraded", role: "note", text: degradedText(card.degraded)}) : null);
     const last = el("div", {class: "last"}, el("h3", {text: t("last_calls")}));
     if (card.last_calls && card.last_calls.length) {
       const list = el("ul");
@@ -167,7 +174,7 @@
       if (isNew && msg.card.state === "ringing") {
         const c = msg.card.customer || {};
         document.getElementById("announce").textContent =
-          `${t("incoming")}: ${c.name || msg.card.caller_name || t("unknown_caller")}`;
+          `${t("incoming")}: ${c.name || msg.card.caller_name || t(msg.card.anonymous ? "withheld" : "unknown_caller")}`;
       }
     } else if (msg.type === "close") {
       cards.delete(msg.call);

@@ -4,7 +4,7 @@
 (async () => {
   const {t, el} = CR;
   const SVG = "http://www.w3.org/2000/svg";
-  const OUTCOMES = ["answered", "missed", "abandoned", "busy", "failed"];
+  const OUTCOMES = ["answered", "voicemail", "missed", "abandoned", "rejected", "busy", "failed"];
   let live = null, today = null;
   const me = (await CR.api("/ui/api/me")).body;
   CR.init(me.language);
@@ -81,10 +81,11 @@
       tile(t("depth"), ob.depth === undefined ? t("none") : String(ob.depth), ob.depth ? "warn" : ""));
     const qs = Object.entries(live.queues).map(([q, v]) => [q === "-" ? t("direct") : q, v.waiting, v.talking, CR.duration(v.longest_wait_s)]);
     document.getElementById("queues").replaceChildren(table([t("queue"), t("waiting"), t("talking_n"), t("longest_wait")], qs));
-    const calls = live.calls.map((c) => [me.can.customers ? (c.customer || c.customer_id || t("unknown_caller")) : t("customers_hidden"),
+    const calls = live.calls.map((c) => [me.can.customers ? (c.customer || c.customer_id || t(c.anonymous ? "withheld" : "unknown_caller")) : t("customers_hidden"),
       c.tier || t("tier_none"), t(c.state === "talking" ? "talking" : c.state === "waiting" ? "waiting" : "ringing"),
-      c.queue || t("direct"), c.agent, c.wait_s !== null ? CR.duration(c.wait_s) : CR.duration(c.since_s), c.rule]);
-    document.getElementById("calls").replaceChildren(table([t("customer"), t("tier"), t("state"), t("queue"), t("agent_id"), t("longest_wait"), t("rule")], calls));
+      c.queue || t("direct"), c.agent, c.wait_s !== null ? CR.duration(c.wait_s) : CR.duration(c.since_s), c.rule,
+      c.degraded ? `⚠ ${c.degraded}` : ""]);
+    document.getElementById("calls").replaceChildren(table([t("customer"), t("tier"), t("state"), t("queue"), t("agent_id"), t("longest_wait"), t("rule"), t("degraded")], calls));
     document.getElementById("agents").replaceChildren(table([t("agent_id"), "", t("presence"), t("on_call"), t("page")],
       live.agents.map((a) => [a.id, a.name, a.presence ? t("dev_" + a.presence) : null,
         a.call ? t(a.call) : "", a.page ? "●" : ""])));
@@ -112,7 +113,9 @@
     }
     const any = Object.keys(today.hours).length > 0;
     const hb = document.getElementById("chart-hours");
-    hb.replaceChildren(any ? bars(hours, OUTCOMES, null, null, 3) : el("p", {class: "muted", text: t("no_data")}), legend(OUTCOMES));
+    const flags = today.flags || {};
+    hb.replaceChildren(any ? bars(hours, OUTCOMES, null, null, 3) : el("p", {class: "muted", text: t("no_data")}), legend(OUTCOMES),
+      el("p", {class: "muted", id: "flags", text: t("flags_today", {anonymous: flags.anonymous || 0, degraded: flags.degraded || 0})}));
     const tiers = Object.entries(today.wait_by_tier).map(([k, v]) => ({label: k === "none" ? t("tier_none") : k, values: {avg: v.avg_s || 0}}));
     document.getElementById("chart-wait").replaceChildren(tiers.length ? bars(tiers, ["avg"], null, (x) => `${x.toFixed(0)}s`) : el("p", {class: "muted", text: t("no_data")}));
     const queues = Object.entries(today.answer_by_queue).map(([k, v]) => ({label: k, values: {rate: (v.rate || 0) * 100}}));
