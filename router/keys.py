@@ -153,6 +153,16 @@ class Keys:
         """List: one JSON row per call of one day, for the CSV export."""
         return f"{self.prefix}web:calls:{day}"
 
+    def web_sent(self, record_key: str) -> str:
+        """String (encrypted JSON) with TTL ``web.late_disposition_s``: an answered call's
+        record sent without a disposition, kept for one given later (an update)."""
+        return f"{self.prefix}web:sent:{record_key}"
+
+    def web_day_dispositions(self, day: str) -> str:
+        """Hash: linkedid -> (encrypted JSON) disposition given after the call's row was
+        filed, for the CSV export."""
+        return f"{self.prefix}web:late:{day}"
+
     # --- CRM credentials (router.crm.auth) ----------------------------------------------
     def crm_token(self, crm: str) -> str:
         """String with TTL: the CRM's OAuth2 access token, shared by every instance."""

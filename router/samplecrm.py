@@ -17,6 +17,8 @@ API (JSON; ``/api/*`` needs ``Authorization: Bearer <token>`` when a token is se
     POST  /api/activities | /api/leads | /api/tasks
           with Idempotency-Key: new key → 201 + object; seen key → 200 + the same object
     GET   /api/activities | /api/leads | /api/tasks   {"results": [...]}
+    GET   /api/activities/{id} (leads, tasks)       the object, or 404
+    PATCH /api/activities/{id} (leads, tasks)       change some fields (updated_at set)
 
 Test and bench controls (never faulted)::
 
@@ -463,6 +465,24 @@ def _create(collection: str) -> Handler:
     return create
 
 
+def _object(collection: str) -> Handler:
+    async def one(request: web.Request) -> web.Response:
+        objects = request.app[STATE].objects[collection]
+        obj = objects.get(request.match_info["id"])
+        if obj is None:
+            return _error(404, f"no such object in {collection}")
+        if request.method == "PATCH":
+            body = await _json_body(request)
+            if not isinstance(body, dict):
+                return _error(400, "the body must be a JSON object")
+            obj.update({k: v for k, v in body.items() if k not in ("id", "created_at")})
+            obj["updated_at"] = _now()
+        return web.json_response(obj)
+
+    one.__doc__ = f"``GET`` / ``PATCH /api/{collection}/{{id}}``."
+    return one
+
+
 def _list(collection: str) -> Handler:
     async def listing(request: web.Request) -> web.Response:
         return web.json_response(
@@ -549,6 +569,8 @@ def make_app(
     for name in COLLECTIONS:
         r.add_post(f"/api/{name}", _create(name))
         r.add_get(f"/api/{name}", _list(name))
+        r.add_get(f"/api/{name}/{{id}}", _object(name))
+        r.add_patch(f"/api/{name}/{{id}}", _object(name))
     r.add_get("/_faults", faults_get)
     r.add_post("/_faults", faults_post)
     r.add_delete("/_faults", faults_delete)

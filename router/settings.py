@@ -318,6 +318,10 @@ class WebSettings(_Section):
     wrapup_s: float = Field(
         120.0, ge=0, le=3600, description="how long an answered call's record waits for the "
         "agent's disposition before it is sent without one (0: never wait)")
+    late_disposition_s: float = Field(
+        86400.0, ge=0, le=30 * 86400, description="how long after an answered call its agent "
+        "may still give a disposition once the record was sent: it updates the CRM's activity "
+        "(needs an `update` request on the crm.records call step; 0: refused)")
     last_calls: int = Field(5, ge=0, le=20, description="earlier calls shown on the card")
     history_days: int = Field(8, ge=1, le=400, description="days of figures kept in Redis")
     timezone: ZoneName = Field("UTC", description="the day of the supervisor's daily figures")

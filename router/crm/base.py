@@ -249,3 +249,15 @@ class ChangeReceiver(Protocol):
 
     async def fetch(self, customer_id: str) -> Fetched | None:
         """The customer's current record by id (None: the CRM has none); CrmError."""
+
+@runtime_checkable
+class StepUpdater(Protocol):
+    """A record sink that can change what a step created, after the record was delivered
+    (the REST connector, for steps with an ``update`` request)."""
+
+    def can_update(self, step: str) -> bool:
+        """Whether ``step``'s object can be updated."""
+
+    async def run_update(self, step: str, record: Mapping[str, Any], remote_id: str,
+                         idempotency_key: str) -> StepResult:
+        """Change the object ``step`` created (CRM id ``remote_id``) from ``record``."""

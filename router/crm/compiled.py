@@ -262,6 +262,8 @@ class RecordStepPlan:
     needs_recording: bool
     #: the search for the object a lost answer's send may have created
     find: FindPlan | None = None
+    #: how to change the created object later (``update``), by its id
+    update: Request | None = None
 
     @property
     def uses(self) -> Uses:
@@ -270,8 +272,9 @@ class RecordStepPlan:
         for part in (self.when, self.outputs, self.customer):
             if part is not None:
                 out = out | part.uses
-        if self.fetch is not None:
-            out = out | self.fetch.uses
+        for request in (self.fetch, self.update):
+            if request is not None:
+                out = out | request.uses
         if self.find is not None:
             out = out | self.find.uses
         return out
@@ -404,10 +407,17 @@ def _record_step(step: RecordStep, where: str, names: frozenset[str],
                 raise ValueError(f"{where}.find.match: {exc}") from None
         find = FindPlan(step.find, compile_request_spec(step.find, names, f"{where}.find"),
                         match)
+    update = None
+    if step.update is not None:
+        spec = step.update
+        update_body = "{record}" if spec.body is None and spec.method in (
+            "POST", "PUT", "PATCH") else None
+        update = compile_request_spec(spec, spec.names(), f"{where}.update", body=update_body)
     text = f"{step.url} {step.params} {step.headers} {body}"
     return RecordStepPlan(
         name=step.name, spec=step, when=when, request=request, outputs=outputs,
         customer=customer, fetch=fetch, needs_recording="recording_url" in text, find=find,
+        update=update,
     )
 
 

@@ -346,6 +346,18 @@ class FindSpec(RequestSpec):
     not_found_status: list[int] = Field(default_factory=lambda: [404])
 
 
+class UpdateSpec(RequestSpec):
+    """How to change the object a step created, by its id (``{id}``), after the record
+    was delivered: the agent's disposition given after the wrap-up time updates the call's
+    activity (``PATCH /crm/v3/objects/calls/{id}``). Templates see what the step's do,
+    the record carrying the changes (``record.disposition``, ``record.disposition_note``)
+    and ``id``; ``steps`` is empty. Without ``body`` the record itself is sent."""
+
+    NAMES: ClassVar[frozenset[str]] = RECORD_NAMES | {"id"}
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "PATCH"
+
+
 class RecordStep(RequestSpec):
     """One request of the records pipeline (create a lead, post the call, add a task...).
 
@@ -367,7 +379,8 @@ class RecordStep(RequestSpec):
     steps (``customer: {id: "{id}", kind: lead}`` after creating a lead).
     ``idempotency_header`` sends the step's idempotency key in that header. ``find``
     looks the object up by that key after a lost answer (exactly once without the CRM's
-    idempotency support).
+    idempotency support). ``update`` is how to change the created object later
+    (:class:`UpdateSpec`).
     """
 
     NAMES: ClassVar[frozenset[str]] = RECORD_NAMES
@@ -389,6 +402,7 @@ class RecordStep(RequestSpec):
     lost_answer: Literal["hold", "repost"] | None = Field(
         None, description="without find, after a lost answer: hold the record for a person "
         "(default without an idempotency_header) or post again (default with one)")
+    update: UpdateSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -688,6 +702,9 @@ def sample_crm_section(base_url: str = "http://127.0.0.1:8088") -> dict[str, Any
         "activity": {
             "url": "/api/activities", "body": record_body,
             "idempotency_header": "Idempotency-Key", "id_path": "id", "duplicate_status": [200],
+            "update": {"url": "/api/activities/{id}",
+                       "body": {"disposition": "{record.disposition}",
+                                "note": "{record.disposition_note}"}},
         },
         "lead": {
             "url": "/api/leads",

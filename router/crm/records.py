@@ -178,6 +178,34 @@ class RecordRunner:
             customer={k: v for k, v in customer.items() if v not in (None, "")},
         )
 
+    def can_update(self, step: str) -> bool:
+        """Whether ``step`` has an ``update`` request (its object can be changed later)."""
+        spec = self.plan.record_step(step)
+        return spec is not None and spec.update is not None
+
+    async def run_update(self, step: str, record: Mapping[str, Any], remote_id: str,
+                         idempotency_key: str) -> StepResult:
+        """Change the object ``step`` created (CRM id ``remote_id``) with the step's
+        ``update`` request; ``record`` carries the changes. Raises :class:`CrmError` when
+        the CRM refuses it."""
+        spec = self._spec(step)
+        if spec.update is None:
+            raise KeyError(f"record step {step!r} has no update")
+        context = {**self.context(step, jsonable(record), idempotency_key, {}, []),
+                   "id": remote_id}
+        if self.refs is not None and spec.update.template.uses.refs:
+            url, params, headers, body = await evaluate(spec.update.template, context,
+                                                        self.plan.runtime, self.refs)
+            method = spec.update.method
+            params = {k: v for k, v in params.items() if v != ""}
+            headers = {k: v for k, v in headers.items() if v != ""}
+        else:
+            method, url, params, headers, body = spec.update.render(context)
+        resp = await self.http.request(f"{step}:update", method, url, params=params,
+                                       json_body=body, headers=headers or None)
+        check_error(spec.update, resp, context, f"crm record step {step} update", step)
+        return StepResult(step=step, status="done", remote_id=remote_id)
+
     async def fetch(self, step: str, record: Mapping[str, Any], idempotency_key: str,
                     previous: Mapping[str, StepResult], plan: Sequence[str],
                     result: StepResult) -> CrmResponse:

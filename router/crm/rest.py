@@ -234,6 +234,15 @@ class RestConnector:
             return None
         return await self.records.find_existing(step, record, idempotency_key, previous, plan)
 
+    def can_update(self, step: str) -> bool:
+        """Whether record step ``step`` has an ``update`` request."""
+        return self.records.can_update(step)
+
+    async def run_update(self, step: str, record: Mapping[str, Any], remote_id: str,
+                         idempotency_key: str) -> StepResult:
+        """Change the object ``step`` created (see :meth:`RecordRunner.run_update`)."""
+        return await self.records.run_update(step, record, remote_id, idempotency_key)
+
     async def post_call(self, record: Mapping[str, Any], idempotency_key: str) -> PostResult:
         """Run the record step ``call`` alone."""
         return await self._legacy("call", record, idempotency_key)

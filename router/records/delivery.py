@@ -25,6 +25,11 @@ support. When all steps are done, one Lua script sets the delivered marker, XACK
 XDELs the entry and appends it to ``outbox:sent``; a reclaimed entry whose delivered
 marker exists is acked without sending anything.
 
+A record with ``update_of`` (:mod:`router.records.updates`: a disposition given after
+its call's record was delivered) runs no step: once the step it updates is in the
+original's ledger, the sink's ``update`` request for that step goes out with the CRM's
+id the ledger holds.
+
 Failures: a retryable :class:`CrmError` moves the entry (atomically: XACK + XDEL +
 ZADD) to the ``outbox:retry`` sorted set, due after a capped exponential backoff with
 full jitter (``uniform(0, min(cap, base * 2**(n-1)))`` after the n-th failure), at least
@@ -58,7 +63,14 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from router.crm.base import CreatedFinder, RecordSink, Recovery, StepResult, StepSink
+from router.crm.base import (
+    CreatedFinder,
+    RecordSink,
+    Recovery,
+    StepResult,
+    StepSink,
+    StepUpdater,
+)
 from router.crypto import KeyRing, keyring_from_settings
 from router.errors import CrmError, CrmRateLimited, CrmUnconfirmed, CryptoError
 from router.keys import Keys
@@ -67,6 +79,7 @@ from router.metrics import LEDGER_STEPS, OUTBOX_DEPTH, RECORDS
 from router.records.ledger import Ledger, LedgerState, StepEntry
 from router.records.outbox import ensure_group, keys_from_settings, now_ms
 from router.records.ratelimit import TokenBucket
+from router.records.updates import MARKER_STEP, as_original, step_result, update_of
 from router.settings import OutboxSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -302,6 +315,8 @@ class DeliveryWorker:
             return await self._dead_letter(entry, entry.attempt, "undecryptable", str(exc))
         except ValueError as exc:
             return await self._dead_letter(entry, entry.attempt, "bad_entry", str(exc))
+        if update_of(record) is not None:
+            return await self._deliver_update(entry, record)
         wanted = plan(record, self.settings)
         steps = self.steps.step_names()
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -330,6 +345,48 @@ class DeliveryWorker:
             log.exception("unexpected error delivering %s", entry.key)
             return await self._failed(entry, exc)
         await self._finish(entry, duplicate=False)
+        return "delivered"
+
+    async def _deliver_update(self, entry: Entry, record: Mapping[str, Any]) -> Outcome:
+        """An update of a delivered record's step object (router.records.updates): sent
+        once that step is in the original's ledger, with the CRM's id the ledger holds.
+        Its own ledger says it was sent (a PATCH sets fields: sending it again after a
+        lost answer leaves the object as once)."""
+        found = update_of(record)
+        assert found is not None
+        original, step = found
+        sink = self.sink
+        if not isinstance(sink, StepUpdater) or not sink.can_update(step):
+            return await self._dead_letter(entry, entry.attempt, "rejected",
+                                           f"step {step!r} has no update request")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.keys.delivered(entry.key))
+            pipe.hexists(self.keys.outbox_ledger(entry.key), MARKER_STEP)
+            delivered, sent = await pipe.execute()
+        if delivered or sent:
+            await self._finish(entry, duplicate=True)
+            return "duplicate"
+        done = await step_result(self.redis, self.keys, original, step)
+        if done is None or not done.remote_id:
+            if done is None and not await self.redis.exists(self.keys.delivered(original)):
+                return await self._failed(entry, CrmError(
+                    f"{original} is not delivered yet: its update waits"))
+            return await self._dead_letter(entry, entry.attempt, "no_remote_id",
+                                           f"no CRM id of step {step!r} of {original}")
+        try:
+            await self.limiter.acquire()
+            result = await sink.run_update(step, as_original(record), done.remote_id,
+                                           entry.key)
+        except CrmError as exc:
+            return await self._failed(entry, exc)
+        except Exception as exc:  # a connector bug must not lose the update: retried
+            log.exception("unexpected error delivering %s", entry.key)
+            return await self._failed(entry, exc)
+        await self.ledger.done(entry.key, MARKER_STEP,
+                               StepEntry(result, entry.key, now_ms(), "created"))
+        await self._finish(entry, duplicate=False)
+        log.info("%s: step %s of %s updated (CRM id %s)", entry.key, step, original,
+                 done.remote_id)
         return "delivered"
 
     async def _send(self, step: str, record: Mapping[str, Any], key: str,

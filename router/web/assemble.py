@@ -10,6 +10,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from router.auth.access import AuthContext
+from router.crypto import keyring_from_settings
 from router.keys import Keys
 from router.phone import normalize
 from router.rules.presence import Presence, device_of
@@ -97,14 +98,26 @@ def build_parts(settings: Settings, presence: Presence, agents: AgentsOf,
     return parts
 
 
+def late_dispositions_s(settings: Settings) -> float:
+    """How long a disposition can still update a sent call's activity: ``web.
+    late_disposition_s`` when the CRM's call step says how (``update``), else 0."""
+    call = settings.crm.record_step("call")
+    return settings.web.late_disposition_s if call is not None and call.update is not None \
+        else 0.0
+
+
 def attach_records(parts: WebParts, settings: Settings, redis: Redis, keys: Keys,
                    enqueue: Enqueue) -> Enqueue:
-    """History and wrap-up on the outbox's Redis; returns the tracker's record consumer."""
+    """History and wrap-up on the outbox's Redis, encrypted with the deployment's key
+    ring; returns the tracker's record consumer."""
     web = settings.web
+    crypto = keyring_from_settings(settings)
     parts.history = History(redis, keys, tz=web.timezone, days=web.history_days,
-                            last_calls=web.last_calls)
+                            last_calls=web.last_calls, crypto=crypto)
     parts.wrapup = Wrapup(redis, keys, enqueue, web.wrapup_s, filed=parts.history.add,
-                          noted=parts.live.note_record)
+                          noted=parts.live.note_record, crypto=crypto,
+                          late_s=late_dispositions_s(settings),
+                          redisposed=parts.history.redispose)
     return parts.wrapup.put
 
 

@@ -148,6 +148,31 @@ class History:
                 pipe.expire(recent, RECENT_TTL_S)
             await pipe.execute()
 
+    async def redispose(self, record: Mapping[str, Any]) -> None:
+        """A disposition given after the call was filed (an update record): on the
+        customer's last calls and the day's CSV rows."""
+        lid = record.get("linkedid")
+        change = {"disposition": record.get("disposition"),
+                  "note": record.get("disposition_note")}
+        day_key = self.keys.web_day_dispositions(self.day_of(record.get("start") or ""))
+        text = json.dumps(change, ensure_ascii=False, separators=(",", ":"))
+        name = f"{day_key}:{lid}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(day_key, str(lid), self.crypto.seal(text, name))
+            pipe.expire(day_key, self.ttl_s)
+            await pipe.execute()
+        subject = self.subject(record.get("customer_id"), record.get("caller"))
+        if subject is None:
+            return
+        key = self.keys.web_recent(subject)
+        for index, item in enumerate(await self.redis.lrange(key, 0, RECENT_KEEP - 1)):
+            row = self._open(item, key)
+            if row is not None and row.get("call") == lid:
+                row.update(change)
+                text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+                await self.redis.lset(key, index, self.crypto.seal(text, key))
+                return
+
     async def recent(self, customer_id: str | None, caller: str | None) -> list[dict[str, Any]]:
         """The last ``last_calls`` calls of a customer (or unknown number), newest first."""
         subject = self.subject(customer_id, caller)
@@ -209,8 +234,18 @@ class History:
     async def rows(self, day: str) -> list[dict[str, Any]]:
         """Every call of ``day`` (the CSV rows), in the order they ended."""
         key = self.keys.web_day_calls(day)
-        items = await self.redis.lrange(key, 0, -1)
-        return [row for item in items if (row := self._open(item, key)) is not None]
+        late_key = self.keys.web_day_dispositions(day)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(key, 0, -1)
+            pipe.hgetall(late_key)
+            items, late = await pipe.execute()
+        rows = [row for item in items if (row := self._open(item, key)) is not None]
+        for row in rows:
+            given = late.get(row.get("call"))
+            if given is not None:
+                change = self._open(given, f"{late_key}:{row.get('call')}")
+                row.update(change or {})
+        return rows
 
     @staticmethod
     def to_csv(rows: list[dict[str, Any]], *, customers: bool) -> str:

@@ -321,6 +321,7 @@ async def _me(request: web.Request, principal: Principal) -> web.StreamResponse:
         "dispositions": [d.model_dump() for d in svc.settings.dispositions],
         "language": svc.settings.language,
         "wrapup_s": svc.settings.wrapup_s if svc.wrapup is not None else 0,
+        "late_s": svc.wrapup.late_s if svc.wrapup is not None else 0,
         "agents": sorted(roster) if principal.can(Permission.CUSTOMERS) else [],
     })
 
@@ -336,7 +337,8 @@ async def _dispose(request: web.Request, principal: Principal) -> web.StreamResp
     svc = request.app[KEY]
     lid = request.match_info["call"]
     agent = principal.agent
-    if svc.wrapup is None or agent is None or svc.settings.wrapup_s <= 0:
+    if svc.wrapup is None or agent is None or (svc.settings.wrapup_s <= 0
+                                               and svc.wrapup.late_s <= 0):
         return _json({"error": "not_available"}, status=503)
     try:
         body = await request.json()
@@ -355,8 +357,9 @@ async def _dispose(request: web.Request, principal: Principal) -> web.StreamResp
     if result == "gone":
         return _json({"error": "already_sent"}, status=409)
     svc.live.done(lid, agent, "done")
-    log.info("disposition %s on call %s by agent %s", code, lid, agent)
-    return _json({"ok": True, "call": lid, "code": code})
+    log.info("disposition %s on call %s by agent %s%s", code, lid, agent,
+             " (an update of the sent activity)" if result == "updated" else "")
+    return _json({"ok": True, "call": lid, "code": code, "updated": result == "updated"})
 
 
 async def _live(request: web.Request, principal: Principal) -> web.StreamResponse:

@@ -7,10 +7,22 @@ release time) for up to ``web.wrapup_s``; the agent's disposition and note are a
 to it and it goes into the outbox then, so the CRM gets ONE activity with them. When
 the agent gives none in time, any instance's releaser sends it as it is.
 
+After the wrap-up time (or when the agent's page was closed), a disposition still
+reaches the CRM as an *update* of the activity the record created, for
+``web.late_disposition_s`` after the call: the sent record of an answered call is kept
+(``web:sent:<key>``, encrypted) and the disposition goes into the outbox as an update
+record (:mod:`router.records.updates`, key ``<key>:disposition``: one per call), which
+the delivery worker sends as the call step's configured ``update`` request with the
+CRM's id of the activity.
+
 Nothing is lost or sent twice: the outbox dedupes by ``record_key``, and a held record
 is removed only after its enqueue; a record that cannot be held (Redis down) goes to
 the outbox (and its spool) at once. A crash leaves held records in Redis, released by
 the next instance that runs.
+
+Held records and given dispositions are encrypted at rest with the deployment's key
+ring (:mod:`router.crypto`), each bound to its Redis key; a value that does not decrypt
+(its key was dropped) is sent or dropped as if it were not JSON, with a log line.
 """
 
 from __future__ import annotations
@@ -26,14 +38,17 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from router.crypto import KeyRing
+from router.errors import CryptoError
 from router.keys import Keys
 from router.records.outbox import Record, record_dict
+from router.records.updates import update_record
 
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[Record], Awaitable[str]]
 Filed = Callable[[Mapping[str, Any]], Awaitable[None]]
-DisposeResult = Literal["saved", "gone", "not-yours"]
+DisposeResult = Literal["saved", "updated", "gone", "not-yours"]
 ONLINE_TTL_S = 30
 MAX_NOTE = 2000
 
@@ -51,14 +66,24 @@ class Wrapup:
         filed: Filed | None = None,
         noted: Callable[[Mapping[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
+        crypto: KeyRing | None = None,
+        late_s: float = 0.0,
+        redisposed: Filed | None = None,
     ) -> None:
         self.redis = redis
+        #: encrypts held records and dispositions at rest (off without a key)
+        self.crypto = crypto or KeyRing()
         self.keys = keys
         self.enqueue = enqueue
         self.hold_s = hold_s
         self.filed = filed
         self.noted = noted
         self.clock = clock
+        #: how long a sent answered call can still get a disposition, as an update of the
+        #: CRM's activity (0: not at all)
+        self.late_s = late_s
+        #: told of each late disposition's update record (the history)
+        self.redisposed = redisposed
         self.held = 0
         self.released = 0
 
@@ -89,10 +114,14 @@ class Wrapup:
 
     async def _given(self, key: str, data: dict[str, Any]) -> bool:
         """Merge a disposition given before the record came; True if there was one."""
-        raw = await self.redis.get(self.keys.web_disposition(key))
-        if raw is None:
+        name = self.keys.web_disposition(key)
+        try:
+            given = self._open(await self.redis.get(name), name)
+        except ValueError as exc:
+            log.error("disposition on %s unreadable (%s); ignored", key, exc)
             return False
-        given = json.loads(raw)
+        if given is None:
+            return False
         if given.get("agent") != data.get("answered_by_agent"):
             log.warning("disposition on %s by agent %s ignored: the call was answered by %s",
                         key, given.get("agent"), data.get("answered_by_agent"))
@@ -102,12 +131,40 @@ class Wrapup:
         data["disposition_by"] = given.get("agent")
         return True
 
+    def _seal(self, data: Mapping[str, Any], name: str) -> str:
+        """``data`` as JSON, encrypted for the Redis key ``name``."""
+        return self.crypto.seal(json.dumps(data, ensure_ascii=False, separators=(",", ":")),
+                                name)
+
+    def _open(self, raw: Any, name: str) -> dict[str, Any] | None:
+        """The dict stored under ``name`` (None: absent); ValueError when it is not a JSON
+        object or does not decrypt."""
+        if raw is None:
+            return None
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        try:
+            text = self.crypto.open(text, name)
+        except CryptoError as exc:
+            raise ValueError(f"{name} does not decrypt: {exc}") from exc
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise ValueError(f"{name} is not JSON") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{name} is not a JSON object")
+        return data
+
+    async def _held(self, key: str) -> dict[str, Any] | None:
+        """The record held under ``key`` (None: not held)."""
+        name = self.keys.web_hold(key)
+        return self._open(await self.redis.get(name), name)
+
     async def _hold(self, key: str, data: dict[str, Any]) -> None:
-        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        name = self.keys.web_hold(key)
         due_ms = int((self.clock() + self.hold_s) * 1000)
         ttl_ms = int((self.hold_s + 7 * 86400) * 1000)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.web_hold(key), text, nx=True, px=ttl_ms)
+            pipe.set(name, self._seal(data, name), nx=True, px=ttl_ms)
             pipe.zadd(self.keys.web_holds, {key: due_ms}, nx=True)
             added, _ = await pipe.execute()
         if added:
@@ -116,40 +173,99 @@ class Wrapup:
 
     async def _send(self, data: Mapping[str, Any]) -> str:
         result = await self.enqueue(data)
-        if result == "enqueued" and self.filed is not None:
-            try:
-                await self.filed(data)
-            except Exception as exc:
-                log.warning("call %s not added to the history: %s", data.get("record_key"), exc)
+        if result == "enqueued":
+            if self.filed is not None:
+                try:
+                    await self.filed(data)
+                except Exception as exc:
+                    log.warning("call %s not added to the history: %s",
+                                data.get("record_key"), exc)
+            if self.late_s > 0 and data.get("answered_by_agent") and \
+                    not data.get("disposition"):
+                name = self.keys.web_sent(str(data.get("record_key")))
+                try:  # kept for a disposition given after the wrap-up time
+                    await self.redis.set(name, self._seal(data, name), ex=int(self.late_s))
+                except (RedisError, OSError) as exc:
+                    log.warning("call %s: no late disposition possible (Redis: %s)",
+                                data.get("record_key"), exc)
         return result
 
     # --- the agent's disposition ------------------------------------------------------------
     async def dispose(self, record_key: str, agent: str, code: str, note: str) -> DisposeResult:
         """Put ``code`` and ``note`` on the record of a call ``agent`` answered: at once
-        if it is held, else when it arrives. ``gone``: the record was already sent."""
+        if it is held, else when it arrives; once it was sent, as an update of the CRM's
+        activity (``updated``) when late dispositions are on and the call's copy is still
+        kept. ``gone``: the record was sent and cannot be updated (any more)."""
         hold = self.keys.web_hold(record_key)
         seen = self.keys.outbox_dedupe(record_key)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(hold)
             pipe.exists(seen)
             raw, sent = await pipe.execute()
-        if raw is None and sent:
+        try:
+            held = self._open(raw, hold)
+        except ValueError as exc:
+            log.error("held record %s unreadable (%s): disposition refused", record_key, exc)
             return "gone"
-        if raw is not None and json.loads(raw).get("answered_by_agent") != agent:
+        if held is None and sent:
+            return await self._late(record_key, agent, code, note)
+        if held is not None and held.get("answered_by_agent") != agent:
             return "not-yours"
-        given = json.dumps({"agent": agent, "code": code, "note": note[:MAX_NOTE]},
-                           ensure_ascii=False)
-        await self.redis.set(self.keys.web_disposition(record_key), given,
-                             ex=int(self.hold_s + 3600))
-        raw = await self.redis.get(hold)
-        if raw is not None:
-            data = json.loads(raw)
-            if await self._given(record_key, data):
-                await self._release(record_key, data)
+        name = self.keys.web_disposition(record_key)
+        given = {"agent": agent, "code": code, "note": note[:MAX_NOTE]}
+        await self.redis.set(name, self._seal(given, name), ex=int(self.hold_s + 3600))
+        try:
+            held = await self._held(record_key)
+        except ValueError:
+            held = None
+        if held is not None and await self._given(record_key, held):
+            await self._release(record_key, held)
         return "saved"
+
+    async def _late(self, record_key: str, agent: str, code: str, note: str) -> DisposeResult:
+        """A disposition after the record was sent: an update of the CRM's activity."""
+        if self.late_s <= 0:
+            return "gone"
+        name = self.keys.web_sent(record_key)
+        try:
+            data = self._open(await self.redis.get(name), name)
+        except ValueError as exc:
+            log.error("late disposition on %s refused: %s", record_key, exc)
+            return "gone"
+        if data is None:
+            return "gone"
+        if data.get("answered_by_agent") != agent:
+            return "not-yours"
+        changes = {"disposition": code, "disposition_note": note[:MAX_NOTE] or None,
+                   "disposition_by": agent}
+        if not await self._update(data, changes):
+            return "gone"
+        await self.redis.delete(name)
+        return "updated"
+
+    async def _update(self, data: Mapping[str, Any], changes: Mapping[str, Any]) -> bool:
+        """Enqueue the update of the sent record ``data``; False when one was already
+        enqueued (exactly one update per call)."""
+        update = update_record(data, changes)
+        result = await self.enqueue(update)
+        if result == "duplicate":
+            return False
+        log.info("disposition %s on %s sent as an update of its activity",
+                 changes.get("disposition"), data.get("record_key"))
+        if self.redisposed is not None:
+            try:
+                await self.redisposed(update)
+            except Exception as exc:
+                log.warning("late disposition of %s not added to the history: %s",
+                            data.get("record_key"), exc)
+        return True
 
     async def _release(self, record_key: str, data: Mapping[str, Any]) -> str:
         result = await self._send(data)
+        if result == "duplicate" and data.get("disposition") and self.late_s > 0:
+            # another instance sent it first, maybe without the disposition given meanwhile
+            await self._update(data, {k: data.get(k) for k in
+                                      ("disposition", "disposition_note", "disposition_by")})
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self.keys.web_hold(record_key), self.keys.web_disposition(record_key))
             pipe.zrem(self.keys.web_holds, record_key)
@@ -164,14 +280,13 @@ class Wrapup:
                                                start=0, num=limit)
         count = 0
         for key in map(str, found):
-            raw = await self.redis.get(self.keys.web_hold(key))
-            if raw is None:
+            try:
+                data = await self._held(key)
+            except ValueError as exc:
+                log.error("held record %s unreadable (%s); dropped from the holds", key, exc)
                 await self.redis.zrem(self.keys.web_holds, key)
                 continue
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                log.error("held record %s is not JSON; dropped from the holds", key)
+            if data is None:
                 await self.redis.zrem(self.keys.web_holds, key)
                 continue
             if not await self._given(key, data):

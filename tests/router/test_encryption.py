@@ -276,16 +276,47 @@ async def _fill(server: RedisServer, spool_dir: Path, crm: FakeCrm, crypto: KeyR
         await h.redis.zadd(h.keys.outbox_retry, {json.dumps({
             "key": "call-r", "record": crypto.seal(json.dumps(call_record("r")), "call-r"),
             "attempt": "1", "enq": "1", "error": ""}): 1})
+        await _fill_pages(h, crypto)
     finally:
         await h.close()
 
 
-async def _dump(server: RedisServer) -> bytes:
-    """Every key's DUMP and the RDB file of a SAVE, uncompressed (so a plaintext would show)."""
+async def _fill_pages(h: Harness, crypto: KeyRing) -> None:
+    """What the pages keep: the history's rows and last calls (known and unknown
+    callers), a record held for a disposition, an early disposition, a sent record kept
+    for a late one and a late one given."""
+    from router.web.history import History
+    from router.web.wrapup import Wrapup
+
+    history = History(h.redis, h.keys, crypto=crypto)
+    wrap = Wrapup(h.redis, h.keys, h.outbox.enqueue, 60, filed=history.add, crypto=crypto,
+                  late_s=3600, redisposed=history.redispose)
+    note = "李雷 asked for Han Meimei"
+    await wrap.mark_online(["1001"])
+    assert await wrap.put(call_record("w1", caller_name="Li Lei")) == "held"
+    assert await wrap.dispose("call-w2", "1001", "sale", note) == "saved"  # before its record
+    await wrap.mark_offline("1001")
+    for n, customer in (("w3", "C1"), ("w4", None)):
+        assert await wrap.put(call_record(n, caller_name="Han Meimei", customer_id=customer,
+                                          start="2026-11-22T01:10:00+00:00")) == "enqueued"
+    assert await wrap.dispose("call-w3", "1001", "sale", note) == "updated"
+    assert await h.redis.exists(h.keys.web_sent("call-w4"),
+                                h.keys.web_hold("call-w1"),
+                                h.keys.web_disposition("call-w2"),
+                                h.keys.web_day_calls("2026-11-22"),
+                                h.keys.web_day_dispositions("2026-11-22")) == 5
+
+
+async def _dump(server: RedisServer, match: str = "*") -> bytes:
+    """Every key's DUMP and the RDB file of a SAVE, uncompressed (so a plaintext would show);
+    with ``match``, only the DUMPs of the keys it matches."""
     client = aioredis.Redis.from_url(server.url)
     try:
         await client.config_set("rdbcompression", "no")
-        dumps = [await client.dump(key) or b"" async for key in client.scan_iter(count=1000)]
+        dumps = [await client.dump(key) or b""
+                 async for key in client.scan_iter(match=match, count=1000)]
+        if match != "*":
+            return b"".join(dumps)
         await client.save()
     finally:
         await client.aclose()
@@ -295,12 +326,15 @@ async def _dump(server: RedisServer) -> bytes:
 @pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "control-plain"])
 async def test_no_plaintext_in_a_redis_dump_or_the_spool(
         own_redis: RedisServer, crm: FakeCrm, tmp_path: Path, encrypted: bool) -> None:
-    """With a key configured, neither a dump of every Redis key nor the RDB file nor the
-    spool files hold a fixture number or name in clear. The control run without a key
-    finds them, so the search itself works."""
+    """With a key configured, neither a dump of every Redis key (the pages' history,
+    held records and dispositions included) nor the RDB file nor the spool files hold a
+    fixture number or name in clear. The control run without a key finds them, in the
+    pages' keys too, so the search itself works."""
     spool_dir = tmp_path / "spool"
     await _fill(own_redis, spool_dir, crm, ring(K1) if encrypted else KeyRing())
     found: dict[str, Any] = {}
+    pages = await _dump(own_redis, "t:web:*")
+    assert pages
     dump = await _dump(own_redis)
     spool = b"".join(p.read_bytes() for p in spool_dir.rglob("*") if p.is_file())
     assert spool
@@ -309,10 +343,13 @@ async def test_no_plaintext_in_a_redis_dump_or_the_spool(
             found.setdefault("redis", []).append(needle)
         if needle in spool:
             found.setdefault("spool", []).append(needle)
+    in_pages = [needle for needle in PLAINTEXT if needle in pages]
     if encrypted:
         assert found == {}
+        assert in_pages == []
         assert b"enc1:k1:" in dump
     else:
+        assert {b"13800138000", b"Han Meimei", "李雷".encode()} <= set(in_pages)
         assert b"13800138000" in found["redis"]
         assert b"Li Lei" in found["redis"]
         assert b"Han Meimei" in found["spool"]

@@ -3,6 +3,7 @@ figures for the charts, and the CSV export."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 from collections.abc import AsyncIterator
@@ -99,3 +100,40 @@ def test_days_back_and_bad_start_times() -> None:
     h = History(None, KEYS, tz="UTC")  # type: ignore[arg-type]
     assert h.day_of("not a time") == h.today()
     assert h.day_of("2026-11-22T23:30:00") == "2026-11-22"
+
+
+async def test_rows_and_last_calls_are_encrypted_and_late_dispositions_merged(
+    redis_url: str,
+) -> None:
+    """With a key ring the rows and last calls are stored encrypted (no customer id, no
+    note in clear) and read back; a disposition given later (an update record) shows in
+    the customer's last calls and the day's CSV rows; a row another key sealed is
+    skipped."""
+    from router.crypto import KeyRing
+
+    ring = KeyRing.parse("k1:" + base64.b64encode(b"1" * 32).decode())
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        h = History(client, KEYS, tz="Asia/Shanghai", crypto=ring)
+        await h.add(rec("a", "2026-11-22T01:10:00+00:00", customer="C-77",
+                        disposition_note="李雷 called"))
+        await h.add(rec("b", "2026-11-22T01:20:00+00:00", customer="C-77"))
+        stored = await client.lrange(KEYS.web_day_calls("2026-11-22"), 0, -1)
+        stored += await client.lrange(KEYS.web_recent("c:C-77"), 0, -1)
+        assert all(v.startswith("enc1:k1:") for v in stored)
+        assert not any("C-77" in v or "李雷" in v for v in stored)
+        await h.redispose({**rec("a", "2026-11-22T01:10:00+00:00", customer="C-77"),
+                           "disposition": "sale", "disposition_note": "two units"})
+        late = await client.hgetall(KEYS.web_day_dispositions("2026-11-22"))
+        assert list(late) == ["a"]
+        assert "two units" not in late["a"]
+        recent = await h.recent("C-77", None)
+        assert [(c["call"], c["disposition"], c["note"]) for c in recent] == \
+            [("b", None, None), ("a", "sale", "two units")]
+        rows = await h.rows("2026-11-22")
+        assert [(r["call"], r["disposition"]) for r in rows] == [("a", "sale"), ("b", None)]
+        other = KeyRing.parse("k2:" + base64.b64encode(b"2" * 32).decode())
+        assert await History(client, KEYS, tz="Asia/Shanghai",
+                             crypto=other).rows("2026-11-22") == []
+    finally:
+        await client.aclose()

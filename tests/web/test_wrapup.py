@@ -3,6 +3,7 @@ one record per call, with the disposition, whatever the order of events."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from router.crypto import KeyRing
 from router.keys import Keys
 from router.web.wrapup import Wrapup
 
@@ -193,3 +195,88 @@ async def test_online_marks_expire_and_offline_clears(redis: aioredis.Redis) -> 
     await wrap.mark_offline("7001")
     assert await redis.exists(KEYS.web_online("7001")) == 0
     assert await redis.get(KEYS.web_online("7002")) == "1"
+
+
+K1 = "k1:" + base64.b64encode(b"1" * 32).decode()
+
+
+async def test_held_records_and_dispositions_are_encrypted_at_rest(
+    redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a key ring, the held record and the disposition are stored encrypted (no
+    number, no note in clear), bound to their Redis key, and still reach the outbox in
+    clear; a held value moved under another call's key does not open (dropped, logged)."""
+    outbox = Outbox(redis)
+    wrap = Wrapup(redis, KEYS, outbox.enqueue, 60, crypto=KeyRing.parse(K1))
+    await wrap.mark_online(["7001"])
+    assert await wrap.put(record("8.1")) == "held"
+    assert await wrap.put(record("9.1")) == "held"
+    held = await redis.get(KEYS.web_hold("call:8.1"))
+    assert held.startswith("enc1:k1:")
+    assert "13800138000" not in held
+    await redis.set(KEYS.web_hold("call:9.1"), held)  # another call's value
+    assert await wrap.dispose("call:8.1", "7001", "sale", "李雷 wants two") == "saved"
+    (sent,) = outbox.sent
+    assert (sent["caller"], sent["disposition_note"]) == ("+8613800138000", "李雷 wants two")
+    assert await redis.get(KEYS.web_disposition("call:8.1")) is None  # applied, removed
+    assert await wrap.dispose("call:10.1", "7001", "sale", "李雷 early") == "saved"
+    early = await redis.get(KEYS.web_disposition("call:10.1"))
+    assert early.startswith("enc1:k1:")
+    assert "李雷" not in early
+    assert await wrap.release_due(now=2e9) == 0
+    assert "call:9.1 unreadable" in caplog.text
+    assert "does not decrypt" in caplog.text
+    assert outbox.sent == [sent]
+    assert await redis.zcard(KEYS.web_holds) == 0
+
+
+async def test_a_late_disposition_becomes_one_update_of_the_sent_record(
+    redis: aioredis.Redis,
+) -> None:
+    """The record went without a disposition (no page open): its copy is kept encrypted
+    for late_s; the agent's later disposition is enqueued once as an update of it (key
+    call:<id>:disposition, naming the original) and told to the history; another agent
+    is refused, a second try finds it gone, and without late_s it is gone at once."""
+    outbox, updates = Outbox(redis), []
+
+    async def redisposed(rec: Mapping[str, Any]) -> None:
+        updates.append(rec["record_key"])
+
+    wrap = Wrapup(redis, KEYS, outbox.enqueue, 60, crypto=KeyRing.parse(K1), late_s=3600,
+                  redisposed=redisposed)
+    assert await wrap.put(record("6.1")) == "enqueued"
+    kept = await redis.get(KEYS.web_sent("call:6.1"))
+    assert kept.startswith("enc1:k1:")
+    assert 3500 < await redis.ttl(KEYS.web_sent("call:6.1")) <= 3600
+    assert await wrap.dispose("call:6.1", "7002", "sale", "") == "not-yours"
+    assert await wrap.dispose("call:6.1", "7001", "follow-up", "call Monday") == "updated"
+    original, update = outbox.sent
+    assert "disposition" not in original
+    assert update["record_key"] == "call:6.1:disposition"
+    assert (update["update_of"], update["update_step"]) == ("call:6.1", "call")
+    assert (update["disposition"], update["disposition_note"], update["disposition_by"]) == \
+        ("follow-up", "call Monday", "7001")
+    assert update["caller"] == "+8613800138000"
+    assert updates == ["call:6.1:disposition"]
+    assert await wrap.dispose("call:6.1", "7001", "sale", "") == "gone"
+    assert len(outbox.sent) == 2
+    strict = Wrapup(redis, KEYS, outbox.enqueue, 60)
+    assert await strict.put(record("7.1")) == "enqueued"
+    assert await redis.exists(KEYS.web_sent("call:7.1")) == 0
+    assert await strict.dispose("call:7.1", "7001", "sale", "") == "gone"
+
+
+async def test_a_disposition_racing_another_instances_release_is_not_lost(
+    redis: aioredis.Redis,
+) -> None:
+    """Another instance released the held record without the disposition a moment before
+    the agent saved it here: this instance's send is a duplicate, so the disposition goes
+    as an update instead of vanishing."""
+    outbox = Outbox(redis)
+    wrap = Wrapup(redis, KEYS, outbox.enqueue, 60, late_s=3600)
+    await wrap.mark_online(["7001"])
+    assert await wrap.put(record("5.2")) == "held"
+    await outbox.enqueue(record("5.2"))  # the other instance's release, without it
+    assert await wrap.dispose("call:5.2", "7001", "resolved", "") == "saved"
+    assert [r["record_key"] for r in outbox.sent] == ["call:5.2", "call:5.2:disposition"]
+    assert outbox.sent[1]["disposition"] == "resolved"

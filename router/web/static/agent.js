@@ -82,7 +82,7 @@
     const node = el("article", {class: "card " + card.state, id: "card-" + card.call,
                                 tabindex: "-1", "aria-label": `${t("incoming")}: ${name}`},
       head, el("div", {class: "card-body"}, facts, why, last), links);
-    if (card.state === "ended" && me.wrapup_s > 0 && me.role === "agent") node.append(wrapForm(card));
+    if (card.state === "ended" && (me.wrapup_s > 0 || me.late_s > 0) && me.role === "agent") node.append(wrapForm(card));
     const msg = messages.get(card.call);
     if (msg) node.append(el("p", {class: "message", role: "status", text: msg}));
     return node;
@@ -124,7 +124,7 @@
     });
     if (status === 200) {
       drafts.delete(call); cards.delete(call); messages.delete(call);
-      flash(t("saved"));
+      flash(t(body.updated ? "saved_update" : "saved"));
     } else {
       messages.set(call, t(body.error || "unknown_code"));
     }
@@ -159,7 +159,9 @@
     }
     document.querySelectorAll(".wrapup-left").forEach((n) => {
       const until = parseFloat(n.dataset.until);
-      n.textContent = until ? `${t("wrapup_left")} ${CR.duration(until - now)}` : "";
+      if (!until) n.textContent = "";
+      else if (until > now) n.textContent = `${t("wrapup_left")} ${CR.duration(until - now)}`;
+      else n.textContent = me.late_s > 0 ? t("wrapup_late") : t("already_sent");
     });
   }
   setInterval(tick, 1000);
