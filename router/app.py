@@ -317,9 +317,12 @@ def _web_parts(settings: Settings, presence: Presence, router: Router) -> WebPar
     def describe(rule: str) -> str | None:
         return next((r.description for r in watcher.current().rules if r.name == rule), None)
 
+    from router.web.assemble import CardCustomers
+
     lookup = router.lookup
-    find = lookup.find if isinstance(lookup, CachedLookup) else None
-    return build_parts(settings, presence, lambda: watcher.current().agents, describe, find)
+    customers = CardCustomers(lookup.cache) if isinstance(lookup, CachedLookup) else None
+    return build_parts(settings, presence, lambda: watcher.current().agents, describe,
+                       customers)
 
 
 def check_free(setting: str, host: str, port: int) -> None:
@@ -435,6 +438,8 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
             from router.web.assemble import attach_records
 
             consumer = attach_records(web_parts, settings, redis, outbox.keys, outbox.enqueue)
+            if web_parts.history is not None:  # records spooled while Redis was down
+                outbox.drained.append(web_parts.history.add)
         # crm.recordings (an upload, or a link of its own) wins over callroute's link
         linker = links.link if links is not None and settings.crm.recordings is None else None
         completer = RecordCompleter(find, linker)

@@ -36,7 +36,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol
 
 from redis.asyncio import Redis
@@ -145,6 +145,9 @@ class Outbox:
         self.settings = settings
         self.spool = spool
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
+        #: told of each spooled record once it entered the stream (first time only): what
+        #: an "enqueued" answer tells the caller of :meth:`enqueue` (the pages' history)
+        self.drained: list[Callable[[Mapping[str, Any]], Awaitable[object]]] = []
 
     @classmethod
     def from_settings(cls, settings: Settings, redis: Redis | None = None) -> Outbox:
@@ -222,7 +225,17 @@ class Outbox:
                 await asyncio.to_thread(self.spool.remove, item.path)
                 RECORDS.labels("enqueued" if added else "duplicate").inc()
                 moved += 1
+                if added:
+                    await self._tell_drained(key, item.record)
             log.info("drained %d spooled record(s) into the outbox", moved)
+
+    async def _tell_drained(self, key: str, record: Mapping[str, Any]) -> None:
+        for listener in self.drained:
+            try:
+                await listener(record)
+            except Exception as exc:  # a listener must not stop the drain
+                log.warning("record %s drained from the spool, but a listener failed: %s",
+                            key, exc)
 
     async def run_drainer(self, stop: asyncio.Event | None = None) -> None:
         """Background task: drain the spool every ``spool_drain_interval_s`` until stopped."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,19 +13,53 @@ from redis.asyncio import Redis
 from router.auth.access import AuthContext
 from router.crypto import keyring_from_settings
 from router.keys import Keys
+from router.lookup.cache import TwoLevelCache
+from router.models import Customer
 from router.phone import normalize
 from router.rules.presence import Presence, device_of
 from router.settings import Settings
 from router.web.decisions import DecisionStore
 from router.web.history import History
-from router.web.live import LiveState
+from router.web.live import FALLBACK, LiveState
 from router.web.routes import WebService
 from router.web.wrapup import Enqueue, Wrapup
 
 log = logging.getLogger(__name__)
 
 AgentsOf = Callable[[], Mapping[str, Any]]  # agent id -> AgentEntry (dial, name)
-Find = Callable[..., Any]
+#: How long (s) to look again for a customer a late CRM answer puts into the cache.
+CACHE_WAITS = (0.3, 0.7, 1.5)
+
+
+class CardCustomers:
+    """Finds a card's customer in the customer cache (this instance's LRU, then Redis),
+    only reading: no CRM request, no cache write, nothing counted in
+    ``callroute_lookups`` or fed to the breaker. The call's own lookup, on whichever
+    instance routed it, fills the shared cache; a page only reads what it left there.
+    With ``wait``, it looks again a few times (:data:`CACHE_WAITS`): a CRM that answered
+    after the routing deadline fills the cache in the background a moment later."""
+
+    def __init__(self, cache: TwoLevelCache, waits: Sequence[float] = CACHE_WAITS) -> None:
+        self.cache = cache
+        self.waits = tuple(waits)
+
+    async def find(self, e164: str, *, wait: bool = False) -> Customer | None:
+        """The cached customer of ``e164`` (None: not cached, or known to be nobody)."""
+        cache, policy = self.cache, self.cache.policy
+        for delay in (0.0, *(self.waits if wait else ())):
+            if delay:
+                await asyncio.sleep(delay)
+            now = cache.clock()
+            slot = cache.get_local(e164)
+            if slot is not None and policy.usable(slot[0], now) and slot[0].found:
+                return slot[0].customer
+            ok, entry = await cache.get_shared(e164)
+            if ok and entry is not None and policy.usable(entry, now):
+                if entry.found:
+                    return entry.customer
+                if not wait:
+                    return None
+        return None
 
 
 class Roster:
@@ -67,8 +102,11 @@ class WebParts:
 
 
 def build_parts(settings: Settings, presence: Presence, agents: AgentsOf,
-                describe: Callable[[str], str | None], find: Find | None = None) -> WebParts:
-    """The live view and the decision store (Redis parts come with :func:`attach_records`)."""
+                describe: Callable[[str], str | None],
+                customers: CardCustomers | None = None) -> WebParts:
+    """The live view and the decision store (Redis parts come with :func:`attach_records`);
+    cards without the customer's details (a call routed on another instance, or past the
+    CRM's deadline) are completed from the cache by ``customers``."""
     roster = Roster(agents)
     parts: WebParts
     live = LiveState(roster.agent_of, presence=presence, roster=roster.names,
@@ -83,13 +121,14 @@ def build_parts(settings: Settings, presence: Presence, agents: AgentsOf,
         customer = card.get("customer") or {}
         caller = card.get("caller")
         number = normalize(caller, region) if caller else None
-        e164 = number.e164 if number is not None else None
-        if find is not None and customer and "name" not in customer and number is not None \
-                and number.lookupable:
-            result = await find(number, timeout_s=0.5)
-            if result.customer is not None:
-                extra["customer"] = result.customer.model_dump(
-                    mode="json", exclude={"updated_at"})
+        e164 = number.e164 if number is not None and number.lookupable else None
+        late = card.get("degraded") == "deadline"
+        if customers is not None and e164 is not None and "name" not in customer and (
+                customer or late or card.get("degraded") == FALLBACK):
+            found = await customers.find(e164, wait=late)
+            if found is not None and (not customer or found.id == customer.get("id")):
+                extra["customer"] = found.model_dump(mode="json", exclude={"updated_at"})
+                customer = extra["customer"]
         if parts.history is not None:
             extra["last_calls"] = await parts.history.recent(customer.get("id"), e164)
         return extra

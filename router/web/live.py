@@ -541,8 +541,8 @@ class LiveState:
         elif v.get("CRM_CUSTOMER_ID"):
             customer = {"id": v["CRM_CUSTOMER_ID"], "tier": v.get("CRM_TIER"),
                         "owner": v.get("CRM_OWNER")}
-        if customer is not None and ring.extra.get("customer"):
-            customer = {**customer, **ring.extra["customer"]}
+        if ring.extra.get("customer"):  # completed after the ring (another instance's
+            customer = {**(customer or {}), **ring.extra["customer"]}  # call, a late CRM)
         crm_link = None
         if customer is not None and self.crm_url:
             crm_link = self.crm_url.replace("{id}", quote(str(customer["id"]), safe=""))

@@ -137,3 +137,38 @@ async def test_rows_and_last_calls_are_encrypted_and_late_dispositions_merged(
                              crypto=other).rows("2026-11-22") == []
     finally:
         await client.aclose()
+
+
+async def test_a_record_spooled_while_redis_was_down_is_filed_when_drained(
+    own_redis: Any, tmp_path: Any,
+) -> None:
+    """Redis down when the call ended: the record goes to the spool and is not filed (the
+    history is in Redis too); when the spool drains into the stream it is filed once, as
+    the service wires the history to the outbox's drain (a duplicate drain files nothing)."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    from router.records.outbox import Outbox
+    from router.records.spool import Spool
+    from router.settings import OutboxSettings
+    from router.web.wrapup import Wrapup
+
+    client = aioredis.Redis.from_url(own_redis.url, decode_responses=True,
+                                     socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    try:
+        spool = Spool(tmp_path / "spool", max_records=10, max_bytes=1_000_000)
+        outbox = Outbox(client, KEYS, OutboxSettings(), spool)
+        h = History(client, KEYS, tz="Asia/Shanghai")
+        outbox.drained.append(h.add)
+        wrap = Wrapup(client, KEYS, outbox.enqueue, 0, filed=h.add)
+        own_redis.stop()
+        assert await wrap.put(rec("s1", "2026-11-22T01:10:00+00:00")) == "spooled"
+        own_redis.start()
+        assert await h.rows("2026-11-22") == []
+        assert await outbox.drain_spool() == 1
+        spool.put("call:s1", rec("s1", "2026-11-22T01:10:00+00:00"))  # drained twice
+        assert await outbox.drain_spool() == 1
+        assert [r["call"] for r in await h.rows("2026-11-22")] == ["s1"]
+        assert (await h.day("2026-11-22"))["outcomes"] == {"answered": 1}
+    finally:
+        await client.aclose()

@@ -9,9 +9,17 @@ from typing import Any
 
 import aiohttp
 
+from router.metrics import LOOKUPS
+from router.samplecrm import state_of
 from tests.web.conftest import WebService, wait_for
 
 CALL1 = (0, 101)
+
+
+def lookups_counted() -> float:
+    """Every ``callroute_lookups`` so far, whatever their source."""
+    return sum(sample.value for metric in LOOKUPS.collect() for sample in metric.samples
+               if sample.name.endswith("_total"))
 
 
 def renamed(blocks: list[bytes], tag: bytes) -> list[bytes]:
@@ -33,11 +41,14 @@ async def test_call_routed_elsewhere_is_completed_from_the_crm_and_history(
 ) -> None:
     """A call whose FastAGI ran on another instance (no decision here) first pops with
     what its channel variables say (customer id, tier), then is completed with the
-    customer's card from the CRM lookup and the last calls from callroute's own history,
-    which holds the caller's earlier call with its outcome and agent."""
+    customer's card from the shared customer cache (read only: no CRM request, nothing
+    counted as a lookup) and the last calls from callroute's own history, which holds the
+    caller's earlier call with its outcome and agent."""
     await service.route("+8613800138000", "Li Lei", "1795338333.1")
     await service.ami.play(service.ami.events(*CALL1))
     await wait_for(lambda: len(service.activities()) == 1)  # filed in the history too
+    lookups = lookups_counted()
+    crm_requests = len(state_of(service.crm).requests)
     headers = {"Authorization": f"Bearer {service.tokens['li-na']}"}
     async with aiohttp.ClientSession() as http, \
             http.ws_connect(f"{service.base}/ui/ws/agent", headers=headers) as ws:
@@ -59,6 +70,8 @@ async def test_call_routed_elsewhere_is_completed_from_the_crm_and_history(
         assert [c["call"] for c in last] == ["1795338333.0"]
         assert (last[0]["outcome"], last[0]["agent"]) == ("answered", "7001")
         assert full["card"]["why"]["owner"] is True
+    assert lookups_counted() == lookups
+    assert len(state_of(service.crm).requests) == crm_requests
 
 
 async def test_only_the_rung_agent_socket_gets_the_card(service: WebService) -> None:
@@ -88,3 +101,49 @@ async def test_only_the_rung_agent_socket_gets_the_card(service: WebService) -> 
     assert [m["type"] for m in got["wang-wei"]] == ["hello"]
     assert [m["type"] for m in got["chen-jie"]] == ["hello"]
     assert got["li-na"][1]["card"]["customer"]["name"] == "Li Lei"
+
+
+async def test_card_customers_wait_for_a_late_crm_answer_and_only_read(redis_url: str
+                                                                       ) -> None:
+    """A deadline call's card looks in the cache again while the CRM's late answer is on
+    its way: found once it lands in Redis (from another instance: not this one's LRU);
+    without waiting it is not there; a cached "nobody" ends the search; the reads leave
+    the LRU empty and Redis as it was."""
+    import time
+
+    from router.keys import Keys
+    from router.lookup.cache import CacheEntry, TwoLevelCache, redis_client
+    from router.models import Customer
+    from router.settings import CacheSettings, RedisSettings
+    from router.web.assemble import CardCustomers
+
+    keys = Keys(prefix="cc:", secret=b"s")
+    client = redis_client(RedisSettings(url=redis_url))
+    reader = TwoLevelCache(client, keys, CacheSettings())
+    writer = TwoLevelCache(client, keys, CacheSettings())
+    try:
+        customers = CardCustomers(reader, waits=(0.2, 0.4, 0.8))
+        assert await customers.find("+8613800138000") is None
+
+        async def late_answer() -> None:
+            await asyncio.sleep(0.3)
+            await writer.put("+8613800138000", CacheEntry(Customer(id="C-9", name="Li Lei"),
+                                                          time.time()))
+
+        task = asyncio.create_task(late_answer())
+        started = time.monotonic()
+        found = await customers.find("+8613800138000", wait=True)
+        await task
+        assert found is not None
+        assert found.name == "Li Lei"
+        assert 0.3 <= time.monotonic() - started < 1.5
+        await writer.put("+8613900139000", CacheEntry(None, time.time()))
+        assert await customers.find("+8613900139000") is None
+        assert len(reader.lru) == 0
+        assert sorted(await client.keys("cc:cust:*")) == sorted(
+            [keys.customer("+8613800138000").encode(),
+             keys.customer("+8613900139000").encode()])
+    finally:
+        await reader.aclose()
+        await writer.aclose()
+        await client.aclose()
