@@ -267,7 +267,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
                 web_service = make_service(web_parts, settings, auth_context(deps),
                                            record_key_for=record_key_for,
                                            outbox_status=background.outbox_status,
-                                           ami_connected=background.ami_connected)
+                                           ami_connected=background.ami_connected,
+                                           audit=deps.audit, number_target=deps.number_target)
                 await web_service.start()
                 stack.push_async_callback(web_service.stop)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from router.audit import AuditLog
 from router.auth.access import AuthContext
 from router.crypto import keyring_from_settings
 from router.keys import Keys
@@ -18,6 +19,7 @@ from router.models import Customer
 from router.phone import normalize
 from router.rules.presence import Presence, device_of
 from router.settings import Settings
+from router.web.audit import PageAudit
 from router.web.decisions import DecisionStore
 from router.web.history import History
 from router.web.live import FALLBACK, LiveState
@@ -162,11 +164,18 @@ def attach_records(parts: WebParts, settings: Settings, redis: Redis, keys: Keys
 
 def make_service(parts: WebParts, settings: Settings, auth: AuthContext, *,
                  record_key_for: Callable[[str], str], outbox_status: Any = None,
-                 ami_connected: Callable[[], bool] | None = None) -> WebService:
+                 ami_connected: Callable[[], bool] | None = None,
+                 audit: AuditLog | None = None,
+                 number_target: Callable[[str], str] | None = None) -> WebService:
     """The pages' service, checking users with the admin API's ``auth``; a call's
-    Linkedid names its record by ``record_key_for``."""
+    Linkedid names its record by ``record_key_for``. With ``audit``, every customer a
+    page shows is written to the audit trail (behind the push, :mod:`router.web.audit`),
+    an unknown caller as ``number_target(number)`` (a keyed hash)."""
+    page_audit = PageAudit(audit, number_target or (lambda _n: "number:?")) \
+        if audit is not None else None
     return WebService(
         settings=settings.web, auth=auth, live=parts.live, record_key_for=record_key_for,
         history=parts.history, wrapup=parts.wrapup, outbox_status=outbox_status,
-        ami_connected=ami_connected, roster_names=parts.roster.names,
+        ami_connected=ami_connected, roster_names=parts.roster.names, audit=audit,
+        page_audit=page_audit,
     )

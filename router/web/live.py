@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 from router.phone import ANONYMOUS
 from router.rules.presence import Presence, device_of
+from router.web.audit import Reader
 from router.web.decisions import CallDecision, DecisionStore
 from router.web.stats import Samples, Window, percentile
 
@@ -102,9 +103,11 @@ class Sink:
     that cannot keep up (queue full) is marked stale and closed by its task."""
 
     def __init__(self, agent: str | None = None, customers: bool = True,
-                 limit: int = 256) -> None:
+                 limit: int = 256, reader: Reader | None = None) -> None:
         self.agent = agent
         self.customers = customers
+        #: who reads through this page, for the audit trail (None: not audited)
+        self.reader = reader
         self.queue: asyncio.Queue[str] = asyncio.Queue(limit)
         self.stale = False
 
@@ -176,6 +179,9 @@ class LiveState:
         self.wrapup_s = wrapup_s
         self.enrich = enrich
         self.clock = clock
+        #: told of every card pushed to a page with a reader (the audit of page reads);
+        #: must not do I/O (it runs on the ring -> card path)
+        self.on_card: Callable[[Reader, Mapping[str, Any]], None] | None = None
         self.calls: dict[str, LiveCall] = {}
         self._uid_lid: dict[str, str] = {}
         self._ended: OrderedDict[str, tuple[float, dict[str, dict[str, Any]]]] = OrderedDict()
@@ -585,8 +591,11 @@ class LiveState:
         if not sinks:
             return
         text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+        audit = self.on_card if message["type"] == "card" else None
         for sink in sinks:
             sink.send(text)
+            if audit is not None and sink.reader is not None:
+                audit(sink.reader, message["card"])
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -38,11 +38,13 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from router.audit import AuditLog, state_hash
 from router.auth.access import (
     AuthContext,
     peer_of,
     principal_of,
     public,
+    request_entry,
     requires,
     signed_in,
     signed_in_page,
@@ -51,6 +53,7 @@ from router.auth.roles import Permission, Principal, Role
 from router.auth.sessions import COOKIE, same_origin, set_cookie
 from router.metrics import REGISTRY
 from router.settings import WebSettings
+from router.web.audit import PageAudit, Reader
 from router.web.history import History
 from router.web.live import LiveState, Sink
 from router.web.stats import CounterRate
@@ -84,6 +87,10 @@ class WebService:
     outbox_status: Status | None = None
     ami_connected: Callable[[], bool] | None = None
     roster_names: Callable[[], Mapping[str, tuple[str | None, str]]] | None = None
+    #: the audit trail: the CSV export is written to it at once
+    audit: AuditLog | None = None
+    #: the pages' customer reads (cards, live view with names), written behind
+    page_audit: PageAudit | None = None
     tick_s: float = 1.0
     sync: CounterRate = field(init=False)
     _outbox: dict[str, Any] = field(default_factory=dict)
@@ -93,6 +100,25 @@ class WebService:
 
     def __post_init__(self) -> None:
         self.sync = CounterRate(self.settings.alert_window_s)
+        if self.page_audit is not None:
+            self.live.on_card = self.page_audit.card
+
+    def reader(self, request: web.Request, principal: Principal) -> Reader | None:
+        """Who reads through ``request``, when page reads are audited."""
+        if self.page_audit is None or not self.page_audit.enabled:
+            return None
+        return Reader(principal.user, str(principal.role), peer_of(request))
+
+    def read_cards(self, reader: Reader | None, cards: list[dict[str, Any]]) -> None:
+        """``reader`` is shown ``cards`` (audited, written behind)."""
+        if reader is not None and self.page_audit is not None:
+            for card in cards:
+                self.page_audit.card(reader, card)
+
+    def read_live(self, reader: Reader | None, body: Mapping[str, Any]) -> None:
+        """``reader`` is shown the live view ``body`` with customers (audited)."""
+        if reader is not None and self.page_audit is not None:
+            self.page_audit.live(reader, body.get("calls") or [])
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,6 +128,9 @@ class WebService:
         if self.wrapup is not None:
             self._tasks.append(asyncio.create_task(
                 self.wrapup.run(self.live.online_agents, self._stop), name="web-wrapup"))
+        if self.page_audit is not None and self.page_audit.enabled:
+            self._tasks.append(asyncio.create_task(self.page_audit.run(self._stop),
+                                                   name="web-audit"))
 
     async def stop(self) -> None:
         """Stop the background tasks (held records stay in Redis for the next run)."""
@@ -134,13 +163,16 @@ class WebService:
         if not (self.live.dirty or time.monotonic() - last_full >= 5.0):
             return
         self.live.dirty = False
-        texts: dict[bool, str] = {}
+        texts: dict[bool, tuple[str, dict[str, Any]]] = {}
         for sink in list(sinks):
             if sink.customers not in texts:
                 body = await self.figures(customers=sink.customers)
-                texts[sink.customers] = json.dumps({"type": "live", "live": body},
-                                                   ensure_ascii=False, default=str)
-            sink.send(texts[sink.customers])
+                texts[sink.customers] = (json.dumps({"type": "live", "live": body},
+                                                    ensure_ascii=False, default=str), body)
+            text, body = texts[sink.customers]
+            sink.send(text)
+            if sink.customers:
+                self.read_live(sink.reader, body)
 
     async def figures(self, *, customers: bool) -> dict[str, Any]:
         """The live view plus CRM, outbox and sync health, with the alerts."""
@@ -317,7 +349,8 @@ async def _me(request: web.Request, principal: Principal) -> web.StreamResponse:
         "agent_name": entry[0] if entry else None,
         "device": entry[1] if entry else None,
         "can": {str(p): principal.can(p) for p in (Permission.LIVE, Permission.CUSTOMERS,
-                                                    Permission.CARDS, Permission.DISPOSE)},
+                                                    Permission.CARDS, Permission.DISPOSE,
+                                                    Permission.AUDIT)},
         "dispositions": [d.model_dump() for d in svc.settings.dispositions],
         "language": svc.settings.language,
         "wrapup_s": svc.settings.wrapup_s if svc.wrapup is not None else 0,
@@ -330,7 +363,10 @@ async def _cards(request: web.Request, principal: Principal) -> web.StreamRespon
     agent = _watched_agent(request, principal)
     if agent is None:
         return _json({"error": "forbidden"}, status=403)
-    return _json({"agent": agent, "cards": request.app[KEY].live.cards_for(agent)})
+    svc = request.app[KEY]
+    cards = svc.live.cards_for(agent)
+    svc.read_cards(svc.reader(request, principal), cards)
+    return _json({"agent": agent, "cards": cards})
 
 
 async def _dispose(request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -364,7 +400,11 @@ async def _dispose(request: web.Request, principal: Principal) -> web.StreamResp
 
 async def _live(request: web.Request, principal: Principal) -> web.StreamResponse:
     svc = request.app[KEY]
-    return _json(await svc.figures(customers=principal.can(Permission.CUSTOMERS)))
+    customers = principal.can(Permission.CUSTOMERS)
+    body = await svc.figures(customers=customers)
+    if customers:
+        svc.read_live(svc.reader(request, principal), body)
+    return _json(body)
 
 
 async def _today(request: web.Request, principal: Principal) -> web.StreamResponse:
@@ -385,6 +425,12 @@ async def _today_csv(request: web.Request, principal: Principal) -> web.StreamRe
     if not _valid_day(day):
         return _json({"error": "bad_day"}, status=400)
     text = svc.history.to_csv(await svc.history.rows(day), customers=True)
+    entry = request_entry(request, "customer.export", f"calls:{day}", after=state_hash(text))
+    if svc.audit is not None:
+        await svc.audit.write(entry)
+    else:
+        log.info("audit: %s by %s (%s) on %s from %s", entry.action, entry.who, entry.role,
+                 entry.target, entry.source)
     return web.Response(text="\ufeff" + text, content_type="text/csv", charset="utf-8",
                         headers={"Content-Disposition":
                                  f'attachment; filename="callroute-{day}.csv"',
@@ -441,12 +487,15 @@ async def _ws_agent(request: web.Request, principal: Principal) -> web.StreamRes
     agent = _watched_agent(request, principal)
     if agent is None:
         return _json({"error": "forbidden"}, status=403)
-    sink = Sink(agent=agent)
+    reader = svc.reader(request, principal)
+    sink = Sink(agent=agent, reader=reader)
     own = principal.role is Role.AGENT
 
     async def hello() -> str:
-        return json.dumps({"type": "hello", "agent": agent,
-                           "cards": svc.live.cards_for(agent)}, ensure_ascii=False)
+        cards = svc.live.cards_for(agent)
+        svc.read_cards(reader, cards)
+        return json.dumps({"type": "hello", "agent": agent, "cards": cards},
+                          ensure_ascii=False)
 
     def attach() -> None:
         svc.live.subscribe_agent(agent, sink)
@@ -464,11 +513,14 @@ async def _ws_agent(request: web.Request, principal: Principal) -> web.StreamRes
 async def _ws_live(request: web.Request, principal: Principal) -> web.StreamResponse:
     svc = request.app[KEY]
     customers = principal.can(Permission.CUSTOMERS)
-    sink = Sink(customers=customers)
+    reader = svc.reader(request, principal) if customers else None
+    sink = Sink(customers=customers, reader=reader)
 
     async def hello() -> str:
-        return json.dumps({"type": "live", "live": await svc.figures(customers=customers)},
-                          ensure_ascii=False, default=str)
+        body = await svc.figures(customers=customers)
+        if customers:
+            svc.read_live(reader, body)
+        return json.dumps({"type": "live", "live": body}, ensure_ascii=False, default=str)
 
     return await _serve_socket(request, sink, hello, lambda: svc.live.subscribe_live(sink),
                                lambda: svc.live.unsubscribe_live(sink))

@@ -166,3 +166,19 @@ async def test_supervisor_sees_live_calls_alerts_and_today_viewer_sees_no_custom
     assert len(lines) == 5
     assert any(",C-1001,gold," in line and ",answered," in line and ",7001," in line
                for line in lines)
+
+    # The audit trail panel: the supervisor's own reads, filtered by who and action.
+    assert not await looker.locator("#audit-panel").is_visible()
+    await boss.click("#lang")  # back to English
+    await boss.select_option("#audit-action", "customer.")
+    await boss.click("#audit-form button[type=submit]")
+    await expect(boss.locator("#audit td", has_text="customer.export")).to_have_count(1)
+    audit_text = await boss.inner_text("#audit")
+    assert "customer.live" in audit_text
+    assert "customer:C-1002" in audit_text
+    assert "boss" in audit_text
+    await boss.locator("#audit-panel").scroll_into_view_if_needed()
+    await boss.screenshot(path=str(tmp_path / "supervisor-audit.png"), full_page=True)
+    await boss.fill("#audit-who", "li-na")
+    await boss.click("#audit-form button[type=submit]")
+    await expect(boss.locator("#audit")).to_have_text("No entries for these filters.")

@@ -126,9 +126,44 @@
     const {status, body} = await CR.api("/ui/api/today" + dayQuery);
     if (status === 200) { today = body; renderToday(); }
   }
+  // The audit trail (supervisors and admins): who read or changed what, newest first.
+  const auditPanel = document.getElementById("audit-panel");
+  let audit = null;
+  function renderAudit() {
+    if (!audit) return;
+    const box = document.getElementById("audit");
+    if (audit.error) { box.replaceChildren(el("p", {class: "message", text: t("audit_unavailable")})); return; }
+    if (!audit.entries.length) { box.replaceChildren(el("p", {class: "muted", text: t("audit_none")})); return; }
+    const rows = [...audit.entries].reverse().map((e) => [
+      new Date(e.at * 1000).toLocaleString(CR.lang === "zh" ? "zh-CN" : "en-GB"),
+      e.who, e.role, e.action, e.target, e.source, e.outcome]);
+    box.replaceChildren(table([t("audit_time"), t("audit_who"), t("audit_role"), t("audit_action"),
+      t("audit_target"), t("audit_source"), t("audit_outcome")], rows));
+  }
+  async function loadAudit() {
+    const since = document.getElementById("audit-since").value;
+    const q = new URLSearchParams({limit: "200"});
+    if (since) q.set("since", new Date(since).toISOString());
+    const who = document.getElementById("audit-who").value.trim();
+    if (who) q.set("who", who);
+    const action = document.getElementById("audit-action").value;
+    if (action) q.set("action", action);
+    const {status, body} = await CR.api("/api/audit?" + q.toString());
+    audit = status === 200 && Array.isArray(body) ? {entries: body} : {error: status};
+    renderAudit();
+  }
+  if (me.can.audit) {
+    auditPanel.hidden = false;
+    const start = new Date(Date.now() - 24 * 3600 * 1000);
+    start.setMinutes(start.getMinutes() - start.getTimezoneOffset());
+    document.getElementById("audit-since").value = start.toISOString().slice(0, 16);
+    document.getElementById("audit-form").addEventListener("submit", (ev) => { ev.preventDefault(); loadAudit(); });
+    loadAudit();
+  }
+
   loadToday();
   setInterval(loadToday, 60000);
-  document.addEventListener("cr-lang", () => { renderLive(); renderToday(); });
+  document.addEventListener("cr-lang", () => { renderLive(); renderToday(); renderAudit(); });
   CR.socket("/ui/ws/live", (msg) => { if (msg.type === "live") { live = msg.live; renderLive(); } },
     (up) => { const s = document.getElementById("status"); s.textContent = up ? t("connected") : t("reconnecting"); s.className = "status " + (up ? "on" : "off"); });
 })();
