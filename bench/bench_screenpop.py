@@ -19,9 +19,16 @@ Phases:
 * ``burst``: one call into a ring-all queue of all 200 agents: 200 ``AgentCalled`` in one
   write; the time until the LAST page has its card is the worst case.
 
-Target: p99 <= 50 ms for ring -> card on screen.
+Audit: every card shown to a page is a read of a customer record for the audit trail
+(router.web.audit: buffered on the push path, written behind to a Redis Stream). With
+``--audit both`` (the default) the whole measurement runs twice in one run, without and
+with the audit of page reads (a private redis-server holds the trail), so its cost is
+read off against a baseline of the same run; the child reports the entries it wrote.
+
+Target: p99 <= 50 ms for ring -> card on screen, with the audit on.
 
     .venv/bin/python -m bench.bench_screenpop [--agents 200] [--calls 2000] [--rate 200]
+                                              [--audit both|on|off]
 """
 
 from __future__ import annotations
@@ -68,17 +75,18 @@ def agent_id(i: int) -> str:
 
 
 # --- the callroute side (child process) -------------------------------------------------------
-def serve_main(ami_port: int, http_port: int, agents: int, calls: int) -> None:
+def serve_main(ami_port: int, http_port: int, agents: int, calls: int, redis_url: str) -> None:
     """Run the AMI client + tracker + live view + pages; print stats on SIGTERM."""
     try:
         import uvloop
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    asyncio.run(_serve(ami_port, http_port, agents, calls))
+    asyncio.run(_serve(ami_port, http_port, agents, calls, redis_url))
 
 
-async def _serve(ami_port: int, http_port: int, agents: int, calls: int) -> None:
+async def _serve(ami_port: int, http_port: int, agents: int, calls: int,
+                 redis_url: str) -> None:
     from aiohttp import web
 
     from ami.client import AmiClient
@@ -132,7 +140,20 @@ async def _serve(ami_port: int, http_port: int, agents: int, calls: int) -> None
     users = {f"a{i}": User(f"a{i}", Role.AGENT, token(i).split("_")[1],
                             hash_token(token(i), n=16), agent_id(i)) for i in range(agents)}
     auth = AuthContext(Directory(users), local_open=False)
-    svc = WebService(WebSettings(wrapup_s=0), auth, live)
+    audit_log = None
+    page_audit = None
+    if redis_url:  # the audit of page reads, as serve() wires it
+        from redis.asyncio import Redis
+
+        from router.audit import AuditLog
+        from router.keys import Keys
+        from router.web.audit import PageAudit
+
+        keys = Keys(prefix="bench:", secret=b"bench")
+        audit_log = AuditLog(Redis.from_url(redis_url), keys)
+        page_audit = PageAudit(audit_log, lambda n: f"number:{keys.number_hash(n)}")
+    svc = WebService(WebSettings(wrapup_s=0), auth, live, audit=audit_log,
+                     page_audit=page_audit)
     app = web.Application(middlewares=[access_middleware(auth)])
     add_web_routes(app, svc)
     runner = web.AppRunner(app, access_log=None)
@@ -149,8 +170,13 @@ async def _serve(ami_port: int, http_port: int, agents: int, calls: int) -> None
     await ami.stop()
     await svc.stop()
     await runner.cleanup()
-    print(json.dumps({"track_ns": track_ns, "live_ns": live_ns, "events": live.events}),
-          flush=True)
+    stored = 0
+    if audit_log is not None and audit_log.redis is not None:
+        stored = int(await audit_log.redis.xlen(audit_log.keys.audit))
+        await audit_log.redis.aclose()
+    print(json.dumps({"track_ns": track_ns, "live_ns": live_ns, "events": live.events,
+                      "audited": page_audit.written if page_audit is not None else 0,
+                      "audit_stored": stored}), flush=True)
 
 
 # --- Asterisk's side and the pages (this process) ----------------------------------------------
@@ -261,18 +287,60 @@ async def pages(http_port: int, agents: int, got: dict[str, list[float]],
 
 
 async def run(args: argparse.Namespace) -> int:
+    modes = {"both": [False, True], "on": [True], "off": [False]}[args.audit]
+    redis = None
+    if True in modes:
+        from tests.redis_server import RedisServer
+
+        redis = RedisServer()
+        redis.start()
+    results: dict[bool, dict[str, Any]] = {}
+    try:
+        for audit in modes:
+            print(f"== audit of page reads {'ON' if audit else 'OFF'}")
+            found = await measure(args, redis.url if audit and redis is not None else "")
+            if found is None:
+                return 1
+            results[audit] = found
+    finally:
+        if redis is not None:
+            redis.close()
+    checked = results[True] if True in results else results[False]
+    ok = checked["ok"]
+    if len(results) == 2:
+        off, on = results[False], results[True]
+        print(f"audit ON vs OFF: ring -> card p99 {on['p99']:.1f} ms vs {off['p99']:.1f} ms "
+              f"({on['p99'] / max(off['p99'], 1e-9):.2f}x), p50 {on['p50']:.1f} vs "
+              f"{off['p50']:.1f} ms; live view per event p50 {on['live_p50']:.1f} vs "
+              f"{off['live_p50']:.1f} us; {on['audited']} reads audited, "
+              f"{on['audit_stored']} entries in the stream")
+    if True in results:
+        on = results[True]
+        complete = on["audited"] == on["cards"] == on["audit_stored"]
+        print(f"audit complete (one entry per card shown): {on['audited']} entries for "
+              f"{on['cards']} cards -> {'yes' if complete else 'NO'}")
+        ok = ok and complete
+    print(f"ring -> card p99 {checked['p99']:.1f} ms with the audit "
+          f"{'on' if True in results else 'off'} vs target {TARGET_P99_MS:.0f} ms -> "
+          f"{'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+async def measure(args: argparse.Namespace, redis_url: str) -> dict[str, Any] | None:
+    """One whole measurement (steady then burst) against a fresh callroute child."""
     ami = AmiServer()
     ami_port = await ami.start()
     http_port = free_port()
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.bench_screenpop", "--serve", "--ami-port", str(ami_port),
         "--http-port", str(http_port), "--agents", str(args.agents), "--calls",
-        str(args.calls + 1), stdout=asyncio.subprocess.PIPE, cwd=os.getcwd())
+        str(args.calls + 1), "--redis-url", redis_url, stdout=asyncio.subprocess.PIPE,
+        cwd=os.getcwd())
     assert child.stdout is not None
     line = (await child.stdout.readline()).decode()
     if line.strip() != "ready":
         print("server did not start", line)
-        return 1
+        return None
     await asyncio.wait_for(ami.logged_in.wait(), 10)
     await asyncio.sleep(0.3)  # the client's QueueStatus/CoreShowChannels
     got: dict[str, list[float]] = defaultdict(list)
@@ -361,7 +429,9 @@ async def run(args: argparse.Namespace) -> int:
           f"{TARGET_P99_MS:.0f} ms; live view / tracker per event "
           f"{pct(live, .5) / max(pct(track, .5), 1e-9):.2f}x at p50 -> "
           f"{'PASS' if ok else 'FAIL'}")
-    return 0 if ok else 1
+    return {"ok": ok, "p99": p99, "p50": pct(steady + burst, .5), "live_p50": pct(live, .5),
+            "cards": len(steady) + len(burst), "audited": stats["audited"],
+            "audit_stored": stats["audit_stored"]}
 
 
 def main() -> None:
@@ -372,12 +442,15 @@ def main() -> None:
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ami-port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--http-port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--redis-url", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--audit", choices=("both", "on", "off"), default="both",
+                    help="measure without and with the audit of page reads (default both)")
     args = ap.parse_args()
     args.agents = max(1, min(args.agents, 2000))
     args.calls = max(1, min(args.calls, 100_000))
     args.rate = max(1.0, min(args.rate, 5000.0))
     if args.serve:
-        serve_main(args.ami_port, args.http_port, args.agents, args.calls)
+        serve_main(args.ami_port, args.http_port, args.agents, args.calls, args.redis_url)
         return
     with contextlib.suppress(KeyboardInterrupt):
         raise SystemExit(asyncio.run(run(args)))
