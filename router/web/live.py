@@ -88,6 +88,11 @@ def withheld(number: str | None) -> bool:
     return compact.lower() in ANONYMOUS or not any(ch.isdigit() for ch in compact)
 
 
+def _name(name: str | None) -> str | None:
+    """A caller id name worth showing (not "unknown", "Anonymous", "Restricted"...)."""
+    return name if name and name.strip().lower() not in ANONYMOUS else None
+
+
 def degraded_reason(reason: str | None, decided: bool) -> str | None:
     """Why a routed call was routed without a complete decision (None: it was not)."""
     if reason:
@@ -276,8 +281,7 @@ class LiveState:
         if call is not None and h.get("Uniqueid") == call.linkedid:
             num, name = h.get("CallerIDNum"), h.get("CallerIDName")
             call.caller = num if num and num.lower() not in ("<unknown>", "unknown") else None
-            call.caller_name = (name if name and name.lower() not in ("<unknown>", "unknown")
-                                else None)
+            call.caller_name = _name(name)
             call.did = h.get("Exten") or None
 
     def _on_varset(self, h: Mapping[str, str]) -> None:
@@ -314,8 +318,8 @@ class LiveState:
             if num and num.lower() not in ("<unknown>", "unknown"):
                 call.caller = num
                 name = h.get("CallerIDName")
-                if name and name.lower() not in ("<unknown>", "unknown") and not call.caller_name:
-                    call.caller_name = name
+                if not call.caller_name:
+                    call.caller_name = _name(name)
 
     def _on_dial_begin(self, h: Mapping[str, str]) -> None:
         uid = h.get("Uniqueid")

@@ -68,14 +68,16 @@ def kit_required() -> bool:
 # --- the user's files ---------------------------------------------------------------------
 
 #: Agents (test glue). 7009/7019 are busy, 7008/7018 ring and never answer, any other 7XXX
-#: answers, talks ${TALK_S} seconds (default 2; the caller may set __TALK_S) and hangs up.
+#: rings ${RING_S} seconds (default: none; the caller may set __RING_S), answers, talks
+#: ${TALK_S} seconds (default 2; the caller may set __TALK_S) and hangs up.
 AGENTS = """\
 [agents]
 exten => 7009,1,Busy(2)
 exten => 7019,1,Busy(2)
 exten => 7008,1,Wait(120)
 exten => 7018,1,Wait(120)
-exten => _7XXX,1,Answer()
+exten => _7XXX,1,ExecIf($["${RING_S}" != ""]?Wait(${RING_S}))
+ same => n,Answer()
  same => n,Wait(${IF($["${TALK_S}" = ""]?2:${TALK_S})})
  same => n,Hangup()
 """

@@ -64,13 +64,14 @@ def play(live: LiveState, *events: dict[str, str]) -> None:
         live.handle(Message(headers))
 
 
-def queued_call(lid: str, caller: str, *variables: tuple[str, str]) -> list[dict[str, str]]:
+def queued_call(lid: str, caller: str, *variables: tuple[str, str],
+                name: str = "<unknown>") -> list[dict[str, str]]:
     """A call entering the dialplan, setting ``variables``, queued and offered to 7001."""
     inbound = f"Local/4008001000@from-trunk-0000{lid};2"
     base = {"Uniqueid": f"{lid}.1", "Linkedid": f"{lid}.0", "Channel": inbound}
     return [
         {"Event": "Newchannel", "Uniqueid": f"{lid}.0", "Linkedid": f"{lid}.0",
-         "CallerIDNum": caller, "CallerIDName": "<unknown>", "Exten": "4008001000"},
+         "CallerIDNum": caller, "CallerIDName": name, "Exten": "4008001000"},
         *({"Event": "VarSet", **base, "Variable": name, "Value": value}
           for name, value in variables),
         {"Event": "QueueCallerJoin", **base, "Queue": "support", "CallerIDNum": caller},
@@ -92,15 +93,17 @@ def cards(sink: Sink) -> list[dict[str, Any]]:
 
 async def test_withheld_number_and_deadline_route_show_on_card_and_live_row() -> None:
     """A caller who withheld the number, routed by default because the CRM was late:
-    the card says anonymous (no number shown) and degraded 'deadline'; the supervisor's
-    row says the same."""
+    the card says anonymous (no number, and no "Anonymous" as a name, shown) and degraded
+    'deadline'; the supervisor's row says the same."""
     live = LiveState(AGENTS.get)
     sink = Sink(agent="7001")
     live.subscribe_agent("7001", sink)
     play(live, *queued_call("5", "anonymous", ("ROUTE_RULE", "default"),
-                            ("ROUTE_REASON", "deadline"), ("ROUTE_ACTION", "queue")))
+                            ("ROUTE_REASON", "deadline"), ("ROUTE_ACTION", "queue"),
+                            name="Anonymous"))
     (card,) = cards(sink)
     assert (card["anonymous"], card["caller"], card["degraded"]) == (True, None, "deadline")
+    assert card["caller_name"] is None  # "Anonymous" is no name
     assert card["why"]["reason"] == "deadline"
     (row,) = live.snapshot(customers=True)["calls"]
     assert (row["anonymous"], row["degraded"]) == (True, "deadline")
