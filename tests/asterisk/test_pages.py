@@ -7,7 +7,7 @@ browser context of its own: Sun Li (7003), the VIP desk (7101), Zhao Min (7018) 
 real dialplan and FastAGI:
 
 * Li Lei (gold, owner 7003): the owner is dialled (``DialBegin`` to Local/7003@agents),
-  rings 2 s, answers, talks 2 s and hangs up; Sun Li gives the disposition within the
+  rings 1 s, answers, talks 2 s and hangs up; Sun Li gives the disposition within the
   wrap-up time: the call's one activity is posted with it.
 * Han Meimei (platinum, owner 7019 busy): the vip queue offers the call to the VIP desk
   (``AgentCalled``), which answers; the disposition is given after the wrap-up time, when
@@ -47,7 +47,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 #: The pages' users: name -> agent id.
 AGENTS = {"sun-li": "7003", "vip-desk": "7101", "zhao-min": "7018", "wang-wei": "7002",
           "li-na": "7001"}
-WRAPUP_S = 6.0
+WRAPUP_S = 4.0
 NOTE_1 = "wants the invoice re-sent"
 NOTE_2 = "call back on Monday"
 
@@ -143,7 +143,7 @@ async def seen(pages: Pages) -> Seen:
     out.empty_before = await shot(p["li-na"], pages.shots / "7001-before.png")
     out.owner_before = await shot(p["sun-li"], pages.shots / "7003-before.png")
     observer = lab.observer
-    ring = {"__RING_S": "2"}
+    ring = {"__RING_S": "1"}
     owner_call, queue_call, hangup_call, withheld_call = await asyncio.gather(
         observer.originate("4008001000", '"Li Lei" <+8613800138000>', hold_s=10, talk_s=2,
                            variables=ring),
@@ -213,7 +213,7 @@ async def seen(pages: Pages) -> Seen:
                 await page.screenshot(path=str(pages.shots / f"{name}-last.png"))
     await observer.wait_ended(out.views.values(), timeout=60)
     await lab.record(owner_call)
-    await asyncio.sleep(1.0)  # the late update is delivered; nothing else comes
+    await asyncio.sleep(0.5)  # the late update is delivered; nothing else comes
     out.empty_after = await shot(p["li-na"], pages.shots / "7001-after.png")
     out.empty_cards_after = await p["li-na"].locator(".card").count()
     return out
