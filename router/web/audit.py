@@ -100,8 +100,8 @@ class PageAudit:
         if seen in reader.seen:
             return
         reader.seen.add(seen)
-        if len(reader.seen) > 10_000:  # a page open for weeks: forget the oldest half
-            reader.seen = set(list(reader.seen)[5_000:])
+        if len(reader.seen) > 10_000:  # a page open for weeks: bounded (a call shown
+            reader.seen = set(list(reader.seen)[5_000:])  # again then is read once more)
         self._add(_Read(reader, "customer.card", self.clock(), card))
 
     def live(self, reader: Reader, calls: Iterable[Mapping[str, Any]]) -> None:

@@ -49,3 +49,19 @@ def test_decision_store_is_bounded_and_expires() -> None:
     assert store.get("u3") is not None
     clock.now += 11
     assert store.get("u3") is None
+
+
+def test_late_dispositions_need_an_update_request_on_the_call_step() -> None:
+    """A disposition after the wrap-up time is taken for web.late_disposition_s only when
+    the CRM's call step says how to update its activity; without one it is refused."""
+    from router.crm.config import sample_crm_section
+    from router.settings import Settings
+    from router.web.assemble import late_dispositions_s
+
+    section = sample_crm_section()
+    with_update = Settings.model_validate({"crm": section,
+                                           "web": {"late_disposition_s": 7200}})
+    assert late_dispositions_s(with_update) == 7200
+    section["activity"].pop("update")
+    without = Settings.model_validate({"crm": section, "web": {"late_disposition_s": 7200}})
+    assert late_dispositions_s(without) == 0
