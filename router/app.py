@@ -38,6 +38,7 @@ from router.crm.auth import TokenStore
 from router.crm.http import CrmHttp
 from router.crm.limits import RateGate
 from router.crm.rest import RestConnector
+from router.crypto import keyring_from_settings
 from router.errors import AmiError, ListenError
 from router.log import mask_record
 from router.lookup.cache import TwoLevelCache
@@ -79,7 +80,8 @@ class CrmLink:
 
         crm = self.settings.crm
         store = None if self.redis is None else TokenStore(
-            self.redis, keys_from_settings(self.settings), crm.name)
+            self.redis, keys_from_settings(self.settings), crm.name,
+            keyring_from_settings(self.settings))
         http = CrmHttp(crm, gate=self.gate, token_store=store)
         return RestConnector(crm, region=self.settings.phone.default_region, http=http)
 
@@ -214,8 +216,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
 
         # first: an admin API that would be exposed unprotected stops the start here
         auth = await start_auth(settings, stack) if settings.admin.enabled else None
-        from router.crypto import keyring_from_settings
-
         if not keyring_from_settings(settings).enabled:
             log.warning("encryption at rest is off (no encryption.keys): customers and call "
                         "records are stored in clear in Redis and the spool")

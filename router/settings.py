@@ -446,6 +446,8 @@ def _variable(match: re.Match[str], where: str, problems: dict[str, str] | None)
 SECRET_FIELDS = frozenset({"secret", "key_secret", "token", "webhook_secret",
                            "session_secret", "key", "password", "keys",
                            "client_secret", "refresh_token"})
+#: Mappings whose every value is a secret (``crm.secrets``): any ``<name>_file`` in them.
+SECRET_MAPS = frozenset({"crm.secrets"})
 
 
 def read_secret_files(value: Any, base_dir: Path, where: str = "") -> Any:
@@ -460,7 +462,8 @@ def read_secret_files(value: Any, base_dir: Path, where: str = "") -> Any:
         name = str(key)
         field = f"{where}.{name}" if where else name
         base = name.removesuffix("_file")
-        if name.endswith("_file") and base in SECRET_FIELDS and isinstance(item, str):
+        if name.endswith("_file") and (base in SECRET_FIELDS or where in SECRET_MAPS) \
+                and isinstance(item, str):
             if base in value:
                 raise ConfigError(f"give {base} or {name}, not both", location=field)
             path = Path(item) if Path(item).is_absolute() else base_dir / item

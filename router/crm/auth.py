@@ -43,7 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from router.errors import CrmBadResponse, CrmClientError, CrmServerError
+from router.crypto import KeyRing
+from router.errors import CrmBadResponse, CrmClientError, CrmServerError, CryptoError
 from router.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -190,10 +191,18 @@ TokenSender = Callable[[str, dict[str, str], dict[str, str], str], Awaitable[tup
 
 
 class TokenStore:
-    """The token (and a rotated refresh token) in Redis, shared by every instance."""
+    """The token (and a rotated refresh token) in Redis, shared by every instance.
 
-    def __init__(self, redis: Redis, keys: Keys, crm: str) -> None:
+    With encryption at rest configured (``crypto``: main's key ring, router.crypto), both
+    are sealed, each bound to its Redis key; values written before encryption was turned
+    on are still read, and one that does not open (an unknown key) reads as absent: the
+    next request refreshes the token.
+    """
+
+    def __init__(self, redis: Redis, keys: Keys, crm: str, crypto: KeyRing | None = None
+                 ) -> None:
         self.redis = redis
+        self.crypto = crypto or KeyRing()
         self.token_key = keys.crm_token(crm)
         self.lock_key = keys.crm_token_lock(crm)
         self.refresh_key = keys.crm_refresh_token(crm)
@@ -201,18 +210,29 @@ class TokenStore:
     async def load(self) -> tuple[Token | None, str | None]:
         """The stored token and refresh token (None when absent)."""
         token, refresh = await self.redis.mget([self.token_key, self.refresh_key])
-        if isinstance(refresh, bytes):
-            refresh = refresh.decode()
-        return Token.from_json(token), refresh or None
+        return (Token.from_json(self._open(token, self.token_key)),
+                self._open(refresh, self.refresh_key) or None)
 
     async def save(self, token: Token, refresh_token: str | None, now: float) -> None:
         """Store ``token`` until it expires, and a rotated refresh token for good."""
         ttl_ms = max(1000, int((token.expires_at - now) * 1000))
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.token_key, token.to_json(), px=ttl_ms)
+            pipe.set(self.token_key, self.crypto.seal(token.to_json(), self.token_key),
+                     px=ttl_ms)
             if refresh_token:
-                pipe.set(self.refresh_key, refresh_token)
+                pipe.set(self.refresh_key, self.crypto.seal(refresh_token, self.refresh_key))
             await pipe.execute()
+
+    def _open(self, value: str | bytes | None, key: str) -> str | None:
+        if value is None:
+            return None
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        try:
+            return self.crypto.open(text, key)
+        except CryptoError as exc:
+            log.warning("crm oauth2: the stored %s does not decrypt (%s): ignored",
+                        "refresh token" if key == self.refresh_key else "token", exc)
+            return None
 
     async def lock(self, ttl_s: float) -> str | None:
         """Take the refresh lock; its owner's random value, or None when held elsewhere."""

@@ -348,7 +348,7 @@ def build_plan(settings: CrmSettings) -> Plan:
         lookups=lookups, changed=changed, records=records, refs=refs,
         recording_url=recording,
         runtime=Runtime(tz=ZoneInfo(settings.timezone), maps=settings.maps),
-        base={"vars": settings.vars, "secrets": settings.secrets},
+        base={"vars": settings.vars, "secrets": settings.secret_values()},
     )
     _check_references(plan, settings)
     return plan

@@ -13,8 +13,9 @@ Templates are ``{expression}`` in text, compiled when the config is loaded (see
 :mod:`router.crm.template` and ``docs/crm/templates.md``). Each place offers its own
 names, listed on its model below (``NAMES``); a name, filter or test that is not
 offered there fails ``callroute check`` with the field named. Secrets come from the
-environment: ``token: ${CRM_TOKEN}``; values in ``secrets:`` are usable in templates
-(``{secrets.api_key}``) and are masked wherever callroute prints a request.
+environment (``token: ${CRM_TOKEN}``) or a file (``token_file: /run/secrets/crm``); values
+in ``secrets:`` (``SecretStr``, each also readable from ``<name>_file``) are usable in
+templates (``{secrets.api_key}``) and are masked wherever callroute prints a request.
 
 The one-request form of older configs (``lookup:`` and ``activity``/``lead``/``task``)
 is still accepted and read as a one-lookup list and a three-step pipeline.
@@ -26,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from router.crm.auth import AuthSettings
 from router.crm.limits import RateLimitSettings
@@ -548,8 +549,9 @@ class CrmSettings(_Model):
     limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     timezone: ZoneName = Field("UTC", description="the CRM's time zone, for date filters")
     vars: dict[str, Any] = Field(default_factory=dict, description="constants: {vars.x}")
-    secrets: dict[str, str] = Field(
-        default_factory=dict, description="secret values ({secrets.x}), masked when printed")
+    secrets: dict[str, SecretStr] = Field(
+        default_factory=dict, description="secret values ({secrets.x}), masked when printed; "
+        "each may instead be given as <name>_file: PATH")
     maps: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="value maps for the translate filter")
     refs: dict[str, RefSpec] = Field(default_factory=dict)
@@ -610,7 +612,12 @@ class CrmSettings(_Model):
     @property
     def all_secrets(self) -> list[str]:
         """Every secret value of this section (auth and ``secrets``), to mask."""
-        return [*self.auth.secrets, *(s for s in self.secrets.values() if s)]
+        return [*self.auth.secrets,
+                *(v for s in self.secrets.values() if (v := s.get_secret_value()))]
+
+    def secret_values(self) -> dict[str, str]:
+        """``secrets`` in clear, as templates see them (``{secrets.api_key}``)."""
+        return {name: value.get_secret_value() for name, value in self.secrets.items()}
 
     def record_step(self, name: str) -> RecordStep | None:
         """The enabled record step called ``name``, if any."""

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from router.crm.auth import Token, TokenStore
 from router.crypto import KeyRing, generate_key_line, key_id_of
 from router.errors import ConfigError, CryptoError
 from router.keys import Keys
@@ -36,9 +37,12 @@ K2 = "k2:" + base64.b64encode(b"2" * 32).decode()
 KEYS = Keys(prefix="t:", secret=b"s")
 LI_LEI = Customer(id="C-1001", name="Li Lei", tier="gold", owner="7001")
 NUMBER = "+8613800138000"
-#: Every form of the fixtures' numbers and names that a dump must not show.
+#: The CRM's OAuth2 access and (rotated) refresh token, shared through Redis.
+ACCESS_TOKEN, REFRESH_TOKEN = "pat-access-7f3a91c2", "pat-refresh-0b8e44d1"
+#: Every form of the fixtures' numbers and names, and the CRM's tokens, that a dump must
+#: not show.
 PLAINTEXT = [b"13800138000", b"13900139000", b"Li Lei", b"Han Meimei",
-             "李雷".encode(), b"\xe6\x9d\x8e"]
+             "李雷".encode(), b"\xe6\x9d\x8e", ACCESS_TOKEN.encode(), REFRESH_TOKEN.encode()]
 
 
 def ring(*lines: str) -> KeyRing:
@@ -248,14 +252,18 @@ async def test_rotate_without_a_key_is_refused(h: Harness) -> None:
 
 # --- the proof: a whole Redis dump and the spool, searched -------------------------------------
 async def _fill(server: RedisServer, spool_dir: Path, crm: FakeCrm, crypto: KeyRing) -> None:
-    """Customers cached, call records in the outbox (stream, retry, dead, sent) and in
-    the spool, as the service would leave them."""
+    """Customers cached, the CRM's OAuth2 tokens shared, call records in the outbox
+    (stream, retry, dead, sent) and in the spool, as the service would leave them."""
     client = redis_client(RedisSettings(url=server.url))
     cache = TwoLevelCache(client, KEYS, CacheSettings(), crypto=crypto)
     await cache.put(NUMBER, CacheEntry(LI_LEI, time.time()))
     await cache.put("+8613900139000", CacheEntry(Customer(id="C-1002", name="Han Meimei",
                                                           tags=("vip",)), time.time()))
     await cache.put("+8613900139001", CacheEntry(Customer(id="C-9", name="李雷"), time.time()))
+    store = TokenStore(client, KEYS, "crm", crypto)
+    await store.save(Token(ACCESS_TOKEN, time.time() + 3600), REFRESH_TOKEN, time.time())
+    assert await store.load() == (Token(ACCESS_TOKEN, pytest.approx(time.time() + 3600, abs=5)),
+                                  REFRESH_TOKEN)
     await cache.aclose()
     h = Harness(server.url, crm, spool_dir)
     h.outbox.crypto = h.spool.crypto = crypto
@@ -327,9 +335,10 @@ async def _dump(server: RedisServer, match: str = "*") -> bytes:
 async def test_no_plaintext_in_a_redis_dump_or_the_spool(
         own_redis: RedisServer, crm: FakeCrm, tmp_path: Path, encrypted: bool) -> None:
     """With a key configured, neither a dump of every Redis key (the pages' history,
-    held records and dispositions included) nor the RDB file nor the spool files hold a
-    fixture number or name in clear. The control run without a key finds them, in the
-    pages' keys too, so the search itself works."""
+    held records and dispositions included, and the CRM's OAuth2 tokens) nor the RDB
+    file nor the spool files hold a fixture number or name, or a token, in clear (and
+    the tokens read back). The control run without a key finds them, in the pages' keys
+    too, so the search itself works."""
     spool_dir = tmp_path / "spool"
     await _fill(own_redis, spool_dir, crm, ring(K1) if encrypted else KeyRing())
     found: dict[str, Any] = {}
@@ -353,3 +362,4 @@ async def test_no_plaintext_in_a_redis_dump_or_the_spool(
         assert b"13800138000" in found["redis"]
         assert b"Li Lei" in found["redis"]
         assert b"Han Meimei" in found["spool"]
+        assert {ACCESS_TOKEN.encode(), REFRESH_TOKEN.encode()} <= set(found["redis"])

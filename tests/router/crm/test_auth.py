@@ -339,3 +339,31 @@ async def test_an_upload_refused_with_an_expired_token_is_left_to_the_retry() ->
     assert not refused.value.may_have_acted
     assert [r["path"] for r in server.api_requests] == ["/api/ping", "/api/upload", "/api/ping"]
     assert len(server.token_requests) == 2
+
+
+async def test_shared_tokens_are_sealed_with_the_key_ring(
+        redis: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """With encryption at rest configured, the token and the rotated refresh token are
+    stored sealed (enc1:, bound to their Redis key) and read back by every instance; a
+    token stored in clear before encryption was turned on is still read; one sealed
+    under a key the ring lacks reads as absent (a refresh follows), with a warning."""
+    import base64
+
+    from router.crypto import KeyRing
+
+    ring = KeyRing.parse("k1:" + base64.b64encode(b"k" * 32).decode())
+    other = KeyRing.parse("k9:" + base64.b64encode(b"z" * 32).decode())
+    now = time.time()
+    token = Token("at-sealed-123", now + 600)
+    await TokenStore(redis, KEYS, "loop", ring).save(token, "rt-sealed-456", now)
+    raw = await redis.mget([KEYS.crm_token("loop"), KEYS.crm_refresh_token("loop")])
+    assert all(v.startswith(b"enc1:k1:") for v in raw)
+    assert not any(b"sealed" in v for v in raw)
+    assert await TokenStore(redis, KEYS, "loop", ring).load() == (token, "rt-sealed-456")
+    await redis.set(KEYS.crm_token("loop"), token.to_json())
+    await redis.set(KEYS.crm_refresh_token("loop"), "rt-plain")
+    assert await TokenStore(redis, KEYS, "loop", ring).load() == (token, "rt-plain")
+    await TokenStore(redis, KEYS, "loop", other).save(token, "rt-other", now)
+    caplog.set_level(logging.WARNING)
+    assert await TokenStore(redis, KEYS, "loop", ring).load() == (None, None)
+    assert "does not decrypt" in caplog.text

@@ -90,3 +90,30 @@ def test_example_files_are_valid(name: str, monkeypatch: pytest.MonkeyPatch) -> 
         preset_lookups = {x.name for x in CrmSettings.model_validate(
             {"preset": crm.preset}).lookups}
         assert {x.name for x in crm.lookups} == preset_lookups
+
+
+def test_crm_secrets_are_secret_and_readable_from_files(tmp_path: Path) -> None:
+    """crm.secrets values are SecretStr: ``<name>_file`` reads one from a file (relative
+    to the config), templates see the value in clear, printing the settings never shows
+    it, giving both forms is a ConfigError naming the field."""
+    from router.crm.rest import RestConnector
+
+    (tmp_path / "odoo.key").write_text("odoo-k3y-from-file\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("crm:\n  base_url: http://127.0.0.1:9\n  secrets:\n"
+                   "    api_key_file: odoo.key\n    other: in-line-s3cret\n"
+                   "  lookup:\n    url: /find\n    params: {k: '{secrets.api_key}'}\n")
+    settings = load_settings(cfg)
+    crm = settings.crm
+    assert crm.secrets["api_key"].get_secret_value() == "odoo-k3y-from-file"
+    assert set(crm.all_secrets) >= {"odoo-k3y-from-file", "in-line-s3cret"}
+    shown = repr(settings) + settings.model_dump_json() + str(settings.model_dump())
+    assert "odoo-k3y-from-file" not in shown
+    assert "in-line-s3cret" not in shown
+    plan = RestConnector(crm).plan
+    _method, _url, params, _headers, _body = plan.lookups[0].steps[0].request.render(
+        {**plan.base, "_rt": plan.runtime, "e164": "+1"})
+    assert params == {"k": "odoo-k3y-from-file"}
+    cfg.write_text("crm:\n  secrets: {api_key: a, api_key_file: odoo.key}\n")
+    with pytest.raises(ConfigError, match=r"crm\.secrets\.api_key_file: give api_key"):
+        load_settings(cfg)
