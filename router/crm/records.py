@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 RecordingUrl = Callable[[Mapping[str, Any], str], Awaitable[str | None]]
 #: Told that the CRM confirmed a step linking the recording (record, key, link).
 RecordingLinked = Callable[[Mapping[str, Any], str, str], Awaitable[None]]
+#: Told that a step linking the recording was recovered by its find (record, key, the
+#: object found): the CRM holds what an earlier send created.
+RecordingRecovered = Callable[[Mapping[str, Any], str, Any], Awaitable[None]]
 
 
 def jsonable(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,12 +81,14 @@ class RecordRunner:
 
     def __init__(self, plan: Plan, http: CrmHttp, refs: RefTables | None,
                  recording_url: RecordingUrl | None = None,
-                 recording_linked: RecordingLinked | None = None) -> None:
+                 recording_linked: RecordingLinked | None = None,
+                 recording_recovered: RecordingRecovered | None = None) -> None:
         self.plan = plan
         self.http = http
         self.refs = refs
         self.recording_url = recording_url
         self.recording_linked = recording_linked
+        self.recording_recovered = recording_recovered
         self.order = [s.name for s in plan.records]
 
     def step_names(self) -> list[str]:
@@ -161,11 +166,13 @@ class RecordRunner:
                             previous: Mapping[str, StepResult], plan: Sequence[str]
                             ) -> StepResult | None:
         """The object an earlier send of ``step`` created, by its ``find`` (None: not
-        found, or no ``find``); its outputs and customer fields read from that object."""
+        found, or no ``find``); its outputs and customer fields read from that object.
+        A step that links the recording is then a confirmed one (delete_after_upload)."""
         spec = self._spec(step)
         if spec.find is None:
             return None
-        context = self.context(step, jsonable(record), idempotency_key, previous, plan)
+        data = jsonable(record)
+        context = self.context(step, data, idempotency_key, previous, plan)
         found = await find_object(self.http, spec.find, context, f"{step}.find")
         if found is None:
             return None
@@ -173,6 +180,8 @@ class RecordRunner:
         answer = {**context, "response": obj, "id": remote_id, "status": 200}
         outputs = await self._evaluate(spec.outputs, answer)
         customer = await self._evaluate(spec.customer, answer)
+        if spec.needs_recording and self.recording_recovered is not None:
+            await self.recording_recovered(data, idempotency_key, obj)
         return StepResult(
             step=step, status="done", remote_id=remote_id, outputs=outputs,
             customer={k: v for k, v in customer.items() if v not in (None, "")},

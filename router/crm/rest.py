@@ -12,6 +12,7 @@ references in :mod:`router.crm.refs`. An answer that does not fit the mapping ra
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC
@@ -57,12 +58,14 @@ class RestConnector:
         self.http = http or CrmHttp(settings)
         #: record key -> link of its uploaded recording (its other steps reuse it)
         self._uploaded: dict[str, str] = {}
+        #: record key -> link of an upload no step has confirmed yet (a lost answer's)
+        self._unconfirmed: dict[str, str] = {}
         self.plan = build_plan(settings)
         self.refs = RefTables(self.plan.refs, self.http, self.plan.base) if self.plan.refs \
             else None
         self.lookups = LookupRunner(self.plan, self.http, self.refs)
         self.records = RecordRunner(self.plan, self.http, self.refs, self._recording_url,
-                                    self._recording_linked)
+                                    self._recording_linked, self._recording_recovered)
 
     def __repr__(self) -> str:
         return f"RestConnector({self.settings.name!r}, {self.settings.base_url!r})"
@@ -284,7 +287,12 @@ class RestConnector:
             return None
         if rec.mode == "url":
             return self.recording_url(path)
-        return self._uploaded.get(key) or await self._upload(rec, Path(path), key)
+        link = self._uploaded.get(key)
+        if link is None:
+            link = await self._upload(rec, Path(path), key)
+            if link is not None:
+                _remember(self._unconfirmed, key, link)
+        return link
 
     async def _recording_linked(self, record: Mapping[str, Any], key: str, url: str) -> None:
         """The CRM confirmed a step linking the recording: in upload mode, remember the
@@ -292,9 +300,8 @@ class RestConnector:
         rec = self.settings.recordings
         if rec is None or rec.mode != "upload":
             return
-        self._uploaded[key] = url
-        while len(self._uploaded) > 1024:
-            self._uploaded.pop(next(iter(self._uploaded)))
+        _remember(self._uploaded, key, url)
+        self._unconfirmed.pop(key, None)
         path = record.get(rec.path_field)
         if not rec.delete_after_upload or not isinstance(path, str) or not path:
             return
@@ -308,6 +315,28 @@ class RestConnector:
             return
         log.info("crm recording %s: uploaded and confirmed, local file deleted",
                  Path(path).name)
+
+    async def _recording_recovered(self, record: Mapping[str, Any], key: str, found: Any
+                                   ) -> None:
+        """A step linking the recording was recovered by its find: when the object found
+        holds the link of this record's upload, the CRM has confirmed it as surely as
+        a created step's answer does (so the file may go, with delete_after_upload).
+        A link this process did not upload (the worker that did crashed) cannot be
+        recognised: the file is kept."""
+        rec = self.settings.recordings
+        if rec is None or rec.mode != "upload":
+            return
+        link = self._uploaded.get(key) or self._unconfirmed.get(key)
+        name = Path(str(record.get(rec.path_field) or "")).name
+        if link is None:
+            log.info("crm recording %s: the step was found at the CRM, but which upload it "
+                     "links is not known here: the local file is kept", name)
+            return
+        if not _holds(found, link):
+            log.info("crm recording %s: the object found does not hold the upload's link: "
+                     "the local file is kept", name)
+            return
+        await self._recording_linked(record, key, link)
 
     async def _upload(self, rec: RecordingSettings, file: Path, key: str) -> str | None:
         try:
@@ -341,6 +370,25 @@ def _read_limited(file: Path, limit: int) -> bytes | None:
     with file.open("rb") as handle:
         content = handle.read(limit + 1)
     return None if len(content) > limit else content
+
+
+def _remember(table: dict[str, str], key: str, value: str, limit: int = 1024) -> None:
+    """``table[key] = value``, dropping the oldest entries beyond ``limit``."""
+    table[key] = value
+    while len(table) > limit:
+        table.pop(next(iter(table)))
+
+
+def _holds(value: Any, text: str) -> bool:
+    """Whether a string of ``value`` (walked through objects and lists) contains ``text``,
+    as is or HTML-escaped (a link in a rich-text body)."""
+    if isinstance(value, str):
+        return text in value or html.escape(text) in value
+    if isinstance(value, dict):
+        return any(_holds(v, text) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds(v, text) for v in value)
+    return False
 
 
 def _split_cursor(cursor: str | None, initial: str) -> tuple[str, str]:

@@ -479,6 +479,61 @@ async def test_recording_deleted_only_after_the_crm_confirmed(tmp_path: Path) ->
     assert server.seen[-1]["body"] == {"rec": "https://files.example.com/rec.wav"}
 
 
+@pytest.mark.parametrize("case", ["found", "found_without_link", "other_process"])
+async def test_recording_of_a_step_recovered_by_find_is_deleted_like_a_confirmed_one(
+        tmp_path: Path, case: str) -> None:
+    """The call's answer is lost after the CRM stored it (here a 503 after storing); the
+    retry's find recovers the object. When it holds the link of this record's upload,
+    delete_after_upload deletes the local file as for a confirmed step, and the record's
+    later steps reuse the link; an object without the link, or a connector that did not
+    upload it (another worker), keeps the file."""
+    recording = tmp_path / "rec.wav"
+    recording.write_bytes(b"RIFF....WAVE")
+    stored: list[dict[str, Any]] = []
+
+    def reply(info: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if info["path"] == "/files":
+            return 201, {"url": "https://files.example.com/rec.wav?a=1&b=2"}, {}
+        if info["path"] == "/calls":
+            stored.append({"id": "A1", **info["body"]})
+            return 503, {"error": "busy"}, {}
+        if info["path"] == "/calls/search":
+            found = [o if case != "found_without_link" else {"id": o["id"], "key": o["key"]}
+                     for o in stored if o["key"] == info["body"]["key"]]
+            return 200, {"results": found}, {}
+        return 201, {"id": "T1"}, {}
+
+    async with scripted_server(reply) as server:
+        settings = CrmSettings.model_validate({
+            "base_url": server.url,
+            "activity": {"url": "/calls", "idempotency_header": None,
+                         "body": {"rec": "{record.recording_url}", "key": "{idempotency_key}"},
+                         "find": {"method": "POST", "url": "/calls/search",
+                                  "body": {"key": "{idempotency_key}"},
+                                  "match": {"path": "key", "equals": "{idempotency_key}"}}},
+            "task": {"url": "/tasks", "body": {"rec": "{record.recording_url}"}},
+            "recordings": {"mode": "upload", "url": "/files", "delete_after_upload": True},
+        })
+        record = {**CALL, "recording": str(recording)}
+        async with connector(settings) as conn:
+            with pytest.raises(CrmServerError):
+                await conn.post_call(record, "call:8")
+            assert recording.exists()
+            if case == "other_process":
+                async with connector(settings) as other:
+                    found = await other.find_created("call", record, "call:8", {}, ["call"])
+            else:
+                found = await conn.find_created("call", record, "call:8", {}, ["call"])
+            assert found is not None
+            assert found.remote_id == "A1"
+            assert recording.exists() == (case != "found")
+            if case == "found":
+                await conn.create_task(record, "call:8")
+    if case == "found":
+        assert server.seen[-1]["body"] == {"rec": "https://files.example.com/rec.wav?a=1&b=2"}
+    assert [s["path"] for s in server.seen].count("/files") == 1
+
+
 def test_recording_url_template() -> None:
     """``url`` mode turns a recording path into the configured link."""
     settings = CrmSettings.model_validate({"recordings": {
