@@ -6,7 +6,8 @@ dialplan fell back), the call was routed without its customer and the record the
 built names none, so the CRM would get a lead for a customer it has. By the time the
 call ends the lookup has usually finished in the background and filled the cache: the
 number is looked up again (cache first, then the CRM) and the customer goes on the
-record, which still says the route was degraded.
+record (its id, tier, owner and kind: the CRM object to post on), which still says the
+route was degraded.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ class RecordCompleter:
         if self._needs_customer(record):
             customer = await self._lookup(record)
             if customer is not None:
-                updates["customer_id"] = customer.id
-                updates["customer_tier"] = customer.tier
+                updates.update(customer_id=customer.id, customer_tier=customer.tier,
+                               customer_owner=customer.owner, customer_kind=customer.kind)
         return record.model_copy(update=updates) if updates else record
 
     def _needs_customer(self, record: CallRecord) -> bool:

@@ -59,8 +59,9 @@ class CallRecord(BaseModel):
     customer_tier: str | None = None
     customer_owner: str | None = Field(None, description="CRM_OWNER set by the router: the "
                                        "customer's owner (CRM id) chosen at routing time")
-    customer_kind: str | None = Field(None, description="which CRM object the customer is "
-                                      "(contact, lead, ...), when known")
+    customer_kind: str | None = Field(None, description="CRM_KIND set by the router: which "
+                                      "CRM object the customer is (contact, lead, ...), when "
+                                      "known")
     routing_rule: str | None = None
     route_reason: str | None = None
     route_target: str | None = Field(None, description="ROUTE_TARGET set by the router")

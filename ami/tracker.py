@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 #: Channel variables set by the router (the AGI) that the record reports.
 ROUTE_VARS = frozenset(
-    {"CRM_CUSTOMER_ID", "CRM_TIER", "CRM_OWNER", "ROUTE_RULE", "ROUTE_REASON", "ROUTE_TARGET",
-     "ROUTE_QUEUE", "ROUTE_ACTION", "ROUTE_REJECT", "ROUTE_VOICEMAIL", "CALL_DID"}
+    {"CRM_CUSTOMER_ID", "CRM_TIER", "CRM_OWNER", "CRM_KIND", "ROUTE_RULE", "ROUTE_REASON",
+     "ROUTE_TARGET", "ROUTE_QUEUE", "ROUTE_ACTION", "ROUTE_REJECT", "ROUTE_VOICEMAIL",
+     "CALL_DID"}
 )
 #: Dial/Queue timing variables (milliseconds), read from the channel that dialled.
 TIMING_VARS = frozenset({"DIALEDTIME_MS", "ANSWEREDTIME_MS"})
@@ -804,6 +805,7 @@ class CallTracker:
             customer_id=v.get("CRM_CUSTOMER_ID"),
             customer_tier=v.get("CRM_TIER"),
             customer_owner=v.get("CRM_OWNER") or None,
+            customer_kind=v.get("CRM_KIND") or None,
             routing_rule=v.get("ROUTE_RULE"),
             route_reason=reason,
             route_target=v.get("ROUTE_TARGET"),

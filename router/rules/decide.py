@@ -64,6 +64,8 @@ def build_variables(plan: Plan, rule: str, reason: str, customer: Customer | Non
     * ``ROUTE_RULE``: the rule that decided (``default`` if none); ``ROUTE_REASON``: ``rule``,
       ``default``, or why the route was degraded (``deadline``, ``crm-error``...)
     * ``CRM_CUSTOMER_ID``, ``CRM_TIER``, ``CRM_OWNER``: "" for an unknown caller
+    * ``CRM_KIND``: the CRM object the customer is (contact, lead, ...; the lookup's
+      ``kind``), "" when unknown: the call record posts on that object
     * ``CALLERID(name)``: the customer's cleaned name, only when there is one
     * ``ROUTE_ACTION``: dial, queue, voicemail or reject
     """
@@ -85,6 +87,7 @@ def build_variables(plan: Plan, rule: str, reason: str, customer: Customer | Non
         "CRM_CUSTOMER_ID": customer.id if customer else "",
         "CRM_TIER": (customer.tier or "") if customer else "",
         "CRM_OWNER": (customer.owner or "") if customer else "",
+        "CRM_KIND": (customer.kind or "") if customer else "",
     }
     name = clean_caller_name(customer.name) if customer else ""
     if name:

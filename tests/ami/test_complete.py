@@ -8,7 +8,7 @@ from ami.complete import RecordCompleter
 from ami.records import CallRecord
 from router.models import Customer
 
-LI_LEI = Customer(id="C-1001", name="Li Lei", tier="gold")
+LI_LEI = Customer(id="C-1001", name="Li Lei", tier="gold", owner="7001", kind="lead")
 
 
 def record(**fields: object) -> CallRecord:
@@ -20,7 +20,8 @@ def record(**fields: object) -> CallRecord:
 
 async def test_degraded_route_gets_the_customer_found_after_the_call() -> None:
     """Routed past the deadline with no customer: the number is looked up again and the
-    customer goes on the record, which still says the route was degraded."""
+    customer goes on the record (id, tier, owner, and kind: the CRM object to post on),
+    which still says the route was degraded."""
     asked: list[str] = []
 
     async def find(number: str) -> Customer | None:
@@ -31,6 +32,7 @@ async def test_degraded_route_gets_the_customer_found_after_the_call() -> None:
         record(route_reason="deadline", degraded=True))
     assert asked == ["+8613800138000"]
     assert (done.customer_id, done.customer_tier, done.degraded) == ("C-1001", "gold", True)
+    assert (done.customer_owner, done.customer_kind) == ("7001", "lead")
 
 
 @pytest.mark.parametrize("fields", [

@@ -353,3 +353,18 @@ def test_consumer_failure_does_not_break_tracking(basic: list[Message]) -> None:
     tracker.flush()
     assert len(seen) == 4
     assert REGISTRY.get_sample_value("callroute_ami_events_total") is not None
+
+
+def test_the_routers_crm_kind_and_owner_go_on_the_record(basic: list[Message]) -> None:
+    """CRM_KIND and CRM_OWNER set by the router (VarSet on the caller's channel, beside
+    CRM_CUSTOMER_ID) become the record's customer_kind and customer_owner: a lead's
+    record says so and is posted on the lead object."""
+    index = next(i for i, m in enumerate(basic)
+                 if m.event == "VarSet" and m.get("Variable") == "CRM_CUSTOMER_ID")
+    found = basic[index]
+    extra = [Message({**found.headers, "Variable": name, "Value": value})
+             for name, value in (("CRM_KIND", "lead"), ("CRM_OWNER", "31000002"))]
+    records = dumps(replay(basic[: index + 1] + extra + basic[index + 1:]))
+    assert (records[0]["customer_id"], records[0]["customer_kind"],
+            records[0]["customer_owner"]) == ("C-1001", "lead", "31000002")
+    assert [r["customer_kind"] for r in records[1:]] == [None] * (len(records) - 1)

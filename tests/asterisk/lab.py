@@ -45,22 +45,25 @@ from tests.redis_server import RedisServer, free_port
 
 
 def _customer(cid: str, name: str, phone: str, tier: str | None, owner: str | None,
-              tags: list[str]) -> dict[str, Any]:
-    return {"id": cid, "name": name, "phones": [phone], "tier": tier, "value": 1000,
-            "owner": {"id": owner, "name": f"Agent {owner}"} if owner else None,
-            "tags": tags, "open_tickets": 0, "language": "zh",
-            "updated_at": "2025-01-10T09:00:00Z"}
+              tags: list[str], kind: str | None = None) -> dict[str, Any]:
+    customer = {"id": cid, "name": name, "phones": [phone], "tier": tier, "value": 1000,
+                "owner": {"id": owner, "name": f"Agent {owner}"} if owner else None,
+                "tags": tags, "open_tickets": 0, "language": "zh",
+                "updated_at": "2025-01-10T09:00:00Z"}
+    if kind is not None:
+        customer["kind"] = kind  # the CRM object it is (the lab's lookup maps it)
+    return customer
 
 
 #: The CRM's customers in these tests (owners 7003 answers, 7019 is busy, 7018 never answers).
 CUSTOMERS = [
     _customer("C-2001", "Li Lei", "+8613800138000", "gold", "7003", []),
     _customer("C-2002", "Han Meimei", "+8613900139000", "platinum", "7019", []),
-    _customer("C-2003", "Zhou Jie", "+8613700137001", "silver", "7018", []),
+    _customer("C-2003", "Zhou Jie", "+8613700137001", "silver", "7018", [], kind="lead"),
     _customer("C-2004", "Impatient", "+8613600136000", "bronze", None, ["churn-risk"]),
     _customer("C-2005", "Patient", "+8613600136001", "bronze", None, ["churn-risk"]),
     _customer("C-2006", "Blocked Caller", "+8613300133000", "bronze", None, ["blocked"]),
-    _customer("C-2007", "Slow Case", "+8613700137000", "silver", None, []),
+    _customer("C-2007", "Slow Case", "+8613700137000", "silver", None, [], kind="lead"),
 ]
 #: Lookup delays (s): the slow CRM record answers after the routing deadline (300 ms).
 DELAYS = {"C-2007": 1.0}
@@ -104,6 +107,7 @@ default:
 ACTIVITY = {
     "call_id": "{record.linkedid}", "record_key": "{record.record_key}",
     "customer_id": "{record.customer_id}", "customer_tier": "{record.customer_tier}",
+    "customer_kind": "{record.customer_kind}", "customer_owner": "{record.customer_owner}",
     "caller": "{record.caller}", "caller_raw": "{record.caller_raw}",
     "caller_name": "{record.caller_name}", "anonymous": "{record.anonymous}",
     "did": "{record.did}", "outcome": "{record.outcome}", "queue": "{record.queue}",
@@ -128,6 +132,7 @@ def callroute_config(tmp: Path, *, agi_port: int, ami_port: int, admin_port: int
     rules.write_text(RULES)
     crm = sample_crm_section(crm_url)
     crm["activity"]["body"] = ACTIVITY
+    crm["lookup"]["fields"]["kind"] = "kind"
     crm.pop("recordings", None)
     data.update({
         "agi": {**data["agi"], "host": "127.0.0.1", "port": agi_port},

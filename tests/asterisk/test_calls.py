@@ -35,6 +35,8 @@ class Scenario:
     customer: str | None = None
     rule: str | None = None
     answered_by: str | None = None
+    kind: str | None = None
+    owner: str | None = None
     lead: bool = False
     task: bool = False
     hold_s: float = 10
@@ -52,7 +54,7 @@ SCENARIOS: dict[str, Scenario] = {
         "Local/7101@agents", caller="+8613900139000"),
     "owner no answer, queue": Scenario(
         "4008001000", '"Zhou Jie" <+8613700137001>', "answered", "C-2003",
-        "key-account-owner", caller="+8613700137001"),
+        "key-account-owner", kind="lead", owner="7018", caller="+8613700137001"),
     "abandoned in queue": Scenario(
         "4008001000", '"Impatient" <+8613600136000>', "abandoned", "C-2004", "churn-risk",
         task=True, patience_s=4, caller="+8613600136000"),
@@ -73,7 +75,7 @@ SCENARIOS: dict[str, Scenario] = {
     "no caller id": Scenario("4008001000", "", "answered", None, "default"),
     "deadline missed": Scenario(
         "4008001000", '"Slow Case" <+8613700137000>', "answered", "C-2007", "default",
-        caller="+8613700137000"),
+        kind="lead", caller="+8613700137000"),
     "misnamed queue": Scenario(
         "4008009000", '"Someone" <13400134000>', "answered", None, "misnamed-queue",
         lead=True, caller="+8613400134000"),
@@ -147,12 +149,17 @@ async def test_scenario_took_its_route(wave: dict[str, Placed], name: str) -> No
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 async def test_customer_caller_and_crm_objects(wave: dict[str, Placed], name: str) -> None:
-    """Each call posts one activity with the right caller and customer; a lead only for an
-    unknown caller with a number who was not rejected; a call-back task only for a
-    missed, abandoned or voicemail call with a number."""
+    """Each call posts one activity with the right caller and customer, and the CRM
+    object the customer is (CRM_KIND, or the lookup after a degraded route) and its
+    owner where the scenario has them; a lead only for an unknown caller with a number
+    who was not rejected; a call-back task only for a missed, abandoned or voicemail
+    call with a number."""
     call, s = wave[name], wave[name].scenario
     assert call.record["caller"] == s.caller
     assert call.record["customer_id"] == s.customer
+    assert call.record["customer_kind"] == s.kind
+    if s.owner is not None:
+        assert call.record["customer_owner"] == s.owner
     assert call.record["anonymous"] is (s.caller is None)
 
 

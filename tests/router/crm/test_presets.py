@@ -189,6 +189,28 @@ async def test_known_caller_answered_call_only_with_duration(vendor: Vendor) -> 
     assert vendor.fake.violations == []
 
 
+async def test_secondary_object_customers_call_is_posted_on_that_object(
+        vendor: Vendor) -> None:
+    """A caller found on the secondary object (a lead): the route sets CRM_KIND from the
+    lookup's kind, the record carries it as customer_kind, and the call is posted on
+    that object (Salesforce WhoId, Zoho What_Id with $se_module Leads, Odoo the lead's
+    chatter, EspoCRM parentType Lead, HubSpot the company association)."""
+    from router.rules.compiler import Plan, Terminal
+    from router.rules.decide import build_variables
+
+    conn = vendor.connector()
+    customer = await conn.find_by_number(caller(WANG))
+    assert customer is not None
+    variables = build_variables(Plan(dials=(), terminal=Terminal("queue", "support")),
+                                "default", "default", customer)
+    assert variables["CRM_KIND"] == vendor.fake.SECONDARY_KIND
+    rec = record("1700000000.5", caller_e164=WANG, customer_id=variables["CRM_CUSTOMER_ID"],
+                 kind=variables["CRM_KIND"])
+    await deliver(conn, rec, ["call"])
+    assert [c["on"] for c in vendor.fake.created("call")] == [vendor.fake.ids["wang"]]
+    assert vendor.fake.violations == []
+
+
 async def test_missed_call_task_goes_to_the_customers_owner(vendor: Vendor) -> None:
     """A known customer's missed call: the task is assigned to the owner the record
     carries (chosen at routing time), on the customer's record."""

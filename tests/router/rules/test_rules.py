@@ -300,21 +300,25 @@ def test_queue_voicemail_reject_actions() -> None:
 
 def test_variables_complete_ordered_and_customer_fields() -> None:
     """Every ROUTE_* variable is present ("" when unused), ROUTE_ACTION is set last, CRM_*
-    carry the customer and CALLERID(name) its name."""
+    carry the customer (CRM_KIND: the CRM object it is) and CALLERID(name) its name."""
     decision = _owner_rules({"queue": "vip"}).decide(ctx(GOLD))
     keys = list(decision.variables)
     assert keys[-1] == "ROUTE_ACTION"
     assert set(keys) == {"ROUTE_ACTION", "ROUTE_TARGET", "ROUTE_TIMEOUT", "ROUTE_TARGET2",
                          "ROUTE_TIMEOUT2", "ROUTE_QUEUE", "ROUTE_PRIORITY", "ROUTE_VOICEMAIL",
                          "ROUTE_REJECT", "ROUTE_RULE", "ROUTE_REASON", "CRM_CUSTOMER_ID",
-                         "CRM_TIER", "CRM_OWNER", "CALLERID(name)"}
+                         "CRM_TIER", "CRM_OWNER", "CRM_KIND", "CALLERID(name)"}
     v = decision.variables
     assert (v["ROUTE_RULE"], v["ROUTE_REASON"]) == ("own", "rule")
     assert (v["CRM_CUSTOMER_ID"], v["CRM_TIER"], v["CRM_OWNER"], v["CALLERID(name)"]) == (
         "C-1", "Gold", "7001", "Li Lei")
+    assert v["CRM_KIND"] == ""  # a customer whose lookup names no kind
+    lead = _owner_rules({"queue": "vip"}).decide(ctx(GOLD.model_copy(update={"kind": "lead"})))
+    assert lead.variables["CRM_KIND"] == "lead"
     unknown = _owner_rules({"queue": "vip"}).decide(ctx(None)).variables
     assert "CALLERID(name)" not in unknown
-    assert (unknown["CRM_CUSTOMER_ID"], unknown["CRM_TIER"], unknown["CRM_OWNER"]) == ("", "", "")
+    assert (unknown["CRM_CUSTOMER_ID"], unknown["CRM_TIER"], unknown["CRM_OWNER"],
+            unknown["CRM_KIND"]) == ("", "", "", "")
 
 
 def test_reason_override_for_degraded_lookups() -> None:
