@@ -257,10 +257,8 @@ def add_crm_webhook(app: web.Application, cache: Any, settings: Any,
     endpoints = [WebhookEndpoint(cache, own, region, on_applied=applied)]
     app.router.add_post(PATH, signed("HMAC-SHA256 with admin.webhook_secret, checked by "
                                      "the handler")(endpoints[0].handler()))
-    for config in settings.crm.webhooks:
-        receiver = WebhookReceiver(
-            config, mapper=getattr(connector, "customer_from_record", None),
-            fetcher=getattr(connector, "fetch_by_id", None))
+    for config in settings.crm.enabled_webhooks:
+        receiver = WebhookReceiver.for_connector(config, connector)
         endpoint = WebhookEndpoint(cache, receiver, region, on_applied=applied)
         endpoints.append(endpoint)
         app.router.add_post(config.mount, signed(

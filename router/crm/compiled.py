@@ -25,6 +25,8 @@ from router.crm.template import (
     compile_text,
     compile_tuple,
     is_template,
+    json_strings,
+    paths_under,
 )
 from router.errors import CrmMappingError
 from router.models import Customer
@@ -200,6 +202,10 @@ class LookupStepPlan:
     results: str
     not_found_status: tuple[int, ...]
     numbers: Numbers
+    #: for a later step that reads one record by the id of the previous step's record
+    #: (its templates read one path of ``item`` and nothing of the caller's number or
+    #: other steps): that path (``id``, ``item.id``); webhooks fetch records through it
+    by_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,11 @@ class LookupPlan:
         for step in self.steps:
             out = out | step.request.uses | step.numbers.uses
         return out
+
+    @property
+    def by_id(self) -> int | None:
+        """The index of the first step that reads a record by its id, if any."""
+        return next((i for i, s in enumerate(self.steps) if s.by_id is not None), None)
 
 
 @dataclass(frozen=True)
@@ -360,12 +371,14 @@ def _lookup(spec: LookupSpec, index: int, field_names: frozenset[str],
     steps = []
     for j, step in enumerate(spec.steps):
         at = f"{where}.steps[{j}]"
+        request = compile_request_spec(step, step_model.names(), at)
         steps.append(LookupStepPlan(
             name=step.name or f"step{j + 1}",
-            request=compile_request_spec(step, step_model.names(), at),
+            request=request,
             results=step.results if step.results is not None else ("results" if j == 0 else ""),
             not_found_status=tuple(step.not_found_status),
             numbers=compile_numbers(step.numbers, step_model.NUMBER_NAMES, f"{at}.numbers"),
+            by_id=_by_id(step, request) if j > 0 else None,
         ))
     plan = LookupPlan(
         name=spec.name, kind=spec.kind, steps=tuple(steps),
@@ -374,6 +387,18 @@ def _lookup(spec: LookupSpec, index: int, field_names: frozenset[str],
         multiple=spec.multiple, max_candidates=spec.max_candidates,
     )
     return replace(plan, names=plan.uses.names)
+
+
+def _by_id(step: LookupStep, request: Request) -> str | None:
+    """The one path of ``item`` a later step reads, when that is all it depends on."""
+    from router.crm.config import NUMBER
+
+    if request.uses.names & (NUMBER | {"steps"}):
+        return None
+    texts = [step.url, *step.params.values(), *step.headers.values(),
+             *json_strings(step.body)]
+    paths = paths_under(texts, "item")
+    return next(iter(paths)) if len(paths) == 1 and "" not in paths else None
 
 
 def _record_step(step: RecordStep, where: str, names: frozenset[str],

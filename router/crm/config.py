@@ -566,7 +566,11 @@ class CrmSettings(_Model):
     @field_validator("webhooks")
     @classmethod
     def _one_per_path(cls, value: list[WebhookSettings]) -> list[WebhookSettings]:
-        paths = [w.mount for w in value]
+        names = [w.name for w in value]
+        paths = [w.mount for w in value if w.enabled]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two webhooks called {name}")
         for path in paths:
             if paths.count(path) > 1 or path == "/webhooks/crm":
                 raise ValueError(f"two webhooks at {path} (/webhooks/crm is callroute's own)")
@@ -601,8 +605,19 @@ class CrmSettings(_Model):
             raise ValueError("crm.lookups: every lookup is disabled")
         from router.crm.compiled import build_plan
 
-        build_plan(self)  # compiles every template; ValueError names the field
+        plan = build_plan(self)  # compiles every template; ValueError names the field
+        for index, hook in enumerate(self.webhooks):
+            if hook.enabled and hook.fetch is None and hook.lookup is not None and not any(
+                    x.name == hook.lookup and x.by_id is not None for x in plan.lookups):
+                raise ValueError(f"crm.webhooks[{index}] ({hook.name}).lookup: no enabled "
+                                 f"lookup {hook.lookup!r} with a step that reads a record "
+                                 "by its id (give fetch: instead)")
         return self
+
+    @property
+    def enabled_webhooks(self) -> list[WebhookSettings]:
+        """The webhooks to mount."""
+        return [w for w in self.webhooks if w.enabled]
 
     @property
     def lookup(self) -> LookupSpec:

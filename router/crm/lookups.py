@@ -73,6 +73,48 @@ class LookupRunner:
             chains = self._matching(lookup, step, chains, base, region)
         return [await self._customer(lookup, chain, base, i) for i, chain in enumerate(chains)]
 
+    # --- a record by its id (webhooks) -------------------------------------------------
+
+    def by_id_lookup(self, name: str | None = None) -> LookupPlan | None:
+        """The lookup called ``name`` (None: the first) that has a step reading a record
+        by its id, if any."""
+        return next((x for x in self.plan.lookups
+                     if (name is None or x.name == name) and x.by_id is not None), None)
+
+    async def fetch_by_id(self, lookup: LookupPlan, record_id: str
+                          ) -> tuple[Customer, list[str]] | None:
+        """The record ``record_id`` read by the lookup's by-id step (and the steps after
+        it), mapped by its field map, with the numbers stored on it; None when the CRM
+        has no such record."""
+        start = lookup.by_id
+        assert start is not None
+        step = lookup.steps[start]
+        assert step.by_id is not None
+        base: dict[str, Any] = {**self.plan.base, "omit": OMIT, "item": None, "steps": {}}
+        records = await self._records(lookup, step,
+                                      {**base, "item": _nested(step.by_id, record_id)})
+        if not records:
+            return None
+        chain: Chain = {step.name: records[0]}
+        for later in lookup.steps[start + 1:]:
+            record = await self._one(lookup, later, base, chain)
+            if record is None:
+                return None
+            chain[later.name] = record
+        customer = await self._customer(lookup, chain, base, 0)
+        return customer, self._stored(lookup, chain, base, start)
+
+    def _stored(self, lookup: LookupPlan, chain: Chain, base: Mapping[str, Any],
+                start: int) -> list[str]:
+        """The numbers of the record a by-id read found: the last of its steps that says
+        where numbers are, else the lookup's first step's paths applied to the record."""
+        steps = [s for s in lookup.steps[start:] if s.numbers] or [lookup.steps[0]]
+        step = steps[-1]
+        record = chain.get(step.name, next(reversed(chain.values())))
+        context = {**base, "record": record, "steps": chain, "_rt": self.plan.runtime}
+        return [n for value in step.numbers.values(record, context)
+                for n in stored_numbers(value)]
+
     # --- one step --------------------------------------------------------------------
 
     async def _send(self, lookup: LookupPlan, step: LookupStepPlan,
@@ -145,6 +187,18 @@ async def _render(request: Request, context: dict[str, Any], plan: Plan,
         return request.method, url, params, headers, body
     context["_rt"] = plan.runtime
     return request.render(context)
+
+
+def _nested(path: str, value: str) -> dict[str, Any]:
+    """``{"a": {"b": value}}`` for the path ``a.b``."""
+    out: dict[str, Any] = {}
+    node = out
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return out
 
 
 def check_error(request: Request, resp: CrmResponse, context: Mapping[str, Any],

@@ -4,9 +4,10 @@
 rest of the section overrides it:
 
 * mappings merge key by key (``auth: {token: ...}`` keeps the preset's ``type``);
-* ``lookups``, ``records`` and a lookup's ``steps`` are lists of named items: an item
-  whose ``name`` is in the preset's list merges into that item (``enabled: false``
-  turns it off), an item with a new name is appended;
+* ``lookups``, ``records``, ``webhooks`` and a lookup's ``steps`` are lists of named
+  items: an item whose ``name`` is in the preset's list merges into that item
+  (``enabled: false`` turns it off; a preset's webhooks ship off: ``enabled: true`` and
+  the signature's secret turn one on), an item with a new name is appended;
 * any other list, and any other value, replaces the preset's.
 
 ``${VAR}`` and ``${VAR:-default}`` in a preset are read from the environment, as in the
@@ -24,7 +25,7 @@ import yaml
 
 _NAME = re.compile(r"^[a-z0-9_-]+$")
 #: Lists merged item by item on their ``name``.
-NAMED_LISTS = frozenset({"lookups", "records", "steps"})
+NAMED_LISTS = frozenset({"lookups", "records", "steps", "webhooks"})
 
 
 def available() -> list[str]:

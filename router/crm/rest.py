@@ -209,10 +209,23 @@ class RestConnector:
             CRM_ERRORS.labels("webhook", exc.kind).inc()
             raise
 
-    async def fetch_by_id(self, spec: FetchSettings, customer_id: str) -> Fetched | None:
-        """The customer ``customer_id`` by the webhook's ``fetch`` request, with its numbers."""
-        return await fetch_record(self.http, spec, customer_id, self.customer_from_record,
-                                  self.plan.base)
+    def can_fetch_by_id(self, lookup: str | None = None) -> bool:
+        """Whether a lookup (``lookup``, or any) has a step that reads a record by id."""
+        return self.lookups.by_id_lookup(lookup) is not None
+
+    async def fetch_by_id(self, spec: FetchSettings | None, customer_id: str,
+                          lookup: str | None = None) -> Fetched | None:
+        """The customer ``customer_id``, with its numbers: by the webhook's ``fetch``
+        request when it has one, else by the step of a lookup (``lookup``, or the first
+        that has one) that reads a record by its id."""
+        if spec is not None:
+            return await fetch_record(self.http, spec, customer_id, self.customer_from_record,
+                                      self.plan.base)
+        plan = self.lookups.by_id_lookup(lookup)
+        if plan is None:
+            raise CrmMappingError("no fetch: configured and no lookup step reads a record "
+                                  "by its id")
+        return await self.lookups.fetch_by_id(plan, customer_id)
 
     # --- exactly once (router.crm.base.CreatedFinder) ---------------------------------
 

@@ -250,6 +250,41 @@ def check_expression(source: str, allowed: Iterable[str], where: str) -> Uses:
     return Uses(frozenset(names), frozenset(refs), frozenset(maps))
 
 
+def _chain(node: nodes.Node) -> list[str] | None:
+    """``a.b['c'].d`` as ``['a', 'b', 'c', 'd']`` (None when not a plain path)."""
+    if isinstance(node, nodes.Name):
+        return [node.name]
+    if isinstance(node, nodes.Getattr):
+        head = _chain(node.node)
+        return None if head is None else [*head, node.attr]
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) \
+            and isinstance(node.arg.value, str):
+        head = _chain(node.node)
+        return None if head is None else [*head, node.arg.value]
+    return None
+
+
+def paths_under(texts: Iterable[str], root: str) -> frozenset[str]:
+    """The dotted paths read under the name ``root`` by the expressions of ``texts``,
+    without ``root`` (``{item.item.id}`` under ``item`` is ``item.id``); a bare
+    ``root``, or a path with a computed part, reads as ``""``. Only the longest paths
+    are kept (``item.id`` hides ``item``)."""
+    found: set[str] = set()
+    for text in texts:
+        for part in scan(text):
+            if not isinstance(part, Expr):
+                continue
+            expr = _parse(part.source, repr(text))
+            found.update("" for name in _walk(expr, nodes.Name) if name.name == root)
+            paths: list[nodes.Expr] = [*_walk(expr, nodes.Getattr), *_walk(expr, nodes.Getitem)]
+            for node in paths:
+                chain = _chain(node)
+                if chain is not None and chain[0] == root:
+                    found.add(".".join(chain[1:]))
+    return frozenset(p for p in found
+                     if not any(o != p and (p == "" or o.startswith(p + ".")) for o in found))
+
+
 def check_text(template: str, allowed: Iterable[str]) -> Uses:
     """Check every expression of a text template; return what it uses."""
     uses = Uses()
@@ -494,5 +529,5 @@ __all__ = [
     "ENV", "FILTERS", "OMIT", "TESTS", "Compiled", "Expr", "Runtime", "Uses", "check_expression",
     "check_json", "check_text", "compile_expression", "compile_json", "compile_request",
     "compile_text", "compile_tuple",
-    "is_template", "json_strings", "scan", "to_text", "url_quote",
+    "is_template", "json_strings", "paths_under", "scan", "to_text", "url_quote",
 ]

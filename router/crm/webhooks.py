@@ -54,7 +54,10 @@ changed record's id (a list gives one change per id: Zoho's ``ids``); ``numbers`
 to its numbers (``*`` walks a list: ``data.phones.*.value``); ``record`` the path to the
 whole record when the event carries it (``record_format: crm``: mapped by the lookup's
 field map; ``customer``: callroute's own Customer shape). An update that carries no
-record is fetched by id when ``fetch`` is configured (``{id}`` in its templates).
+record is fetched by id: by ``fetch`` when configured (``{id}`` in its templates), else
+through the connector's lookup step that reads a record by the id a search found
+(Pipedrive's ``/v1/persons/{item.item.id}``, EspoCRM's ``/Contact/{item.id}``: the
+same request, field map and numbers as a call's lookup; ``lookup`` names which lookup).
 """
 
 from __future__ import annotations
@@ -125,8 +128,9 @@ class SignatureSettings(_Model):
     password: SecretStr = SecretStr("")
     organization_id: str = ""
 
-    @model_validator(mode="after")
-    def _complete(self) -> SignatureSettings:
+    def check_complete(self) -> None:
+        """ValueError naming what the scheme needs and is not given (checked for the
+        webhooks that are enabled: a preset ships its webhooks off, without secrets)."""
         needs: dict[str, list[str]] = {
             "hmac": ["secret", "header"], "stripe": ["secret"], "hubspot_v3": ["secret"],
             "token": ["token"], "basic": ["username", "password"],
@@ -140,7 +144,6 @@ class SignatureSettings(_Model):
             raise ValueError("signed: timestamp.body needs signature.timestamp_header")
         if self.scheme == "token" and not (self.header or self.query or self.body_path):
             raise ValueError("scheme token needs signature.header, .query or .body_path")
-        return self
 
     @property
     def timestamped(self) -> bool:
@@ -194,6 +197,7 @@ class WebhookSettings(_Model):
     """One change webhook of the CRM (``crm.webhooks[]``; see the module)."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
+    enabled: bool = Field(True, description="a preset's webhooks are off until turned on")
     path: str | None = None
     format: Literal["json", "xml"] = "json"
     signature: SignatureSettings
@@ -207,7 +211,12 @@ class WebhookSettings(_Model):
     record: str | None = None
     record_format: Literal["crm", "customer"] = "crm"
     unknown_events: Literal["ignore", "refuse"] = "ignore"
-    fetch: FetchSettings | None = None
+    fetch: FetchSettings | None = Field(
+        None, description="how to read a record the event only names; without it, the "
+        "step of a lookup that reads a record by its id is used")
+    lookup: str | None = Field(
+        None, description="the lookup whose by-id step reads the records (default: the "
+        "first lookup that has one)")
 
     @model_validator(mode="before")
     @classmethod
@@ -221,6 +230,8 @@ class WebhookSettings(_Model):
 
     @model_validator(mode="after")
     def _paths(self) -> WebhookSettings:
+        if self.enabled:
+            self.signature.check_complete()
         if self.path is not None and not self.path.startswith("/webhooks/"):
             raise ValueError("path must start with /webhooks/")
         if self.signature.scheme == "salesforce" and self.format != "xml":
@@ -240,7 +251,7 @@ def callroute_webhook(secret: str | SecretStr, tolerance_s: float,
     ``customer.updated``/``customer.deleted`` with ``customer_id``, ``numbers`` and an
     optional ``customer`` in callroute's Customer shape."""
     return WebhookSettings(
-        name="crm", path="/webhooks/crm", max_bytes=max_bytes,
+        name="crm", path="/webhooks/crm", max_bytes=max_bytes, enabled=True,
         signature=SignatureSettings(
             scheme="hmac", secret=SecretStr(secret) if isinstance(secret, str) else secret,
             header="X-Callroute-Signature",
@@ -431,7 +442,9 @@ def _where(events: str, index: int | None, path: str) -> str:
 
 
 Mapper = Callable[[Any], Awaitable[Customer]]
-Fetcher = Callable[[FetchSettings, str], Awaitable[Fetched | None]]
+#: Fetches a record by id: the webhook's ``fetch`` (None: the connector's lookup step
+#: that reads a record by id), the id, and the lookup to use (None: the first).
+Fetcher = Callable[[FetchSettings | None, str, str | None], Awaitable[Fetched | None]]
 
 
 class WebhookReceiver:
@@ -439,14 +452,26 @@ class WebhookReceiver:
     :class:`~router.crm.base.ChangeReceiver`).
 
     ``mapper`` maps a CRM record to a Customer (the lookup's field map; needed for
-    ``record_format: crm``); ``fetcher`` fetches a record by id (needed for ``fetch``).
+    ``record_format: crm``); ``fetcher`` fetches a record by id: by the webhook's
+    ``fetch``, or, without one and when ``by_id`` says the connector can, through the
+    lookup step that reads a record by its id.
     """
 
     def __init__(self, settings: WebhookSettings, *, mapper: Mapper | None = None,
-                 fetcher: Fetcher | None = None) -> None:
+                 fetcher: Fetcher | None = None, by_id: bool = False) -> None:
         self.settings = settings
         self.mapper = mapper
         self.fetcher = fetcher
+        self.by_id = by_id
+
+    @classmethod
+    def for_connector(cls, settings: WebhookSettings, connector: Any) -> WebhookReceiver:
+        """The receiver of ``settings`` on a connector (a RestConnector: its field map
+        maps records, it fetches by ``fetch`` or its by-id lookup step)."""
+        can_fetch_by_id = getattr(connector, "can_fetch_by_id", None)
+        return cls(settings, mapper=getattr(connector, "customer_from_record", None),
+                   fetcher=getattr(connector, "fetch_by_id", None),
+                   by_id=bool(can_fetch_by_id(settings.lookup)) if can_fetch_by_id else False)
 
     @property
     def name(self) -> str:
@@ -466,7 +491,7 @@ class WebhookReceiver:
 
     @property
     def can_fetch(self) -> bool:
-        return self.settings.fetch is not None and self.fetcher is not None
+        return self.fetcher is not None and (self.settings.fetch is not None or self.by_id)
 
     def answer(self) -> tuple[str, bytes] | None:
         if self.settings.signature.scheme == "salesforce":
@@ -474,9 +499,10 @@ class WebhookReceiver:
         return None
 
     async def fetch(self, customer_id: str) -> Fetched | None:
-        if self.settings.fetch is None or self.fetcher is None:
+        if not self.can_fetch:
             return None
-        return await self.fetcher(self.settings.fetch, customer_id)
+        assert self.fetcher is not None
+        return await self.fetcher(self.settings.fetch, customer_id, self.settings.lookup)
 
     async def receive(self, request: InboundRequest, now: float) -> WebhookMessage:
         """Verify (signature first when it covers the raw body), parse, decode."""

@@ -90,8 +90,7 @@ async def rig_for(redis: aioredis.Redis, api_url: str, webhooks: list[dict[str, 
         "base_url": api_url, "lookup": {"fields": fields}, "webhooks": webhooks})
     connector = RestConnector(settings, region="US")
     cache = TwoLevelCache(redis, KEYS, CacheSettings())
-    receivers = [WebhookReceiver(w, mapper=connector.customer_from_record,
-                                 fetcher=connector.fetch_by_id) for w in settings.webhooks]
+    receivers = [WebhookReceiver.for_connector(w, connector) for w in settings.webhooks]
     app = web.Application()
     endpoints = add_webhook_routes(app, cache, receivers, "US")
     client = TestClient(TestServer(app, host="127.0.0.1"))
@@ -502,3 +501,36 @@ async def test_the_admin_server_mounts_each_configured_webhook(
         await client.close()  # the app's cleanup drains the fetch
         await connector.aclose()
     assert await redis.exists(KEYS.customer(NEW)) == 1
+
+
+def test_webhook_fetch_through_a_lookup_step_that_reads_by_id() -> None:
+    """Without fetch:, a webhook reads records through a lookup step that reads one
+    record by the id the previous step found (its templates read one path of item and
+    nothing of the caller's number); lookup: names which, and naming a lookup without
+    such a step is refused; an enabled webhook needs its secret, a disabled one (as
+    presets ship them) does not."""
+    by_id = {"name": "by_id", "steps": [
+        {"url": "/search", "params": {"q": "{e164}"}},
+        {"url": "/people/{item.person.id}", "results": "data", "numbers": ["phones"]}]}
+    numbered = {"name": "numbered", "steps": [
+        {"url": "/search", "params": {"q": "{e164}"}},
+        {"url": "/people/{item.id}", "params": {"n": "{e164}"}}]}
+    hook = {"name": "h", "signature": {"scheme": "token", "token": "t", "header": "X-T"},
+            "customer_id": "id"}
+    settings = CrmSettings.model_validate({"lookups": [numbered, by_id], "webhooks": [hook]})
+    connector = RestConnector(settings)
+    assert [x.by_id for x in connector.plan.lookups] == [None, 1]
+    assert connector.plan.lookups[1].steps[1].by_id == "person.id"
+    assert connector.can_fetch_by_id() and connector.can_fetch_by_id("by_id")
+    assert not connector.can_fetch_by_id("numbered")
+    assert WebhookReceiver.for_connector(settings.webhooks[0], connector).can_fetch
+    with pytest.raises(ValidationError, match=r"webhooks\[0\] \(h\)\.lookup: no enabled "
+                                              r"lookup 'numbered'"):
+        CrmSettings.model_validate({"lookups": [numbered, by_id],
+                                    "webhooks": [{**hook, "lookup": "numbered"}]})
+    with pytest.raises(ValidationError, match=r"scheme token needs signature\.token"):
+        CrmSettings.model_validate({"webhooks": [{**hook, "signature": {"scheme": "token",
+                                                                        "header": "X-T"}}]})
+    off = CrmSettings.model_validate({"webhooks": [{**hook, "enabled": False, "signature": {
+        "scheme": "token", "header": "X-T"}}]})
+    assert off.enabled_webhooks == []
