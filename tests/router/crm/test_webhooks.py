@@ -521,7 +521,8 @@ def test_webhook_fetch_through_a_lookup_step_that_reads_by_id() -> None:
     connector = RestConnector(settings)
     assert [x.by_id for x in connector.plan.lookups] == [None, 1]
     assert connector.plan.lookups[1].steps[1].by_id == "person.id"
-    assert connector.can_fetch_by_id() and connector.can_fetch_by_id("by_id")
+    assert connector.can_fetch_by_id()
+    assert connector.can_fetch_by_id("by_id")
     assert not connector.can_fetch_by_id("numbered")
     assert WebhookReceiver.for_connector(settings.webhooks[0], connector).can_fetch
     with pytest.raises(ValidationError, match=r"webhooks\[0\] \(h\)\.lookup: no enabled "
