@@ -312,7 +312,9 @@ class FetchSpec(RequestSpec):
 
 class MatchSpec(_Model):
     """How an object a search found proves it is this step's: the text at ``path``
-    equals (or contains) the rendered template (a broad search is never trusted)."""
+    equals (or contains) the rendered template (a broad search is never trusted). The
+    step's body must write that text: its idempotency key, or a natural key such as the
+    caller's number the step stores on a new contact."""
 
     path: str = Field(min_length=1)
     equals: str | None = None
@@ -454,15 +456,19 @@ class RecordStep(RequestSpec):
             raise ValueError("give either body or fields, not both")
         if self.find is not None and not self._writes_key():
             raise ValueError("find looks the object up by its key, but the body never "
-                             "writes {idempotency_key} (or {record.record_key}) into it (an "
-                             "external-id field, a tag or a marker in the description)")
+                             "writes {idempotency_key} (or {record.record_key}, or the text "
+                             "find.match checks) into it (an external-id field, a tag or a "
+                             "marker in the description)")
         return self
 
     def _writes_key(self) -> bool:
         texts = json_strings(self.body) + list((self.fields or {}).values())
         if self.body is None and self.fields is None:
             return True  # the record itself is posted: its record_key is the key
-        return any("idempotency_key" in t or "record.record_key" in t for t in texts)
+        match = self.find.match if self.find is not None else None
+        checked = (match.equals or match.contains or "") if match is not None else ""
+        return any("idempotency_key" in t or "record.record_key" in t
+                   or (checked and checked in t) for t in texts)
 
 
 def _strip_braces(text: str) -> str:

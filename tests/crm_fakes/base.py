@@ -10,7 +10,11 @@ the vendor's 400: a preset that sends the wrong shape fails.
 
 Faults (:meth:`FakeCrm.fail_next`): ``error`` (the vendor's 4xx with field errors),
 ``rate_limit`` (the vendor's rate-limit answer, with ``Retry-After``), ``server`` (500),
-``lost`` (the request is carried out, then the connection is dropped: the answer is lost).
+``lost`` (the request is carried out, then the connection is dropped: the answer is lost),
+``hold`` (carried out, then :attr:`FakeCrm.committed` is set and the answer waits for
+:attr:`FakeCrm.release`: a test kills the client meanwhile). A fault applies to the
+requests of one path prefix and method, and ``when`` (a test of the request's JSON body)
+tells apart the calls of one endpoint (Odoo's ``/jsonrpc``).
 
 The people every fake is seeded with are :data:`PEOPLE`, stored the way people type
 numbers, so that the same scenarios run against every preset.
@@ -107,7 +111,7 @@ PEOPLE = (
 #: Caller numbers of the scenarios (E.164) and whom they must find.
 LI, SARAH, WANG, UNKNOWN = "+8613800138000", "+14155550100", "+862161234567", "+8613999999999"
 
-FaultKind = Literal["error", "rate_limit", "server", "lost"]
+FaultKind = Literal["error", "rate_limit", "server", "lost", "hold"]
 
 
 @dataclass
@@ -128,6 +132,7 @@ class _Fault:
     path: str | None
     method: str | None
     count: int
+    when: Callable[[Any], bool] | None = None
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -147,6 +152,9 @@ class FakeCrm:
         self.url = ""
         self._faults: list[_Fault] = []
         self._runner: web.AppRunner | None = None
+        #: set when a ``hold`` fault's request was carried out; its answer waits for release
+        self.committed = asyncio.Event()
+        self.release = asyncio.Event()
 
     # --- to implement per vendor ---------------------------------------------------------
 
@@ -182,6 +190,7 @@ class FakeCrm:
 
     async def stop(self) -> None:
         """Stop serving."""
+        self.release.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -194,19 +203,21 @@ class FakeCrm:
         await self.stop()
 
     def fail_next(self, kind: FaultKind, *, path: str | None = None, method: str | None = None,
-                  count: int = 1) -> None:
-        """Make the next ``count`` matching requests fail with ``kind``."""
-        self._faults.append(_Fault(kind, path, method, count))
+                  count: int = 1, when: Callable[[Any], bool] | None = None) -> None:
+        """Make the next ``count`` matching requests fail with ``kind`` (``when``: a test
+        of the JSON body too)."""
+        self._faults.append(_Fault(kind, path, method, count, when))
 
     def requests(self, method: str | None = None, path: str | None = None) -> list[Seen]:
         """The requests received, optionally only those of one method / path prefix."""
         return [s for s in self.seen if (method is None or s.method == method)
                 and (path is None or s.path.startswith(path))]
 
-    def _fault(self, request: web.Request) -> _Fault | None:
+    def _fault(self, request: web.Request, body: Any) -> _Fault | None:
         for fault in self._faults:
             if fault.count > 0 and (fault.path is None or request.path.startswith(fault.path)) \
-                    and (fault.method is None or fault.method == request.method):
+                    and (fault.method is None or fault.method == request.method) \
+                    and (fault.when is None or fault.when(body)):
                 fault.count -= 1
                 return fault
         return None
@@ -235,8 +246,8 @@ class FakeCrm:
                 request.content_type != "application/json" or not isinstance(body, dict | list)):
             return self._violation(request, "the body must be JSON with Content-Type "
                                             "application/json")
-        fault = self._fault(request)
-        if fault is not None and fault.kind != "lost":
+        fault = self._fault(request, body)
+        if fault is not None and fault.kind not in ("lost", "hold"):
             return (self.rate_limit_response() if fault.kind == "rate_limit"
                     else self.error_response(500 if fault.kind == "server" else 400,
                                              "injected error: field is invalid"))
@@ -244,7 +255,10 @@ class FakeCrm:
             response = await handler(request)
         except Violation as exc:
             return self._violation(request, str(exc))
-        if fault is not None:  # lost: carried out, then the answer never arrives
+        if fault is not None and fault.kind == "hold":  # carried out; the answer waits
+            self.committed.set()
+            await self.release.wait()
+        elif fault is not None:  # lost: carried out, then the answer never arrives
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError

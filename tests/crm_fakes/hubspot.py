@@ -10,14 +10,19 @@ Endpoints: ``POST /crm/v3/objects/{contacts,companies}/search``
 ``correlationId``, ``message``, ``errors``); the rate limit is 429 with the
 ``X-HubSpot-RateLimit-*`` headers, ``Retry-After`` and ``errorType: RATE_LIMIT``.
 
-Search semantics: ``EQ`` compares the stored text exactly (numbers as typed);
-``hs_searchable_calculated_phone_number`` is the digits of ``phone`` without the
-country code, and ``CONTAINS_TOKEN`` with a leading ``*`` matches its end.
+Search semantics: ``EQ`` compares the stored text exactly (numbers as typed), and a
+date-time property (``hs_timestamp``, ``lastmodifieddate``) as an instant (the filter's
+value in epoch milliseconds); ``hs_searchable_calculated_phone_number`` is the digits of
+``phone`` without the country code, and ``CONTAINS_TOKEN`` with a leading ``*`` matches
+its end. Contacts, companies, calls and tasks are searchable. The search index lags
+(HubSpot: "it may take a few moments for newly created or updated objects to appear"):
+an object created through the API shows in search ``index_lag_s`` after it was created.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
@@ -87,7 +92,10 @@ ASSOCIATIONS = {("calls", "contacts"): 194, ("calls", "companies"): 182,
 DEFAULT_PROPERTIES = {"contacts": ["createdate", "email", "firstname", "hs_object_id",
                                    "lastmodifieddate", "lastname"],
                       "companies": ["createdate", "domain", "hs_lastmodifieddate",
-                                    "hs_object_id", "name"]}
+                                    "hs_object_id", "name"],
+                      "calls": ["hs_object_id"], "tasks": ["hs_object_id"]}
+#: Date-time properties: EQ, GT and GTE compare instants (values in epoch milliseconds).
+DATETIMES = {"hs_timestamp", "lastmodifieddate", "createdate", "hs_lastmodifieddate"}
 
 
 class Filter(Strict):
@@ -159,6 +167,9 @@ class HubSpotFake(FakeCrm):
     def __init__(self) -> None:
         super().__init__()
         self._ids = itertools.count(501)
+        #: how long (s) an object created through the API stays out of search results
+        self.index_lag_s = 0.0
+        self._indexed: dict[str, float] = {}
         self.objects: dict[str, dict[str, dict[str, Any]]] = {
             "contacts": {}, "companies": {}, "calls": {}, "tasks": {}}
         self.owner_ids = {key: str(31000000 + i) for i, key in enumerate(OWNERS, 1)}
@@ -184,6 +195,7 @@ class HubSpotFake(FakeCrm):
     def _store(self, kind: str, props: dict[str, Any], associations: list[Any] | None = None,
                updated: str | None = None) -> str:
         oid = str(next(self._ids))
+        self._indexed[oid] = time.monotonic() + (self.index_lag_s if updated is None else 0)
         props = {**props, "hs_object_id": oid}
         if kind == "contacts":
             props["hs_searchable_calculated_phone_number"] = _searchable(props.get("phone"))
@@ -238,7 +250,7 @@ class HubSpotFake(FakeCrm):
         return kind
 
     async def search(self, request: web.Request) -> web.StreamResponse:
-        kind = self._kind(request, ("contacts", "companies"))
+        kind = self._kind(request, ("contacts", "companies", "calls", "tasks"))
         check_query(request, set())
         body = check(SearchRequest, await request.json(), "PublicObjectSearchRequest")
         for group in body.filterGroups:
@@ -248,9 +260,10 @@ class HubSpotFake(FakeCrm):
                 expect(flt.value is not None or flt.operator in (
                     "HAS_PROPERTY", "NOT_HAS_PROPERTY", "IN", "NOT_IN"),
                        f"filter on {flt.propertyName} needs a value")
+        now = time.monotonic()
         found = [obj for obj in self.objects[kind].values()
-                 if not body.filterGroups or any(
-                     all(_matches(obj, f) for f in g.filters) for g in body.filterGroups)]
+                 if self._indexed[obj["id"]] <= now and (not body.filterGroups or any(
+                     all(_matches(obj, f) for f in g.filters) for g in body.filterGroups))]
         start = int(body.after or 0)
         page = found[start:start + body.limit]
         wanted = set(DEFAULT_PROPERTIES[kind]) | set(body.properties)
@@ -339,6 +352,10 @@ def _parse_time(value: str) -> None:
 
 def _matches(obj: dict[str, Any], flt: Filter) -> bool:
     value = obj["properties"].get(flt.propertyName)
+    if flt.operator == "EQ" and flt.propertyName in DATETIMES:
+        expect(_ms(flt.value) is not None,
+               f"{flt.propertyName} is a date-time: the value is epoch milliseconds")
+        return value is not None and _ms(value) == _ms(flt.value)
     if flt.operator == "EQ":
         return value is not None and str(value) == flt.value
     if flt.operator == "CONTAINS_TOKEN":

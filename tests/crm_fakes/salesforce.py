@@ -13,7 +13,9 @@ records}``, each record with ``attributes {type, url}``; relationship fields nes
 The fake reads the SOQL and SOSL forms the preset uses (``SELECT fields FROM Type WHERE
 Field = 'x' OR ... [ORDER BY f] [LIMIT n]``, ``FIND {term} IN PHONE FIELDS RETURNING
 Type(fields) [LIMIT n]``) and refuses anything else with ``MALFORMED_QUERY``; every field
-named must exist on the object. SOSL phone search ignores formatting.
+named must exist on the object, and a long text area (``Description``) cannot be filtered
+on. SOQL reads the database (a new record is found at once); SOSL phone search ignores
+formatting.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ FIELDS = {
                 "Customer_Tier__c", "Open_Cases__c", "Preferred_Language__c",
                 "LastModifiedDate", "AccountId", "Account.AnnualRevenue", "Email"},
     "Lead": {"Id", "Name", "FirstName", "LastName", "Company", "Phone", "MobilePhone",
-             "OwnerId", "Status", "LeadSource", "LastModifiedDate", "AnnualRevenue"},
+             "OwnerId", "Status", "LeadSource", "LastModifiedDate", "AnnualRevenue",
+             "Description"},
     "Task": {"Id", "Subject", "Status", "Priority", "ActivityDate", "TaskSubtype", "CallType",
              "CallDurationInSeconds", "CallDisposition", "CallObject", "WhoId", "WhatId",
              "OwnerId", "Description"},
@@ -53,6 +56,8 @@ PICKLISTS = {
                          "Closed - Not Converted"},
 }
 REQUIRED = {"Lead": {"LastName", "Company"}, "Task": set()}
+#: Long text areas: selectable, but SOQL refuses them in WHERE.
+LONG_TEXT = {"Description"}
 _SELECT = re.compile(
     r"^SELECT\s+(?P<fields>.+?)\s+FROM\s+(?P<type>\w+)\s+WHERE\s+(?P<where>.+?)"
     r"(?:\s+ORDER\s+BY\s+(?P<order>[\w.]+)(?:\s+(?:ASC|DESC))?)?(?:\s+LIMIT\s+(?P<limit>\d+))?$",
@@ -256,6 +261,7 @@ def _condition(kind: str, text: str, row: dict[str, Any]) -> bool:
     assert match is not None
     name, op, raw = match["field"], match["op"], match["value"]
     expect(name in FIELDS[kind], f"No such column '{name}' on entity '{kind}'")
+    expect(name not in LONG_TEXT, f"field '{name}' can not be filtered in a query call")
     value = row.get(name)
     if op == "=":
         expect(raw.startswith("'"), f"MALFORMED_QUERY: {name} needs a quoted value")

@@ -12,6 +12,14 @@ insert with a bad field answers 400 with that object inside ``data``
 
 Criteria: ``((Field:equals:value)or(Field:starts_with:value))``; parentheses and commas
 inside a value must be escaped with a backslash; ``equals`` compares the stored text.
+
+COQL (``POST /coql`` with ``{"select_query": "select f, ... from Module where ...
+limit n"}``; scope ``ZohoCRM.coql.READ``): the fake reads ``=`` comparisons joined by
+``and``, in brackets when there are two or more, on any field but a multi-line one
+(``Description``: "cannot be used in criteria"); a date-time compares as an instant, a
+date as ``yyyy-MM-dd``. It reads the database: a new record is found at once. The answer
+is ``{"data": [...], "info": {"count", "more_records"}}`` with the selected fields and
+``id``, or **204** when nothing matches.
 """
 
 from __future__ import annotations
@@ -53,6 +61,12 @@ REQUIRED = {"Leads": {"Last_Name"}, "Calls": {"Subject", "Call_Type", "Call_Star
             "Tasks": {"Subject"}}
 _CRITERION = re.compile(
     r"\((?P<field>[\w$]+):(?P<op>equals|starts_with):(?P<value>(?:\\.|[^()\\])*)\)")
+_COQL = re.compile(r"^select\s+(?P<fields>.+?)\s+from\s+(?P<module>\w+)\s+where\s+"
+                   r"(?P<where>.+?)(?:\s+limit\s+(?P<limit>\d+))?$", re.I | re.S)
+_COQL_EQ = re.compile(r"^(?P<field>\w+)\s*=\s*'(?P<value>(?:[^'\\]|\\.)*)'$")
+#: Multi-line fields: selectable, never in COQL criteria.
+MULTI_LINE = {"Description"}
+DATETIME_FIELDS = {"Call_Start_Time", "Modified_Time"}
 
 
 class ZohoFake(FakeCrm):
@@ -95,6 +109,7 @@ class ZohoFake(FakeCrm):
     # --- protocol --------------------------------------------------------------------
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post(API + "/coql", self.coql)
         router.add_get(API + "/{module}/search", self.search)
         router.add_get(API + "/Contacts", self.changed)
         router.add_get(API + "/{module}/{id}", self.get)
@@ -149,6 +164,34 @@ class ZohoFake(FakeCrm):
         return _json({"data": rows[:per_page],
                       "info": {"per_page": per_page, "count": min(len(rows), per_page),
                                "page": 1, "more_records": len(rows) > per_page}})
+
+    async def coql(self, request: web.Request) -> web.StreamResponse:
+        check_query(request, set())
+        body = await request.json()
+        expect(isinstance(body, dict) and set(body) == {"select_query"}
+               and isinstance(body["select_query"], str), "the body is {\"select_query\": ...}")
+        match = _COQL.match(body["select_query"].strip())
+        expect(match is not None, f"syntax error in {body['select_query']!r}")
+        assert match is not None
+        module = match["module"]
+        expect(module in MODULE_FIELDS, f"invalid module {module}")
+        fields = [f.strip() for f in match["fields"].split(",")]
+        for name in fields:
+            expect(name in MODULE_FIELDS[module], f"invalid column {name} in select")
+        conditions = _coql_where(match["where"].strip())
+        for name, _ in conditions:
+            expect(name in MODULE_FIELDS[module], f"invalid column {name} in where")
+            expect(name not in MULTI_LINE, f"{name}: multi-line fields cannot be used in "
+                                           "criteria")
+        limit = int(match["limit"] or 200)
+        expect(1 <= limit <= 2000, "limit must be 1..2000")
+        rows = [r for r in self.rows[module].values()
+                if all(_coql_equal(n, r.get(n), v) for n, v in conditions)]
+        if not rows:
+            return web.Response(status=204)
+        return _json({"data": [{k: r.get(k) for k in ["id", *fields]} for r in rows[:limit]],
+                      "info": {"count": min(len(rows), limit),
+                               "more_records": len(rows) > limit}})
 
     async def changed(self, request: web.Request) -> web.StreamResponse:
         query = check_query(request, {"fields", "sort_by", "sort_order", "per_page",
@@ -281,6 +324,34 @@ def _criteria(module: str, text: str, row: dict[str, Any]) -> bool:
     return False
 
 
+def _coql_where(text: str) -> list[tuple[str, str]]:
+    """The ``field = 'value'`` conditions of a COQL criteria (and-ed)."""
+    inner = text
+    if inner.startswith("(") and inner.endswith(")"):
+        inner = inner[1:-1].strip()
+    parts = [p.strip() for p in re.split(r"\s+and\s+(?=\w+\s*=)", inner, flags=re.I)]
+    expect(len(parts) == 1 or text.startswith("("),
+           "criteria with two or more conditions must be in brackets")
+    out = []
+    for part in parts:
+        found = _COQL_EQ.match(part)
+        expect(found is not None, f"only field = 'value' criteria are modelled: {part!r}")
+        assert found is not None
+        out.append((found["field"], re.sub(r"\\(.)", r"\1", found["value"])))
+    return out
+
+
+def _coql_equal(name: str, stored: Any, wanted: str) -> bool:
+    if stored is None:
+        return False
+    if name in DATETIME_FIELDS:
+        try:
+            return datetime.fromisoformat(str(stored)) == datetime.fromisoformat(wanted)
+        except ValueError:
+            raise Violation(f"{name}: {wanted!r} is not yyyy-MM-ddTHH:mm:ss±HH:mm") from None
+    return str(stored) == wanted
+
+
 def make() -> ZohoFake:
     """A seeded Zoho fake (not started)."""
     return ZohoFake()
@@ -297,5 +368,6 @@ RATE_LIMIT_STATUS = 429
 #: An override that sends the call's duration in seconds (Zoho wants mm:ss).
 BROKEN: dict[str, Any] = {"records": [{"name": "call", "body": {"data": [{
     "Subject": "call", "Call_Type": "Inbound", "Call_Start_Time": "{record.start | iso_local}",
-    "Call_Duration": "{record.talk_s | int | str}"}]}}]}
+    "Call_Duration": "{record.talk_s | int | str}",
+    "Description": "callroute {idempotency_key}"}]}}]}
 __all__ = ["BROKEN", "HAS_TAGS", "RATE_LIMIT_STATUS", "ZohoFake", "config", "digits", "make"]
