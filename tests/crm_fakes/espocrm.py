@@ -9,8 +9,10 @@ with an ``X-Status-Reason`` header (400 for a bad field or value, 401, 403, 404)
 rate limit in front of EspoCRM is the proxy's 429 with ``Retry-After``.
 
 ``phoneNumber`` filters compare digits (EspoCRM keeps a numeric form of each number):
-``equals`` the whole number, ``endsWith`` its end. Date-times are ``YYYY-MM-DD
-HH:MM:SS`` in UTC; ids are 17 hexadecimal characters.
+``equals`` the whole number, ``endsWith`` its end; ``contains`` finds text anywhere in a
+field (SQL ``LIKE '%...%'``, case-insensitive), a text field like ``description``
+included. Lists read the database: a new record is found at once. Date-times are
+``YYYY-MM-DD HH:MM:SS`` in UTC; ids are 17 hexadecimal characters.
 """
 
 from __future__ import annotations
@@ -217,6 +219,9 @@ def _where(entity: str, item: dict[str, str], row: dict[str, Any]) -> bool:
         return bool(have) and (have == wanted if kind == "equals" else have.endswith(wanted))
     if kind == "equals":
         return stored == value
+    if kind == "contains":
+        expect(bool(value), "contains needs a value")
+        return isinstance(stored, str) and value.lower() in stored.lower()
     if kind == "after":
         expect(DATETIME.match(value) is not None, "after takes 'YYYY-MM-DD HH:MM:SS'")
         return stored is not None and str(stored) > value

@@ -9,7 +9,11 @@ fields read as ``false``; many2one fields as ``[id, "name"]``; ``write_date`` as
 ``"YYYY-MM-DD HH:MM:SS"`` (UTC). Models: ``res.partner`` (``phone_sanitized`` is the
 E.164 form computed with the partner's country; ``phone_mobile_search`` matches digits
 whatever the formatting), ``crm.lead``, ``res.partner.category`` (tags), ``ir.model``,
-``mail.activity``; methods ``search_read``, ``create``, ``message_post``.
+``mail.activity`` (``res_model`` computed from ``res_model_id``), ``mail.message`` (what
+``message_post`` writes into a record's chatter); methods ``search_read``, ``create``,
+``message_post``. ``search_read`` reads the database: a new record is found at once;
+``ilike`` on an HTML field (a lead's description, a message's body, an activity's note)
+matches its text.
 
 Domains are lists of ``[field, operator, value]`` (implicit AND) with ``'|'`` prefix OR;
 operators ``=``, ``>``, ``ilike``, ``in``. The rate limit is the proxy's 429 with
@@ -39,9 +43,13 @@ FIELDS = {
                  "description"},
     "res.partner.category": {"id", "name"},
     "ir.model": {"id", "model", "name"},
-    "mail.activity": {"id", "res_model_id", "res_id", "activity_type_id", "summary", "note",
-                      "date_deadline", "user_id"},
+    "mail.activity": {"id", "res_model_id", "res_model", "res_id", "activity_type_id",
+                      "summary", "note", "date_deadline", "user_id"},
+    "mail.message": {"id", "model", "res_id", "body", "message_type", "subtype_xmlid",
+                     "author_id", "date"},
 }
+#: Fields Odoo computes: read, never written.
+COMPUTED = {("mail.activity", "res_model")}
 CREATABLE = {"crm.lead", "mail.activity"}
 INT_FIELDS = {("mail.activity", "res_model_id"), ("mail.activity", "res_id"),
               ("mail.activity", "activity_type_id"), ("mail.activity", "user_id"),
@@ -71,7 +79,6 @@ class OdooFake(FakeCrm):
         super().__init__()
         self._seq = itertools.count(7)
         self.rows: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in FIELDS}
-        self.messages: list[dict[str, Any]] = []
         self.owner_ids = {key: str(5 + i) for i, key in enumerate(OWNERS)}
         self.users = {int(v): " ".join(OWNERS[k][:2]) for k, v in self.owner_ids.items()}
         tags = {t for p in PEOPLE for t in p.tags}
@@ -182,7 +189,8 @@ class OdooFake(FakeCrm):
         for item in items:
             expect(isinstance(item, dict), "values must be an object")
             for name, value in item.items():
-                expect(name in FIELDS[model] and name not in ("id", "write_date"),
+                expect(name in FIELDS[model] and name not in ("id", "write_date")
+                       and (model, name) not in COMPUTED,
                        f"Invalid field {name!r} on model {model!r}")
                 if (model, name) in INT_FIELDS:
                     expect(value is False or (isinstance(value, int)
@@ -195,6 +203,8 @@ class OdooFake(FakeCrm):
             row = dict(item)
             if model == "crm.lead":
                 row["phone_sanitized"] = _sanitized(str(row.get("phone") or ""), None)
+            if model == "mail.activity":
+                row["res_model"] = self.rows["ir.model"][item["res_model_id"]]["model"]
             created.append(self._insert(model, row))
         return created if isinstance(values, list) else created[0]
 
@@ -224,9 +234,8 @@ class OdooFake(FakeCrm):
                and isinstance(kwargs.get("body"), str), "message_post(body=str, ...)")
         expect(kwargs.get("message_type", "notification") in ("comment", "notification"),
                "message_type must be comment or notification")
-        mid = 9000 + len(self.messages)
-        self.messages.append({"id": mid, "model": model, "res_id": rid, **kwargs})
-        return mid
+        return self._insert("mail.message", {"model": model, "res_id": rid,
+                                             "date": "2025-03-03 02:31:00", **kwargs})
 
     # --- what the tests read ----------------------------------------------------------
 
@@ -235,7 +244,7 @@ class OdooFake(FakeCrm):
         if what == "call":
             return [{"id": str(m["id"]), "on": str(m["res_id"]), "owner": None, "phone": None,
                      "outcome": _outcome_of(m["body"]), "duration_s": _duration_of(m["body"]),
-                     "text": m["body"]} for m in self.messages]
+                     "text": m["body"]} for m in self.rows["mail.message"].values()]
         if what == "lead":
             return [{"id": str(i), "on": None, "owner": None, "phone": r.get("phone"),
                      "outcome": None, "duration_s": None, "text": str(r)}
@@ -326,5 +335,5 @@ RATE_LIMIT_STATUS = 429
 #: An override that passes the partner id as text to message_post (Odoo wants an int).
 BROKEN: dict[str, Any] = {"records": [{"name": "call", "body": {"params": {"args": [
     "{vars.db}", "{vars.uid}", "{secrets.api_key}", "res.partner", "message_post",
-    ["{[customer.id]}"], {"body": "x", "message_type": "comment"}]}}}]}
+    ["{[customer.id]}"], {"body": "callroute {idempotency_key}", "message_type": "comment"}]}}}]}
 __all__ = ["BROKEN", "HAS_TAGS", "RATE_LIMIT_STATUS", "OdooFake", "config", "digits", "make"]

@@ -14,6 +14,12 @@ Auth: the ``x-api-token`` header. Errors: ``{"success": false, "error", "error_i
 
 Phone search ignores formatting: ``exact_match=true`` compares digits, otherwise the
 term's digits may be anywhere in the number.
+
+Lists: ``GET /v1/leads`` (``person_id``, ``archived_status``, ``limit``, ``start``...: the
+person's leads) and API v2's ``GET /v2/activities`` (``person_id``, ``updated_since``
+(RFC 3339), ``limit`` up to 500, ``cursor``...: ``{"success", "data", "additional_data":
+{"next_cursor"}}``; v2 activities have ``owner_id`` for v1's ``user_id``, ``done`` as a
+boolean and RFC 3339 times). Both read the database: a new object is listed at once.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import itertools
 import re
 import uuid
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -92,6 +98,8 @@ class PipedriveFake(FakeCrm):
         router.add_post("/v1/leads", self.add_lead)
         router.add_post("/v1/activities", self.add_activity)
         router.add_get("/v1/activities/{id}", self.get_activity)
+        router.add_get("/v1/leads", self.list_leads)
+        router.add_get("/v2/activities", self.list_activities)
 
     def check_auth(self, request: web.Request) -> str | None:
         if request.headers.get("x-api-token") != TOKEN:
@@ -189,7 +197,49 @@ class PipedriveFake(FakeCrm):
                "person_id must be the id (integer) of a person")
         lid = str(uuid.uuid4())
         self.leads[lid] = body
-        return _json({"success": True, "data": {"id": lid, **body}}, status=201)
+        return _json({"success": True, "data": self._lead(lid)}, status=201)
+
+    def _lead(self, lid: str) -> dict[str, Any]:
+        body = self.leads[lid]
+        return {"id": lid, "title": body.get("title"), "owner_id": body.get("owner_id"),
+                "creator_id": 12001, "label_ids": body.get("label_ids", []),
+                "person_id": body.get("person_id"),
+                "organization_id": body.get("organization_id"), "source_name": "API",
+                "origin": "API", "is_archived": False, "was_seen": False, "value": None,
+                "expected_close_date": None, "next_activity_id": None,
+                "add_time": "2025-03-03T02:31:00.000Z", "update_time": "2025-03-03T02:31:00.000Z",
+                "visible_to": "3", "cc_email": "lead@example.pipedrivemail.com"}
+
+    async def list_leads(self, request: web.Request) -> web.StreamResponse:
+        query = check_query(request, {"limit", "start", "archived_status", "owner_id",
+                                      "person_id", "organization_id", "filter_id", "sort"})
+        expect(query.get("archived_status", "all") in ("archived", "not_archived", "all"),
+               "archived_status must be archived, not_archived or all")
+        limit = int(query.get("limit", "100"))
+        expect(1 <= limit <= 500, "limit must be 1..500")
+        person = query.get("person_id")
+        expect(person is None or person.isdigit(), "person_id must be an integer")
+        found = [self._lead(lid) for lid, body in self.leads.items()
+                 if person is None or body.get("person_id") == int(person)]
+        return _json({"success": True, "data": found[:limit], "additional_data": {
+            "pagination": {"start": 0, "limit": limit,
+                           "more_items_in_collection": len(found) > limit}}})
+
+    async def list_activities(self, request: web.Request) -> web.StreamResponse:
+        query = check_query(request, {"filter_id", "ids", "owner_id", "deal_id", "lead_id",
+                                      "person_id", "org_id", "updated_since", "updated_until",
+                                      "sort_by", "sort_direction", "include_fields", "limit",
+                                      "cursor"})
+        limit = int(query.get("limit", "100"))
+        expect(1 <= limit <= 500, "limit must be 1..500")
+        person = query.get("person_id")
+        expect(person is None or person.isdigit(), "person_id must be an integer")
+        since = _rfc3339(query["updated_since"]) if "updated_since" in query else None
+        found = [a for a in self.activities.values()
+                 if (person is None or a.get("person_id") == int(person))
+                 and (since is None or _rfc3339(a["update_time"]) >= since)]
+        return _json({"success": True, "data": [_v2_activity(a) for a in found[:limit]],
+                      "additional_data": {"next_cursor": None}})
 
     async def add_activity(self, request: web.Request) -> web.StreamResponse:
         check_query(request, set())
@@ -213,7 +263,8 @@ class PipedriveFake(FakeCrm):
                    "person_id must be the id (integer) of a person")
         self._owner(body.get("user_id"))
         aid = next(self._seq)
-        self.activities[aid] = {"id": aid, **body}
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.activities[aid] = {"id": aid, **body, "add_time": now, "update_time": now}
         return _json({"success": True, "data": self.activities[aid]}, status=201)
 
     async def get_activity(self, request: web.Request) -> web.StreamResponse:
@@ -255,6 +306,29 @@ class PipedriveFake(FakeCrm):
     def outcome(neutral: str) -> str:
         """Pipedrive activities have no outcome field: the preset puts it in the subject."""
         return neutral
+
+
+def _rfc3339(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise Violation(f"{text!r} is not an RFC 3339 date-time") from None
+    expect(when.tzinfo is not None, f"{text!r} has no time zone")
+    return when
+
+
+def _v2_activity(activity: dict[str, Any]) -> dict[str, Any]:
+    """An activity as API v2 shows it."""
+    return {"id": activity["id"], "subject": activity.get("subject"),
+            "type": activity.get("type", "call"), "owner_id": activity.get("user_id"),
+            "creator_user_id": 12001, "is_deleted": False, "add_time": activity["add_time"],
+            "update_time": activity["update_time"], "deal_id": None, "lead_id": None,
+            "person_id": activity.get("person_id"), "org_id": None, "project_id": None,
+            "due_date": activity.get("due_date"), "due_time": activity.get("due_time"),
+            "duration": activity.get("duration"), "busy": False,
+            "done": bool(activity.get("done", 0)), "marked_as_done_time": None,
+            "location": None, "participants": [], "attendees": [],
+            "public_description": None, "priority": None, "note": activity.get("note")}
 
 
 def _fields(body: Any, allowed: set[str], what: str) -> None:

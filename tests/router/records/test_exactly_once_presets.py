@@ -85,14 +85,28 @@ CASES = [(vendor, step) for vendor, steps in CREATES.items() for step in steps]
 HUBSPOT_LAG_S, HUBSPOT_SETTLE_S = 0.4, 1.0
 
 
-def settings_for(name: str, module: Any, fake: FakeCrm) -> CrmSettings:
-    """The vendor's preset pointed at its fake (HubSpot's settle_s shortened)."""
-    overrides: dict[str, Any] = {}
+class _At:
+    """Where a fake is (what a fake module's config() reads)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+def preset_settings(name: str, url: str, **overrides: Any) -> CrmSettings:
+    """The vendor's preset pointed at its fake at ``url`` (HubSpot's settle_s shortened),
+    with ``overrides`` merged in."""
+    module = importlib.import_module(f"tests.crm_fakes.{name}")
+    if name == "hubspot":
+        overrides.setdefault("records", [{"name": s, "find": {"settle_s": HUBSPOT_SETTLE_S}}
+                                         for s in ("lead", "call", "task")])
+    return CrmSettings.model_validate(merge(module.config(_At(url)), overrides))
+
+
+def settings_for(name: str, fake: FakeCrm, **overrides: Any) -> CrmSettings:
+    """:func:`preset_settings` for a running fake (HubSpot's search index made to lag)."""
     if name == "hubspot":
         fake.index_lag_s = HUBSPOT_LAG_S  # type: ignore[attr-defined]
-        overrides["records"] = [{"name": s, "find": {"settle_s": HUBSPOT_SETTLE_S}}
-                                for s in ("lead", "call", "task")]
-    return CrmSettings.model_validate(merge(module.config(fake), overrides))
+    return preset_settings(name, fake.url, **overrides)
 
 
 def counts(name: str, fake: Any) -> dict[str, int]:
@@ -173,10 +187,10 @@ async def test_a_lost_answer_of_each_step_ends_with_one_object(
     the object up by the key the preset wrote into it and posts nothing again. ONE object
     of each kind, the ledger says the step's was found, and a replay of the delivered
     record (not forced) sends nothing."""
-    module, fake = await start_fake(name, fakes)
+    _module, fake = await start_fake(name, fakes)
     path, when = CREATES[name][step]
     fake.fail_next("lost", path=path, method="POST", when=when)
-    rig = Rig(redis_url, settings_for(name, module, fake), tmp_path / "spool")
+    rig = Rig(redis_url, settings_for(name, fake), tmp_path / "spool")
     rigs.append(rig)
     rec = record(f"1700000100.{len(step)}", caller_e164=UNKNOWN, outcome="missed")
     key = rec["record_key"]
@@ -197,3 +211,78 @@ async def test_a_lost_answer_of_each_step_ends_with_one_object(
     await asyncio.sleep(0.3)
     assert counts(name, fake) == once
     assert fake.violations == []
+
+
+async def test_the_fakes_really_lose_the_answer_after_committing(
+        redis_url: str, tmp_path: Path, rigs: list[Rig], fakes: list[FakeCrm]) -> None:
+    """Control: the same lost answer with the preset's find turned off. Nothing can tell
+    whether the call exists, so the record is dead-lettered as unconfirmed (not posted
+    twice); the fake holds the call the lost request committed."""
+    _module, fake = await start_fake("espocrm", fakes)
+    fake.fail_next("lost", path="/api/v1/Call", method="POST")
+    rig = Rig(redis_url, settings_for("espocrm", fake, records=[{"name": "call", "find": None}]),
+              tmp_path / "spool")
+    rigs.append(rig)
+    rec = record("1700000200.1", caller_e164=UNKNOWN, outcome="missed")
+    await rig.outbox.enqueue(rec)
+    rig.start()
+    for _ in range(500):
+        dead = await rig.redis.xrange(KEYS.outbox_dead)
+        if dead:
+            break
+        await asyncio.sleep(0.02)
+    assert [f["reason"] for _id, f in dead] == ["unconfirmed"]
+    assert counts("espocrm", fake) == {"lead": 1, "call": 1, "task": 0}
+    assert fake.violations == []
+
+
+@pytest.mark.parametrize(("name", "step"), [("salesforce", "call"), ("hubspot", "task")])
+async def test_worker_killed_after_the_vendor_committed(
+        name: str, step: str, redis_url: str, tmp_path: Path, rigs: list[Rig],
+        fakes: list[FakeCrm]) -> None:
+    """The worker process is SIGKILLed after the vendor committed the step's object and
+    before its answer arrived. The next worker reclaims the record; the ledger says the
+    step was sent, so it finds the object by its key (HubSpot: once its lagging search
+    shows it) and posts it no more: ONE object of each kind."""
+    from tests.router.records.test_delivery_crash import kill
+
+    _module, fake = await start_fake(name, fakes)
+    path, when = CREATES[name][step]
+    fake.fail_next("hold", path=path, method="POST", when=when)
+    rig = Rig(redis_url, settings_for(name, fake), tmp_path / "spool")
+    rigs.append(rig)
+    rec = record("1700000300.1", caller_e164=UNKNOWN, outcome="missed")
+    key = rec["record_key"]
+    first = await spawn_worker(redis_url, name, fake.url)
+    second = None
+    try:
+        await rig.outbox.enqueue(rec)
+        await asyncio.wait_for(fake.committed.wait(), 20)
+        await kill(first)
+        fake.release.set()
+        assert f"{step}:sent" in await rig.redis.hkeys(KEYS.outbox_ledger(key))
+        second = await spawn_worker(redis_url, name, fake.url)
+        await rig.delivered(key, limit_s=30)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                await kill(proc)
+    assert counts(name, fake) == {"lead": 1, "call": 1, "task": 1}
+    posts = [s for s in fake.requests("POST", path) if when is None or when(s.body)]
+    assert len(posts) == 1
+    state = await Ledger(rig.redis, KEYS, 60).read(key)
+    assert state.done[step].how == "found"
+    assert fake.violations == []
+
+
+async def spawn_worker(redis_url: str, name: str, url: str) -> Any:
+    """Start a preset worker process and wait for its READY line."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.router.records.preset_worker_proc", redis_url, name, url,
+        "t:", cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 20)
+    assert line.strip() == b"READY"
+    return proc
