@@ -5,15 +5,20 @@ of every lookup step and what came back (secrets masked), the records each step 
 and the customer the caller maps to. With ``--post`` it then sends a test call record
 (a missed call from that number, with the customer just found) through every record
 step, showing each request, answer and result, reads each created object back (the
-step's ``fetch``), and looks the caller up again: a lead the pipeline created should
-now be found. Exit status 0 when everything answered, 1 when a request failed.
+step's ``fetch``), finds it again by the key it wrote (the step's ``find``: what a retry
+does after a lost answer; a search that lags is asked again until ``settle_s``), and
+looks the caller up again: a lead the pipeline created should now be found. Exit status
+0 when everything answered and every find found its object, 1 otherwise (a field find
+filters on that the CRM lacks, or cannot filter on, shows here).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
@@ -30,6 +35,8 @@ from router.settings import Settings, config_option
 
 MASK = "***"
 MAX_BODY = 3000
+#: How often (s) a step's find is asked again while its search may still lag.
+FIND_POLL_S = 2.0
 #: Which of call, lead and task the outbox settings want for a record (records.delivery.plan).
 OutboxPlan = Callable[[Mapping[str, Any], Any], list[str]]
 
@@ -194,11 +201,13 @@ class Doctor:
                 self.ok = False
                 return
             self.exchanges()
+            before = dict(previous)
             previous[name] = result
             self.say(f"=> {result.status}, id {result.remote_id}"
                      + (f", outputs {dict(result.outputs)}" if result.outputs else "")
                      + (f", customer {dict(result.customer)}" if result.customer else ""), 2)
             await self._fetch_back(name, record, key, previous, wanted, result)
+            await self._find_back(name, record, key, before, wanted, result)
         if number.lookupable:
             self.say()
             self.say("looking the caller up again:")
@@ -222,6 +231,46 @@ class Doctor:
             self.ok = False
             return
         self.exchanges(4)
+
+
+    async def _find_back(self, name: str, record: Mapping[str, Any], key: str,
+                         previous: Mapping[str, StepResult], wanted: Sequence[str],
+                         result: StepResult) -> None:
+        """Find the object again by its key, as a retry after a lost answer would."""
+        spec = self.conn.plan.record_step(name)
+        if spec is None or spec.find is None or result.status != "done":
+            return
+        settle = spec.find.spec.settle_s
+        self.say(f"finding {name} by its key (what a retry does after a lost answer):", 2)
+        deadline = time.monotonic() + settle
+        while True:
+            try:
+                found = await self.conn.records.find_existing(name, record, key, previous,
+                                                              wanted)
+            except CrmError as exc:
+                self.exchanges(4)
+                self.say(f"!! find failed: {exc.kind}: {exc} (does the CRM have the field "
+                         "it filters on, and may it filter on it?)", 4)
+                self.ok = False
+                return
+            self.exchanges(4)
+            if found is not None:
+                if found.remote_id == result.remote_id:
+                    self.say(f"=> found it by its key (id {found.remote_id})", 4)
+                else:
+                    self.say(f"!! found another object (id {found.remote_id}), not the one "
+                             f"just created ({result.remote_id}): the key is not unique", 4)
+                    self.ok = False
+                return
+            if time.monotonic() >= deadline:
+                within = f" within settle_s ({settle:g} s)" if settle else ""
+                self.say(f"!! not found by its key{within}: after a lost answer the step "
+                         "would be posted again (check what find filters and matches on)", 4)
+                self.ok = False
+                return
+            self.say(f"not found yet (the CRM's search may lag up to settle_s, {settle:g} s):"
+                     f" asking again in {FIND_POLL_S:g} s", 4)
+            await asyncio.sleep(FIND_POLL_S)
 
 
 def test_record(number: CallerNumber, customer: Customer | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ operators ``=``, ``>``, ``ilike``, ``in``. The rate limit is the proxy's 429 wit
 from __future__ import annotations
 
 import itertools
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
 import phonenumbers
@@ -200,7 +200,7 @@ class OdooFake(FakeCrm):
             expect(not missing, f"Missing required fields {missing} on {model}")
             if model == "mail.activity":
                 self._check_activity(item)
-            row = dict(item)
+            row = {**item, "write_date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")}
             if model == "crm.lead":
                 row["phone_sanitized"] = _sanitized(str(row.get("phone") or ""), None)
             if model == "mail.activity":

@@ -165,3 +165,58 @@ def test_the_doctors_test_record_is_a_call_record() -> None:
     assert CallRecord.model_validate(rec).model_dump(mode="json") == rec
     assert (rec["customer_id"], rec["customer_owner"], rec["customer_kind"]) == (
         "C1", "7001", "lead")
+
+
+@pytest.mark.parametrize("name", ["hubspot", "salesforce", "zoho", "odoo", "pipedrive",
+                                  "espocrm"])
+def test_doctor_post_finds_each_object_again_by_its_key(
+        name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With --post, every record step of every preset is found again by the key it wrote
+    (its find: what a retry does after a lost answer), by the very id it was created
+    with."""
+    with ThreadedFake(name) as running:
+        code = cli.main(["crm", "doctor", "--config", str(running.config(tmp_path)), UNKNOWN,
+                         "--post"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        steps = [s for s in ("person", "lead", "call", "task") if f"step {s}:" in out]
+        assert len(steps) >= 3
+        assert out.count("finding ") == len(steps)
+        assert out.count("=> found it by its key (id ") == len(steps)
+        assert running.fake.violations == []
+
+
+def test_doctor_waits_for_a_lagging_search_and_fails_a_find_that_cannot_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """HubSpot's search shows a new call only after a while: the doctor asks again until
+    it shows (within settle_s). A find on a property the portal lacks fails the doctor
+    with the vendor's answer, and so does one that never finds the object."""
+    from router.crm import doctor as doctor_module
+
+    monkeypatch.setattr(doctor_module, "FIND_POLL_S", 0.2)
+    with ThreadedFake("hubspot") as running:
+        running.fake.index_lag_s = 0.5  # type: ignore[attr-defined]
+        code = cli.main(["crm", "doctor", "--config", str(running.config(tmp_path)), LI,
+                         "--post"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "not found yet (the CRM's search may lag up to settle_s, 30 s)" in out
+        assert out.count("=> found it by its key") == 2  # the call and the task
+        find = {"properties": ["hs_timestamp"], "limit": 10, "filterGroups": [{"filters": [
+            {"propertyName": "callroute_key", "operator": "EQ",
+             "value": "{idempotency_key}"}]}]}
+        config = running.config(tmp_path, records=[{"name": "call", "find": {
+            "body": find}}])
+        code = cli.main(["crm", "doctor", "--config", str(config), LI, "--post"])
+        out = capsys.readouterr().out
+        assert code == 1
+        assert "!! find failed: 4xx" in out
+        assert "callroute_key" in out
+        config = running.config(tmp_path, records=[{"name": "task", "find": {
+            "settle_s": 0, "match": {"path": "properties.hs_task_body",
+                                     "contains": "no such {idempotency_key}"}}}])
+        code = cli.main(["crm", "doctor", "--config", str(config), LI, "--post"])
+        out = capsys.readouterr().out
+        assert code == 1
+        assert "!! not found by its key: after a lost answer the step would be posted" in out
