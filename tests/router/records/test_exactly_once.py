@@ -43,12 +43,13 @@ def steps(outcome: str) -> float:
 
 
 class Rig:
-    """An outbox and one delivery worker posting through a RestConnector."""
+    """An outbox and one delivery worker posting through a RestConnector (no leads
+    unless ``create_leads=True`` is given among the outbox settings)."""
 
     def __init__(self, redis_url: str, settings: CrmSettings, spool: Path,
                  **outbox: Any) -> None:
         self.redis = Redis.from_url(redis_url, decode_responses=True)
-        self.outbox_settings = outbox_settings(create_leads=False, **outbox)
+        self.outbox_settings = outbox_settings(**{"create_leads": False, **outbox})
         self.outbox = Outbox(self.redis, KEYS, self.outbox_settings,
                              Spool(spool, max_records=100, max_bytes=10_000_000))
         self.sink = RestConnector(settings)
@@ -60,13 +61,13 @@ class Rig:
     def start(self) -> None:
         self.task = asyncio.create_task(self.worker.run(self.stop, grace_s=1.0))
 
-    async def delivered(self, key: str) -> None:
+    async def delivered(self, key: str, limit_s: float = 10.0) -> None:
         """Wait until ``key`` has its delivered marker."""
-        for _ in range(500):
+        for _ in range(int(limit_s / 0.02)):
             if await self.redis.exists(KEYS.delivered(key)):
                 return
             await asyncio.sleep(0.02)
-        raise AssertionError(f"{key} not delivered")
+        raise AssertionError(f"{key} not delivered (dead letters: {await self.dead()})")
 
     async def dead(self) -> list[dict[str, str]]:
         return [f for _id, f in await self.redis.xrange(KEYS.outbox_dead)]

@@ -15,26 +15,20 @@ import importlib
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from router.crm.config import CrmSettings
 from router.crm.presets import merge
-from router.crm.rest import RestConnector
-from router.keys import Keys
-from router.records.delivery import DeliveryWorker
 from router.records.ledger import Ledger
-from router.records.outbox import Outbox
 from router.records.outbox_cli import replay
-from router.records.spool import Spool
 from tests.crm_fakes.base import UNKNOWN, FakeCrm
 from tests.router.crm.test_presets import record
-from tests.router.records.outbox_crm import outbox_settings
+from tests.router.records.test_exactly_once import KEYS, Rig
 
-KEYS = Keys(prefix="t:")
 ROOT = Path(__file__).resolve().parents[3]
 Body = Callable[[Any], bool]
 
@@ -117,81 +111,41 @@ def counts(name: str, fake: Any) -> dict[str, int]:
     return made
 
 
-class Rig:
-    """An outbox and a delivery worker posting through the preset's connector."""
-
-    def __init__(self, redis_url: str, settings: CrmSettings, spool: Path) -> None:
-        self.redis = Redis.from_url(redis_url, decode_responses=True)
-        self.settings = outbox_settings()
-        self.outbox = Outbox(self.redis, KEYS, self.settings,
-                             Spool(spool, max_records=100, max_bytes=10_000_000))
-        self.sink = RestConnector(settings, region="CN")
-        self.worker = DeliveryWorker(self.redis, self.sink, keys=KEYS, settings=self.settings,
-                                     consumer="w1")
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self.worker.run(self.stop, grace_s=1.0))
-
-    async def delivered(self, key: str, limit_s: float = 15.0) -> None:
-        """Wait until ``key`` has its delivered marker."""
-        for _ in range(int(limit_s / 0.02)):
-            if await self.redis.exists(KEYS.delivered(key)):
-                return
-            await asyncio.sleep(0.02)
-        dead = await self.redis.xrange(KEYS.outbox_dead)
-        raise AssertionError(f"{key} not delivered (dead letters: {dead})")
-
-    async def close(self) -> None:
-        self.stop.set()
-        if self.task is not None:
-            await asyncio.wait_for(self.task, 10)
-        await self.sink.aclose()
-        await self.redis.aclose()
-
-
 @pytest.fixture
-async def rigs() -> AsyncIterator[list[Rig]]:
-    """Rigs closed after the test."""
-    made: list[Rig] = []
-    yield made
-    for rig in made:
-        await rig.close()
+async def stack() -> AsyncIterator[AsyncExitStack]:
+    """What a test starts (fakes, rigs), stopped after it, the last started first."""
+    async with AsyncExitStack() as started:
+        yield started
 
 
-@pytest.fixture
-async def fakes() -> AsyncIterator[list[FakeCrm]]:
-    """Fakes stopped after the test."""
-    made: list[FakeCrm] = []
-    yield made
-    for fake in made:
-        await fake.stop()
-
-
-async def start_fake(name: str, fakes: list[FakeCrm]) -> tuple[Any, Any]:
-    """The vendor's fake module and a running fake."""
-    module = importlib.import_module(f"tests.crm_fakes.{name}")
-    fake = module.make()
+async def start_fake(name: str, stack: AsyncExitStack) -> FakeCrm:
+    """The vendor's fake, running."""
+    fake: FakeCrm = importlib.import_module(f"tests.crm_fakes.{name}").make()
     await fake.start()
-    fakes.append(fake)
-    return module, fake
+    stack.push_async_callback(fake.stop)
+    return fake
+
+
+def start_rig(stack: AsyncExitStack, redis_url: str, settings: CrmSettings, spool: Path
+              ) -> Rig:
+    """A Rig (leads on) posting through ``settings``, closed with the stack."""
+    rig = Rig(redis_url, settings, spool, create_leads=True)
+    stack.push_async_callback(rig.close)
+    return rig
 
 
 @pytest.mark.parametrize(("name", "step"), CASES, ids=[f"{v}-{s}" for v, s in CASES])
 async def test_a_lost_answer_of_each_step_ends_with_one_object(
-        name: str, step: str, redis_url: str, tmp_path: Path, rigs: list[Rig],
-        fakes: list[FakeCrm]) -> None:
+        name: str, step: str, redis_url: str, tmp_path: Path, stack: AsyncExitStack) -> None:
     """An unknown caller's missed call makes a lead (or contact, or person), a call and a
     task. The vendor commits the step's object and the connection drops: the retry looks
     the object up by the key the preset wrote into it and posts nothing again. ONE object
     of each kind, the ledger says the step's was found, and a replay of the delivered
     record (not forced) sends nothing."""
-    _module, fake = await start_fake(name, fakes)
+    fake = await start_fake(name, stack)
     path, when = CREATES[name][step]
     fake.fail_next("lost", path=path, method="POST", when=when)
-    rig = Rig(redis_url, settings_for(name, fake), tmp_path / "spool")
-    rigs.append(rig)
+    rig = start_rig(stack, redis_url, settings_for(name, fake), tmp_path / "spool")
     rec = record(f"1700000100.{len(step)}", caller_e164=UNKNOWN, outcome="missed")
     key = rec["record_key"]
     await rig.outbox.enqueue(rec)
@@ -214,43 +168,39 @@ async def test_a_lost_answer_of_each_step_ends_with_one_object(
 
 
 async def test_the_fakes_really_lose_the_answer_after_committing(
-        redis_url: str, tmp_path: Path, rigs: list[Rig], fakes: list[FakeCrm]) -> None:
+        redis_url: str, tmp_path: Path, stack: AsyncExitStack) -> None:
     """Control: the same lost answer with the preset's find turned off. Nothing can tell
     whether the call exists, so the record is dead-lettered as unconfirmed (not posted
     twice); the fake holds the call the lost request committed."""
-    _module, fake = await start_fake("espocrm", fakes)
+    fake = await start_fake("espocrm", stack)
     fake.fail_next("lost", path="/api/v1/Call", method="POST")
-    rig = Rig(redis_url, settings_for("espocrm", fake, records=[{"name": "call", "find": None}]),
-              tmp_path / "spool")
-    rigs.append(rig)
+    rig = start_rig(stack, redis_url, settings_for(
+        "espocrm", fake, records=[{"name": "call", "find": None}]), tmp_path / "spool")
     rec = record("1700000200.1", caller_e164=UNKNOWN, outcome="missed")
     await rig.outbox.enqueue(rec)
     rig.start()
     for _ in range(500):
-        dead = await rig.redis.xrange(KEYS.outbox_dead)
-        if dead:
+        if await rig.dead():
             break
         await asyncio.sleep(0.02)
-    assert [f["reason"] for _id, f in dead] == ["unconfirmed"]
+    assert [f["reason"] for f in await rig.dead()] == ["unconfirmed"]
     assert counts("espocrm", fake) == {"lead": 1, "call": 1, "task": 0}
     assert fake.violations == []
 
 
 @pytest.mark.parametrize(("name", "step"), [("salesforce", "call"), ("hubspot", "task")])
 async def test_worker_killed_after_the_vendor_committed(
-        name: str, step: str, redis_url: str, tmp_path: Path, rigs: list[Rig],
-        fakes: list[FakeCrm]) -> None:
+        name: str, step: str, redis_url: str, tmp_path: Path, stack: AsyncExitStack) -> None:
     """The worker process is SIGKILLed after the vendor committed the step's object and
     before its answer arrived. The next worker reclaims the record; the ledger says the
     step was sent, so it finds the object by its key (HubSpot: once its lagging search
     shows it) and posts it no more: ONE object of each kind."""
     from tests.router.records.test_delivery_crash import kill
 
-    _module, fake = await start_fake(name, fakes)
+    fake = await start_fake(name, stack)
     path, when = CREATES[name][step]
     fake.fail_next("hold", path=path, method="POST", when=when)
-    rig = Rig(redis_url, settings_for(name, fake), tmp_path / "spool")
-    rigs.append(rig)
+    rig = start_rig(stack, redis_url, settings_for(name, fake), tmp_path / "spool")
     rec = record("1700000300.1", caller_e164=UNKNOWN, outcome="missed")
     key = rec["record_key"]
     first = await spawn_worker(redis_url, name, fake.url)
