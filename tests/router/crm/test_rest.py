@@ -443,6 +443,16 @@ async def test_recording_upload(tmp_path: Path) -> None:
     assert server.seen[2]["body"] == {"rec": None}  # unreadable file: no link, still posted
 
 
+def deleting_uploads(url: str, activity: dict[str, Any]) -> CrmSettings:
+    """``activity`` and a task that link the recording, uploaded to /files and deleted
+    once confirmed."""
+    return CrmSettings.model_validate({
+        "base_url": url, "activity": activity,
+        "task": {"url": "/tasks", "body": {"rec": "{record.recording_url}"}},
+        "recordings": {"mode": "upload", "url": "/files", "delete_after_upload": True},
+    })
+
+
 async def test_recording_deleted_only_after_the_crm_confirmed(tmp_path: Path) -> None:
     """With ``delete_after_upload``, the local file stays while the activity that links
     the upload fails (the retry uploads it again), is deleted once the CRM confirmed the
@@ -460,12 +470,8 @@ async def test_recording_deleted_only_after_the_crm_confirmed(tmp_path: Path) ->
         return 201, {"id": "A1"}, {}
 
     async with scripted_server(reply) as server:
-        settings = CrmSettings.model_validate({
-            "base_url": server.url,
-            "activity": {"url": "/calls", "body": {"rec": "{record.recording_url}"}},
-            "task": {"url": "/tasks", "body": {"rec": "{record.recording_url}"}},
-            "recordings": {"mode": "upload", "url": "/files", "delete_after_upload": True},
-        })
+        settings = deleting_uploads(server.url, {"url": "/calls",
+                                                 "body": {"rec": "{record.recording_url}"}})
         record = {**CALL, "recording": str(recording)}
         async with connector(settings) as conn:
             with pytest.raises(CrmServerError):
@@ -504,16 +510,11 @@ async def test_recording_of_a_step_recovered_by_find_is_deleted_like_a_confirmed
         return 201, {"id": "T1"}, {}
 
     async with scripted_server(reply) as server:
-        settings = CrmSettings.model_validate({
-            "base_url": server.url,
-            "activity": {"url": "/calls", "idempotency_header": None,
-                         "body": {"rec": "{record.recording_url}", "key": "{idempotency_key}"},
-                         "find": {"method": "POST", "url": "/calls/search",
-                                  "body": {"key": "{idempotency_key}"},
-                                  "match": {"path": "key", "equals": "{idempotency_key}"}}},
-            "task": {"url": "/tasks", "body": {"rec": "{record.recording_url}"}},
-            "recordings": {"mode": "upload", "url": "/files", "delete_after_upload": True},
-        })
+        settings = deleting_uploads(server.url, {
+            "url": "/calls", "idempotency_header": None,
+            "body": {"rec": "{record.recording_url}", "key": "{idempotency_key}"},
+            "find": {"method": "POST", "url": "/calls/search", "body": {"key": "{idempotency_key}"},
+                     "match": {"path": "key", "equals": "{idempotency_key}"}}})
         record = {**CALL, "recording": str(recording)}
         async with connector(settings) as conn:
             with pytest.raises(CrmServerError):
