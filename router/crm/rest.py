@@ -337,10 +337,11 @@ class RestConnector:
         A link this process did not upload (the worker that did crashed) cannot be
         recognised: the file is kept."""
         rec = self.settings.recordings
-        if rec is None or rec.mode != "upload":
+        path = record.get(rec.path_field) if rec is not None else None
+        if rec is None or rec.mode != "upload" or not isinstance(path, str) or not path:
             return
         link = self._uploaded.get(key) or self._unconfirmed.get(key)
-        name = Path(str(record.get(rec.path_field) or "")).name
+        name = Path(path).name
         if link is None:
             log.info("crm recording %s: the step was found at the CRM, but which upload it "
                      "links is not known here: the local file is kept", name)
