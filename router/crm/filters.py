@@ -9,6 +9,7 @@ tables, the caller's region) read them from the :class:`Runtime` of the evaluati
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -195,6 +196,14 @@ def f_soql(value: Any) -> Any:
     if is_missing(value):
         return None
     return to_text(value).replace("\\", "\\\\").replace("'", "\\'")
+
+
+def f_html(value: Any) -> Any:
+    """Escape for HTML text (``&``, ``<``, ``>``, quotes): free text such as an agent's
+    note put into a CRM's HTML field (Odoo's chatter, Pipedrive's note)."""
+    if is_missing(value):
+        return None
+    return html.escape(to_text(value), quote=True)
 
 
 def f_escape(value: Any, chars: str, escape: str = "\\") -> Any:
@@ -385,7 +394,7 @@ FILTERS: Final[dict[str, Callable[..., Any]]] = {
     "str": f_str, "int": f_int, "float": f_float, "round": f_round,
     "upper": f_upper, "lower": f_lower, "title": f_title, "trim": f_trim,
     "truncate": f_truncate, "replace": f_replace, "split": f_split, "digits": f_digits,
-    "regex": f_regex, "json": f_json, "soql": f_soql, "escape": f_escape,
+    "regex": f_regex, "json": f_json, "soql": f_soql, "escape": f_escape, "html": f_html,
     "default": f_default, "join": f_join, "first": f_first, "length": f_length,
     "list": f_list, "pluck": f_pluck, "where": f_where, "translate": f_translate,
     "iso": f_iso, "iso_local": f_iso_local, "date": f_date, "strftime": f_strftime,

@@ -111,12 +111,15 @@ def test_durations_and_numbers() -> None:
 
 
 def test_text_filters_regex_escape_soql_pluck_where() -> None:
-    """Text and list filters used by the presets."""
+    """Text and list filters used by the presets (html escapes an agent's note)."""
     rec = {"msg": "Contact already exists. Existing ID: 12345",
            "phones": [{"value": "+1 415", "primary": True}, {"value": "+1 212"}]}
     assert value("{record.msg | regex('Existing ID: (\\\\d+)')}", record=rec) == "12345"
     assert value("{'(415) 555-0100' | escape('(),')}") == "\\(415\\) 555-0100"
     assert value("{\"O'Brien\" | soql}") == "O\\'Brien"
+    assert value("{record.note | html}", record={"note": "<b>Tom & \"Jo\"</b>"}) == \
+        "&lt;b&gt;Tom &amp; &quot;Jo&quot;&lt;/b&gt;"
+    assert value("{record.note | html}", record={}) is None
     assert value("{record.phones | pluck('value')}", record=rec) == ["+1 415", "+1 212"]
     assert value("{record.phones | where('primary') | pluck('value')}", record=rec) == ["+1 415"]
     assert value("{'+86 138 0013 8000' | digits}") == "8613800138000"
