@@ -250,6 +250,13 @@ class ChangeReceiver(Protocol):
     async def fetch(self, customer_id: str) -> Fetched | None:
         """The customer's current record by id (None: the CRM has none); CrmError."""
 
+def step_key(record_key: str, step: str) -> str:
+    """The idempotency key of one record step of the record ``record_key``: the record's
+    key for the call, ``<key>:<step>`` for the others. Each step writes it into what it
+    creates (its ``find`` looks for it); an ``update`` of that object sees it too."""
+    return record_key if step == "call" else f"{record_key}:{step}"
+
+
 @runtime_checkable
 class StepUpdater(Protocol):
     """A record sink that can change what a step created, after the record was delivered
@@ -260,4 +267,5 @@ class StepUpdater(Protocol):
 
     async def run_update(self, step: str, record: Mapping[str, Any], remote_id: str,
                          idempotency_key: str) -> StepResult:
-        """Change the object ``step`` created (CRM id ``remote_id``) from ``record``."""
+        """Change the object ``step`` created (CRM id ``remote_id``) from ``record`` (the
+        delivered record with the changes); ``idempotency_key`` is the update's own key."""

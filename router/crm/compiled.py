@@ -275,6 +275,8 @@ class RecordStepPlan:
     find: FindPlan | None = None
     #: how to change the created object later (``update``), by its id
     update: Request | None = None
+    #: whether the update's templates read ``record.recording_url``
+    update_needs_recording: bool = False
 
     @property
     def uses(self) -> Uses:
@@ -433,16 +435,18 @@ def _record_step(step: RecordStep, where: str, names: frozenset[str],
         find = FindPlan(step.find, compile_request_spec(step.find, names, f"{where}.find"),
                         match)
     update = None
+    update_text = ""
     if step.update is not None:
         spec = step.update
         update_body = "{record}" if spec.body is None and spec.method in (
             "POST", "PUT", "PATCH") else None
         update = compile_request_spec(spec, spec.names(), f"{where}.update", body=update_body)
+        update_text = f"{spec.url} {spec.params} {spec.headers} {spec.body}"
     text = f"{step.url} {step.params} {step.headers} {body}"
     return RecordStepPlan(
         name=step.name, spec=step, when=when, request=request, outputs=outputs,
         customer=customer, fetch=fetch, needs_recording="recording_url" in text, find=find,
-        update=update,
+        update=update, update_needs_recording="recording_url" in update_text,
     )
 
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from router.crm.base import StepResult
+from router.crm.base import StepResult, step_key
 from router.crm.compiled import Plan, RecordStepPlan
 from router.crm.config import CUSTOMER_FIELDS
 from router.crm.find import find_object
@@ -195,13 +195,23 @@ class RecordRunner:
     async def run_update(self, step: str, record: Mapping[str, Any], remote_id: str,
                          idempotency_key: str) -> StepResult:
         """Change the object ``step`` created (CRM id ``remote_id``) with the step's
-        ``update`` request; ``record`` carries the changes. Raises :class:`CrmError` when
-        the CRM refuses it."""
+        ``update`` request; ``record`` is the delivered record carrying the changes.
+
+        The templates see what the step's saw: ``idempotency_key`` is the step's (the key
+        it wrote into the object, which its ``find`` looks for), so an update that writes
+        the step's text again keeps it; ``record.recording_url`` is the link in ``url``
+        mode. ``idempotency_key`` here is the update's own (logged). Raises
+        :class:`CrmError` when the CRM refuses it."""
         spec = self._spec(step)
         if spec.update is None:
             raise KeyError(f"record step {step!r} has no update")
-        context = {**self.context(step, jsonable(record), idempotency_key, {}, []),
-                   "id": remote_id}
+        data = jsonable(record)
+        if spec.update_needs_recording and self.plan.recording_url is not None \
+                and self.recording_url is not None and not data.get("recording_url"):
+            # url mode only: the link is the file's; an upload is never made again here
+            data["recording_url"] = await self.recording_url(data, idempotency_key)
+        key = step_key(str(data.get("record_key") or idempotency_key), step)
+        context = {**self.context(step, data, key, {}, []), "id": remote_id}
         if self.refs is not None and spec.update.template.uses.refs:
             url, params, headers, body = await evaluate(spec.update.template, context,
                                                         self.plan.runtime, self.refs)
@@ -213,6 +223,7 @@ class RecordRunner:
         resp = await self.http.request(f"{step}:update", method, url, params=params,
                                        json_body=body, headers=headers or None)
         check_error(spec.update, resp, context, f"crm record step {step} update", step)
+        log.debug("%s: step %s's object %s updated", idempotency_key, step, remote_id)
         return StepResult(step=step, status="done", remote_id=remote_id)
 
     async def fetch(self, step: str, record: Mapping[str, Any], idempotency_key: str,
