@@ -18,11 +18,16 @@ tells apart the calls of one endpoint (Odoo's ``/jsonrpc``).
 
 The people every fake is seeded with are :data:`PEOPLE`, stored the way people type
 numbers, so that the same scenarios run against every preset.
+
+An update of a stored object (the vendor's PATCH/PUT/``write``) is checked like a
+create and recorded in :attr:`FakeCrm.changes`: the object's state after each update,
+so a test can see that an update sent twice left the object as once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -127,6 +132,15 @@ class Seen:
 
 
 @dataclass
+class Change:
+    """One update the fake carried out: what was updated and the object after it."""
+
+    kind: str
+    id: str
+    after: Any
+
+
+@dataclass
 class _Fault:
     kind: FaultKind
     path: str | None
@@ -149,6 +163,8 @@ class FakeCrm:
     def __init__(self) -> None:
         self.seen: list[Seen] = []
         self.violations: list[str] = []
+        #: every update carried out, in order (the object as it was after each)
+        self.changes: list[Change] = []
         self.url = ""
         self._faults: list[_Fault] = []
         self._runner: web.AppRunner | None = None
@@ -207,6 +223,10 @@ class FakeCrm:
         """Make the next ``count`` matching requests fail with ``kind`` (``when``: a test
         of the JSON body too)."""
         self._faults.append(_Fault(kind, path, method, count, when))
+
+    def record_change(self, kind: str, oid: Any, obj: Any) -> None:
+        """Record that object ``oid`` of ``kind`` was updated and is now ``obj``."""
+        self.changes.append(Change(kind, str(oid), copy.deepcopy(obj)))
 
     def requests(self, method: str | None = None, path: str | None = None) -> list[Seen]:
         """The requests received, optionally only those of one method / path prefix."""

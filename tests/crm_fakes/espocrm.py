@@ -4,7 +4,8 @@ search parameters).
 Endpoints under ``/api/v1``: ``GET /{Entity}`` (``maxSize``, ``offset``, ``select``
 (comma-separated, no spaces), ``orderBy``, ``order``, ``where[i][type|attribute|value]``
 → ``{"list": [...], "total": n}``), ``GET /{Entity}/{id}`` (the whole record),
-``POST /{Entity}`` (200 and the created record). Auth: ``X-Api-Key``. Errors: the status
+``POST /{Entity}`` (200 and the created record), ``PUT /{Entity}/{id}`` (the attributes to
+change; 200 and the updated record). Auth: ``X-Api-Key``. Errors: the status
 with an ``X-Status-Reason`` header (400 for a bad field or value, 401, 403, 404); a
 rate limit in front of EspoCRM is the proxy's 429 with ``Retry-After``.
 
@@ -101,6 +102,7 @@ class EspoCrmFake(FakeCrm):
         router.add_get("/api/v1/{entity}", self.list)
         router.add_get("/api/v1/{entity}/{id}", self.read)
         router.add_post("/api/v1/{entity}", self.create)
+        router.add_put("/api/v1/{entity}/{id}", self.update)
 
     def check_auth(self, request: web.Request) -> str | None:
         return None if request.headers.get("X-Api-Key") == API_KEY else "Unauthorized"
@@ -163,7 +165,28 @@ class EspoCrmFake(FakeCrm):
     async def create(self, request: web.Request) -> web.StreamResponse:
         entity = self._entity(request)
         expect(entity in ("Lead", "Call", "Task"), f"creating {entity} is not modelled")
-        body = await request.json()
+        body = self._attributes(entity, await request.json())
+        missing = sorted(f for f in REQUIRED[entity] if not body.get(f))
+        expect(not missing, f"required: {missing}")
+        oid = self._insert(entity, dict(body))
+        return _json(self.rows[entity][oid])
+
+    async def update(self, request: web.Request) -> web.StreamResponse:
+        entity = self._entity(request)
+        expect(entity in ("Lead", "Call", "Task"), f"updating {entity} is not modelled")
+        expect(not request.query, "an update takes no parameters")
+        body = self._attributes(entity, await request.json())
+        row = self.rows[entity].get(request.match_info["id"])
+        if row is None:
+            return self.error_response(404, "Record not found")
+        emptied = sorted(f for f in REQUIRED[entity] if f in body and not body[f])
+        expect(not emptied, f"required: {emptied}")
+        row.update(body)
+        self.record_change(entity, row["id"], row)
+        return _json(row)
+
+    def _attributes(self, entity: str, body: Any) -> dict[str, Any]:
+        """The attributes of a create or update, checked as EspoCRM does."""
         expect(isinstance(body, dict), "the body must be a JSON object")
         for name, value in body.items():
             expect(name in ATTRIBUTES[entity] and name != "id", f"unknown attribute {name}")
@@ -172,8 +195,6 @@ class EspoCrmFake(FakeCrm):
             if name in ("dateStart", "dateEnd") and value is not None:
                 expect(isinstance(value, str) and DATETIME.match(value) is not None,
                        f"{name} must be 'YYYY-MM-DD HH:MM:SS' (UTC)")
-        missing = sorted(f for f in REQUIRED[entity] if not body.get(f))
-        expect(not missing, f"required: {missing}")
         if "duration" in body:
             expect(isinstance(body["duration"], int) and not isinstance(body["duration"], bool),
                    "duration is a number of seconds")
@@ -188,8 +209,7 @@ class EspoCrmFake(FakeCrm):
             start = datetime.strptime(body["dateStart"], "%Y-%m-%d %H:%M:%S")
             end = datetime.strptime(body["dateEnd"], "%Y-%m-%d %H:%M:%S")
             expect(end >= start, "dateEnd is before dateStart")
-        oid = self._insert(entity, dict(body))
-        return _json(self.rows[entity][oid])
+        return body
 
     # --- what the tests read ----------------------------------------------------------
 
@@ -205,6 +225,15 @@ class EspoCrmFake(FakeCrm):
     def outcome(neutral: str) -> str:
         """The Call status the preset should send."""
         return "Held" if neutral == "answered" else "Not Held"
+
+    def disposition(self, oid: str) -> dict[str, Any]:
+        """A Call's disposition field (none: it is in the text) and its description."""
+        return {"value": None, "text": self.rows["Call"][oid].get("description")}
+
+    @staticmethod
+    def disposition_value(code: str) -> None:
+        """EspoCRM's preset has no disposition field."""
+        return None
 
 
 def _where(entity: str, item: dict[str, str], row: dict[str, Any]) -> bool:
@@ -243,4 +272,10 @@ RATE_LIMIT_STATUS = 429
 #: An override that sends the start time in ISO 8601 (EspoCRM wants "YYYY-MM-DD HH:MM:SS").
 BROKEN: dict[str, Any] = {"records": [{"name": "call", "body": {
     "dateStart": "{record.start | iso}"}}]}
-__all__ = ["BROKEN", "HAS_TAGS", "RATE_LIMIT_STATUS", "EspoCrmFake", "config", "digits", "make"]
+#: The call's update: method, path prefix (the id follows), test of the body.
+UPDATE: tuple[str, str, Any] = ("PUT", "/api/v1/Call/", None)
+#: An update override that writes an attribute the Call entity does not have.
+BROKEN_UPDATE: dict[str, Any] = {"records": [{"name": "call", "update": {"body": {
+    "dispositionCode": "{record.disposition}"}}}]}
+__all__ = ["BROKEN", "BROKEN_UPDATE", "HAS_TAGS", "RATE_LIMIT_STATUS", "UPDATE", "EspoCrmFake",
+           "config", "digits", "make"]

@@ -3,9 +3,13 @@
 
 Endpoints: ``POST /crm/v3/objects/{contacts,companies}/search``
 (``PublicObjectSearchRequest`` → ``CollectionResponseWithTotalSimplePublicObject``),
-``GET /crm/v3/objects/{type}/{id}``, ``POST /crm/v3/objects/{contacts,calls,tasks}``
+``GET /crm/v3/objects/{type}/{id}`` (the default properties and those asked for in
+``properties``), ``POST /crm/v3/objects/{contacts,calls,tasks}``
 (``SimplePublicObjectInputForCreate``: ``properties`` (string values only) and
-``associations``, both required → 201 ``SimplePublicObject``). Private-app tokens:
+``associations``, both required → 201 ``SimplePublicObject``), ``PATCH
+/crm/v3/objects/{type}/{id}`` (``SimplePublicObjectInput``: ``properties`` only; the
+values given overwrite, "" clears; a read-only or non-existent property is an error →
+200 ``SimplePublicObject``). Private-app tokens:
 ``Authorization: Bearer``. Errors are HubSpot's ``Error`` object (``category``,
 ``correlationId``, ``message``, ``errors``); the rate limit is 429 with the
 ``X-HubSpot-RateLimit-*`` headers, ``Retry-After`` and ``errorType: RATE_LIMIT``.
@@ -89,6 +93,9 @@ ENUMS = {
 #: HUBSPOT_DEFINED association types: (from, to-object) -> id.
 ASSOCIATIONS = {("calls", "contacts"): 194, ("calls", "companies"): 182,
                 ("tasks", "contacts"): 204, ("tasks", "companies"): 192}
+#: Properties HubSpot sets itself: an update naming one is refused.
+READ_ONLY = {"hs_object_id", "createdate", "lastmodifieddate", "hs_lastmodifieddate",
+             "hs_searchable_calculated_phone_number", "hs_searchable_calculated_mobile_number"}
 DEFAULT_PROPERTIES = {"contacts": ["createdate", "email", "firstname", "hs_object_id",
                                    "lastmodifieddate", "lastname"],
                       "companies": ["createdate", "domain", "hs_lastmodifieddate",
@@ -141,6 +148,10 @@ class Association(Strict):
 class CreateRequest(Strict):
     properties: dict[str, str]
     associations: list[Association]
+
+
+class UpdateRequest(Strict):
+    properties: dict[str, str]
 
 
 def _now() -> str:
@@ -214,6 +225,7 @@ class HubSpotFake(FakeCrm):
         router.add_post("/crm/v3/objects/{kind}/search", self.search)
         router.add_get("/crm/v3/objects/{kind}/{id}", self.get)
         router.add_post("/crm/v3/objects/{kind}", self.create)
+        router.add_patch("/crm/v3/objects/{kind}/{id}", self.update)
 
     def check_auth(self, request: web.Request) -> str | None:
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
@@ -281,27 +293,31 @@ class HubSpotFake(FakeCrm):
         if obj is None:
             return self.error_response(404, "Object not found")
         wanted = set(DEFAULT_PROPERTIES.get(kind, [])) | set(
-            p for p in query.get("properties", "").split(",") if p) | set(obj["properties"])
+            p for p in query.get("properties", "").split(",") if p)
         return json_response(_public(obj, wanted))
+
+    def _check_properties(self, kind: str, props: dict[str, str]) -> None:
+        for name, value in props.items():
+            expect(name in PROPERTIES[kind], f"Property {name!r} does not exist on {kind}")
+            allowed = ENUMS.get((kind, name))
+            expect(allowed is None or value in allowed,
+                   f"{value!r} is not a valid option for {name}")
+        if "hs_timestamp" in props:
+            _parse_time(props["hs_timestamp"])
+        if kind == "calls" and "hs_call_duration" in props:
+            expect(props["hs_call_duration"].isdigit(),
+                   "hs_call_duration must be a number of milliseconds")
+        if props.get("hubspot_owner_id") is not None:
+            expect(props["hubspot_owner_id"] in self.owner_ids.values(),
+                   f"owner {props['hubspot_owner_id']} does not exist")
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         kind = self._kind(request, ("contacts", "calls", "tasks"))
         check_query(request, set())
         body = check(CreateRequest, await request.json(), "SimplePublicObjectInputForCreate")
-        for name, value in body.properties.items():
-            expect(name in PROPERTIES[kind], f"Property {name!r} does not exist on {kind}")
-            allowed = ENUMS.get((kind, name))
-            expect(allowed is None or value in allowed,
-                   f"{value!r} is not a valid option for {name}")
-        if kind in ("calls", "tasks"):
-            expect("hs_timestamp" in body.properties, "hs_timestamp is required")
-            _parse_time(body.properties["hs_timestamp"])
-        if kind == "calls" and "hs_call_duration" in body.properties:
-            expect(body.properties["hs_call_duration"].isdigit(),
-                   "hs_call_duration must be a number of milliseconds")
-        if body.properties.get("hubspot_owner_id") is not None:
-            expect(body.properties["hubspot_owner_id"] in self.owner_ids.values(),
-                   f"owner {body.properties['hubspot_owner_id']} does not exist")
+        expect(kind not in ("calls", "tasks") or "hs_timestamp" in body.properties,
+               "hs_timestamp is required")
+        self._check_properties(kind, body.properties)
         for assoc in body.associations:
             to_kind = next((k for k in ("contacts", "companies")
                             if assoc.to.id in self.objects[k]), None)
@@ -312,6 +328,23 @@ class HubSpotFake(FakeCrm):
         oid = self._store(kind, dict(body.properties),
                           [a.model_dump() for a in body.associations])
         return json_response(_public(self.objects[kind][oid], set(body.properties)), status=201)
+
+    async def update(self, request: web.Request) -> web.StreamResponse:
+        kind = self._kind(request, ("contacts", "calls", "tasks"))
+        check_query(request, {"idProperty"})
+        body = check(UpdateRequest, await request.json(), "SimplePublicObjectInput")
+        for name in body.properties:
+            expect(name not in READ_ONLY, f"Property {name!r} is read-only")
+        self._check_properties(kind, body.properties)
+        obj = self.objects[kind].get(request.match_info["id"])
+        if obj is None:
+            return self.error_response(404, "Object not found")
+        obj["properties"].update({k: (v if v != "" else None)
+                                  for k, v in body.properties.items()})
+        obj["updatedAt"] = _now()
+        self.record_change(kind, obj["id"], obj["properties"])
+        wanted = set(DEFAULT_PROPERTIES[kind]) | set(body.properties)
+        return json_response(_public(obj, wanted))
 
     # --- what the tests read ----------------------------------------------------------
 
@@ -339,6 +372,17 @@ class HubSpotFake(FakeCrm):
         """The hs_call_status the preset should send for a call record outcome."""
         return {"answered": "COMPLETED", "missed": "NO_ANSWER", "busy": "BUSY",
                 "failed": "FAILED"}.get(neutral, "CANCELED")
+
+    def disposition(self, oid: str) -> dict[str, Any]:
+        """A call's disposition field (its outcome id) and its text (hs_call_body)."""
+        props = self.objects["calls"][oid]["properties"]
+        return {"value": props.get("hs_call_disposition"), "text": props.get("hs_call_body")}
+
+    @staticmethod
+    def disposition_value(code: str) -> str:
+        """The hs_call_disposition the preset sends for a callroute disposition code."""
+        return {"wrong-number": "17b47fee-58de-441e-a44c-c6300d46f273"}.get(
+            code, "f240bbac-87c9-4f6e-bf70-924b57d47db7")
 
 
 def _parse_time(value: str) -> None:
@@ -404,9 +448,15 @@ def make() -> HubSpotFake:
     return HubSpotFake()
 
 
+#: The call's update: method, path prefix (the id follows), test of the body.
+UPDATE: tuple[str, str, Any] = ("PATCH", "/crm/v3/objects/calls/", None)
 HAS_TAGS = True
 RATE_LIMIT_STATUS = 429
 #: An override that sends a number where HubSpot's spec says properties are strings.
 BROKEN: dict[str, Any] = {"records": [{"name": "call", "body": {"properties": {
     "hs_call_duration": "{record.talk_s | ms}"}}}]}
-__all__ = ["BROKEN", "HAS_TAGS", "RATE_LIMIT_STATUS", "HubSpotFake", "config", "digits", "make"]
+#: An update override that sends callroute's code where HubSpot wants a call outcome's id.
+BROKEN_UPDATE: dict[str, Any] = {"records": [{"name": "call", "update": {"body": {
+    "properties": {"hs_call_disposition": "{record.disposition}"}}}}]}
+__all__ = ["BROKEN", "BROKEN_UPDATE", "HAS_TAGS", "RATE_LIMIT_STATUS", "UPDATE", "HubSpotFake",
+           "config", "digits", "make"]

@@ -11,7 +11,10 @@ E.164 form computed with the partner's country; ``phone_mobile_search`` matches 
 whatever the formatting), ``crm.lead``, ``res.partner.category`` (tags), ``ir.model``,
 ``mail.activity`` (``res_model`` computed from ``res_model_id``), ``mail.message`` (what
 ``message_post`` writes into a record's chatter); methods ``search_read``, ``create``,
-``message_post``. ``search_read`` reads the database: a new record is found at once;
+``message_post``, ``read`` (``[ids]``, ``fields``) and ``write`` (``[ids], {values}`` →
+``true``; a missing record is a ``MissingError``; a computed field cannot be written;
+``mail.message``: only its ``body``, what editing a note changes).
+``search_read`` reads the database: a new record is found at once;
 ``ilike`` on an HTML field (a lead's description, a message's body, an activity's note)
 matches its text.
 
@@ -51,6 +54,11 @@ FIELDS = {
 #: Fields Odoo computes: read, never written.
 COMPUTED = {("mail.activity", "res_model")}
 CREATABLE = {"crm.lead", "mail.activity"}
+#: Fields ``write`` may change, per model.
+WRITABLE = {"mail.message": {"body"},
+            "crm.lead": FIELDS["crm.lead"] - {"id", "write_date", "phone_sanitized",
+                                              "phone_mobile_search"},
+            "mail.activity": FIELDS["mail.activity"] - {"id", "res_model"}}
 INT_FIELDS = {("mail.activity", "res_model_id"), ("mail.activity", "res_id"),
               ("mail.activity", "activity_type_id"), ("mail.activity", "user_id"),
               ("crm.lead", "user_id")}
@@ -237,6 +245,48 @@ class OdooFake(FakeCrm):
         return self._insert("mail.message", {"model": model, "res_id": rid,
                                              "date": "2025-03-03 02:31:00", **kwargs})
 
+    def _records(self, model: str, ids: Any) -> list[dict[str, Any]]:
+        expect(isinstance(ids, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids),
+               "ids must be a list of integers")
+        missing = [i for i in ids if i not in self.rows[model]]
+        expect(not missing, f"MissingError: Record does not exist or has been deleted. "
+                            f"(Record: {model}({missing[0] if missing else ''},))")
+        return [self.rows[model][i] for i in ids]
+
+    def _m_read(self, model: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        expect(len(args) in (1, 2) and set(kwargs) <= {"fields", "load"},
+               "read([ids], fields=[...])")
+        fields = kwargs.get("fields") or (args[1] if len(args) == 2 else None) \
+            or sorted(FIELDS[model])
+        for name in fields:
+            expect(name in FIELDS[model], f"Invalid field {name!r} on model {model!r}")
+        return [{k: r.get(k, False) for k in ["id", *fields]}
+                for r in self._records(model, args[0])]
+
+    def _m_write(self, model: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        expect(model in WRITABLE, f"write on {model} is not allowed here")
+        expect(len(args) == 2 and isinstance(args[1], dict) and not kwargs,
+               "write([ids], {values})")
+        rows = self._records(model, args[0])
+        values = args[1]
+        for name, value in values.items():
+            expect(name in FIELDS[model], f"Invalid field {name!r} on model {model!r}")
+            expect(name in WRITABLE[model], f"field {name!r} of {model} cannot be written")
+            if name == "body":
+                expect(isinstance(value, str), "body must be HTML text")
+            if (model, name) in INT_FIELDS:
+                expect(value is False or (isinstance(value, int)
+                                          and not isinstance(value, bool)),
+                       f"{name} must be an integer id")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        for row in rows:
+            row.update(values)
+            if "write_date" in FIELDS[model]:
+                row["write_date"] = stamp
+            self.record_change(model, row["id"], row)
+        return True
+
     # --- what the tests read ----------------------------------------------------------
 
     def created(self, what: str) -> list[dict[str, Any]]:
@@ -258,6 +308,15 @@ class OdooFake(FakeCrm):
     def outcome(neutral: str) -> str:
         """The outcome label the preset writes into the note."""
         return {"answered": "Answered", "missed": "Missed"}.get(neutral, neutral.title())
+
+    def disposition(self, oid: str) -> dict[str, Any]:
+        """A call note's disposition field (none: it is in the text) and its body."""
+        return {"value": None, "text": self.rows["mail.message"][int(oid)]["body"]}
+
+    @staticmethod
+    def disposition_value(code: str) -> None:
+        """Odoo's preset has no disposition field."""
+        return None
 
 
 def _outcome_of(body: str) -> str | None:
@@ -336,4 +395,19 @@ RATE_LIMIT_STATUS = 429
 BROKEN: dict[str, Any] = {"records": [{"name": "call", "body": {"params": {"args": [
     "{vars.db}", "{vars.uid}", "{secrets.api_key}", "res.partner", "message_post",
     ["{[customer.id]}"], {"body": "callroute {idempotency_key}", "message_type": "comment"}]}}}]}
-__all__ = ["BROKEN", "HAS_TAGS", "RATE_LIMIT_STATUS", "OdooFake", "config", "digits", "make"]
+
+
+def writes(body: Any) -> bool:
+    """A JSON-RPC body calling ``write``."""
+    args = body.get("params", {}).get("args", []) if isinstance(body, dict) else []
+    return len(args) > 4 and args[4] == "write"
+
+
+#: The call's update: method, path, test of the body (every call is POST /jsonrpc).
+UPDATE: tuple[str, str, Any] = ("POST", "/jsonrpc", writes)
+#: An update override that writes a field a chatter message does not have.
+BROKEN_UPDATE: dict[str, Any] = {"records": [{"name": "call", "update": {"body": {"params": {
+    "args": ["{vars.db}", "{vars.uid}", "{secrets.api_key}", "mail.message", "write",
+             ["{[id | int]}", {"note": "{record.disposition}"}]]}}}}]}
+__all__ = ["BROKEN", "BROKEN_UPDATE", "HAS_TAGS", "RATE_LIMIT_STATUS", "UPDATE", "OdooFake",
+           "config", "digits", "make", "writes"]

@@ -7,7 +7,9 @@ Endpoints: ``GET /v1/persons/search`` (``term``, ``fields``, ``exact_match``, ``
 ``phone`` as ``[{"label", "value", "primary"}]``, ``owner_id`` as an object,
 ``label_ids``, custom fields under 40-character hash keys, ``update_time``),
 ``GET /v1/personFields/{id}`` (a field with its ``options``), ``POST /v1/persons``,
-``POST /v1/leads``, ``POST /v1/activities`` (201 ``{"success": true, "data": {...}}``).
+``POST /v1/leads``, ``POST /v1/activities`` (201 ``{"success": true, "data": {...}}``), and
+API v2's ``PATCH /v2/activities/{id}`` (the fields to change, v2 types: ``done`` and
+``busy`` booleans, ``owner_id``; 200 ``{"success": true, "data": {v2 activity}}``).
 Auth: the ``x-api-token`` header. Errors: ``{"success": false, "error", "error_info",
 "data": null}``; 401 ``unauthorized access``; the rate limit is 429 with
 ``x-ratelimit-*`` headers and ``Retry-After``.
@@ -46,6 +48,11 @@ PERSON_FIELDS = {"name", "owner_id", "org_id", "email", "phone", "label", "label
 ACTIVITY_FIELDS = {"subject", "type", "done", "due_date", "due_time", "duration", "person_id",
                    "org_id", "deal_id", "lead_id", "user_id", "note", "public_description",
                    "busy_flag", "participants", "location"}
+#: What API v2's PATCH /v2/activities/{id} takes.
+V2_ACTIVITY_FIELDS = {"subject", "type", "owner_id", "deal_id", "lead_id", "person_id", "org_id",
+                      "project_id", "due_date", "due_time", "duration", "busy", "done",
+                      "location", "participants", "attendees", "public_description",
+                      "priority", "note"}
 LEAD_FIELDS = {"title", "owner_id", "label_ids", "person_id", "organization_id", "value",
                "expected_close_date", "visible_to", "was_seen", "origin_id", "channel"}
 
@@ -100,6 +107,7 @@ class PipedriveFake(FakeCrm):
         router.add_get("/v1/activities/{id}", self.get_activity)
         router.add_get("/v1/leads", self.list_leads)
         router.add_get("/v2/activities", self.list_activities)
+        router.add_patch("/v2/activities/{id}", self.update_activity)
 
     def check_auth(self, request: web.Request) -> str | None:
         if request.headers.get("x-api-token") != TOKEN:
@@ -249,6 +257,14 @@ class PipedriveFake(FakeCrm):
                f"unknown activity type {body.get('type')}")
         expect(body.get("done", 0) in (0, 1) and not isinstance(body.get("done"), bool),
                "done must be 0 or 1")
+        self._check_activity(body)
+        self._owner(body.get("user_id"))
+        aid = next(self._seq)
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.activities[aid] = {"id": aid, **body, "add_time": now, "update_time": now}
+        return _json({"success": True, "data": self.activities[aid]}, status=201)
+
+    def _check_activity(self, body: dict[str, Any]) -> None:
         if "due_date" in body:
             try:
                 date.fromisoformat(str(body["due_date"]))
@@ -261,11 +277,31 @@ class PipedriveFake(FakeCrm):
         if "person_id" in body:
             expect(isinstance(body["person_id"], int) and body["person_id"] in self.persons,
                    "person_id must be the id (integer) of a person")
-        self._owner(body.get("user_id"))
-        aid = next(self._seq)
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.activities[aid] = {"id": aid, **body, "add_time": now, "update_time": now}
-        return _json({"success": True, "data": self.activities[aid]}, status=201)
+
+    async def update_activity(self, request: web.Request) -> web.StreamResponse:
+        check_query(request, set())
+        body = await request.json()
+        _fields(body, V2_ACTIVITY_FIELDS, "activity")
+        for name in ("done", "busy"):
+            expect(name not in body or isinstance(body[name], bool),
+                   f"{name} must be a boolean (API v2)")
+        for name in ("subject", "note", "public_description"):
+            expect(name not in body or isinstance(body[name], str), f"{name} must be text")
+        expect(body.get("type", "call") in ACTIVITY_TYPES,
+               f"unknown activity type {body.get('type')}")
+        self._check_activity(body)
+        self._owner(body.get("owner_id"))
+        activity = self.activities.get(_int(request.match_info["id"]))
+        if activity is None:
+            return self.error_response(404, "Activity not found")
+        changes = {("user_id" if k == "owner_id" else k): v for k, v in body.items()}
+        if "done" in changes:
+            changes["done"] = int(changes["done"])
+        activity.update(changes,
+                        update_time=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        self.record_change("activities", activity["id"],
+                     {k: v for k, v in activity.items() if k != "update_time"})
+        return _json({"success": True, "data": _v2_activity(activity)})
 
     async def get_activity(self, request: web.Request) -> web.StreamResponse:
         check_query(request, set())
@@ -306,6 +342,15 @@ class PipedriveFake(FakeCrm):
     def outcome(neutral: str) -> str:
         """Pipedrive activities have no outcome field: the preset puts it in the subject."""
         return neutral
+
+    def disposition(self, oid: str) -> dict[str, Any]:
+        """A call activity's disposition field (none: it is in the note) and its note."""
+        return {"value": None, "text": self.activities[int(oid)].get("note")}
+
+    @staticmethod
+    def disposition_value(code: str) -> None:
+        """Pipedrive's preset has no disposition field."""
+        return None
 
 
 def _rfc3339(text: str) -> datetime:
@@ -361,5 +406,10 @@ DURATION_RESOLUTION_S = 60  # Pipedrive keeps durations as HH:MM
 #: An override that sends the person id as text (Pipedrive wants an integer).
 BROKEN: dict[str, Any] = {"records": [{"name": "call", "body": {
     "person_id": "{customer.id}"}}]}
-__all__ = ["BROKEN", "DURATION_RESOLUTION_S", "HAS_TAGS", "RATE_LIMIT_STATUS", "PipedriveFake",
-           "config", "digits", "make"]
+#: The call's update: method, path prefix (the id follows), test of the body.
+UPDATE: tuple[str, str, Any] = ("PATCH", "/v2/activities/", None)
+#: An update override that sends done as v1's 0/1 (API v2 wants a boolean).
+BROKEN_UPDATE: dict[str, Any] = {"records": [{"name": "call", "update": {"body": {
+    "done": 1}}}]}
+__all__ = ["BROKEN", "BROKEN_UPDATE", "DURATION_RESOLUTION_S", "HAS_TAGS", "RATE_LIMIT_STATUS",
+           "UPDATE", "PipedriveFake", "config", "digits", "make"]

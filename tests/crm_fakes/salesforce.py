@@ -3,7 +3,8 @@
 Endpoints under ``/services/data/v59.0``: ``GET /query?q=<SOQL>`` (``{totalSize, done,
 records}``, each record with ``attributes {type, url}``; relationship fields nested),
 ``GET /search?q=<SOSL>`` (``{searchRecords}``), ``GET /sobjects/<Type>/<Id>``,
-``POST /sobjects/<Type>`` (201 ``{id, success, errors}``). OAuth access token as
+``POST /sobjects/<Type>`` (201 ``{id, success, errors}``), ``PATCH /sobjects/<Type>/<Id>``
+(the fields to change; **204 No Content**, no body). OAuth access token as
 ``Authorization: Bearer``. Errors are a JSON list of ``{message, errorCode, fields}``
 (``MALFORMED_QUERY``, ``INVALID_FIELD``, ``REQUIRED_FIELD_MISSING``,
 ``INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST``, ``MALFORMED_ID``); an expired session is
@@ -56,6 +57,8 @@ PICKLISTS = {
                          "Closed - Not Converted"},
 }
 REQUIRED = {"Lead": {"LastName", "Company"}, "Task": set()}
+#: Text field lengths (STRING_TOO_LONG beyond).
+LENGTHS = {"CallDisposition": 255, "Subject": 255, "CallObject": 255, "Description": 32000}
 #: Long text areas: selectable, but SOQL refuses them in WHERE.
 LONG_TEXT = {"Description"}
 _SELECT = re.compile(
@@ -117,6 +120,7 @@ class SalesforceFake(FakeCrm):
         router.add_get(f"{API}/search", self.search)
         router.add_get(API + "/sobjects/{type}/{id}", self.get)
         router.add_post(API + "/sobjects/{type}", self.create)
+        router.add_patch(API + "/sobjects/{type}/{id}", self.update)
 
     def check_auth(self, request: web.Request) -> str | None:
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
@@ -127,7 +131,8 @@ class SalesforceFake(FakeCrm):
         code = {401: "INVALID_SESSION_ID", 404: "NOT_FOUND",
                 500: "UNKNOWN_EXCEPTION"}.get(status, "INVALID_FIELD")
         if why.startswith(("MALFORMED_QUERY", "REQUIRED_FIELD_MISSING", "MALFORMED_ID",
-                           "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", "INVALID_TYPE")):
+                           "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", "INVALID_TYPE",
+                           "STRING_TOO_LONG", "INVALID_FIELD_FOR_INSERT_UPDATE")):
             code, _, why = why.partition(": ")
         return _json([{"message": why, "errorCode": code, "fields": []}], status=status)
 
@@ -190,23 +195,46 @@ class SalesforceFake(FakeCrm):
         kind = request.match_info["type"]
         check_query(request, set())
         expect(kind in ("Lead", "Task"), f"INVALID_TYPE: cannot create {kind} here")
-        body = await request.json()
+        body = self._fields(kind, await request.json())
+        missing = sorted(f for f in REQUIRED[kind] if not body.get(f))
+        expect(not missing, f"REQUIRED_FIELD_MISSING: Required fields are missing: {missing}")
+        oid = self._insert(kind, dict(body))
+        return _json({"id": oid, "success": True, "errors": []}, status=201)
+
+    async def update(self, request: web.Request) -> web.StreamResponse:
+        kind, oid = request.match_info["type"], request.match_info["id"]
+        check_query(request, set())
+        expect(kind in ("Lead", "Task"), f"INVALID_TYPE: cannot update {kind} here")
+        body = self._fields(kind, await request.json())
+        row = self.rows[kind].get(oid)
+        if row is None:
+            return _json([{"errorCode": "NOT_FOUND",
+                           "message": "The requested resource does not exist"}], status=404)
+        for name in REQUIRED[kind]:
+            expect(body.get(name, row.get(name)) not in (None, ""),
+                   f"REQUIRED_FIELD_MISSING: Required fields are missing: [{name}]")
+        row.update(body)
+        self.record_change(kind, oid, row)
+        return web.Response(status=204)
+
+    def _fields(self, kind: str, body: Any) -> dict[str, Any]:
+        """The fields of a create or update, checked as Salesforce does."""
         expect(isinstance(body, dict), "the body must be a JSON object")
         for name, value in body.items():
-            expect(name in FIELDS[kind] and name not in ("Id", "Name", "LastModifiedDate"),
-                   f"No such column '{name}' on sobject of type {kind}")
+            expect(name in FIELDS[kind], f"No such column '{name}' on sobject of type {kind}")
+            expect(name not in ("Id", "Name", "LastModifiedDate"),
+                   f"INVALID_FIELD_FOR_INSERT_UPDATE: Unable to create/update fields: {name}")
             allowed = PICKLISTS.get((kind, name))
             expect(allowed is None or value in allowed,
                    f"INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST: {name}: bad value for "
                    f"restricted picklist field: {value}")
             expect(value is None or isinstance(value, str | int | float | bool),
                    f"INVALID_TYPE: {name} must be a scalar")
-        missing = sorted(f for f in REQUIRED[kind] if not body.get(f))
-        expect(not missing, f"REQUIRED_FIELD_MISSING: Required fields are missing: {missing}")
+            expect(not isinstance(value, str) or len(value) <= LENGTHS.get(name, 255),
+                   f"STRING_TOO_LONG: {name}: data value too large")
         if kind == "Task":
             self._check_task(body)
-        oid = self._insert(kind, dict(body))
-        return _json({"id": oid, "success": True, "errors": []}, status=201)
+        return body
 
     def _check_task(self, body: dict[str, Any]) -> None:
         if "CallDurationInSeconds" in body:
@@ -247,6 +275,17 @@ class SalesforceFake(FakeCrm):
         """The CallDisposition the preset should send."""
         return {"answered": "Connected", "missed": "No answer", "busy": "Busy",
                 "voicemail": "Left voicemail"}.get(neutral, "No answer")
+
+    def disposition(self, oid: str) -> dict[str, Any]:
+        """A call Task's disposition field and its text (Description)."""
+        row = self.rows["Task"][oid]
+        return {"value": row.get("CallDisposition"), "text": row.get("Description")}
+
+    @staticmethod
+    def disposition_value(code: str) -> str:
+        """The CallDisposition the preset sends for a callroute disposition code."""
+        return {"resolved": "Resolved", "follow-up": "Needs follow-up", "sale": "Sale",
+                "complaint": "Complaint", "wrong-number": "Wrong number"}.get(code, code)
 
 
 def _where(kind: str, where: str, row: dict[str, Any]) -> bool:
@@ -299,10 +338,15 @@ def config(fake: SalesforceFake) -> dict[str, Any]:
     return {"preset": "salesforce", "base_url": fake.url + API, "auth": {"token": TOKEN}}
 
 
+#: The call's update: method, path prefix (the id follows), test of the body.
+UPDATE: tuple[str, str, Any] = ("PATCH", f"{API}/sobjects/Task/", None)
 HAS_TAGS = False
 RATE_LIMIT_STATUS = 403
 #: An override that sends the call's duration as text (the field is an integer).
 BROKEN: dict[str, Any] = {"records": [{"name": "call", "body": {
     "CallDurationInSeconds": "{record.talk_s | int | str}"}}]}
-__all__ = ["BROKEN", "HAS_TAGS", "RATE_LIMIT_STATUS", "SalesforceFake", "config", "digits",
-           "make"]
+#: An update override that writes a field the org does not have.
+BROKEN_UPDATE: dict[str, Any] = {"records": [{"name": "call", "update": {"body": {
+    "Disposition__c": "{record.disposition}"}}}]}
+__all__ = ["BROKEN", "BROKEN_UPDATE", "HAS_TAGS", "RATE_LIMIT_STATUS", "UPDATE", "SalesforceFake",
+           "config", "digits", "make"]

@@ -5,9 +5,12 @@ Endpoints under ``/crm/v7``: ``GET /{module}/search?criteria=...`` (``{data, inf
 ``If-Modified-Since`` → **304** when nothing changed; ``info.next_page_token``),
 ``GET /{module}/{id}`` and ``POST /{module}`` with ``{"data": [record]}`` (201 ``{"data":
 [{"code": "SUCCESS", "details": {"id", ...}, "message": "record added", "status":
-"success"}]}``). Auth: ``Authorization: Zoho-oauthtoken <token>``. Errors: ``{"code",
-"details", "message", "status": "error"}`` (``INVALID_QUERY``, ``INVALID_TOKEN``); an
-insert with a bad field answers 400 with that object inside ``data``
+"success"}]}``), ``PUT /{module}/{id}`` (and ``PUT /{module}`` with an ``id`` in each
+record) with ``{"data": [fields to change]}`` (200 ``{"data": [{"code": "SUCCESS", "details":
+{"id", "Modified_Time", ...}, "message": "record updated", "status": "success"}]}``; an
+unknown id is 400 ``INVALID_DATA``). Auth: ``Authorization: Zoho-oauthtoken <token>``.
+Errors: ``{"code", "details", "message", "status": "error"}`` (``INVALID_QUERY``,
+``INVALID_TOKEN``); an insert with a bad field answers 400 with that object inside ``data``
 (``MANDATORY_NOT_FOUND``, ``INVALID_DATA``). The rate limit is 429 ``TOO_MANY_REQUESTS``.
 
 Criteria: ``((Field:equals:value)or(Field:starts_with:value))``; parentheses and commas
@@ -114,6 +117,8 @@ class ZohoFake(FakeCrm):
         router.add_get(API + "/Contacts", self.changed)
         router.add_get(API + "/{module}/{id}", self.get)
         router.add_post(API + "/{module}", self.create)
+        router.add_put(API + "/{module}/{id}", self.update)
+        router.add_put(API + "/{module}", self.update)
 
     def check_auth(self, request: web.Request) -> str | None:
         if request.headers.get("Authorization") != f"Zoho-oauthtoken {TOKEN}":
@@ -219,26 +224,29 @@ class ZohoFake(FakeCrm):
             return web.Response(status=204)
         return _json({"data": [row]})
 
-    async def create(self, request: web.Request) -> web.StreamResponse:
-        module = self._module(request)
-        check_query(request, set())
-        body = await request.json()
-        expect(isinstance(body, dict) and set(body) <= {"data", "trigger",
-                                                       "duplicate_check_fields"},
-               "the body is {\"data\": [records]}")
+    def _record(self, module: str, body: Any, keys: set[str]) -> dict[str, Any]:
+        """The one record of a ``{"data": [record]}`` body, its fields checked."""
+        expect(isinstance(body, dict) and set(body) <= keys, "the body is {\"data\": [records]}")
         data = body.get("data")
         expect(isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict),
                "data must be a list of one record")
-        record = data[0]
+        record: dict[str, Any] = data[0]
         for name, value in record.items():
-            expect(name in MODULE_FIELDS[module] and name != "id",
-                   f"INVALID_DATA: invalid field {name}")
+            expect(name in MODULE_FIELDS[module], f"INVALID_DATA: invalid field {name}")
             allowed = PICKLISTS.get((module, name))
             expect(allowed is None or value in allowed, f"INVALID_DATA: invalid value {value!r} "
                                                         f"for {name}")
+        self._check_links(module, record)
+        return record
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        module = self._module(request)
+        check_query(request, set())
+        record = self._record(module, await request.json(),
+                              {"data", "trigger", "duplicate_check_fields"})
+        expect("id" not in record, "INVALID_DATA: invalid field id")
         missing = sorted(f for f in REQUIRED.get(module, set()) if not record.get(f))
         expect(not missing, f"MANDATORY_NOT_FOUND: required field not found: {missing}")
-        self._check_links(module, record)
         oid = self._insert(module, dict(record))
         return _json({"data": [{"code": "SUCCESS", "details": {
             "Modified_Time": "2025-03-03T10:30:00+08:00", "Created_Time":
@@ -246,6 +254,30 @@ class ZohoFake(FakeCrm):
             "Created_By": {"name": "API", "id": self.owner_ids["o1"]},
             "Modified_By": {"name": "API", "id": self.owner_ids["o1"]}},
             "message": "record added", "status": "success"}]}, status=201)
+
+    async def update(self, request: web.Request) -> web.StreamResponse:
+        module = self._module(request)
+        check_query(request, set())
+        record = dict(self._record(module, await request.json(), {"data", "trigger"}))
+        oid = request.match_info.get("id") or str(record.get("id") or "")
+        expect(str(record.pop("id", oid)) == oid, "INVALID_DATA: the id in data is not the "
+                                                  "record's in the URL")
+        row = self.rows[module].get(oid)
+        if row is None:
+            return _json({"data": [{"code": "INVALID_DATA", "details": {"id": oid},
+                                    "message": "the id given seems to be invalid",
+                                    "status": "error"}]}, status=400)
+        for name in REQUIRED.get(module, set()):
+            expect(record.get(name, row.get(name)) not in (None, ""),
+                   f"MANDATORY_NOT_FOUND: required field not found: ['{name}']")
+        row.update(record)
+        self.record_change(module, oid, row)
+        return _json({"data": [{"code": "SUCCESS", "details": {
+            "Modified_Time": "2025-03-03T10:35:00+08:00", "Created_Time":
+            "2025-03-03T10:30:00+08:00", "id": oid,
+            "Created_By": {"name": "API", "id": self.owner_ids["o1"]},
+            "Modified_By": {"name": "API", "id": self.owner_ids["o1"]}},
+            "message": "record updated", "status": "success"}]})
 
     def _check_links(self, module: str, record: dict[str, Any]) -> None:
         if "Call_Start_Time" in record:
@@ -303,6 +335,16 @@ class ZohoFake(FakeCrm):
     def outcome(neutral: str) -> str:
         """The Call_Type the preset should send."""
         return "Inbound" if neutral == "answered" else "Missed"
+
+    def disposition(self, oid: str) -> dict[str, Any]:
+        """A call's disposition field (none: the preset writes it in the text) and its
+        text (Description)."""
+        return {"value": None, "text": self.rows["Calls"][oid].get("Description")}
+
+    @staticmethod
+    def disposition_value(code: str) -> None:
+        """Zoho's preset has no disposition field."""
+        return None
 
 
 def _criteria(module: str, text: str, row: dict[str, Any]) -> bool:
@@ -363,6 +405,8 @@ def config(fake: ZohoFake) -> dict[str, Any]:
             "auth": {"key": f"Zoho-oauthtoken {TOKEN}"}}
 
 
+#: The call's update: method, path prefix (the id follows), test of the body.
+UPDATE: tuple[str, str, Any] = ("PUT", f"{API}/Calls/", None)
 HAS_TAGS = True
 RATE_LIMIT_STATUS = 429
 #: An override that sends the call's duration in seconds (Zoho wants mm:ss).
@@ -370,4 +414,8 @@ BROKEN: dict[str, Any] = {"records": [{"name": "call", "body": {"data": [{
     "Subject": "call", "Call_Type": "Inbound", "Call_Start_Time": "{record.start | iso_local}",
     "Call_Duration": "{record.talk_s | int | str}",
     "Description": "callroute {idempotency_key}"}]}}]}
-__all__ = ["BROKEN", "HAS_TAGS", "RATE_LIMIT_STATUS", "ZohoFake", "config", "digits", "make"]
+#: An update override that sends a field beside data, not inside a record of it.
+BROKEN_UPDATE: dict[str, Any] = {"records": [{"name": "call", "update": {"body": {
+    "Description": "{record.disposition}"}}}]}
+__all__ = ["BROKEN", "BROKEN_UPDATE", "HAS_TAGS", "RATE_LIMIT_STATUS", "UPDATE", "ZohoFake",
+           "config", "digits", "make"]
