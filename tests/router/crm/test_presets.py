@@ -260,6 +260,129 @@ async def test_a_wrong_shape_is_refused_by_the_fake(vendor: Vendor) -> None:
     assert vendor.fake.violations
 
 
+#: An agent's disposition given after the wrap-up time (what web.wrapup adds to a record).
+LATE = {"disposition": "wrong-number", "disposition_note": "Wanted the shop next door",
+        "disposition_by": "7001"}
+
+
+def updates(vendor: Vendor) -> list[Any]:
+    """The update requests the vendor's fake received (its UPDATE: method, path, body)."""
+    method, path, when = vendor.module.UPDATE
+    return [s for s in vendor.fake.requests(method, path) if when is None or when(s.body)]
+
+
+async def test_a_late_disposition_updates_the_call_and_keeps_its_key(vendor: Vendor) -> None:
+    """The call step's update changes the one call the create made, by the id the create
+    returned, the way the vendor documents (HubSpot PATCH of the call's properties,
+    Salesforce PATCH of the Task (204), Zoho PUT of the Call in data[], Odoo write on the
+    chatter message, Pipedrive v2 PATCH of the activity, EspoCRM PUT of the Call): the
+    disposition in the vendor's field where it has one (HubSpot's call outcome through
+    maps.dispositions, Salesforce's CallDisposition), the code and the note in the call's
+    text, which still carries the key its find looks for. Sent twice (a retry after a
+    lost answer), it leaves the call as once."""
+    conn = vendor.connector()
+    rec = record("1700000000.6", caller_e164=LI, customer_id=vendor.fake.ids["li"],
+                 owner=vendor.fake.owner_ids["o1"], kind="contact")
+    done = await deliver(conn, rec, ["call"])
+    oid = done["call"].remote_id
+    assert oid is not None
+    before = vendor.fake.disposition(oid)
+    assert "wrong-number" not in str(before["text"])
+    late = {**rec, **LATE}
+    result = await conn.run_update("call", late, oid, f"{rec['record_key']}:disposition")
+    assert (result.status, result.remote_id) == ("done", oid)
+    after = vendor.fake.disposition(oid)
+    assert after["value"] == vendor.fake.disposition_value("wrong-number")
+    assert "disposition wrong-number" in after["text"] or \
+        "Disposition: wrong-number" in after["text"]
+    assert "Wanted the shop next door" in after["text"]
+    assert "queue support" in after["text"]  # the call's own text is kept
+    assert ":disposition" not in after["text"]  # the step's key, not the update's
+    assert len(updates(vendor)) == 1
+    assert [c.id for c in vendor.fake.changes] == [oid]
+    found = await conn.find_created("call", rec, rec["record_key"], {}, ["call"])
+    assert found is not None and found.remote_id == oid
+    await conn.run_update("call", late, oid, f"{rec['record_key']}:disposition")
+    first, second = vendor.fake.changes
+    assert second.id == oid and second.after == first.after
+    assert vendor.fake.disposition(oid) == after
+    assert len(vendor.fake.created("call")) == 1
+    assert vendor.fake.violations == []
+
+
+async def test_a_disposition_given_in_time_is_on_the_call_as_posted(vendor: Vendor) -> None:
+    """A disposition the agent gave within the wrap-up time travels on the record: the
+    call is created with it (the same fields the late update writes), and no update is
+    sent."""
+    conn = vendor.connector()
+    rec = {**record("1700000000.7", caller_e164=LI, customer_id=vendor.fake.ids["li"],
+                    owner=vendor.fake.owner_ids["o1"], kind="contact"), **LATE}
+    done = await deliver(conn, rec, ["call"])
+    call = vendor.fake.disposition(str(done["call"].remote_id))
+    assert call["value"] == vendor.fake.disposition_value("wrong-number")
+    assert "wrong-number" in call["text"] and "Wanted the shop next door" in call["text"]
+    assert updates(vendor) == []
+    assert vendor.fake.violations == []
+
+
+async def test_a_wrong_update_is_refused_like_the_vendor(vendor: Vendor) -> None:
+    """An update that sends what the vendor does not take (HubSpot: a code where a call
+    outcome's id goes; Salesforce: a field the org lacks; Zoho: a field outside data[];
+    Odoo: a field a message lacks; Pipedrive v2: done as 0/1; EspoCRM: an unknown
+    attribute) is refused with the vendor's 4xx, and the call is left as it was."""
+    conn = vendor.connector(**vendor.module.BROKEN_UPDATE)
+    rec = record("1700000000.8", caller_e164=LI, customer_id=vendor.fake.ids["li"],
+                 owner=vendor.fake.owner_ids["o1"], kind="contact")
+    done = await deliver(conn, rec, ["call"])
+    oid = str(done["call"].remote_id)
+    before = vendor.fake.disposition(oid)
+    with pytest.raises(CrmClientError):
+        await conn.run_update("call", {**rec, **LATE}, oid, "k:disposition")
+    assert vendor.fake.violations
+    assert vendor.fake.changes == []
+    assert vendor.fake.disposition(oid) == before
+
+
+async def test_an_update_of_a_call_the_crm_lost_is_a_client_error(vendor: Vendor) -> None:
+    """An update of a call the CRM no longer has (deleted there) fails as a client error
+    (dead-lettered, not retried forever): 404, or the vendor's own way of saying it."""
+    conn = vendor.connector()
+    unknown = {"hubspot": "999999", "salesforce": "00T000000009999AAA",
+               "zoho": "3477061000099999999", "odoo": "99999", "pipedrive": "99999",
+               "espocrm": "00000000000099999"}[vendor.name]
+    rec = record("1700000000.9", caller_e164=LI, customer_id=vendor.fake.ids["li"])
+    with pytest.raises(CrmClientError):
+        await conn.run_update("call", {**rec, **LATE}, unknown, "k:disposition")
+    assert vendor.fake.changes == []
+
+
+async def test_an_update_writes_the_recording_link_again_in_url_mode() -> None:
+    """With recordings linked by URL, the update's text (the call's text written again)
+    carries the recording's link as the create's did: the link is the file's, found
+    again for the update (no upload is made)."""
+    from tests.crm_fakes.espocrm import config, make
+
+    fake = make()
+    await fake.start()
+    settings = CrmSettings.model_validate(merge(config(fake), {"recordings": {
+        "mode": "url", "url": "https://pbx.example.com/rec/{basename}"}}))
+    conn = RestConnector(settings, region="CN")
+    try:
+        rec = {**record("1700000000.10", caller_e164=LI, customer_id=fake.ids["li"]),
+               "recording": "/var/spool/asterisk/monitor/1700000000.10.wav"}
+        done = await deliver(conn, rec, ["call"])
+        oid = str(done["call"].remote_id)
+        link = "recording https://pbx.example.com/rec/1700000000.10.wav"
+        assert link in fake.disposition(oid)["text"]
+        await conn.run_update("call", {**rec, **LATE}, oid, "k:disposition")
+        text = fake.disposition(oid)["text"]
+        assert link in text and "disposition wrong-number" in text
+        assert fake.violations == []
+    finally:
+        await conn.aclose()
+        await fake.stop()
+
+
 SYNC_VENDORS = [v for v in VENDORS if v != "pipedrive"]  # its preset has no changed feed
 
 
