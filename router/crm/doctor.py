@@ -6,10 +6,13 @@ and the customer the caller maps to. With ``--post`` it then sends a test call r
 (a missed call from that number, with the customer just found) through every record
 step, showing each request, answer and result, reads each created object back (the
 step's ``fetch``), finds it again by the key it wrote (the step's ``find``: what a retry
-does after a lost answer; a search that lags is asked again until ``settle_s``), and
-looks the caller up again: a lead the pipeline created should now be found. Exit status
-0 when everything answered and every find found its object, 1 otherwise (a field find
-filters on that the CRM lacks, or cannot filter on, shows here).
+does after a lost answer; a search that lags is asked again until ``settle_s``), changes
+it with the step's ``update`` when it has one (a test disposition, what an agent's
+disposition given after the wrap-up time does) and reads it back to show the fields the
+update changed, and looks the caller up again: a lead the pipeline created should now be
+found. Exit status 0 when everything answered, every find found its object and every
+update changed what it read back, 1 otherwise (a field find filters on that the CRM
+lacks, or cannot filter on, shows here).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, TextIO
 
 from yarl import URL
 
-from router.crm.base import StepResult
+from router.crm.base import StepResult, step_key
 from router.crm.compiled import LookupPlan, choose
 from router.crm.http import Exchange, mask_headers
 from router.crm.rest import RestConnector
@@ -37,6 +40,8 @@ MASK = "***"
 MAX_BODY = 3000
 #: How often (s) a step's find is asked again while its search may still lag.
 FIND_POLL_S = 2.0
+#: The note of the doctor's test disposition.
+TEST_NOTE = "callroute doctor: a test note"
 #: Which of call, lead and task the outbox settings want for a record (records.delivery.plan).
 OutboxPlan = Callable[[Mapping[str, Any], Any], list[str]]
 
@@ -185,7 +190,7 @@ class Doctor:
         previous: dict[str, StepResult] = {}
         for name in self.conn.step_names():
             self.say()
-            key = record["record_key"] if name == "call" else f"{record['record_key']}:{name}"
+            key = step_key(record["record_key"], name)
             if not self.conn.wants(name, record, previous, wanted):
                 spec = self.conn.plan.record_step(name)
                 self.say(f"step {name}: skipped (when {spec.spec.when if spec else '?'} "
@@ -206,8 +211,9 @@ class Doctor:
             self.say(f"=> {result.status}, id {result.remote_id}"
                      + (f", outputs {dict(result.outputs)}" if result.outputs else "")
                      + (f", customer {dict(result.customer)}" if result.customer else ""), 2)
-            await self._fetch_back(name, record, key, previous, wanted, result)
+            read = await self._fetch_back(name, record, key, previous, wanted, result)
             await self._find_back(name, record, key, before, wanted, result)
+            await self._update(name, record, key, previous, wanted, result, read)
         if number.lookupable:
             self.say()
             self.say("looking the caller up again:")
@@ -218,19 +224,61 @@ class Doctor:
 
     async def _fetch_back(self, name: str, record: Mapping[str, Any], key: str,
                           previous: Mapping[str, StepResult], wanted: Sequence[str],
-                          result: StepResult) -> None:
+                          result: StepResult) -> Any:
+        """Read the created object back (the step's fetch); its answer, or None."""
         spec = self.conn.plan.record_step(name)
         if spec is None or spec.fetch is None or not result.remote_id:
-            return
+            return None
         self.say(f"reading {name} {result.remote_id} back:", 2)
         try:
-            await self.conn.records.fetch(name, record, key, previous, wanted, result)
+            resp = await self.conn.records.fetch(name, record, key, previous, wanted, result)
         except CrmError as exc:
             self.exchanges(4)
             self.say(f"!! could not read it back: {exc.kind}: {exc}", 4)
             self.ok = False
+            return None
+        self.exchanges(4)
+        return resp.body
+
+    async def _update(self, name: str, record: Mapping[str, Any], key: str,
+                      previous: Mapping[str, StepResult], wanted: Sequence[str],
+                      result: StepResult, before: Any) -> None:
+        """Change the object with the step's update (a test disposition), read it back
+        and show what changed: what a disposition given after the wrap-up time does."""
+        spec = self.conn.plan.record_step(name)
+        if spec is None or spec.update is None or not result.remote_id:
+            return
+        codes = [d.code for d in self.settings.web.dispositions]
+        changed = {**record, "disposition": codes[0] if codes else "doctor",
+                   "disposition_note": TEST_NOTE, "disposition_by": None}
+        self.say(f"updating {name} {result.remote_id} with a test disposition "
+                 f"{changed['disposition']!r} (what a disposition after the wrap-up time "
+                 "does):", 2)
+        try:
+            await self.conn.run_update(name, changed, result.remote_id, f"{key}:disposition")
+        except CrmError as exc:
+            self.exchanges(4)
+            self.say(f"!! update failed: {exc.kind}: {exc}", 4)
+            self.ok = False
             return
         self.exchanges(4)
+        if spec.fetch is None:
+            self.say("=> updated (the step has no fetch: not read back)", 4)
+            return
+        after = await self._fetch_back(name, changed, key, previous, wanted, result)
+        if after is None:
+            return
+        diff = changes(before, after)
+        if diff:
+            self.say("changed by the update:", 4)
+        for path, value in diff.items():
+            self.say(f"{path}: {_short(value)}", 6)
+        if any(_carries(v, (str(changed["disposition"]), TEST_NOTE)) for v in diff.values()):
+            self.say("=> the disposition is on it", 4)
+        else:
+            self.say("!! reading it back shows no field with the test disposition: check "
+                     "what the update writes and what the fetch reads", 4)
+            self.ok = False
 
 
     async def _find_back(self, name: str, record: Mapping[str, Any], key: str,
@@ -271,6 +319,33 @@ class Doctor:
             self.say(f"not found yet (the CRM's search may lag up to settle_s, {settle:g} s):"
                      f" asking again in {FIND_POLL_S:g} s", 4)
             await asyncio.sleep(FIND_POLL_S)
+
+
+def changes(before: Any, after: Any, path: str = "") -> dict[str, Any]:
+    """The values of ``after`` that differ from ``before``, by dotted path (an object
+    read back before and after an update)."""
+    if isinstance(after, dict):
+        old = before if isinstance(before, dict) else {}
+        out: dict[str, Any] = {}
+        for key, value in after.items():
+            out.update(changes(old.get(key), value, f"{path}.{key}" if path else str(key)))
+        return out
+    if isinstance(after, list) and isinstance(before, list) and len(after) == len(before):
+        out = {}
+        for index, (old_item, new_item) in enumerate(zip(before, after, strict=True)):
+            out.update(changes(old_item, new_item, f"{path}.{index}" if path else str(index)))
+        return out
+    return {} if after == before else {path or "(answer)": after}
+
+
+def _carries(value: Any, texts: Sequence[str]) -> bool:
+    return any(text in str(value) for text in texts)
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
+                                                          default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def test_record(number: CallerNumber, customer: Customer | None) -> dict[str, Any]:

@@ -173,7 +173,9 @@ def test_doctor_post_finds_each_object_again_by_its_key(
         name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With --post, every record step of every preset is found again by the key it wrote
     (its find: what a retry does after a lost answer), by the very id it was created
-    with."""
+    with; the call (the one step with an update) is then changed with a test disposition
+    (the first of web.dispositions and a note) and read back, showing the fields the
+    update changed, which carry the disposition."""
     with ThreadedFake(name) as running:
         code = cli.main(["crm", "doctor", "--config", str(running.config(tmp_path)), UNKNOWN,
                          "--post"])
@@ -183,7 +185,37 @@ def test_doctor_post_finds_each_object_again_by_its_key(
         assert len(steps) >= 3
         assert out.count("finding ") == len(steps)
         assert out.count("=> found it by its key (id ") == len(steps)
+        call_id = running.fake.created("call")[0]["id"]
+        assert out.count("updating ") == 1
+        assert f"updating call {call_id} with a test disposition 'resolved'" in out
+        update = out.split("updating call")[1].split("step task:")[0]
+        assert "(call:update)" in update and "(call:fetch)" in update
+        changed = update.split("changed by the update:")[1]
+        assert "disposition resolved" in changed or "Disposition: resolved" in changed
+        assert "callroute doctor: a test note" in changed
+        assert "=> the disposition is on it" in update
+        assert [c.id for c in running.fake.changes] == [call_id]
         assert running.fake.violations == []
+
+
+def test_doctor_fails_an_update_that_does_not_show_the_disposition(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An update that changes the call but writes the disposition nowhere the fetch
+    reads (here: only its name) fails the doctor, and so does one the vendor refuses."""
+    with ThreadedFake("espocrm") as running:
+        config = running.config(tmp_path, records=[{"name": "call", "update": {
+            "body": {"description": "{omit}", "name": "Inbound call (updated)"}}}])
+        code = cli.main(["crm", "doctor", "--config", str(config), LI, "--post"])
+        out = capsys.readouterr().out
+        assert code == 1
+        assert "name: Inbound call (updated)" in out
+        assert "!! reading it back shows no field with the test disposition" in out
+        config = running.config(tmp_path, **running.module.BROKEN_UPDATE)
+        code = cli.main(["crm", "doctor", "--config", str(config), LI, "--post"])
+        out = capsys.readouterr().out
+        assert code == 1
+        assert "!! update failed: 4xx" in out
+        assert "doctor: FAILED" in out
 
 
 def test_doctor_waits_for_a_lagging_search_and_fails_a_find_that_cannot_work(
