@@ -189,7 +189,8 @@ def test_doctor_post_finds_each_object_again_by_its_key(
         assert out.count("updating ") == 1
         assert f"updating call {call_id} with a test disposition 'resolved'" in out
         update = out.split("updating call")[1].split("step task:")[0]
-        assert "(call:update)" in update and "(call:fetch)" in update
+        assert "(call:update)" in update
+        assert "(call:fetch)" in update
         changed = update.split("changed by the update:")[1]
         assert "disposition resolved" in changed or "Disposition: resolved" in changed
         assert "callroute doctor: a test note" in changed

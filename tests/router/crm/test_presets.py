@@ -301,10 +301,12 @@ async def test_a_late_disposition_updates_the_call_and_keeps_its_key(vendor: Ven
     assert len(updates(vendor)) == 1
     assert [c.id for c in vendor.fake.changes] == [oid]
     found = await conn.find_created("call", rec, rec["record_key"], {}, ["call"])
-    assert found is not None and found.remote_id == oid
+    assert found is not None
+    assert found.remote_id == oid
     await conn.run_update("call", late, oid, f"{rec['record_key']}:disposition")
     first, second = vendor.fake.changes
-    assert second.id == oid and second.after == first.after
+    assert second.id == oid
+    assert second.after == first.after
     assert vendor.fake.disposition(oid) == after
     assert len(vendor.fake.created("call")) == 1
     assert vendor.fake.violations == []
@@ -320,7 +322,8 @@ async def test_a_disposition_given_in_time_is_on_the_call_as_posted(vendor: Vend
     done = await deliver(conn, rec, ["call"])
     call = vendor.fake.disposition(str(done["call"].remote_id))
     assert call["value"] == vendor.fake.disposition_value("wrong-number")
-    assert "wrong-number" in call["text"] and "Wanted the shop next door" in call["text"]
+    assert "wrong-number" in call["text"]
+    assert "Wanted the shop next door" in call["text"]
     assert updates(vendor) == []
     assert vendor.fake.violations == []
 
@@ -376,7 +379,8 @@ async def test_an_update_writes_the_recording_link_again_in_url_mode() -> None:
         assert link in fake.disposition(oid)["text"]
         await conn.run_update("call", {**rec, **LATE}, oid, "k:disposition")
         text = fake.disposition(oid)["text"]
-        assert link in text and "disposition wrong-number" in text
+        assert link in text
+        assert "disposition wrong-number" in text
         assert fake.violations == []
     finally:
         await conn.aclose()

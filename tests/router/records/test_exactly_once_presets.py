@@ -6,7 +6,12 @@ again on purpose). Real Redis, a real DeliveryWorker and RestConnector, and the
 vendor-shaped fakes of tests/crm_fakes, which check every request and search the way the
 vendor documents (HubSpot's search index lags; Salesforce's SOQL; Zoho's COQL; Odoo's
 search_read domains; Pipedrive's person search, leads and v2 activities; EspoCRM's where
-filters)."""
+filters).
+
+A late disposition (an update record ``<record key>:disposition``, router.records.updates)
+updates the one call through each preset's ``update``, by the id the record's ledger
+holds, including a call the retry found by its key and an update whose answer was lost
+(sent again: it sets fields, so the call is as after one)."""
 
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from router.crm.config import CrmSettings
 from router.crm.presets import merge
 from router.records.ledger import Ledger
 from router.records.outbox_cli import replay
-from tests.crm_fakes.base import UNKNOWN, FakeCrm
+from router.records.updates import update_record
+from tests.crm_fakes.base import LI, UNKNOWN, FakeCrm
 from tests.router.crm.test_presets import record
 from tests.router.records.test_exactly_once import KEYS, Rig
 
@@ -240,3 +246,102 @@ async def spawn_worker(redis_url: str, name: str, url: str) -> Any:
     line = await asyncio.wait_for(proc.stdout.readline(), 20)
     assert line.strip() == b"READY"
     return proc
+
+
+#: What an agent gives after the wrap-up time (web.wrapup turns it into an update record).
+LATE = {"disposition": "sale", "disposition_note": "Two units, delivery on Friday",
+        "disposition_by": "7001"}
+
+
+def answered(linkedid: str, fake: Any) -> dict[str, Any]:
+    """A known customer's answered call (only the call step runs)."""
+    return record(linkedid, caller_e164=LI, customer_id=fake.ids["li"],
+                  owner=fake.owner_ids["o1"], kind="contact")
+
+
+def update_requests(name: str, fake: FakeCrm) -> list[Any]:
+    """The call updates the vendor's fake received."""
+    method, path, when = importlib.import_module(f"tests.crm_fakes.{name}").UPDATE
+    return [s for s in fake.requests(method, path) if when is None or when(s.body)]
+
+
+def disposed(fake: Any, oid: str) -> None:
+    """Assert the call ``oid`` carries LATE: the vendor's disposition field, the note."""
+    call = fake.disposition(oid)
+    assert call["value"] == fake.disposition_value("sale")
+    assert "sale" in call["text"]
+    assert "Two units, delivery on Friday" in call["text"]
+
+
+VENDORS = list(CREATES)
+
+
+@pytest.mark.parametrize("name", VENDORS)
+async def test_a_late_disposition_updates_the_one_call_once(
+        name: str, redis_url: str, tmp_path: Path, stack: AsyncExitStack) -> None:
+    """The record is delivered (one call); the agent's late disposition goes through the
+    outbox as ``<key>:disposition`` and the worker sends the preset's update of the call
+    the ledger names: the call now has the disposition and the note, still ONE call. The
+    same update enqueued again is a duplicate and sends nothing."""
+    fake = await start_fake(name, stack)
+    rig = start_rig(stack, redis_url, settings_for(name, fake), tmp_path / "spool")
+    rec = answered("1700000400.1", fake)
+    key = rec["record_key"]
+    await rig.outbox.enqueue(rec)
+    rig.start()
+    await rig.delivered(key)
+    oid = (await Ledger(rig.redis, KEYS, 60).read(key)).done["call"].id
+    assert oid is not None
+    assert update_requests(name, fake) == []
+    update = update_record(rec, LATE)
+    assert update["record_key"] == f"{key}:disposition"
+    assert await rig.outbox.enqueue(update) == "enqueued"
+    await rig.delivered(update["record_key"])
+    disposed(fake, oid)
+    assert len(update_requests(name, fake)) == 1
+    assert [c.id for c in fake.changes] == [oid]
+    assert await rig.outbox.enqueue(update_record(rec, LATE)) == "duplicate"
+    await asyncio.sleep(0.2)
+    assert len(update_requests(name, fake)) == 1
+    assert counts(name, fake)["call"] == 1
+    assert await rig.dead() == []
+    assert fake.violations == []
+
+
+@pytest.mark.parametrize("name", VENDORS)
+async def test_a_found_call_is_updated_and_a_lost_update_answer_changes_nothing_more(
+        name: str, redis_url: str, tmp_path: Path, stack: AsyncExitStack) -> None:
+    """The call's create answer is lost after the vendor committed it: the retry finds
+    the call by its key (ledger: found) and posts nothing again. The late disposition
+    then updates that call, by the id the find gave; the update's own answer is lost
+    too, so the worker sends it again. The fake carried the update out twice, and the
+    call was the same after each (an update sets fields): ONE call, disposed once in
+    effect."""
+    fake = await start_fake(name, stack)
+    path, when = CREATES[name]["call"]
+    fake.fail_next("lost", path=path, method="POST", when=when)
+    method, update_path, is_update = importlib.import_module(f"tests.crm_fakes.{name}").UPDATE
+    fake.fail_next("lost", path=update_path, method=method, when=is_update)
+    rig = start_rig(stack, redis_url, settings_for(name, fake), tmp_path / "spool")
+    rec = answered("1700000500.1", fake)
+    rec.update(start="2025-03-03T02:30:00.678951Z", end="2025-03-03T02:31:12.500500Z")
+    key = rec["record_key"]
+    await rig.outbox.enqueue(rec)
+    rig.start()
+    await rig.delivered(key)
+    done = (await Ledger(rig.redis, KEYS, 60).read(key)).done["call"]
+    assert done.how == "found"
+    assert [c["id"] for c in fake.created("call")] == [done.id]
+    update = update_record(rec, LATE)
+    await rig.outbox.enqueue(update)
+    await rig.delivered(update["record_key"])
+    assert len(update_requests(name, fake)) == 2
+    first, second = fake.changes
+    assert first.id == second.id == done.id
+    assert second.after == first.after
+    disposed(fake, str(done.id))
+    assert counts(name, fake)["call"] == 1
+    sent = await Ledger(rig.redis, KEYS, 60).read(update["record_key"])
+    assert sent.done["update"].id == done.id
+    assert await rig.dead() == []
+    assert fake.violations == []
