@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from ami.records import CallRecord, record_key_for
-from router.crm.base import StepResult
+from router.crm.base import StepResult, step_key
 from router.crm.config import CrmSettings
 from router.crm.presets import merge
 from router.crm.rest import RestConnector
@@ -95,7 +95,7 @@ async def deliver(conn: RestConnector, rec: dict[str, Any], plan: list[str]
     done: dict[str, StepResult] = {}
     for step in conn.step_names():
         if conn.wants(step, rec, done, plan):
-            key = rec["record_key"] if step == "call" else f"{rec['record_key']}:{step}"
+            key = step_key(rec["record_key"], step)
             done[step] = await conn.run_step(step, rec, key, done, plan)
     return done
 
@@ -310,6 +310,18 @@ async def test_a_late_disposition_updates_the_call_and_keeps_its_key(vendor: Ven
     assert vendor.fake.disposition(oid) == after
     assert len(vendor.fake.created("call")) == 1
     assert vendor.fake.violations == []
+
+
+def test_an_update_sees_the_key_the_delivery_gave_the_step() -> None:
+    """The idempotency key an update's templates see (router.crm.base.step_key) is the
+    one the delivery worker sent the step with, for every step name: what the step wrote
+    into its object is written again."""
+    from router.records.delivery import idempotency_key
+
+    for step in ("call", "lead", "task", "person"):
+        assert step_key("call:1700000000.1", step) == idempotency_key("call:1700000000.1", step)
+    assert step_key("call:1700000000.1", "call") == "call:1700000000.1"
+    assert step_key("call:1700000000.1", "task") == "call:1700000000.1:task"
 
 
 async def test_a_disposition_given_in_time_is_on_the_call_as_posted(vendor: Vendor) -> None:
