@@ -101,6 +101,13 @@ class Keys:
         (:mod:`router.records.ledger`)."""
         return f"{self.prefix}outbox:ledger:{record_key}"
 
+    def outbox_died(self, record_key: str) -> str:
+        """String with TTL: the id of a record's entry in the dead letters (set when it
+        was dead-lettered; stale once that entry left them, e.g. by ``outbox retry``).
+        An update of the record waits for it while it is not dead (:mod:`router.records.
+        updates`)."""
+        return f"{self.prefix}outbox:died:{record_key}"
+
     def ratelimit(self, crm: str) -> str:
         """Key for the client-side rate limit towards one CRM."""
         return f"{self.prefix}ratelimit:{crm}"

@@ -108,7 +108,8 @@ AMI_CONNECTED = Gauge("callroute_ami_connected", "1 while logged in to AMI", reg
 
 # --- outbox / delivery -------------------------------------------------------------------
 RECORDS = Counter(
-    "callroute_records", "Call records by stage (enqueued, spooled, delivered, dead, duplicate)",
+    "callroute_records", "Call records by stage (enqueued, spooled, delivered, retry, dead, "
+    "duplicate; deferred: an update waiting for its record still on its way)",
     ["stage"], registry=REGISTRY,
 )
 LEDGER_STEPS = Counter(

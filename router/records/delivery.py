@@ -28,7 +28,12 @@ marker exists is acked without sending anything.
 A record with ``update_of`` (:mod:`router.records.updates`: a disposition given after
 its call's record was delivered) runs no step: once the step it updates is in the
 original's ledger, the sink's ``update`` request for that step goes out with the CRM's
-id the ledger holds.
+id the ledger holds. Until then it is *deferred* (back into the retry set with a delay
+capped at :data:`DEFER_MAX_S`, its attempts not counted), however long its original
+takes; it is dead-lettered as ``original_dead`` when its original was dead-lettered (and
+not retried since), as ``original_missing`` when its original was never enqueued in
+Redis for :attr:`DeliveryWorker.orphan_wait_s` (:func:`router.records.updates.
+original_state`).
 
 Failures: a retryable :class:`CrmError` moves the entry (atomically: XACK + XDEL +
 ZADD) to the ``outbox:retry`` sorted set, due after a capped exponential backoff with
@@ -38,7 +43,8 @@ script, safe to run from several instances), so attempts survive restarts and a
 waiting record never blocks the others. Non-retryable errors, and retryable ones
 after ``max_attempts``, go to the ``outbox:dead`` stream with the reason (``rejected``,
 ``max_attempts``, ``unconfirmed``, ...), the attempt count and the last error (with what
-the CRM said, masked). Entries of a crashed worker are reclaimed with XAUTOCLAIM
+the CRM said, masked); ``outbox:died:<key>`` names the dead letter (for the record's
+updates). Entries of a crashed worker are reclaimed with XAUTOCLAIM
 after ``claim_idle_s``.
 
 ``callroute serve`` runs one; ``callroute deliver`` runs one alone (more delivery beside
@@ -79,14 +85,26 @@ from router.metrics import LEDGER_STEPS, OUTBOX_DEPTH, RECORDS
 from router.records.ledger import Ledger, LedgerState, StepEntry
 from router.records.outbox import ensure_group, keys_from_settings, now_ms
 from router.records.ratelimit import TokenBucket
-from router.records.updates import MARKER_STEP, as_original, step_result, update_of
+from router.records.updates import (
+    MARKER_STEP,
+    OriginalState,
+    as_original,
+    original_state,
+    step_result,
+    update_of,
+)
 from router.settings import OutboxSettings, Settings
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["delivered", "duplicate", "retry", "dead", "pending"]
+Outcome = Literal["delivered", "duplicate", "retry", "dead", "pending", "deferred"]
 STEPS = ("call", "lead", "task")
 MAX_ERROR_CHARS = 500
+#: The longest an update waits between two looks at its original still on its way.
+DEFER_MAX_S = 30.0
+#: The least time an update waits for an original never enqueued in Redis (a spool
+#: drains within seconds of Redis being reachable again).
+ORPHAN_WAIT_MIN_S = 600.0
 
 # KEYS: stream, delivered, sent; ARGV: group, id, ttl ms, key, record, keep, attempt, enq
 _DONE_LUA = """
@@ -110,13 +128,16 @@ end
 return n
 """
 
-# KEYS: stream, dead; ARGV: group, id, key, record, attempt, enq, reason, error, now ms
+# KEYS: stream, dead, died marker; ARGV: group, id, key, record, attempt, enq, reason,
+# error, now ms, marker ttl ms
 _DEAD_LUA = """
 local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if n == 1 then
   redis.call('XDEL', KEYS[1], ARGV[2])
-  redis.call('XADD', KEYS[2], '*', 'key', ARGV[3], 'record', ARGV[4], 'attempt', ARGV[5],
-             'enq', ARGV[6], 'reason', ARGV[7], 'error', ARGV[8], 'dead_at', ARGV[9])
+  local id = redis.call('XADD', KEYS[2], '*', 'key', ARGV[3], 'record', ARGV[4],
+                        'attempt', ARGV[5], 'enq', ARGV[6], 'reason', ARGV[7],
+                        'error', ARGV[8], 'dead_at', ARGV[9])
+  redis.call('SET', KEYS[3], id, 'PX', ARGV[10])
 end
 return n
 """
@@ -185,6 +206,12 @@ def backoff_delay(
     if retry_after is not None and retry_after > delay:
         delay = retry_after
     return delay
+
+
+def defer_delay(waited_s: float, base: float, cap: float, rng: random.Random) -> float:
+    """Seconds an update waits before looking at its original again: a quarter of what
+    it waited so far, between ``base`` and ``cap``, with jitter (half to all of it)."""
+    return min(cap, max(base, waited_s / 4.0)) * rng.uniform(0.5, 1.0)
 
 
 def plan(record: Mapping[str, Any], settings: OutboxSettings) -> list[str]:
@@ -273,6 +300,11 @@ class DeliveryWorker:
         )
         self.rng = rng or random.Random()  # noqa: S311 - retry jitter, not a secret
         self.ledger = Ledger(redis, keys, settings.delivered_ttl_s)
+        #: how long an update waits for an original never enqueued in Redis before it is
+        #: dead-lettered (``original_missing``): at least as long as the original's own
+        #: retries could take
+        self.orphan_wait_s = max(ORPHAN_WAIT_MIN_S,
+                                 settings.max_attempts * settings.backoff_max_s)
         self._done = redis.register_script(_DONE_LUA)
         self._retry = redis.register_script(_RETRY_LUA)
         self._dead = redis.register_script(_DEAD_LUA)
@@ -367,10 +399,16 @@ class DeliveryWorker:
             await self._finish(entry, duplicate=True)
             return "duplicate"
         done = await step_result(self.redis, self.keys, original, step)
+        if done is None:
+            state = await original_state(self.redis, self.keys, original)
+            if state == "dead":
+                return await self._dead_letter(
+                    entry, entry.attempt, "original_dead",
+                    f"its original {original} was dead-lettered: retry both (callroute "
+                    f"outbox retry --key {original} --key {entry.key})")
+            if state != "delivered":
+                return await self._defer(entry, original, state)
         if done is None or not done.remote_id:
-            if done is None and not await self.redis.exists(self.keys.delivered(original)):
-                return await self._failed(entry, CrmError(
-                    f"{original} is not delivered yet: its update waits"))
             return await self._dead_letter(entry, entry.attempt, "no_remote_id",
                                            f"no CRM id of step {step!r} of {original}")
         try:
@@ -388,6 +426,29 @@ class DeliveryWorker:
         log.info("%s: step %s of %s updated (CRM id %s)", entry.key, step, original,
                  done.remote_id)
         return "delivered"
+
+    async def _defer(self, entry: Entry, original: str, state: OriginalState) -> Outcome:
+        """The update waits for ``original`` (still on its way): back into the retry set,
+        its attempts unspent; dead-lettered when the original stays missing too long."""
+        waited = max(0.0, (now_ms() - entry.enq) / 1000.0) if entry.enq > 0 else 0.0
+        if state == "missing" and waited > self.orphan_wait_s:
+            return await self._dead_letter(
+                entry, entry.attempt, "original_missing",
+                f"its original {original} was not enqueued in {waited:.0f} s (spooled on "
+                f"an instance that cannot reach Redis, or lost)")
+        where = "in the outbox" if state == "waiting" else "not in the outbox yet"
+        note = f"waiting for its original {original} ({where})"
+        delay = defer_delay(waited, self.settings.backoff_base_s,
+                            min(DEFER_MAX_S, self.settings.backoff_max_s), self.rng)
+        await self._retry(
+            keys=[self.keys.outbox_stream, self.keys.outbox_retry],
+            args=[self.group, entry.id, now_ms() + int(delay * 1000),
+                  entry.retry_member(entry.attempt, note)],
+        )
+        RECORDS.labels("deferred").inc()
+        level = logging.DEBUG if entry.error == note else logging.INFO
+        log.log(level, "update %s %s: looked at again in %.2fs", entry.key, note, delay)
+        return "deferred"
 
     async def _send(self, step: str, record: Mapping[str, Any], key: str,
                     previous: Mapping[str, StepResult], wanted: Sequence[str],
@@ -498,9 +559,10 @@ class DeliveryWorker:
 
     async def _dead_letter(self, entry: Entry, attempt: int, reason: str, error: str) -> Outcome:
         await self._dead(
-            keys=[self.keys.outbox_stream, self.keys.outbox_dead],
+            keys=[self.keys.outbox_stream, self.keys.outbox_dead,
+                  self.keys.outbox_died(entry.key)],
             args=[self.group, entry.id, entry.key, entry.record, attempt, entry.enq, reason,
-                  error, now_ms()],
+                  error, now_ms(), int(self.settings.dedupe_ttl_s * 1000)],
         )
         RECORDS.labels("dead").inc()
         log.error("record %s dead-lettered after %d attempt(s): %s (%s)",

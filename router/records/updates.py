@@ -10,7 +10,12 @@ saying what it updates:
 
 The delivery worker (:mod:`router.records.delivery`) sends it once the original's step
 is done (in its delivery ledger, :mod:`router.records.ledger`), with the CRM's id of
-that step's object: the step's configured ``update``
+that step's object. Until then it waits without spending its attempts, however long the
+original takes (a CRM outage longer than ``max_attempts`` times the backoff included):
+while the original is still in the outbox (stream, retry set) or nowhere yet (in a
+spool), the update is deferred with a capped delay; it is dead-lettered only when its
+original was (``original_dead``: retry both), or when the original stays nowhere to be
+seen for long (``original_missing``), see :func:`original_state`. The step's configured ``update``
 request (``PATCH /crm/v3/objects/calls/{id}`` at HubSpot, ``PATCH
 /sobjects/Task/{id}`` at Salesforce...). Such a request sets fields to values, so
 sending it twice (a retry after a lost answer) leaves the object as once: exactly once
@@ -20,7 +25,7 @@ in effect, without any idempotency support at the CRM.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from redis.asyncio import Redis
 
@@ -32,6 +37,11 @@ UPDATE_OF = "update_of"
 UPDATE_STEP = "update_step"
 #: The ledger "step" of an update under its own record key (its result, once sent).
 MARKER_STEP = "update"
+
+#: Where an update's original is: ``delivered``; ``dead`` (in the dead letters now);
+#: ``waiting`` (enqueued: in the stream, being sent, or in the retry set); ``missing``
+#: (never enqueued in Redis: spooled on an instance that cannot reach Redis, or lost).
+OriginalState = Literal["delivered", "dead", "waiting", "missing"]
 
 
 def update_record(original: Mapping[str, Any], changes: Mapping[str, Any], *,
@@ -74,3 +84,21 @@ async def step_result(redis: Redis, keys: Keys, record_key: str, step: str
     if done is not None:
         return done.result
     return StepResult.from_marker(step, marker) if marker is not None else None
+
+
+async def original_state(redis: Redis, keys: Keys, record_key: str) -> OriginalState:
+    """Where the record ``record_key`` stands in the outbox (see :data:`OriginalState`),
+    from its markers: delivered, the dead letter it was put in (still there: not retried
+    since), enqueued."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.exists(keys.delivered(record_key))
+        pipe.get(keys.outbox_died(record_key))
+        pipe.exists(keys.outbox_dedupe(record_key))
+        delivered, died, seen = await pipe.execute()
+    if delivered:
+        return "delivered"
+    if died:
+        dead_id = died.decode() if isinstance(died, bytes) else str(died)
+        if await redis.xrange(keys.outbox_dead, dead_id, dead_id):
+            return "dead"
+    return "waiting" if seen else "missing"

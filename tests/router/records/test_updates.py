@@ -21,6 +21,7 @@ from router.crm.rest import RestConnector
 from router.keys import Keys
 from router.records.delivery import DeliveryWorker
 from router.records.outbox import Outbox
+from router.records.outbox_cli import retry_dead
 from router.records.spool import Spool
 from router.records.updates import as_original, update_of, update_record
 from router.samplecrm import make_app, start_sample_crm, state_of
@@ -62,8 +63,10 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig_for(redis_url: str, tmp_path: Path, **crm: Any) -> AsyncIterator[Rig]:
-    """The rig, its CRM's activity step changed by ``crm``; everything stopped after."""
+async def rig_for(redis_url: str, tmp_path: Path, settings: Any = None,
+                  **crm: Any) -> AsyncIterator[Rig]:
+    """The rig, its CRM's activity step changed by ``crm`` (outbox ``settings``: the
+    fast test ones by default); everything stopped after."""
     app = make_app(token="demo-token")
     runner, url = await start_sample_crm("127.0.0.1", 0, app)
     section = sample_crm_section(url)
@@ -72,7 +75,7 @@ async def rig_for(redis_url: str, tmp_path: Path, **crm: Any) -> AsyncIterator[R
     section["activity"].update(crm)
     connector = RestConnector(CrmSettings.model_validate(section))
     redis = Redis.from_url(redis_url, decode_responses=True)
-    settings = outbox_settings()
+    settings = settings or outbox_settings()
     spool = Spool(tmp_path / "spool", max_records=100, max_bytes=1_000_000)
     outbox = Outbox(redis, KEYS, settings, spool)
     worker = DeliveryWorker(redis, connector, keys=KEYS, settings=settings)
@@ -138,21 +141,122 @@ async def test_a_late_disposition_updates_the_one_activity_once(rig: Rig) -> Non
 
 
 async def test_an_update_waits_for_its_record_and_survives_a_crm_error(rig: Rig) -> None:
-    """An update enqueued before its record was delivered waits (retried, not dead); the
-    CRM failing the PATCH once (503) is retried too; in the end the record is posted
-    once and patched with the disposition."""
+    """An update enqueued before its record was enqueued waits (deferred, no attempt
+    spent, not dead); the CRM failing the PATCH once (503) is a normal retry; in the end
+    the record is posted once and patched with the disposition."""
     assert await rig.outbox.enqueue(update_record(record(2), DISPOSED)) == "enqueued"
     state_of(rig.crm).faults.add("status", path="/api/activities/", method="PATCH",
                                  status=503, count=1)
     rig.start()
-    await wait_until(lambda: rig.worker.stats["retry"] >= 1)
+    await wait_until(lambda: rig.worker.stats["deferred"] >= 2)
+    [member] = await rig.redis.zrange(KEYS.outbox_retry, 0, -1)
+    waiting = json.loads(member)
+    assert (waiting["key"], waiting["attempt"]) == ("call:2.0:disposition", "0")
+    assert waiting["error"] == "waiting for its original call:2.0 (not in the outbox yet)"
+    assert rig.worker.stats["retry"] == 0
     assert rig.activities() == []
     assert await rig.outbox.enqueue(record(2)) == "enqueued"
     await wait_until(lambda: bool(rig.activities()) and
                      rig.activities()[0].get("disposition") == "sale")
     assert len(rig.activities()) == 1
     assert rig.worker.stats["dead"] == 0
+    assert rig.worker.stats["retry"] == 1  # the refused PATCH
     assert len(rig.requests("PATCH")) == 2  # the refused one and the one that took
+
+
+async def retry_members(redis: Redis) -> list[dict[str, Any]]:
+    """The entries waiting in the retry set now."""
+    return [json.loads(m) for m in await redis.zrange(KEYS.outbox_retry, 0, -1)]
+
+
+async def test_an_update_outlasts_a_crm_outage_longer_than_its_retries(
+    redis_url: str, tmp_path: Path,
+) -> None:
+    """The CRM answers every activity POST "429, come back in 1 s" for 2.5 s, five times
+    max_attempts x backoff_max (5 x 0.1 s): the record's own retries wait the CRM out and
+    it is posted in the end; its update, enqueued at the same time, waits for it all
+    along without spending an attempt (deferred: attempt 0 each time it is seen in the
+    retry set), is never dead-lettered, and then PATCHes the one activity once."""
+    settings = outbox_settings(max_attempts=5)
+    async with rig_for(redis_url, tmp_path, settings) as rig:
+        faults = state_of(rig.crm).faults
+        faults.add("status", path="/api/activities", method="POST", status=429,
+                   retry_after="1")
+        assert await rig.outbox.enqueue(record(4)) == "enqueued"
+        assert await rig.outbox.enqueue(update_record(record(4), DISPOSED)) == "enqueued"
+        rig.start()
+        seen: set[str] = set()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 2.5
+        while loop.time() < until:
+            for member in await retry_members(rig.redis):
+                if member["key"] == "call:4.0:disposition":
+                    seen.add(member["attempt"])
+            await asyncio.sleep(0.01)
+        assert rig.worker.stats["deferred"] >= 10
+        assert seen == {"0"}
+        assert rig.activities() == []
+        assert await rig.redis.xlen(KEYS.outbox_dead) == 0
+        faults.clear()
+        await wait_until(lambda: bool(rig.activities()) and
+                         rig.activities()[0].get("disposition") == "sale", limit_s=15)
+        assert len(rig.activities()) == 1
+        assert len(rig.requests("PATCH")) == 1
+        assert rig.worker.stats["dead"] == 0
+        assert await rig.redis.xlen(KEYS.outbox_dead) == 0
+
+
+async def test_an_update_is_dead_lettered_only_after_its_dead_original(
+    redis_url: str, tmp_path: Path,
+) -> None:
+    """The CRM is down (503) longer than max_attempts x backoff: the record is
+    dead-lettered after its 3 attempts; its update, which spent none, follows it into
+    the dead letters (never before it) as original_dead, saying to retry both. Once the
+    CRM is back, retrying both posts the one activity, then patches it once."""
+    settings = outbox_settings(max_attempts=3)
+    async with rig_for(redis_url, tmp_path, settings) as rig:
+        faults = state_of(rig.crm).faults
+        faults.add("status", path="/api/activities", method="POST", status=503)
+        assert await rig.outbox.enqueue(record(5)) == "enqueued"
+        assert await rig.outbox.enqueue(update_record(record(5), DISPOSED)) == "enqueued"
+        rig.start()
+        await wait_until(lambda: rig.worker.stats["dead"] == 2)
+        first, second = [f for _, f in await rig.redis.xrange(KEYS.outbox_dead)]
+        assert (first["key"], first["reason"], first["attempt"]) == \
+            ("call:5.0", "max_attempts", "3")
+        assert (second["key"], second["reason"], second["attempt"]) == \
+            ("call:5.0:disposition", "original_dead", "0")
+        assert second["error"] == (
+            "its original call:5.0 was dead-lettered: retry both (callroute outbox retry "
+            "--key call:5.0 --key call:5.0:disposition)")
+        assert rig.worker.stats["deferred"] >= 1
+        assert rig.activities() == []
+        faults.clear()
+        assert await retry_dead(rig.redis, KEYS, ["call:5.0:disposition", "call:5.0"]) == \
+            ["call:5.0", "call:5.0:disposition"]
+        await wait_until(lambda: bool(rig.activities()) and
+                         rig.activities()[0].get("disposition") == "sale")
+        assert len(rig.activities()) == 1
+        assert len(rig.requests("PATCH")) == 1
+        assert await rig.redis.xlen(KEYS.outbox_dead) == 0
+
+
+async def test_an_update_whose_original_never_comes_is_dead_lettered_in_the_end(
+    rig: Rig,
+) -> None:
+    """An update whose original is never enqueued (spooled on an instance cut off from
+    Redis, or lost) waits orphan_wait_s without spending an attempt, then is
+    dead-lettered as original_missing; nothing is sent to the CRM."""
+    rig.worker.orphan_wait_s = 0.5
+    assert await rig.outbox.enqueue(update_record(record(6), DISPOSED)) == "enqueued"
+    rig.start()
+    await wait_until(lambda: rig.worker.stats["dead"] == 1)
+    [(_, dead)] = await rig.redis.xrange(KEYS.outbox_dead)
+    assert (dead["key"], dead["reason"], dead["attempt"]) == \
+        ("call:6.0:disposition", "original_missing", "0")
+    assert "its original call:6.0 was not enqueued in" in dead["error"]
+    assert rig.worker.stats["deferred"] >= 2
+    assert not state_of(rig.crm).requests
 
 
 async def test_a_connector_without_an_update_dead_letters_it(redis_url: str,
