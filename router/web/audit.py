@@ -2,7 +2,9 @@
 
 Every customer a page shows is a read: a card pushed to (or fetched by) an agent's page
 or a supervisor watching it (``customer.card``), the supervisor's live view with names
-(``customer.live``), the day's CSV export (``customer.export``). Each entry says who
+(``customer.live``: calls with a customer, or from an outside caller whose caller id
+name it shows; an internal call between extensions is no customer read), the day's
+CSV export (``customer.export``). Each entry says who
 (the signed-in user and role), what (``customer:<id>``, ``number:<keyed hash>`` for a
 caller the CRM does not know, ``call:<linkedid>`` for a withheld number), when, from
 where (the page's address) and the hash of what was shown.
@@ -105,13 +107,15 @@ class PageAudit:
         self._add(_Read(reader, "customer.card", self.clock(), card))
 
     def live(self, reader: Reader, calls: Iterable[Mapping[str, Any]]) -> None:
-        """``reader``'s live view shows these calls with customers: the new ones are read."""
+        """``reader``'s live view shows these calls with customers: the new ones are read
+        (a call with a customer id, or an outside caller's call showing its caller id
+        name; not an internal call, whose name is a colleague's)."""
         if self.audit is None:
             return
         new = []
         for row in calls:
             target = _customer_target(row.get("customer_id"))
-            if target is None and row.get("customer"):
+            if target is None and row.get("customer") and row.get("external", True):
                 target = f"call:{row.get('call')}"  # a name without an id (caller id name)
             if target is not None and target not in reader.seen:
                 reader.seen.add(target)

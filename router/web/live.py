@@ -88,6 +88,17 @@ def withheld(number: str | None) -> bool:
     return compact.lower() in ANONYMOUS or not any(ch.isdigit() for ch in compact)
 
 
+#: Caller numbers shorter than this are the PBX's own extensions (as router.log masks).
+MIN_EXTERNAL_DIGITS = 7
+
+
+def external_number(number: str | None) -> bool:
+    """Whether a caller id number is an outside caller's (not withheld, not a short
+    extension of the PBX)."""
+    return not withheld(number) and sum(ch.isdigit() for ch in str(number)) >= \
+        MIN_EXTERNAL_DIGITS
+
+
 def _name(name: str | None) -> str | None:
     """A caller id name worth showing (not "unknown", "Anonymous", "Restricted"...)."""
     return name if name and name.strip().lower() not in ANONYMOUS else None
@@ -694,13 +705,17 @@ class LiveState:
             if wait is not None:
                 q["longest_wait_s"] = max(q["longest_wait_s"], round(wait, 1))
             d = call.decision
+            caller = (d.caller if d and d.caller else None) or call.caller
             row: dict[str, Any] = {
                 "call": call.linkedid, "state": state, "queue": call.queue,
                 "agent": call.answered_agent, "wait_s": round(wait, 1) if wait else None,
                 "since_s": round(now - call.started, 1),
                 "tier": (d.customer.tier if d and d.customer else call.vars.get("CRM_TIER")),
                 "rule": d.rule if d else call.vars.get("ROUTE_RULE"),
-                "anonymous": withheld((d.caller if d and d.caller else None) or call.caller),
+                "anonymous": withheld(caller),
+                # a caller from outside (routed by callroute, or an outside number): its
+                # name is a customer's; an internal call's caller id name is a colleague's
+                "external": self._routed(call) or external_number(caller),
                 "degraded": (degraded_reason(d.reason if d else call.vars.get("ROUTE_REASON"),
                                              self._decided(call))
                              if self._routed(call) else None),

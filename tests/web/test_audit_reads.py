@@ -82,13 +82,19 @@ async def test_cards_are_buffered_once_per_call_and_written_in_one_go(
 
 async def test_live_view_reads_name_each_customer_once_per_page(audit_log: AuditLog) -> None:
     """The supervisor's live view is a read of the customers it newly shows: one entry
-    per page and update with those customers (a call with only a caller-id name counts
-    as its call); customers already shown to that page are not read again."""
+    per page and update with those customers (an outside caller's call with only a
+    caller-id name counts as its call; an internal call showing a colleague's caller-id
+    name is no read); customers already shown to that page are not read again."""
     pages = PageAudit(audit_log, str)
     boss = Reader("boss", "supervisor", "10.0.0.9")
-    pages.live(boss, [{"call": "1.0", "customer_id": "C-1", "customer": "Li Lei"},
-                      {"call": "2.0", "customer_id": None, "customer": "Han Meimei"},
-                      {"call": "3.0", "customer_id": None, "customer": None}])
+    pages.live(boss, [{"call": "1.0", "customer_id": "C-1", "customer": "Li Lei",
+                       "external": True},
+                      {"call": "2.0", "customer_id": None, "customer": "Han Meimei",
+                       "external": True},
+                      {"call": "3.0", "customer_id": None, "customer": None,
+                       "external": True},
+                      {"call": "5.0", "customer_id": None, "customer": "Wang Wei",
+                       "external": False}])
     pages.live(boss, [{"call": "1.0", "customer_id": "C-1", "customer": "Li Lei"}])
     pages.live(boss, [{"call": "4.0", "customer_id": "C-4", "customer": "Zhou"}])
     await pages.flush()
@@ -216,6 +222,47 @@ async def test_live_view_with_names_and_csv_export_are_audited_not_a_viewers(
     assert (export.who, export.target) == ("boss", f"calls:{service_day(csv_text)}")
     assert export.after == state_hash(csv_text.lstrip("\ufeff"))
     assert not any(e.who == "looker" for e in got)
+
+
+def newchannel(lid: str, number: str, name: str, exten: str) -> bytes:
+    """A Newchannel event of a call's first channel, as Asterisk 22 sends it."""
+    return (f"Event: Newchannel\r\nPrivilege: call,all\r\nChannel: PJSIP/{number}-0000a001\r\n"
+            f"ChannelState: 4\r\nChannelStateDesc: Ring\r\nCallerIDNum: {number}\r\n"
+            f"CallerIDName: {name}\r\nConnectedLineNum: <unknown>\r\n"
+            f"ConnectedLineName: <unknown>\r\nLanguage: en\r\nAccountCode: \r\n"
+            f"Context: from-internal\r\nExten: {exten}\r\nPriority: 1\r\n"
+            f"Uniqueid: {lid}\r\nLinkedid: {lid}").encode()
+
+
+async def test_internal_calls_in_the_live_view_are_no_customer_reads(
+    service: WebService,
+) -> None:
+    """Extension 7002 (caller id name Wang Wei) calls 7001 and an outside number calls in
+    past callroute, both showing a caller id name in the supervisor's live view: only
+    the outside caller's call is a customer.live read; the internal one is a
+    colleague's name and is not in the audit trail."""
+    await service.ami.play([newchannel("1795339000.1", "7002", "Wang Wei", "7001"),
+                            newchannel("1795339001.1", "13700137000", "Zhang San", "8000")])
+    boss = {"Authorization": f"Bearer {service.tokens['boss']}"}
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            async with http.get(f"{service.base}/ui/api/live", headers=boss) as r:
+                calls = (await r.json())["calls"]
+            if len(calls) == 2:
+                break
+            await asyncio.sleep(0.05)
+    shown = {c["call"]: (c["customer"], c["external"]) for c in calls}
+    assert shown == {"1795339000.1": ("Wang Wei", False),
+                     "1795339001.1": ("Zhang San", True)}
+    got: list[AuditEntry] = []
+    for _ in range(100):
+        got = await entries(service, action="customer.live")
+        if got:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.6)  # a flush more: nothing else comes
+    got = await entries(service, action="customer.live")
+    assert [(e.who, e.target) for e in got] == [("boss", "call:1795339001.1")]
 
 
 def service_day(_csv: str) -> str:

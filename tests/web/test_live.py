@@ -147,6 +147,7 @@ async def test_snapshot_counts_waiting_talking_and_hides_customers_by_role(
     row = snap["calls"][0]
     assert row["state"] == "waiting"
     assert "customer" in row
+    assert row["external"] is True  # a caller from outside, routed by callroute
     hidden = live.snapshot(customers=False)
     assert "customer" not in hidden["calls"][0]
     assert "customer_id" not in hidden["calls"][0]
