@@ -170,6 +170,17 @@ class Keys:
         filed, for the CSV export."""
         return f"{self.prefix}web:late:{day}"
 
+    def web_todo(self, agent: str) -> str:
+        """Sorted set: record keys of one agent's answered calls that may still get a
+        disposition (score = the call's end, epoch s), the agent's "awaiting a
+        disposition" list (:mod:`router.web.pending`)."""
+        return f"{self.prefix}web:todo:{agent}"
+
+    def web_todo_rows(self, agent: str) -> str:
+        """Hash: record key -> (encrypted JSON) the row of :meth:`web_todo`'s call that the
+        agent's list shows."""
+        return f"{self.prefix}web:todo-rows:{agent}"
+
     # --- CRM credentials (router.crm.auth) ----------------------------------------------
     def crm_token(self, crm: str) -> str:
         """String with TTL: the CRM's OAuth2 access token, shared by every instance."""

@@ -23,6 +23,7 @@ from router.web.audit import PageAudit
 from router.web.decisions import DecisionStore
 from router.web.history import History
 from router.web.live import FALLBACK, LiveState
+from router.web.pending import Pending
 from router.web.routes import WebService
 from router.web.wrapup import Enqueue, Wrapup
 
@@ -149,16 +150,19 @@ def late_dispositions_s(settings: Settings) -> float:
 
 def attach_records(parts: WebParts, settings: Settings, redis: Redis, keys: Keys,
                    enqueue: Enqueue) -> Enqueue:
-    """History and wrap-up on the outbox's Redis, encrypted with the deployment's key
-    ring; returns the tracker's record consumer."""
+    """History, wrap-up and the agents' calls awaiting a disposition on the outbox's
+    Redis, encrypted with the deployment's key ring; returns the tracker's record
+    consumer."""
     web = settings.web
     crypto = keyring_from_settings(settings)
+    late_s = late_dispositions_s(settings)
     parts.history = History(redis, keys, tz=web.timezone, days=web.history_days,
                             last_calls=web.last_calls, crypto=crypto)
+    pending = Pending(redis, keys, hold_s=web.wrapup_s, late_s=late_s, crypto=crypto,
+                      name_of=parts.live.shown_name)
     parts.wrapup = Wrapup(redis, keys, enqueue, web.wrapup_s, filed=parts.history.add,
-                          noted=parts.live.note_record, crypto=crypto,
-                          late_s=late_dispositions_s(settings),
-                          redisposed=parts.history.redispose)
+                          noted=parts.live.note_record, crypto=crypto, late_s=late_s,
+                          redisposed=parts.history.redispose, pending=pending)
     return parts.wrapup.put
 
 

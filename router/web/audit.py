@@ -3,8 +3,9 @@
 Every customer a page shows is a read: a card pushed to (or fetched by) an agent's page
 or a supervisor watching it (``customer.card``), the supervisor's live view with names
 (``customer.live``: calls with a customer, or from an outside caller whose caller id
-name it shows; an internal call between extensions is no customer read), the day's
-CSV export (``customer.export``). Each entry says who
+name it shows; an internal call between extensions is no customer read), an agent's
+list of calls awaiting a disposition (``customer.pending``: each call it newly shows,
+its name and number masked), the day's CSV export (``customer.export``). Each entry says who
 (the signed-in user and role), what (``customer:<id>``, ``number:<keyed hash>`` for a
 caller the CRM does not know, ``call:<linkedid>`` for a withheld number), when, from
 where (the page's address) and the hash of what was shown.
@@ -123,6 +124,26 @@ class PageAudit:
         for i in range(0, len(new), MAX_TARGETS):
             chunk = tuple(new[i:i + MAX_TARGETS])
             self._add(_Read(reader, "customer.live", self.clock(), chunk, chunk))
+
+    def pending(self, reader: Reader, rows: Iterable[Mapping[str, Any]]) -> None:
+        """``reader``'s list of calls awaiting a disposition shows ``rows``: the calls it
+        newly shows are read (their customer, else the call), in one entry."""
+        if self.audit is None:
+            return
+        new: list[str] = []
+        shown: list[Mapping[str, Any]] = []
+        for row in rows:
+            seen = f"pending:{row.get('call')}"
+            if seen in reader.seen:
+                continue
+            reader.seen.add(seen)
+            shown.append(row)
+            target = _customer_target(row.get("customer_id")) or f"call:{row.get('call')}"
+            if target not in new:
+                new.append(target)
+        for i in range(0, len(new), MAX_TARGETS):
+            chunk = tuple(new[i:i + MAX_TARGETS])
+            self._add(_Read(reader, "customer.pending", self.clock(), shown, chunk))
 
     # --- writing behind -------------------------------------------------------------------------
     def _entry(self, read: _Read) -> AuditEntry:

@@ -119,8 +119,11 @@ class Sink:
     that cannot keep up (queue full) is marked stale and closed by its task."""
 
     def __init__(self, agent: str | None = None, customers: bool = True,
-                 limit: int = 256, reader: Reader | None = None) -> None:
+                 limit: int = 256, reader: Reader | None = None, own: bool = False) -> None:
         self.agent = agent
+        #: the agent's own page (signed in as that agent), not someone watching it: only
+        #: such pages get the agent's calls awaiting a disposition
+        self.own = own
         self.customers = customers
         #: who reads through this page, for the audit trail (None: not audited)
         self.reader = reader
@@ -528,6 +531,35 @@ class LiveState:
         if entry is None:
             return None
         return next((a for a, c in entry[1].items() if c.get("answered_at")), None)
+
+    def shown_name(self, lid: str, agent: str) -> str | None:
+        """The name ``agent``'s card of call ``lid`` shows (the customer's, else the
+        caller id name), while this instance still has the card."""
+        entry = self._ended.get(lid)
+        card = entry[1].get(agent) if entry is not None else None
+        if card is None:
+            call = self.calls.get(lid)
+            ring = call.rings.get(agent) if call is not None else None
+            if call is None or ring is None:
+                return None
+            card = self.card(call, ring)
+        customer = card.get("customer") or {}
+        name = customer.get("name") or card.get("caller_name")
+        return str(name) if name else None
+
+    def push_own(self, agent: str, message: Mapping[str, Any]) -> list[Sink]:
+        """Push ``message`` to ``agent``'s own pages only (not to those watching them);
+        returns the pages it went to."""
+        own = [sink for sink in self._agent_sinks.get(agent, ()) if sink.own]
+        if own:
+            text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+            for sink in own:
+                sink.send(text)
+        return own
+
+    def has_own_page(self, agent: str) -> bool:
+        """Whether ``agent``'s own page is connected here."""
+        return any(sink.own for sink in self._agent_sinks.get(agent, ()))
 
     def done(self, lid: str, agent: str, why: str) -> None:
         """The agent's after-call work on ``lid`` is over: close its card."""

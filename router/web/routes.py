@@ -12,6 +12,7 @@ path                                  what                            who
 ``GET  /ui/api/me``                     who am I, page settings       signed in
 ``GET  /ui/api/cards``                  my cards (``?agent=``)        cards (own id)
 ``POST /ui/api/calls/{call}/disposition``  after-call disposition     dispose (own call)
+``GET  /ui/api/pending``              my calls awaiting a disposition  dispose (own only)
 ``GET  /ui/api/live``                   the live figures              live
 ``GET  /ui/api/today``                  today's charts (``?day=``)    live
 ``GET  /ui/api/today.csv``              the day's calls as CSV        customers
@@ -21,7 +22,10 @@ path                                  what                            who
 
 Every route declares its access rule (:mod:`router.auth.access`: the middleware checks
 the role's permission before the handler runs); agents are held to their own agent id
-here, in the API and in the push.
+here, in the API and in the push. An agent's calls awaiting a disposition
+(:mod:`router.web.pending`) go to that agent's own pages only: the API answers the
+signed-in agent's list alone, and the push sends it only to pages signed in as that
+agent (a supervisor watching the agent's page gets cards, not the list).
 """
 
 from __future__ import annotations
@@ -102,6 +106,8 @@ class WebService:
         self.sync = CounterRate(self.settings.alert_window_s)
         if self.page_audit is not None:
             self.live.on_card = self.page_audit.card
+        if self.wrapup is not None and self.wrapup.pending is not None:
+            self.wrapup.pending.changed = self._pending_changed
 
     def reader(self, request: web.Request, principal: Principal) -> Reader | None:
         """Who reads through ``request``, when page reads are audited."""
@@ -114,6 +120,32 @@ class WebService:
         if reader is not None and self.page_audit is not None:
             for card in cards:
                 self.page_audit.card(reader, card)
+
+    def read_pending(self, reader: Reader | None, rows: list[dict[str, Any]]) -> None:
+        """``reader`` is shown the calls awaiting a disposition ``rows`` (audited)."""
+        if reader is not None and self.page_audit is not None:
+            self.page_audit.pending(reader, rows)
+
+    async def pending_calls(self, agent: str) -> list[dict[str, Any]] | None:
+        """``agent``'s calls awaiting a disposition (None: no such list here)."""
+        pending = self.wrapup.pending if self.wrapup is not None else None
+        if pending is None:
+            return None
+        return await pending.calls(agent)
+
+    def _pending_changed(self, agent: str) -> None:
+        """``agent``'s list changed: push it to the agent's own pages connected here."""
+        if self.live.has_own_page(agent):
+            _background(self.push_pending(agent), "calls awaiting a disposition not pushed")
+
+    async def push_pending(self, agent: str) -> None:
+        """Send ``agent``'s list to the agent's own pages connected here."""
+        rows = await self.pending_calls(agent)
+        if rows is None:
+            return
+        message = {"type": "pending", "agent": agent, "calls": rows}
+        for sink in self.live.push_own(agent, message):
+            self.read_pending(sink.reader, rows)
 
     def read_live(self, reader: Reader | None, body: Mapping[str, Any]) -> None:
         """``reader`` is shown the live view ``body`` with customers (audited)."""
@@ -253,6 +285,7 @@ def add_web_routes(app: web.Application, svc: WebService) -> None:
     r.add_get("/ui/api/me", _guard(None, _me))
     r.add_get("/ui/api/cards", _guard(p.CARDS, _cards))
     r.add_post("/ui/api/calls/{call}/disposition", _guard(p.DISPOSE, _dispose))
+    r.add_get("/ui/api/pending", _guard(p.DISPOSE, _pending))
     r.add_get("/ui/api/live", _guard(p.LIVE, _live))
     r.add_get("/ui/api/today", _guard(p.LIVE, _today))
     r.add_get("/ui/api/today.csv", _guard(p.CUSTOMERS, _today_csv))
@@ -398,6 +431,20 @@ async def _dispose(request: web.Request, principal: Principal) -> web.StreamResp
     return _json({"ok": True, "call": lid, "code": code, "updated": result == "updated"})
 
 
+async def _pending(request: web.Request, principal: Principal) -> web.StreamResponse:
+    """The signed-in agent's own calls awaiting a disposition (never another's)."""
+    svc = request.app[KEY]
+    agent = principal.agent
+    asked = request.query.get("agent")
+    if agent is None or principal.role is not Role.AGENT or (asked and asked != agent):
+        return _json({"error": "forbidden"}, status=403)
+    rows = await svc.pending_calls(agent)
+    if rows is None:
+        return _json({"error": "not_available"}, status=503)
+    svc.read_pending(svc.reader(request, principal), rows)
+    return _json({"agent": agent, "calls": rows})
+
+
 async def _live(request: web.Request, principal: Principal) -> web.StreamResponse:
     svc = request.app[KEY]
     customers = principal.can(Permission.CUSTOMERS)
@@ -488,14 +535,19 @@ async def _ws_agent(request: web.Request, principal: Principal) -> web.StreamRes
     if agent is None:
         return _json({"error": "forbidden"}, status=403)
     reader = svc.reader(request, principal)
-    sink = Sink(agent=agent, reader=reader)
-    own = principal.role is Role.AGENT
+    own = principal.role is Role.AGENT and principal.agent == agent
+    sink = Sink(agent=agent, reader=reader, own=own)
 
     async def hello() -> str:
         cards = svc.live.cards_for(agent)
         svc.read_cards(reader, cards)
-        return json.dumps({"type": "hello", "agent": agent, "cards": cards},
-                          ensure_ascii=False)
+        body: dict[str, Any] = {"type": "hello", "agent": agent, "cards": cards}
+        if own:
+            rows = await svc.pending_calls(agent)
+            if rows is not None:
+                svc.read_pending(reader, rows)
+                body["pending"] = rows
+        return json.dumps(body, ensure_ascii=False)
 
     def attach() -> None:
         svc.live.subscribe_agent(agent, sink)
@@ -529,12 +581,13 @@ async def _ws_live(request: web.Request, principal: Principal) -> web.StreamResp
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
 
-def _background(coro: Awaitable[None]) -> None:
+def _background(coro: Awaitable[None],
+                what: str = "agent page presence not updated in Redis") -> None:
     async def run() -> None:
         try:
             await coro
         except Exception as exc:
-            log.warning("agent page presence not updated in Redis: %s", exc)
+            log.warning("%s: %s", what, exc)
 
     task = asyncio.create_task(run())
     _BACKGROUND.add(task)

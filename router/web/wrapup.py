@@ -20,6 +20,10 @@ is removed only after its enqueue; a record that cannot be held (Redis down) goe
 the outbox (and its spool) at once. A crash leaves held records in Redis, released by
 the next instance that runs.
 
+While a call can still get its disposition (held, or kept for a late one), it is on its
+agent's list of calls awaiting a disposition (:mod:`router.web.pending`), so an agent who
+closed the card ("Later") or reloaded the page can still give it.
+
 Held records and given dispositions are encrypted at rest with the deployment's key
 ring (:mod:`router.crypto`), each bound to its Redis key; a value that does not decrypt
 (its key was dropped) is sent or dropped as if it were not JSON, with a log line.
@@ -43,6 +47,7 @@ from router.errors import CryptoError
 from router.keys import Keys
 from router.records.outbox import Record, record_dict
 from router.records.updates import update_record
+from router.web.pending import Pending
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ class Wrapup:
         crypto: KeyRing | None = None,
         late_s: float = 0.0,
         redisposed: Filed | None = None,
+        pending: Pending | None = None,
     ) -> None:
         self.redis = redis
         #: encrypts held records and dispositions at rest (off without a key)
@@ -84,6 +90,8 @@ class Wrapup:
         self.late_s = late_s
         #: told of each late disposition's update record (the history)
         self.redisposed = redisposed
+        #: each agent's calls awaiting a disposition (None: no such list)
+        self.pending = pending
         self.held = 0
         self.released = 0
 
@@ -104,6 +112,7 @@ class Wrapup:
                     return await self._release(key, data)
                 if await self.redis.exists(self.keys.web_online(str(agent))):
                     await self._hold(key, data)
+                    await self._awaits(data)
                     if await self._given(key, data):  # given while we were holding it
                         await self._release(key, data)
                     return "held"
@@ -188,7 +197,29 @@ class Wrapup:
                 except (RedisError, OSError) as exc:
                     log.warning("call %s: no late disposition possible (Redis: %s)",
                                 data.get("record_key"), exc)
+                else:
+                    await self._awaits(data)
         return result
+
+    async def _awaits(self, data: Mapping[str, Any]) -> None:
+        """The call of ``data`` awaits its agent's disposition: on the agent's list."""
+        if self.pending is None:
+            return
+        try:
+            await self.pending.note(data)
+        except (RedisError, OSError) as exc:
+            log.warning("call %s not on its agent's list of calls awaiting a disposition "
+                        "(Redis: %s)", data.get("record_key"), exc)
+
+    async def _settled(self, agent: Any, record_key: str) -> None:
+        """The call ``record_key`` got its disposition, or can get none any more."""
+        if self.pending is None or not agent:
+            return
+        try:
+            await self.pending.done(str(agent), record_key)
+        except (RedisError, OSError) as exc:
+            log.warning("call %s stays on its agent's list until it is read (Redis: %s)",
+                        record_key, exc)
 
     # --- the agent's disposition ------------------------------------------------------------
     async def dispose(self, record_key: str, agent: str, code: str, note: str) -> DisposeResult:
@@ -239,8 +270,10 @@ class Wrapup:
         changes = {"disposition": code, "disposition_note": note[:MAX_NOTE] or None,
                    "disposition_by": agent}
         if not await self._update(data, changes):
+            await self._settled(agent, record_key)
             return "gone"
         await self.redis.delete(name)
+        await self._settled(agent, record_key)
         return "updated"
 
     async def _update(self, data: Mapping[str, Any], changes: Mapping[str, Any]) -> bool:
@@ -271,6 +304,8 @@ class Wrapup:
             pipe.zrem(self.keys.web_holds, record_key)
             await pipe.execute()
         self.released += 1
+        if data.get("disposition") or self.late_s <= 0:
+            await self._settled(data.get("answered_by_agent"), record_key)
         return result
 
     async def release_due(self, now: float | None = None, limit: int = 200) -> int:

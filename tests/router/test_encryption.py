@@ -292,13 +292,17 @@ async def _fill(server: RedisServer, spool_dir: Path, crm: FakeCrm, crypto: KeyR
 async def _fill_pages(h: Harness, crypto: KeyRing) -> None:
     """What the pages keep: the history's rows and last calls (known and unknown
     callers), a record held for a disposition, an early disposition, a sent record kept
-    for a late one and a late one given."""
+    for a late one and a late one given, the agent's calls awaiting a disposition (the
+    card's name masked: 李*)."""
     from router.web.history import History
+    from router.web.pending import Pending
     from router.web.wrapup import Wrapup
 
     history = History(h.redis, h.keys, crypto=crypto)
+    pending = Pending(h.redis, h.keys, hold_s=60, late_s=3600, crypto=crypto,
+                      name_of=lambda _lid, _agent: "李雷")
     wrap = Wrapup(h.redis, h.keys, h.outbox.enqueue, 60, filed=history.add, crypto=crypto,
-                  late_s=3600, redisposed=history.redispose)
+                  late_s=3600, redisposed=history.redispose, pending=pending)
     note = "李雷 asked for Han Meimei"
     await wrap.mark_online(["1001"])
     assert await wrap.put(call_record("w1", caller_name="Li Lei")) == "held"
@@ -312,7 +316,9 @@ async def _fill_pages(h: Harness, crypto: KeyRing) -> None:
                                 h.keys.web_hold("call-w1"),
                                 h.keys.web_disposition("call-w2"),
                                 h.keys.web_day_calls("2026-11-22"),
-                                h.keys.web_day_dispositions("2026-11-22")) == 5
+                                h.keys.web_day_dispositions("2026-11-22"),
+                                h.keys.web_todo_rows("1001")) == 6
+    assert [r["name"] for r in await pending.calls("1001")] == ["李*", "李*"]
 
 
 async def _dump(server: RedisServer, match: str = "*") -> bytes:

@@ -3,6 +3,7 @@ held to their own agent id, cookies only from this origin (real service on loopb
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -33,6 +34,13 @@ ROUTES: list[tuple[str, str, str | None, int]] = [
     ("POST", "/ui/api/calls/1.1/disposition", ANON, 401),
     ("POST", "/ui/api/calls/1.1/disposition", "boss", 403),
     ("POST", "/ui/api/calls/1.1/disposition", "looker", 403),
+    ("GET", "/ui/api/pending", ANON, 401),
+    ("GET", "/ui/api/pending", "li-na", 200),
+    ("GET", "/ui/api/pending?agent=7001", "li-na", 200),   # naming oneself
+    ("GET", "/ui/api/pending?agent=7002", "li-na", 403),   # another agent's list
+    ("GET", "/ui/api/pending", "boss", 403),               # a supervisor gets no list
+    ("GET", "/ui/api/pending?agent=7001", "boss", 403),
+    ("GET", "/ui/api/pending", "looker", 403),
     ("GET", "/ui/agent", "looker", 403),
     ("GET", "/ui/supervisor", "li-na", 403),
     ("GET", "/ui/agent", "li-na", 200),
@@ -89,6 +97,7 @@ async def test_every_ui_route_declares_its_rule_and_is_in_the_table() -> None:
         ("GET", "/ui/api/me"): "signed in",
         ("GET", "/ui/api/cards"): "cards",
         ("POST", "/ui/api/calls/{call}/disposition"): "dispose",
+        ("GET", "/ui/api/pending"): "dispose",
         ("GET", "/ui/api/live"): "live",
         ("GET", "/ui/api/today"): "live",
         ("GET", "/ui/api/today.csv"): "customers",
@@ -129,7 +138,7 @@ async def test_agent_pages_are_signed_in_by_cookie_and_held_to_their_id(
         assert info.value.status == 401
         async with http.ws_connect(f"{service.base}/ui/ws/agent") as ws:
             hello = json.loads((await ws.receive()).data)
-            assert hello == {"type": "hello", "agent": "7001", "cards": []}
+            assert hello == {"type": "hello", "agent": "7001", "cards": [], "pending": []}
     value = next(iter(jar)).value
     forged = value.replace(value.split(".")[0], "d2FuZy13ZWk")  # "wang-wei", same signature
     async with (aiohttp.ClientSession(cookies={"callroute_session": forged}) as http,
@@ -188,3 +197,80 @@ async def test_an_agent_cannot_dispose_of_another_agents_call(service: WebServic
     await wait_for(lambda: len(service.activities()) == 1)
     act = service.activities()[0]
     assert (act["disposition"], act["note"]) == ("sale", "2 units")
+
+
+async def pending_of(http: aiohttp.ClientSession, service: WebService, user: str
+                     ) -> list[dict[str, Any]]:
+    """``user``'s list of calls awaiting a disposition, through the API."""
+    async with http.get(f"{service.base}/ui/api/pending", headers=bearer(service, user)) as r:
+        assert r.status == 200
+        body = await r.json()
+        calls: list[dict[str, Any]] = body["calls"]
+        return calls
+
+
+async def messages(ws: aiohttp.ClientWebSocketResponse, quiet_s: float = 0.5
+                   ) -> list[dict[str, Any]]:
+    """Every message ``ws`` gets until it stays quiet for ``quiet_s``."""
+    out = []
+    while True:
+        try:
+            msg = await ws.receive(timeout=quiet_s)
+        except TimeoutError:
+            return out
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            return out
+        out.append(json.loads(msg.data))
+
+
+async def test_calls_awaiting_a_disposition_are_only_the_agents_own(
+    service: WebService,
+) -> None:
+    """Call 1 is answered by 7001 and ends while li-na's page is open: her list (API and
+    push) has it, name and number masked; wang-wei's list and push never show it, nor
+    does the page of the supervisor watching 7001 (cards, no list: its hello has none
+    and nothing is pushed to it); wang-wei's disposition on it is refused; once li-na
+    gives hers from the list, it leaves her list."""
+    await service.route("+8613800138000", "Li Lei", "1795338333.1")
+    async with aiohttp.ClientSession() as http:
+        mine = await http.ws_connect(f"{service.base}/ui/ws/agent",
+                                     headers=bearer(service, "li-na"))
+        other = await http.ws_connect(f"{service.base}/ui/ws/agent",
+                                      headers=bearer(service, "wang-wei"))
+        watching = await http.ws_connect(f"{service.base}/ui/ws/agent?agent=7001",
+                                         headers=bearer(service, "boss"))
+        hellos = [json.loads((await ws.receive()).data) for ws in (mine, other, watching)]
+        assert [h.get("pending") for h in hellos] == [[], [], None]
+        await service.ami.play(service.ami.events(0, 101))  # rings, answered, hung up
+        for _ in range(200):
+            if await pending_of(http, service, "li-na"):
+                break
+            await asyncio.sleep(0.05)
+        (row,) = await pending_of(http, service, "li-na")
+        assert (row["call"], row["customer_id"], row["outcome"], row["held"]) == \
+            ("1795338333.0", "C-1001", "answered", True)
+        assert (row["name"], row["number"]) == ("L.L.", "+86138****8000")
+        assert await pending_of(http, service, "wang-wei") == []
+        pushed = [m for m in await messages(mine) if m["type"] == "pending"]
+        assert pushed
+        assert pushed[-1]["calls"][0]["call"] == "1795338333.0"
+        assert not [m for m in await messages(other) if m["type"] == "pending"]
+        watched = await messages(watching)
+        assert [m["card"]["state"] for m in watched if m["type"] == "card"][-1] == "ended"
+        assert not [m for m in watched if m["type"] == "pending"]
+        url = f"{service.base}/ui/api/calls/1795338333.0/disposition"
+        async with http.post(url, json={"code": "sale"},
+                             headers=bearer(service, "wang-wei")) as r:
+            assert r.status == 403
+        async with http.post(url, json={"code": "sale", "note": "from the list"},
+                             headers=bearer(service, "li-na")) as r:
+            assert r.status == 200
+            assert (await r.json())["updated"] is False  # onto the held record
+        assert await pending_of(http, service, "li-na") == []
+        pushed = [m for m in await messages(mine) if m["type"] == "pending"]
+        assert pushed[-1]["calls"] == []
+        for ws in (mine, other, watching):
+            await ws.close()
+    await wait_for(lambda: len(service.activities()) == 1)
+    act = service.activities()[0]
+    assert (act["disposition"], act["note"]) == ("sale", "from the list")
