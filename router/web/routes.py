@@ -540,13 +540,15 @@ async def _ws_agent(request: web.Request, principal: Principal) -> web.StreamRes
 
     async def hello() -> str:
         cards = svc.live.cards_for(agent)
+        rows = await svc.pending_calls(agent) if own else None
+        if rows is not None:  # an ended call on the list is shown there, not as a card
+            listed = {row["call"] for row in rows}
+            cards = [c for c in cards if c.get("state") != "ended" or c["call"] not in listed]
         svc.read_cards(reader, cards)
         body: dict[str, Any] = {"type": "hello", "agent": agent, "cards": cards}
-        if own:
-            rows = await svc.pending_calls(agent)
-            if rows is not None:
-                svc.read_pending(reader, rows)
-                body["pending"] = rows
+        if rows is not None:
+            svc.read_pending(reader, rows)
+            body["pending"] = rows
         return json.dumps(body, ensure_ascii=False)
 
     def attach() -> None:

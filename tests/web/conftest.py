@@ -117,8 +117,10 @@ def web_settings(**changes: Any) -> WebSettings:
 
 
 @pytest.fixture
-async def service(redis_url: str, tmp_path: Path) -> AsyncIterator[WebService]:
-    """`serve()` with the example config and the pages, pointed at loopback peers."""
+async def service(redis_url: str, tmp_path: Path,
+                  request: pytest.FixtureRequest) -> AsyncIterator[WebService]:
+    """`serve()` with the example config and the pages, pointed at loopback peers (the
+    web section changed by an indirect parameter, e.g. ``{"wrapup_s": 1.0}``)."""
     app = make_app(token="demo-token")
     runner, crm_url = await start_sample_crm("127.0.0.1", 0, app)
     ami = ScriptedAmi()
@@ -148,7 +150,7 @@ async def service(redis_url: str, tmp_path: Path) -> AsyncIterator[WebService]:
         "redis": base.redis.model_copy(update={"url": redis_url}),
         "outbox": base.outbox.model_copy(update={"spool_dir": tmp_path / "spool",
                                                  "poll_interval_s": 0.05}),
-        "web": web_settings(),
+        "web": web_settings(**getattr(request, "param", {})),
     })
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop))

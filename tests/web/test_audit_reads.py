@@ -103,6 +103,27 @@ async def test_live_view_reads_name_each_customer_once_per_page(audit_log: Audit
         ("customer.live", "customer:C-1,call:2.0"), ("customer.live", "customer:C-4")]
 
 
+async def test_the_list_of_calls_awaiting_a_disposition_is_read_once_per_call(
+    audit_log: AuditLog,
+) -> None:
+    """An agent's list of calls awaiting a disposition is a read of the calls it newly
+    shows (their customer, else the call), in one customer.pending entry with the hash
+    of the rows shown; shown again (a push, a reload of the same page) it is no new read."""
+    pages = PageAudit(audit_log, str)
+    agent = Reader("li-na", "agent", "10.0.0.7")
+    rows = [{"call": "1.0", "customer_id": "C-1", "name": "L.L."},
+            {"call": "2.0", "customer_id": None, "name": None}]
+    pages.pending(agent, rows)
+    pages.pending(agent, rows)
+    pages.pending(agent, [*rows, {"call": "3.0", "customer_id": "C-1", "name": "L.L."}])
+    await pages.flush()
+    got = await list_entries(audit_log.redis, KEYS)
+    assert [(e.who, e.action, e.target) for e in got] == [
+        ("li-na", "customer.pending", "customer:C-1,call:2.0"),
+        ("li-na", "customer.pending", "customer:C-1")]
+    assert got[0].after == state_hash(rows)
+
+
 async def test_the_buffer_is_bounded_and_a_stop_flushes_it(audit_log: AuditLog,
                                                             caplog: pytest.LogCaptureFixture
                                                             ) -> None:

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from playwright.async_api import expect
 
+from router.samplecrm import state_of
 from tests.web.conftest import WebService, wait_for
 
 # Call 1 of ami-basic.raw: Li Lei (+8613800138000) rings owner 7001, who answers.
@@ -89,6 +91,132 @@ async def test_card_pops_on_the_right_agent_only_and_disposition_reaches_crm(
     assert acts[0]["disposition"] == "resolved"
     assert acts[0]["note"] == "wants a callback about the invoice"
     assert await other.locator(".card").count() == 0
+
+
+ENTRY = "#pending-1795338333\\.0"  # the call's entry in the list of calls awaiting one
+
+
+def patches(service: WebService) -> list[Any]:
+    """The PATCH requests the sample CRM received (updates of activities)."""
+    return [r for r in state_of(service.crm).requests if r.method == "PATCH"]
+
+
+async def later_and_reload(service: WebService, mine: Any, tmp_path: Path, tag: str) -> None:
+    """Call 1 rings 7001, is answered and ends; on the wrap-up form the agent presses Esc
+    ("Later"): the card goes and the call is in the list; after a reload it still is,
+    with no card."""
+    await service.ami.play(service.ami.events(*RING_7001))
+    await service.ami.play(service.ami.events(*ANSWER_7001))
+    await service.ami.play(service.ami.events(*HANGUP_7001))
+    await mine.wait_for_selector(".card.ended form.wrapup")
+    await mine.keyboard.press("Escape")
+    await mine.wait_for_selector(".card", state="detached")
+    await mine.wait_for_selector(ENTRY)
+    await mine.screenshot(path=str(tmp_path / f"agent-7001-later-{tag}.png"), full_page=True)
+    await mine.reload()
+    await mine.wait_for_selector("#status.on")
+    await mine.wait_for_selector(ENTRY)
+    assert await mine.locator(".card").count() == 0
+    assert await mine.locator("#pending-list .pending-call").count() == 1
+
+
+async def test_a_call_left_for_later_is_listed_after_a_reload_and_disposed_from_it(
+    service: WebService, browser: Any, tmp_path: Path
+) -> None:
+    """Esc on the wrap-up form, then a reload: the call is in 7001's list of calls
+    awaiting a disposition (name and number masked, outcome, talk time, the record still
+    waiting for it), never in 7002's (nor after 7002 reloads); opened with the keyboard
+    (Alt+L, Enter), a disposition and note saved from it (Ctrl+Enter) go onto the held
+    record: the CRM gets one activity with them, and no update; the list is empty then.
+    In Chinese the list speaks Chinese."""
+    await service.route("+8613800138000", "Li Lei", "1795338333.1")
+    mine = await sign_in(browser, service, "li-na")
+    other = await sign_in(browser, service, "wang-wei")
+    await expect(other.locator("#pending-none")).to_be_visible()
+    await later_and_reload(service, mine, tmp_path, "held")
+    entry = await mine.inner_text(ENTRY)
+    for expected in ("L.L.", "+86138****8000", "answered", "GOLD", "Talk time",
+                     "The call's record waits for it"):
+        assert expected in entry, (expected, entry)
+    assert "Li Lei" not in entry
+    assert "13800138000" not in await mine.inner_text("#pending")
+    await mine.screenshot(path=str(tmp_path / "agent-7001-list-after-reload.png"),
+                          full_page=True)
+    for reload in (False, True):
+        if reload:
+            await other.reload()
+        await other.wait_for_selector("#status.on")
+        assert await other.locator("#pending-list li").count() == 0
+        assert await other.locator("#pending-none").is_visible()
+        assert "L.L." not in await other.inner_text("body")
+    await other.screenshot(path=str(tmp_path / "agent-7002-list-empty.png"), full_page=True)
+
+    await mine.click("#lang")  # 中文
+    assert "待填写通话结果的通话" in await mine.inner_text("#pending")
+    assert "已接听" in await mine.inner_text(ENTRY)
+    await mine.screenshot(path=str(tmp_path / "agent-7001-list-zh.png"), full_page=True)
+    await mine.click("#lang")  # back to English
+
+    await mine.keyboard.press("Alt+l")
+    await expect(mine.locator(ENTRY)).to_be_focused()
+    await mine.keyboard.press("Enter")
+    await mine.wait_for_selector("#pending-list form.wrapup")
+    assert await mine.get_attribute(ENTRY, "aria-expanded") == "true"
+    await mine.keyboard.press("2")  # follow-up
+    await mine.fill(NOTE, "call back on Monday")
+    await mine.screenshot(path=str(tmp_path / "agent-7001-list-form.png"), full_page=True)
+    await mine.keyboard.press("Control+Enter")
+    await mine.wait_for_selector(".flash")
+    assert "goes to the CRM with the call" in await mine.inner_text(".flash")
+    await mine.wait_for_selector("#pending-list li", state="detached")
+    assert await mine.locator("#pending-none").is_visible()
+
+    await wait_for(lambda: len(service.activities()) >= 1)
+    (act,) = service.activities()
+    assert (act["call_id"], act["disposition"], act["note"]) == \
+        (LINKEDID, "follow-up", "call back on Monday")
+    assert patches(service) == []
+    await mine.reload()
+    await mine.wait_for_selector("#status.on")
+    assert await mine.locator("#pending-list li").count() == 0
+    assert await other.locator("#pending-list li").count() == 0
+
+
+@pytest.mark.parametrize("service", [{"wrapup_s": 1.0}], indirect=True)
+async def test_a_disposition_from_the_list_after_the_wrapup_updates_the_activity_once(
+    service: WebService, browser: Any, tmp_path: Path
+) -> None:
+    """With a 1 s wrap-up, the call left for later is sent without a disposition; after
+    a reload it is still in 7001's list (already sent: a disposition now updates the
+    activity), not in 7002's; the disposition given from it PATCHes the one activity
+    once (still one activity, now with it), and the list is empty then."""
+    await service.route("+8613800138000", "Li Lei", "1795338333.1")
+    mine = await sign_in(browser, service, "li-na")
+    other = await sign_in(browser, service, "wang-wei")
+    await later_and_reload(service, mine, tmp_path, "late")
+    await wait_for(lambda: len(service.activities()) == 1)
+    assert service.activities()[0]["disposition"] is None
+    await mine.reload()
+    await mine.wait_for_selector(ENTRY)
+    await expect(mine.locator(ENTRY)).to_contain_text("Already sent to the CRM")
+    await mine.screenshot(path=str(tmp_path / "agent-7001-list-late.png"), full_page=True)
+    assert await other.locator("#pending-list li").count() == 0
+    await mine.focus(ENTRY)
+    await mine.keyboard.press("Enter")
+    await mine.wait_for_selector("#pending-list form.wrapup")
+    await mine.keyboard.press("1")  # resolved
+    await mine.keyboard.press("Control+Enter")
+    await mine.wait_for_selector(".flash")
+    assert "activity in the CRM is updated" in await mine.inner_text(".flash")
+    await wait_for(lambda: service.activities()[0].get("disposition") == "resolved")
+    assert len(service.activities()) == 1
+    assert len(patches(service)) == 1
+    await mine.wait_for_selector("#pending-list li", state="detached")
+    await mine.reload()
+    await mine.wait_for_selector("#status.on")
+    assert await mine.locator("#pending-list li").count() == 0
+    assert await other.locator("#pending-list li").count() == 0
+    await other.screenshot(path=str(tmp_path / "agent-7002-after-late.png"), full_page=True)
 
 
 # Call 3: an unknown caller on the sales line; 7008 does not answer, then the ringall

@@ -1,11 +1,16 @@
 // The agent's page: the customer's card, pushed when the phone rings; after the call,
-// the disposition and note that go onto the call record.
+// the disposition and note that go onto the call record. The agent's calls still
+// awaiting a disposition (pushed by the server, kept there: they survive "Later" and a
+// reload) are listed below the cards, each opening the same form.
 "use strict";
 (async () => {
   const {t, el} = CR;
   const cards = new Map();       // call id -> card (as last pushed)
   const drafts = new Map();      // call id -> {code, note} typed so far
-  const messages = new Map();    // call id -> message to show on the card
+  const messages = new Map();    // call id -> message to show on the card or list entry
+  let pending = [];              // my calls awaiting a disposition (the server's list)
+  let pendingOn = false;         // this page gets that list (an agent's own page)
+  let openCall = null;           // the list entry whose form is open
   let me = null;
 
   const meResp = await CR.api("/ui/api/me");
@@ -32,6 +37,10 @@
   function degradedText(code) {
     const key = "degraded_" + code;
     return t(key) !== key ? t(key) : t("degraded_other", {reason: code});
+  }
+
+  function canDispose() {
+    return (me.wrapup_s > 0 || me.late_s > 0) && me.role === "agent";
   }
 
   function renderCard(card) {
@@ -82,13 +91,14 @@
     const node = el("article", {class: "card " + card.state, id: "card-" + card.call,
                                 tabindex: "-1", "aria-label": `${t("incoming")}: ${name}`},
       head, el("div", {class: "card-body"}, facts, why, last), links);
-    if (card.state === "ended" && (me.wrapup_s > 0 || me.late_s > 0) && me.role === "agent") node.append(wrapForm(card));
+    if (card.state === "ended" && canDispose()) node.append(wrapForm(card, "card"));
     const msg = messages.get(card.call);
     if (msg) node.append(el("p", {class: "message", role: "status", text: msg}));
     return node;
   }
 
-  function wrapForm(card) {
+  // The disposition form of a call, on its ended card ("card") or its list entry ("list").
+  function wrapForm(card, where) {
     const draft = drafts.get(card.call) || {code: "", note: ""};
     drafts.set(card.call, draft);
     const options = el("div", {class: "codes", role: "radiogroup", "aria-label": t("disposition")});
@@ -104,13 +114,14 @@
                                  oninput: (e) => { draft.note = e.target.value; }});
     note.value = draft.note;
     const left = el("p", {class: "muted wrapup-left", "data-until": card.wrapup_until || ""});
-    const form = el("form", {class: "wrapup", onsubmit: (e) => { e.preventDefault(); save(card.call); }},
+    const form = el("form", {class: "wrapup", "data-call": card.call, "data-where": where,
+                             onsubmit: (e) => { e.preventDefault(); save(card.call); }},
       el("fieldset", {}, el("legend", {text: t("disposition")}), options),
       el("label", {for: "note-" + card.call, text: t("note")}), note,
       el("div", {class: "actions"},
         el("button", {type: "submit", class: "primary", text: t("save")}),
         el("button", {type: "button", class: "link", text: t("skip"),
-                      onclick: () => { drafts.delete(card.call); cards.delete(card.call); render(); }})),
+                      onclick: () => later(card.call, where)})),
       left);
     return form;
   }
@@ -124,11 +135,73 @@
     });
     if (status === 200) {
       drafts.delete(call); cards.delete(call); messages.delete(call);
+      pending = pending.filter((p) => p.call !== call);
+      if (openCall === call) openCall = null;
       flash(t(body.updated ? "saved_update" : "saved"));
     } else {
       messages.set(call, t(body.error || "unknown_code"));
     }
     render();
+  }
+
+  // "Later": the card goes (the call stays in the list); a list entry's form closes.
+  function later(call, where) {
+    if (where === "card") {
+      cards.delete(call);
+    } else if (openCall === call) {
+      openCall = null;
+    }
+    render();
+    const entry = document.getElementById("pending-" + call);
+    if (entry) entry.focus();
+  }
+
+  function toggle(call) {
+    openCall = openCall === call ? null : call;
+    render();
+    const form = document.querySelector(`form.wrapup[data-call="${CSS.escape(call)}"]`);
+    const first = form && (form.querySelector("input[type=radio]:checked") || form.querySelector("input[type=radio]"));
+    if (first) first.focus();
+  }
+
+  function when(row) {
+    const at = row.start ? new Date(row.start) : new Date(row.ended_at * 1000);
+    return at.toLocaleString(CR.lang === "zh" ? "zh-CN" : "en-GB",
+      {month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit"});
+  }
+
+  function visiblePending() {
+    const now = Date.now() / 1000;
+    return pending.filter((p) => !cards.has(p.call) && (!p.until || p.until > now));
+  }
+
+  function pendingItem(p) {
+    const name = p.name || t(p.anonymous ? "withheld" : "unknown_caller");
+    const open = openCall === p.call;
+    const button = el("button", {type: "button", class: "pending-call", id: "pending-" + p.call,
+                                 "data-call": p.call, "aria-expanded": open ? "true" : "false",
+                                 title: t("pending_open"), onclick: () => toggle(p.call)},
+      el("span", {class: "when", text: when(p)}),
+      el("span", {class: "who", text: name}),
+      el("span", {class: "number", text: p.anonymous ? t("withheld") : (p.number || "")}),
+      el("span", {class: "outcome", text: t("outcome_" + (p.outcome || "unknown"))}),
+      p.tier ? el("span", {class: "tier tier-" + p.tier, text: p.tier}) : null,
+      p.talk_s ? el("span", {class: "talk", text: `${t("talk_time")} ${CR.duration(p.talk_s)}`}) : null,
+      el("span", {class: "state-note pending-state", "data-held-until": p.held && p.wrapup_until ? p.wrapup_until : ""}));
+    const item = el("li", {}, button);
+    if (open) item.append(wrapForm({call: p.call, wrapup_until: p.held ? p.wrapup_until : null}, "list"));
+    const msg = messages.get(p.call);
+    if (msg) item.append(el("p", {class: "message", role: "status", text: msg}));
+    return item;
+  }
+
+  function renderPending() {
+    document.getElementById("pending").hidden = !pendingOn;
+    if (!pendingOn) return;
+    const rows = visiblePending();
+    if (openCall && !rows.some((p) => p.call === openCall)) openCall = null;
+    document.getElementById("pending-none").hidden = rows.length > 0;
+    document.getElementById("pending-list").replaceChildren(...rows.map(pendingItem));
   }
 
   function flash(text) {
@@ -144,6 +217,7 @@
     const focused = document.activeElement && document.activeElement.id;
     box.replaceChildren(...[...cards.values()].sort((a, b) => a.rang_at - b.rang_at).map(renderCard));
     document.getElementById("empty").hidden = cards.size > 0;
+    renderPending();
     if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
     tick();
   }
@@ -163,13 +237,29 @@
       else if (until > now) n.textContent = `${t("wrapup_left")} ${CR.duration(until - now)}`;
       else n.textContent = me.late_s > 0 ? t("wrapup_late") : t("already_sent");
     });
+    document.querySelectorAll(".pending-state").forEach((n) => {
+      const until = parseFloat(n.dataset.heldUntil);
+      n.textContent = until && until > now ? t("pending_held", {left: CR.duration(until - now)})
+        : t("pending_late");
+    });
+    if (pendingOn && document.querySelectorAll(".pending-call").length !== visiblePending().length) renderPending();
   }
   setInterval(tick, 1000);
 
   function onMessage(msg) {
     if (msg.type === "hello") {
+      // After a reconnect, a call whose ended card was open comes back on the list (the
+      // server lists ended calls there): its form stays open there, with what was typed.
+      const wasOpen = [...cards.values()].filter((c) => c.state === "ended").map((c) => c.call);
       cards.clear();
       for (const c of msg.cards) cards.set(c.call, c);
+      pendingOn = Array.isArray(msg.pending);
+      pending = msg.pending || [];
+      const moved = wasOpen.find((call) => !cards.has(call) && pending.some((p) => p.call === call));
+      if (!openCall && moved) openCall = moved;
+    } else if (msg.type === "pending") {
+      pendingOn = true;
+      pending = msg.calls;
     } else if (msg.type === "card") {
       const isNew = !cards.has(msg.card.call);
       cards.set(msg.card.call, msg.card);
@@ -195,13 +285,37 @@
     s.className = "status " + (up ? "on" : "off");
   }
 
-  document.addEventListener("keydown", (ev) => {
+  // The form the keys act on: the one holding the focus, else the first ended card's,
+  // else the list entry's that is open.
+  function activeForm() {
+    const focused = document.activeElement;
+    const form = focused && focused.closest ? focused.closest("form.wrapup") : null;
+    if (form) return {call: form.dataset.call, where: form.dataset.where};
     const ended = [...cards.values()].filter((c) => c.state === "ended");
-    if (!ended.length) return;
-    const call = ended[0].call;
+    if (ended.length) return {call: ended[0].call, where: "card"};
+    if (openCall) return {call: openCall, where: "list"};
+    return null;
+  }
+
+  function moveInList(ev) {
+    const buttons = [...document.querySelectorAll(".pending-call")];
+    if (!buttons.length) return false;
+    if (ev.altKey && (ev.key === "l" || ev.key === "L")) { buttons[0].focus(); return true; }
+    const at = buttons.indexOf(document.activeElement);
+    if (at < 0 || (ev.key !== "ArrowDown" && ev.key !== "ArrowUp")) return false;
+    buttons[(at + (ev.key === "ArrowDown" ? 1 : buttons.length - 1)) % buttons.length].focus();
+    return true;
+  }
+
+  document.addEventListener("keydown", (ev) => {
+    if (!canDispose()) return;
+    if (moveInList(ev)) { ev.preventDefault(); return; }
+    const active = activeForm();
+    if (!active) return;
+    const call = active.call;
     const inNote = ev.target && ev.target.tagName === "TEXTAREA";
     if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); save(call); return; }
-    if (ev.key === "Escape") { drafts.delete(call); cards.delete(call); render(); return; }
+    if (ev.key === "Escape") { later(call, active.where); return; }
     if (!inNote && /^[1-9]$/.test(ev.key)) {
       const d = me.dispositions[parseInt(ev.key, 10) - 1];
       if (!d) return;
