@@ -5,6 +5,7 @@ with the live state pushed to them over WebSocket. ``decisions`` keeps each call
 routing decision from FastAGI time until its phone rings; ``live`` turns AMI events into
 cards (per agent) and the live view; ``wrapup`` holds an answered call's record for the
 agent's disposition (or sends a later one as an update of the CRM's activity);
+``pending`` keeps each agent's list of calls still awaiting a disposition;
 ``history`` keeps callroute's own call summaries and daily figures in Redis (encrypted
 at rest); ``audit`` writes the pages' customer reads to the audit trail behind the push;
 ``routes`` puts it all on the admin server, each route with its access rule.
