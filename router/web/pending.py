@@ -104,7 +104,8 @@ class Pending:
 
     async def note(self, record: Mapping[str, Any]) -> None:
         """``record``'s call awaits its agent's disposition (held, or kept for a late
-        one); noted once (a second note, e.g. at the release, leaves the row as it was)."""
+        one); the first note's row stays (a second one, another instance's or at the
+        release, leaves it as it was)."""
         agent = record.get("answered_by_agent")
         key = record.get("record_key")
         if not agent or not isinstance(key, str) or self.window_s <= 0:
@@ -119,9 +120,8 @@ class Pending:
             pipe.hsetnx(hkey, key, self.crypto.seal(text, f"{hkey}:{key}"))
             pipe.expire(zkey, ttl)
             pipe.expire(hkey, ttl)
-            added, *_ = await pipe.execute()
-        if added:
-            self._tell(agent)
+            await pipe.execute()
+        self._tell(agent)  # every instance noting it tells its own pages
 
     async def done(self, agent: str, record_key: str) -> None:
         """``record_key``'s call got its disposition (or can get none any more)."""

@@ -134,7 +134,7 @@ async def test_rows_are_encrypted_at_rest_and_noted_once(redis: aioredis.Redis) 
         assert clear not in stored
     await pending.note(record("7.1", customer_id="C-9"))
     assert [r["customer_id"] for r in await pending.calls("7001")] == ["C-1001"]
-    assert told == ["7001"]
+    assert told == ["7001", "7001"]  # each note tells this instance's pages
     other = await redis.hget(KEYS.web_todo_rows("7001"), "call:7.1")
     await redis.hset(KEYS.web_todo_rows("7001"), "call:8.1", other)  # moved: bound
     await redis.zadd(KEYS.web_todo("7001"), {"call:8.1": 1_000_000.0})
