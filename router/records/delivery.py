@@ -76,6 +76,7 @@ from router.crm.base import (
     StepResult,
     StepSink,
     StepUpdater,
+    step_key,
 )
 from router.crypto import KeyRing, keyring_from_settings
 from router.errors import CrmError, CrmRateLimited, CrmUnconfirmed, CryptoError
@@ -257,11 +258,6 @@ def as_steps(sink: RecordSink | StepSink) -> StepSink:
     if isinstance(sink, StepSink):
         return sink
     return _LegacySteps(sink)
-
-
-def idempotency_key(record_key: str, step: str) -> str:
-    """The idempotency key of one step: ``record_key`` for the call, else ``key:step``."""
-    return record_key if step == "call" else f"{record_key}:{step}"
 
 
 def default_consumer() -> str:
@@ -455,7 +451,7 @@ class DeliveryWorker:
                     ledger: LedgerState) -> StepResult:
         """Settle one step: recover a lost answer's object, else run it; either way the
         ledger says what the step created before this returns."""
-        idem = idempotency_key(key, step)
+        idem = step_key(key, step)
         sent_at = ledger.sent.get(step)
         if sent_at is not None:
             found = await self._recover(step, record, idem, sent_at, previous, wanted)

@@ -312,16 +312,13 @@ async def test_a_late_disposition_updates_the_call_and_keeps_its_key(vendor: Ven
     assert vendor.fake.violations == []
 
 
-def test_an_update_sees_the_key_the_delivery_gave_the_step() -> None:
-    """The idempotency key an update's templates see (router.crm.base.step_key) is the
-    one the delivery worker sent the step with, for every step name: what the step wrote
-    into its object is written again."""
-    from router.records.delivery import idempotency_key
-
-    for step in ("call", "lead", "task", "person"):
-        assert step_key("call:1700000000.1", step) == idempotency_key("call:1700000000.1", step)
+def test_a_step_key_is_the_record_key_for_the_call_and_suffixed_for_the_others() -> None:
+    """router.crm.base.step_key, the one rule the delivery worker sends each step with
+    and an update's templates see: the record's key for the call, ``<key>:<step>`` for
+    every other step."""
     assert step_key("call:1700000000.1", "call") == "call:1700000000.1"
     assert step_key("call:1700000000.1", "task") == "call:1700000000.1:task"
+    assert step_key("call:1700000000.1", "person") == "call:1700000000.1:person"
 
 
 async def test_a_disposition_given_in_time_is_on_the_call_as_posted(vendor: Vendor) -> None:
