@@ -120,7 +120,7 @@ class LookupRunner:
     async def _send(self, lookup: LookupPlan, step: LookupStepPlan,
                     context: dict[str, Any]) -> CrmResponse:
         request = step.request
-        method, url, params, headers, body = await _render(request, context, self.plan,
+        method, url, params, headers, body = await render_request(request, context, self.plan,
                                                            self.refs)
         resp = await self.http.request(
             "lookup", method, url, params=params, headers=headers or None, json_body=body,
@@ -177,8 +177,11 @@ class LookupRunner:
                 f"crm.lookups ({lookup.name}).fields (record {index}): {exc}") from exc
 
 
-async def _render(request: Request, context: dict[str, Any], plan: Plan,
-                  refs: RefTables | None) -> tuple[str, str, dict[str, str], dict[str, str], Any]:
+async def render_request(request: Request, context: dict[str, Any], plan: Plan,
+                         refs: RefTables | None
+                         ) -> tuple[str, str, dict[str, str], dict[str, str], Any]:
+    """``request`` for ``context`` (method, url, params, headers, body; empty params and
+    headers left out), fetching the reference keys its templates use first."""
     if refs is not None and request.template.uses.refs:
         url, params, headers, body = await evaluate(request.template, context, plan.runtime,
                                                     refs)

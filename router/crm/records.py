@@ -22,7 +22,7 @@ from router.crm.compiled import Plan, RecordStepPlan
 from router.crm.config import CUSTOMER_FIELDS
 from router.crm.find import find_object
 from router.crm.http import CrmHttp, CrmResponse
-from router.crm.lookups import check_error
+from router.crm.lookups import check_error, render_request
 from router.crm.mapping import get_path
 from router.crm.refs import RefTables, evaluate
 from router.crm.template import OMIT
@@ -134,14 +134,8 @@ class RecordRunner:
         if spec.needs_recording and self.recording_url is not None and not data.get(
                 "recording_url"):
             data["recording_url"] = await self.recording_url(data, idempotency_key)
-        if self.refs is not None and spec.request.template.uses.refs:
-            url, params, headers, body = await evaluate(spec.request.template, context,
-                                                        self.plan.runtime, self.refs)
-            method = spec.request.method
-            params = {k: v for k, v in params.items() if v != ""}
-            headers = {k: v for k, v in headers.items() if v != ""}
-        else:
-            method, url, params, headers, body = spec.request.render(context)
+        method, url, params, headers, body = await render_request(
+            spec.request, context, self.plan, self.refs)
         if spec.spec.idempotency_header:
             headers[spec.spec.idempotency_header] = idempotency_key
         resp = await self.http.request(
@@ -212,14 +206,8 @@ class RecordRunner:
             data["recording_url"] = await self.recording_url(data, idempotency_key)
         key = step_key(str(data.get("record_key") or idempotency_key), step)
         context = {**self.context(step, data, key, {}, []), "id": remote_id}
-        if self.refs is not None and spec.update.template.uses.refs:
-            url, params, headers, body = await evaluate(spec.update.template, context,
-                                                        self.plan.runtime, self.refs)
-            method = spec.update.method
-            params = {k: v for k, v in params.items() if v != ""}
-            headers = {k: v for k, v in headers.items() if v != ""}
-        else:
-            method, url, params, headers, body = spec.update.render(context)
+        method, url, params, headers, body = await render_request(
+            spec.update, context, self.plan, self.refs)
         resp = await self.http.request(f"{step}:update", method, url, params=params,
                                        json_body=body, headers=headers or None)
         check_error(spec.update, resp, context, f"crm record step {step} update", step)
