@@ -31,6 +31,9 @@ CDR_FORMAT = "%Y-%m-%d %H:%M:%S"
 QUARTER_HOUR_S = 900
 #: How far a Cdr start may be from its channel's creation and still date the offset.
 MAX_RESIDUAL_S = 120.0
+#: The zones in use run from UTC-12 to UTC+14: an "offset" outside is no offset (a
+#: Uniqueid that carries no real epoch, as in rewritten or synthetic traffic).
+MIN_OFFSET_S, MAX_OFFSET_S = -12 * 3600, 14 * 3600
 
 
 def uid_epoch(uniqueid: str | None) -> int | None:
@@ -60,7 +63,8 @@ def parse_utc_offset(text: str | None) -> int | None:
 
 def infer_offset(cdrs: Iterable[Mapping[str, str]]) -> int | None:
     """The UTC offset (s) of these Cdrs' times, from the Cdr whose start is closest to its
-    channel's creation; None when no Cdr has both a start and a Uniqueid epoch."""
+    channel's creation; None when no Cdr has both a start and a Uniqueid epoch, or the
+    offset found is none a zone can have."""
     best: tuple[float, int] | None = None
     for cdr in cdrs:
         epoch = uid_epoch(cdr.get("UniqueID") or cdr.get("Uniqueid"))
@@ -74,7 +78,7 @@ def infer_offset(cdrs: Iterable[Mapping[str, str]]) -> int | None:
             best = (residual, offset)
     if best is None or best[0] > MAX_RESIDUAL_S:
         return None
-    return best[1]
+    return best[1] if MIN_OFFSET_S <= best[1] <= MAX_OFFSET_S else None
 
 
 class CdrClock:

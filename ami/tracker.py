@@ -617,8 +617,11 @@ class CallTracker:
             try:
                 record = self.build_record(call)
             except Exception:
-                log.exception("could not build the record of call %s", lid)
-                return
+                # A bug or input we did not foresee must not cost the CRM the call: post
+                # what is surely known, marked incomplete.
+                log.exception("could not build the record of call %s: posting what is known",
+                              lid)
+                record = self.fallback_record(call)
             self.records_emitted += 1
             try:
                 self.on_record(record)
@@ -770,6 +773,18 @@ class CallTracker:
         number = normalize(raw, self.region) if raw else None
         anonymous = number is None or number.kind is NumberKind.ANONYMOUS
         return (number.e164 if number is not None else None), raw, anonymous
+
+    def fallback_record(self, call: _Call) -> CallRecord:
+        """The record of ``call`` from what needs no interpretation (its ids, number, the
+        route's variables), marked incomplete: for when :meth:`build_record` failed."""
+        v = call.vars
+        return CallRecord(
+            record_key=record_key_for(call.linkedid), linkedid=call.linkedid,
+            caller_raw=call.caller_num, did=v.get("CALL_DID") or call.exten,
+            customer_id=v.get("CRM_CUSTOMER_ID") or None, routing_rule=v.get("ROUTE_RULE"),
+            route_reason=v.get("ROUTE_REASON"), answered_by=call.answered_by,
+            outcome="answered" if call.answered_by else "failed", incomplete=True,
+        )
 
     def build_record(self, call: _Call) -> CallRecord:
         """The record of ``call`` as it stands (used at finalisation)."""

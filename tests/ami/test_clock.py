@@ -85,3 +85,17 @@ def test_read_turns_local_times_into_utc() -> None:
                                                                 tzinfo=UTC)
     assert clock.read("", zone) is None
     assert clock.read("1/12/2026", zone) is None
+
+
+def test_a_uniqueid_that_carries_no_real_epoch_dates_nothing() -> None:
+    """A Uniqueid whose number is no second of our era (rewritten or synthetic traffic,
+    e.g. ``0000008333.0``, 02:18:53 on 1 January 1970) would give an "offset" of decades,
+    here a whole number of quarter hours: no zone has it, so none is inferred and the
+    clock falls back to the server's offset."""
+    bogus = [cdr("0000008333.0", "2026-12-01 19:03:53")]
+    assert infer_offset(bogus) is None
+    clock = CdrClock()
+    clock.server_offset = 8 * 3600
+    zone = clock.zone_for(bogus)
+    assert clock.read("2026-12-01 19:03:53", zone) == datetime(2026, 12, 1, 11, 3, 53,
+                                                               tzinfo=UTC)

@@ -368,3 +368,34 @@ def test_the_routers_crm_kind_and_owner_go_on_the_record(basic: list[Message]) -
     assert (records[0]["customer_id"], records[0]["customer_kind"],
             records[0]["customer_owner"]) == ("C-1001", "lead", "31000002")
     assert [r["customer_kind"] for r in records[1:]] == [None] * (len(records) - 1)
+
+
+def test_calls_whose_uniqueids_carry_no_epoch_still_get_their_records(
+        fixtures_dir: Path) -> None:
+    """ami-basic.raw with every Uniqueid and Linkedid rewritten to numbers that are no
+    epoch (as bench_ami's copies are): the same four calls, outcomes and customers, none
+    lost to the time dating."""
+    data = (fixtures_dir / "ami-basic.raw").read_bytes().replace(b"179533", b"000000")
+    records = replay(parse(data))
+    original = replay(parse((fixtures_dir / "ami-basic.raw").read_bytes()))
+    assert len(records) == len(original) == 4
+    assert [(r.outcome, r.customer_id, r.incomplete) for r in records] == [
+        (r.outcome, r.customer_id, r.incomplete) for r in original]
+
+
+def test_a_record_that_cannot_be_built_is_still_posted(
+        fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should building a record fail (a bug, input nobody foresaw), the call is posted
+    all the same from what needs no interpretation, marked incomplete: one record per
+    call, never none."""
+    def broken(self: CallTracker, call: object) -> CallRecord:
+        raise ValueError("unforeseen")
+
+    monkeypatch.setattr(CallTracker, "build_record", broken)
+    records = replay(parse((fixtures_dir / "ami-basic.raw").read_bytes()))
+    assert len(records) == 4
+    assert all(r.incomplete for r in records)
+    assert records[0].linkedid == "1795338333.0"
+    assert records[0].record_key == "call:1795338333.0"
+    assert records[0].caller_raw == "+8613800138000"
+    assert records[0].outcome == "answered"
