@@ -97,8 +97,10 @@ def main() -> None:
         print(f"{label:34} {n:10d} {secs:8.3f} {rate:12,.0f} {rate / base_rate:9.4f}")
     tracked = rows[2][1] / rows[2][2]
     expected_records = 5 * copies
-    print(f"records emitted per run: {len(records) // 3} (expected {expected_records})")
-    verdict = "OK" if tracked >= TARGET else "BELOW TARGET"
+    emitted = len(records) // 3
+    lost = "" if emitted == expected_records else " -> RECORDS LOST"
+    print(f"records emitted per run: {emitted} (expected {expected_records}){lost}")
+    verdict = "OK" if tracked >= TARGET and not lost else "BELOW TARGET" if not lost else "FAIL"
     print(f"parse+track: {tracked:,.0f} events/s vs target {TARGET:,} -> {verdict}")
 
 
