@@ -228,10 +228,11 @@ class Wrapup:
         activity (``updated``) when late dispositions are on and the call's copy is still
         kept. ``gone``: the record was sent and cannot be updated (any more)."""
         hold = self.keys.web_hold(record_key)
-        seen = self.keys.outbox_dedupe(record_key)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(hold)
-            pipe.exists(seen)
+            # sent: the outbox remembers it, or its copy is kept for a late disposition
+            # (which may outlive the outbox's memory of it)
+            pipe.exists(self.keys.outbox_dedupe(record_key), self.keys.web_sent(record_key))
             raw, sent = await pipe.execute()
         try:
             held = self._open(raw, hold)
@@ -245,12 +246,20 @@ class Wrapup:
         name = self.keys.web_disposition(record_key)
         given = {"agent": agent, "code": code, "note": note[:MAX_NOTE]}
         await self.redis.set(name, self._seal(given, name), ex=int(self.hold_s + 3600))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(hold)
+            pipe.exists(self.keys.web_sent(record_key))
+            raw, kept = await pipe.execute()
         try:
-            held = await self._held(record_key)
+            held = self._open(raw, hold)
         except ValueError:
             held = None
-        if held is not None and await self._given(record_key, held):
-            await self._release(record_key, held)
+        if held is not None:
+            if await self._given(record_key, held):
+                await self._release(record_key, held)
+        elif kept:  # released meanwhile (another instance) without it: no record will
+            await self.redis.delete(name)  # come to take it; it updates the activity
+            return await self._late(record_key, agent, code, note)
         return "saved"
 
     async def _late(self, record_key: str, agent: str, code: str, note: str) -> DisposeResult:

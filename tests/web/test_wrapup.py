@@ -280,3 +280,47 @@ async def test_a_disposition_racing_another_instances_release_is_not_lost(
     assert await wrap.dispose("call:5.2", "7001", "resolved", "") == "saved"
     assert [r["record_key"] for r in outbox.sent] == ["call:5.2", "call:5.2:disposition"]
     assert outbox.sent[1]["disposition"] == "resolved"
+
+
+async def test_a_disposition_saved_as_another_instance_releases_becomes_the_update(
+    redis: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agent saves while another instance releases the held record without it (held
+    when the save looks, released by the time it is written): the disposition goes as the
+    update of the sent activity, not into a key no record will ever read."""
+    outbox = Outbox(redis)
+    other = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    here = Wrapup(redis, KEYS, outbox.enqueue, 60, late_s=3600)
+    there = Wrapup(other, KEYS, outbox.enqueue, 60, late_s=3600)
+    await here.mark_online(["7001"])
+    assert await here.put(record("5.3")) == "held"
+    real_set = redis.set
+
+    async def set_after_the_release(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == KEYS.web_disposition("call:5.3"):  # the other instance gets there first
+            assert await there.release_due(now=2e9) == 1
+        return await real_set(name, *args, **kwargs)
+
+    monkeypatch.setattr(redis, "set", set_after_the_release)
+    try:
+        assert await here.dispose("call:5.3", "7001", "resolved", "ok") == "updated"
+    finally:
+        await other.aclose()
+    assert [r["record_key"] for r in outbox.sent] == ["call:5.3", "call:5.3:disposition"]
+    assert (outbox.sent[1]["disposition"], outbox.sent[1]["disposition_note"]) == \
+        ("resolved", "ok")
+
+
+async def test_a_late_disposition_outliving_the_outbox_dedupe_is_still_an_update(
+    redis: aioredis.Redis,
+) -> None:
+    """The call's copy is kept for late dispositions longer than the outbox remembers the
+    record (outbox.dedupe_ttl_s below web.late_disposition_s): the disposition is still
+    the update of the sent activity, not kept for a record that was sent long ago."""
+    outbox = Outbox(redis)
+    wrap = Wrapup(redis, KEYS, outbox.enqueue, 60, late_s=30 * 86400)
+    assert await wrap.put(record("6.2")) == "enqueued"
+    await redis.delete(KEYS.outbox_dedupe("call:6.2"))  # its dedupe key expired
+    assert await wrap.dispose("call:6.2", "7001", "sale", "") == "updated"
+    assert [r["record_key"] for r in outbox.sent] == ["call:6.2", "call:6.2:disposition"]
+    assert await redis.exists(KEYS.web_disposition("call:6.2")) == 0
