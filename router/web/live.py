@@ -256,8 +256,8 @@ class LiveState:
         return self._live_sinks
 
     def online_agents(self) -> list[str]:
-        """Agents with a page connected to this instance."""
-        return sorted(self._agent_sinks)
+        """Agents with their own page connected to this instance (not only watched)."""
+        return sorted(agent for agent in self._agent_sinks if self.has_own_page(agent))
 
     def note_lookup(self, source: str, elapsed_ms: float) -> None:
         """A lookup on the call path (from the decision store): for the CRM health panel."""
@@ -764,7 +764,7 @@ class LiveState:
             agents.append({
                 "id": agent_id, "name": name, "device": device_of(dial),
                 "presence": presence.get(device_of(dial)), "call": busy.get(agent_id),
-                "page": agent_id in self._agent_sinks,
+                "page": self.has_own_page(agent_id),
             })
         rules = self.rules_hour.counts()
         owner = self.owner_hour.counts()

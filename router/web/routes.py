@@ -558,7 +558,7 @@ async def _ws_agent(request: web.Request, principal: Principal) -> web.StreamRes
 
     def detach() -> None:
         svc.live.unsubscribe_agent(agent, sink)
-        if own and svc.wrapup is not None and agent not in svc.live.online_agents():
+        if own and svc.wrapup is not None and not svc.live.has_own_page(agent):
             _background(svc.wrapup.mark_offline(agent))
 
     return await _serve_socket(request, sink, hello, attach, detach)

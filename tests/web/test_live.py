@@ -279,3 +279,20 @@ async def test_calls_that_ended_while_ami_was_away_close_their_cards(
     clock.now += MAX_RING_S + 1
     live.sweep()
     assert steps(drained(sinks["7009"])) == [("close", "1795338363.4", "missed")]
+
+
+async def test_a_page_watching_an_agent_does_not_make_the_agent_online() -> None:
+    """Only the agent's own page counts as the agent's page being open (online: the
+    records of calls it answers wait for its disposition; the live view's page column):
+    a supervisor watching it does not, before the agent's page opens or after it closed."""
+    live = LiveState(AGENTS.get, roster=lambda: {"7001": ("Li Na", "Local/7001@agents")})
+    watcher, own = Sink(agent="7001"), Sink(agent="7001", own=True)
+    live.subscribe_agent("7001", watcher)
+    assert live.online_agents() == []
+    assert live.snapshot(customers=False)["agents"][0]["page"] is False
+    live.subscribe_agent("7001", own)
+    assert live.online_agents() == ["7001"]
+    assert live.snapshot(customers=False)["agents"][0]["page"] is True
+    live.unsubscribe_agent("7001", own)
+    assert live.online_agents() == []
+    assert live.snapshot(customers=False)["agents"][0]["page"] is False
