@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
 
 from router.audit import AuditLog, state_hash
 from router.auth.access import (
@@ -127,11 +128,17 @@ class WebService:
             self.page_audit.pending(reader, rows)
 
     async def pending_calls(self, agent: str) -> list[dict[str, Any]] | None:
-        """``agent``'s calls awaiting a disposition (None: no such list here)."""
+        """``agent``'s calls awaiting a disposition (None: no such list here, or it cannot
+        be read now: Redis is down; the cards go on without it)."""
         pending = self.wrapup.pending if self.wrapup is not None else None
         if pending is None:
             return None
-        return await pending.calls(agent)
+        try:
+            return await pending.calls(agent)
+        except (RedisError, OSError) as exc:
+            log.warning("agent %s's calls awaiting a disposition not read (Redis: %s)",
+                        agent, exc)
+            return None
 
     def _pending_changed(self, agent: str) -> None:
         """``agent``'s list changed: push it to the agent's own pages connected here."""

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import aiohttp
+import pytest
 
 from router.metrics import LOOKUPS
 from router.samplecrm import state_of
@@ -147,3 +148,62 @@ async def test_card_customers_wait_for_a_late_crm_answer_and_only_read(redis_url
         await reader.aclose()
         await writer.aclose()
         await client.aclose()
+
+
+async def test_an_agent_page_gets_its_cards_while_redis_is_down(
+    own_redis: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis is down (the calls awaiting a disposition cannot be read): the agent's
+    socket still opens with its hello (without that list, with a log line) and the card
+    of a call that rings it still arrives; the list's API says it is unavailable."""
+    import redis.asyncio as aioredis
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from ami.protocol import Message
+    from router.auth.access import AuthContext, access_middleware
+    from router.auth.roles import Role
+    from router.auth.users import Directory, make_user
+    from router.keys import Keys
+    from router.settings import WebSettings
+    from router.web.live import LiveState
+    from router.web.pending import Pending
+    from router.web.routes import WebService as Pages
+    from router.web.routes import add_web_routes
+    from router.web.wrapup import Wrapup
+
+    keys = Keys(prefix="t:", secret=b"s")
+    client = aioredis.Redis.from_url(own_redis.url, decode_responses=True,
+                                     socket_connect_timeout=0.2)
+
+    async def enqueue(_: Any) -> str:
+        return "enqueued"
+
+    pending = Pending(client, keys, hold_s=30, late_s=3600)
+    wrapup = Wrapup(client, keys, enqueue, 30, late_s=3600, pending=pending)
+    live = LiveState({"PJSIP/7001": "7001"}.get)
+    user, token = make_user("li-na", Role.AGENT, "7001")
+    auth = AuthContext(Directory({"li-na": user}), local_open=False)
+    app = web.Application(middlewares=[access_middleware(auth)])
+    add_web_routes(app, Pages(WebSettings(wrapup_s=30), auth, live, wrapup=wrapup))
+    own_redis.stop()
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        async with TestServer(app, host="127.0.0.1") as server, \
+                aiohttp.ClientSession() as http:
+            async with http.get(server.make_url("/ui/api/pending"), headers=headers) as resp:
+                assert resp.status == 503
+            async with http.ws_connect(server.make_url("/ui/ws/agent"), headers=headers) as ws:
+                hello = json.loads((await ws.receive(timeout=5)).data)
+                assert (hello["type"], hello["cards"]) == ("hello", [])
+                assert "pending" not in hello
+                for event in ({"Event": "VarSet", "Uniqueid": "9.1", "Linkedid": "9.1",
+                               "Variable": "ROUTE_RULE", "Value": "vip-owner"},
+                              {"Event": "DialBegin", "Uniqueid": "9.1", "Linkedid": "9.1",
+                               "DestChannel": "PJSIP/7001-00000001", "DestUniqueid": "9.2"}):
+                    live.handle(Message(event))
+                card = await next_card(ws, lambda m: m["type"] == "card")
+                assert (card["card"]["call"], card["card"]["state"]) == ("9.1", "ringing")
+    finally:
+        await client.aclose()
+    assert "calls awaiting a disposition" in caplog.text
