@@ -427,7 +427,12 @@ async def _dispose(request: web.Request, principal: Principal) -> web.StreamResp
     answered = svc.live.answered_by(lid)
     if answered is not None and answered != agent:
         return _json({"error": "not_yours"}, status=403)
-    result = await svc.wrapup.dispose(svc.record_key_for(lid), agent, code, note)
+    try:
+        result = await svc.wrapup.dispose(svc.record_key_for(lid), agent, code, note)
+    except (RedisError, OSError) as exc:
+        log.warning("disposition on call %s by agent %s not saved (Redis: %s)", lid, agent,
+                    exc)
+        return _json({"error": "not_available"}, status=503)
     if result == "not-yours":
         return _json({"error": "not_yours"}, status=403)
     if result == "gone":

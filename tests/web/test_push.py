@@ -155,7 +155,8 @@ async def test_an_agent_page_gets_its_cards_while_redis_is_down(
 ) -> None:
     """Redis is down (the calls awaiting a disposition cannot be read): the agent's
     socket still opens with its hello (without that list, with a log line) and the card
-    of a call that rings it still arrives; the list's API says it is unavailable."""
+    of a call that rings it still arrives; the list's API and the disposition's say they
+    are unavailable (a text the page has in both languages), with log lines."""
     import redis.asyncio as aioredis
     from aiohttp import web
     from aiohttp.test_utils import TestServer
@@ -171,6 +172,7 @@ async def test_an_agent_page_gets_its_cards_while_redis_is_down(
     from router.web.routes import WebService as Pages
     from router.web.routes import add_web_routes
     from router.web.wrapup import Wrapup
+    from tests.web.test_outcomes import strings
 
     keys = Keys(prefix="t:", secret=b"s")
     client = aioredis.Redis.from_url(own_redis.url, decode_responses=True,
@@ -193,6 +195,9 @@ async def test_an_agent_page_gets_its_cards_while_redis_is_down(
                 aiohttp.ClientSession() as http:
             async with http.get(server.make_url("/ui/api/pending"), headers=headers) as resp:
                 assert resp.status == 503
+            async with http.post(server.make_url("/ui/api/calls/8.1/disposition"),
+                                 headers=headers, json={"code": "sale"}) as resp:
+                assert (resp.status, await resp.json()) == (503, {"error": "not_available"})
             async with http.ws_connect(server.make_url("/ui/ws/agent"), headers=headers) as ws:
                 hello = json.loads((await ws.receive(timeout=5)).data)
                 assert (hello["type"], hello["cards"]) == ("hello", [])
@@ -207,3 +212,6 @@ async def test_an_agent_page_gets_its_cards_while_redis_is_down(
     finally:
         await client.aclose()
     assert "calls awaiting a disposition" in caplog.text
+    assert "disposition on call 8.1 by agent 7001 not saved" in caplog.text
+    assert strings("en")["not_available"]
+    assert strings("zh")["not_available"]

@@ -139,7 +139,7 @@
       if (openCall === call) openCall = null;
       flash(t(body.updated ? "saved_update" : "saved"));
     } else {
-      messages.set(call, t(body.error || "unknown_code"));
+      messages.set(call, t(body.error || "not_available"));
     }
     render();
   }
