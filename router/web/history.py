@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -27,8 +26,8 @@ from zoneinfo import ZoneInfo
 from redis.asyncio import Redis
 
 from router.crypto import KeyRing
-from router.errors import CryptoError
 from router.keys import Keys
+from router.web.sealed import open_json, seal_json
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,6 @@ class History:
         outcome = str(record.get("outcome") or "unknown")
         tier = str(record.get("customer_tier") or "none")
         queue = record.get("queue")
-        text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
         day_key, rows_key = self.keys.web_day(day), self.keys.web_day_calls(day)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hincrby(day_key, f"hour:{hour}:{outcome}", 1)
@@ -138,12 +136,12 @@ class History:
                 if outcome == "answered":
                     pipe.hincrby(day_key, f"queue_answered:{queue}", 1)
             pipe.expire(day_key, self.ttl_s)
-            pipe.rpush(rows_key, self.crypto.seal(text, rows_key))
+            pipe.rpush(rows_key, seal_json(self.crypto, row, rows_key))
             pipe.expire(rows_key, self.ttl_s)
             subject = self.subject(record.get("customer_id"), record.get("caller"))
             if subject is not None:
                 recent = self.keys.web_recent(subject)
-                pipe.lpush(recent, self.crypto.seal(text, recent))
+                pipe.lpush(recent, seal_json(self.crypto, row, recent))
                 pipe.ltrim(recent, 0, RECENT_KEEP - 1)
                 pipe.expire(recent, RECENT_TTL_S)
             await pipe.execute()
@@ -155,10 +153,8 @@ class History:
         change = {"disposition": record.get("disposition"),
                   "note": record.get("disposition_note")}
         day_key = self.keys.web_day_dispositions(self.day_of(record.get("start") or ""))
-        text = json.dumps(change, ensure_ascii=False, separators=(",", ":"))
-        name = f"{day_key}:{lid}"
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(day_key, str(lid), self.crypto.seal(text, name))
+            pipe.hset(day_key, str(lid), seal_json(self.crypto, change, f"{day_key}:{lid}"))
             pipe.expire(day_key, self.ttl_s)
             await pipe.execute()
         subject = self.subject(record.get("customer_id"), record.get("caller"))
@@ -169,8 +165,7 @@ class History:
             row = self._open(item, key)
             if row is not None and row.get("call") == lid:
                 row.update(change)
-                text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
-                await self.redis.lset(key, index, self.crypto.seal(text, key))
+                await self.redis.lset(key, index, seal_json(self.crypto, row, key))
                 return
 
     async def recent(self, customer_id: str | None, caller: str | None) -> list[dict[str, Any]]:
@@ -184,16 +179,11 @@ class History:
 
     def _open(self, item: Any, key: str) -> dict[str, Any] | None:
         """One stored row, or None (logged) when it does not decrypt or parse."""
-        text = item.decode() if isinstance(item, bytes) else str(item)
         try:
-            row = json.loads(self.crypto.open(text, key))
-        except CryptoError as exc:
-            log.warning("a history row under %s does not decrypt (%s); skipped", key, exc)
+            return open_json(self.crypto, item, key)
+        except ValueError as exc:
+            log.warning("a history row skipped: %s", exc)
             return None
-        except ValueError:
-            log.warning("a history row under %s is not JSON; skipped", key)
-            return None
-        return row if isinstance(row, dict) else None
 
     async def day(self, day: str) -> dict[str, Any]:
         """One day's figures, shaped for the charts."""

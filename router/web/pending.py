@@ -25,7 +25,6 @@ answered the call has it on their list (the key is theirs).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -34,9 +33,9 @@ from typing import Any
 from redis.asyncio import Redis
 
 from router.crypto import KeyRing
-from router.errors import CryptoError
 from router.keys import Keys
 from router.log import mask_name, mask_number
+from router.web.sealed import open_json, seal_json
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +112,10 @@ class Pending:
         agent = str(agent)
         row = self.row(record)
         zkey, hkey = self.keys.web_todo(agent), self.keys.web_todo_rows(agent)
-        text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
         ttl = int(self.window_s + self.hold_s + 3600)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zadd(zkey, {key: row["ended_at"]}, nx=True)
-            pipe.hsetnx(hkey, key, self.crypto.seal(text, f"{hkey}:{key}"))
+            pipe.hsetnx(hkey, key, seal_json(self.crypto, row, f"{hkey}:{key}"))
             pipe.expire(zkey, ttl)
             pipe.expire(hkey, ttl)
             await pipe.execute()
@@ -171,15 +169,10 @@ class Pending:
 
     def _open(self, raw: Any, context: str) -> dict[str, Any] | None:
         try:
-            row = json.loads(self.crypto.open(_text(raw), context))
-        except CryptoError as exc:
-            log.warning("a row of the calls awaiting a disposition does not decrypt (%s); "
-                        "dropped", exc)
+            return open_json(self.crypto, raw, context)
+        except ValueError as exc:
+            log.warning("a row of the calls awaiting a disposition dropped: %s", exc)
             return None
-        except ValueError:
-            log.warning("a row of the calls awaiting a disposition is not JSON; dropped")
-            return None
-        return row if isinstance(row, dict) else None
 
 
 def _text(value: Any) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,11 +42,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from router.crypto import KeyRing
-from router.errors import CryptoError
 from router.keys import Keys
 from router.records.outbox import Record, record_dict
 from router.records.updates import update_record
 from router.web.pending import Pending
+from router.web.sealed import open_json, seal_json
 
 log = logging.getLogger(__name__)
 
@@ -142,26 +141,12 @@ class Wrapup:
 
     def _seal(self, data: Mapping[str, Any], name: str) -> str:
         """``data`` as JSON, encrypted for the Redis key ``name``."""
-        return self.crypto.seal(json.dumps(data, ensure_ascii=False, separators=(",", ":")),
-                                name)
+        return seal_json(self.crypto, data, name)
 
     def _open(self, raw: Any, name: str) -> dict[str, Any] | None:
         """The dict stored under ``name`` (None: absent); ValueError when it is not a JSON
         object or does not decrypt."""
-        if raw is None:
-            return None
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        try:
-            text = self.crypto.open(text, name)
-        except CryptoError as exc:
-            raise ValueError(f"{name} does not decrypt: {exc}") from exc
-        try:
-            data = json.loads(text)
-        except ValueError:
-            raise ValueError(f"{name} is not JSON") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{name} is not a JSON object")
-        return data
+        return None if raw is None else open_json(self.crypto, raw, name)
 
     async def _held(self, key: str) -> dict[str, Any] | None:
         """The record held under ``key`` (None: not held)."""
