@@ -411,8 +411,7 @@ class LiveState:
                 ring.state, ring.answered_at = "talking", now
                 self._push(agent, {"type": "card", "card": self.card(call, ring)})
             elif ring.state == "ringing":
-                del call.rings[other]
-                self._push(other, {"type": "close", "call": call.linkedid, "why": "taken"})
+                self._close(call, other, "taken")
         if agent not in call.rings:  # answered without a ring we saw (events missed)
             device = ""
             ring = call.rings[agent] = Ring(agent, device, "dial", call.queue, now, None,
@@ -422,9 +421,7 @@ class LiveState:
     def _not_answered(self, call: LiveCall, agent: str) -> None:
         ring = call.rings.get(agent)
         if ring is not None and ring.state == "ringing":
-            del call.rings[agent]
-            self.dirty = True
-            self._push(agent, {"type": "close", "call": call.linkedid, "why": "missed"})
+            self._close(call, agent, "missed")
 
     def _dest_agent(self, h: Mapping[str, str]) -> str | None:
         device = device_of_channel(h.get("DestChannel"))
@@ -479,15 +476,31 @@ class LiveState:
             if ring.dest_uid == uid:
                 self._ring_over(call, ring)
         if not call.uids:
-            for ring in list(call.rings.values()):
+            self._forget(call)
+
+    def _close(self, call: LiveCall, agent: str, why: str) -> None:
+        """Take ``agent``'s card of ``call`` off its pages, saying ``why``."""
+        del call.rings[agent]
+        self._push(agent, {"type": "close", "call": call.linkedid, "why": why})
+        self.dirty = True
+
+    def _forget(self, call: LiveCall, close: str | None = None) -> None:
+        """Drop ``call`` and its channels; its cards end as on a hangup (closed if
+        ringing, ended if talking) or, with ``close``, all close saying so."""
+        uids = call.uids | {r.dest_uid for r in call.rings.values() if r.dest_uid}
+        for ring in list(call.rings.values()):
+            if close is None:
                 self._ring_over(call, ring)
-            del self.calls[lid]
-            self.dirty = True
+            else:
+                self._close(call, ring.agent, close)
+        for uid in uids:
+            self._uid_lid.pop(uid, None)
+        del self.calls[call.linkedid]
+        self.dirty = True
 
     def _ring_over(self, call: LiveCall, ring: Ring) -> None:
         if ring.state == "ringing":
-            del call.rings[ring.agent]
-            self._push(ring.agent, {"type": "close", "call": call.linkedid, "why": "hangup"})
+            self._close(call, ring.agent, "hangup")
         elif ring.state == "talking":
             ring.state, ring.ended_at = "ended", self.clock()
             card = self.card(call, ring)
@@ -502,13 +515,8 @@ class LiveState:
         alive = {uid for msg in channels if (uid := msg.headers.get("Uniqueid"))}
         gone = [call for call in self.calls.values() if not call.uids & alive]
         for call in gone:
-            for ring in list(call.rings.values()):
-                self._ring_over(call, ring)
-            for uid in call.uids:
-                self._uid_lid.pop(uid, None)
-            del self.calls[call.linkedid]
+            self._forget(call)
         if gone:
-            self.dirty = True
             log.info("live view: %d call(s) ended while AMI was away", len(gone))
         return len(gone)
 
@@ -677,17 +685,10 @@ class LiveState:
         for call in self.calls.values():  # no phone rings this long: its end was missed
             for ring in [r for r in call.rings.values()
                          if r.state == "ringing" and now - r.since > MAX_RING_S]:
-                del call.rings[ring.agent]
-                self._push(ring.agent, {"type": "close", "call": call.linkedid,
-                                        "why": "missed"})
-                self.dirty = True
-        old = [lid for lid, c in self.calls.items() if now - c.started > MAX_CALL_AGE_S]
-        for lid in old:
-            call = self.calls.pop(lid)
-            for uid in call.uids:
-                self._uid_lid.pop(uid, None)
-            for ring in call.rings.values():
-                self._push(ring.agent, {"type": "close", "call": lid, "why": "hangup"})
+                self._close(call, ring.agent, "missed")
+        old = [c for c in self.calls.values() if now - c.started > MAX_CALL_AGE_S]
+        for call in old:
+            self._forget(call, close="hangup")  # no wrap-up for a call this old
         keep = self.wrapup_s + ENDED_GRACE_S
         while self._ended:
             lid, (ended_at, _) = next(iter(self._ended.items()))
