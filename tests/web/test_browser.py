@@ -231,11 +231,13 @@ async def test_queue_card_closes_when_another_agent_takes_the_call(
 ) -> None:
     """Both agents rung by the ringall queue see the card ("From queue support"); when 7002
     answers, 7001's card closes and 7002's shows the talk timer; the page is in Chinese
-    when the agent switches language."""
+    when the agent switches language, its header (binding, socket status) too."""
     await service.route("02150501234", "unknown", "1795338393.11")
     a7001 = await sign_in(browser, service, "li-na")
     a7002 = await sign_in(browser, service, "wang-wei")
     await a7001.click("#lang")  # 中文
+    assert await a7001.inner_text("#binding") == "坐席 7001 · Li Na · 话机 Local/7001@agents"
+    assert await a7001.inner_text("#status") == "在线"
     await service.ami.play(service.ami.events(*QUEUE_RINGS))
     await a7001.wait_for_selector(".card.ringing")
     await a7002.wait_for_selector(".card.ringing")
@@ -310,3 +312,30 @@ async def test_supervisor_sees_live_calls_alerts_and_today_viewer_sees_no_custom
     await boss.fill("#audit-who", "li-na")
     await boss.click("#audit-form button[type=submit]")
     await expect(boss.locator("#audit")).to_have_text("No entries for these filters.")
+
+
+async def test_a_page_whose_sign_in_expired_goes_to_the_sign_in_page(
+    service: WebService, browser: Any, tmp_path: Path
+) -> None:
+    """The agent's sign-in ends while the page is open (its cookie gone) and its socket
+    drops: the socket is refused from then on, and the page goes to the sign-in page
+    instead of saying "Reconnecting…" for ever."""
+    context = await browser.new_context(viewport={"width": 1366, "height": 768})
+    page = await context.new_page()
+    sockets: list[Any] = []
+
+    def through(ws: Any) -> None:  # the page's socket, passed on to the service
+        sockets.append(ws)
+        ws.connect_to_server()
+
+    await page.route_web_socket("**/ui/ws/agent", through)
+    await page.goto(f"{service.base}/ui/login")
+    await page.fill("#token", service.tokens["li-na"])
+    await page.keyboard.press("Enter")
+    await page.wait_for_url("**/ui/agent")
+    await page.wait_for_selector("#status.on")
+    await context.clear_cookies()  # the sign-in expired
+    await sockets[-1].close()      # and the socket dropped
+    await page.wait_for_url("**/ui/login", timeout=10_000)
+    await page.screenshot(path=str(tmp_path / "agent-signed-out.png"))
+    assert len(sockets) >= 2

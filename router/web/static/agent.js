@@ -19,9 +19,12 @@
   CR.header(me);
   const params = new URLSearchParams(location.search);
   const agent = params.get("agent") || me.agent || "";
-  document.getElementById("binding").textContent =
-    `${t("agent_id")} ${agent}${me.agent_name ? " · " + me.agent_name : ""}` +
-    `${me.device ? " · " + t("device") + " " + me.device : ""}`;
+  function binding() {
+    document.getElementById("binding").textContent =
+      `${t("agent_id")} ${agent}${me.agent_name ? " · " + me.agent_name : ""}` +
+      `${me.device ? " · " + t("device") + " " + me.device : ""}`;
+  }
+  binding();
 
   function row(label, value, cls) {
     return el("div", {class: "row" + (cls ? " " + cls : "")},
@@ -76,7 +79,7 @@
     if (card.last_calls && card.last_calls.length) {
       const list = el("ul");
       for (const call of card.last_calls) {
-        const when = call.start ? new Date(call.start).toLocaleString(CR.lang === "zh" ? "zh-CN" : "en-GB") : "";
+        const when = call.start ? new Date(call.start).toLocaleString(CR.locale()) : "";
         list.append(el("li", {text: `${when} · ${t("outcome_" + (call.outcome || "unknown"))}` +
           `${call.agent ? " · " + call.agent : ""}${call.disposition ? " · " + call.disposition : ""}` +
           `${call.talk_s ? " · " + CR.duration(call.talk_s) : ""}`}));
@@ -166,7 +169,7 @@
 
   function when(row) {
     const at = row.start ? new Date(row.start) : new Date(row.ended_at * 1000);
-    return at.toLocaleString(CR.lang === "zh" ? "zh-CN" : "en-GB",
+    return at.toLocaleString(CR.locale(),
       {month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit"});
   }
 
@@ -279,12 +282,6 @@
     }
   }
 
-  function onState(up) {
-    const s = document.getElementById("status");
-    s.textContent = up ? t("connected") : t("reconnecting");
-    s.className = "status " + (up ? "on" : "off");
-  }
-
   // The form the keys act on: the one holding the focus, else the first ended card's,
   // else the list entry's that is open.
   function activeForm() {
@@ -326,8 +323,8 @@
       if (input) input.focus();
     }
   });
-  document.addEventListener("cr-lang", render);
+  document.addEventListener("cr-lang", () => { binding(); render(); });
 
   const query = params.get("agent") ? `?agent=${encodeURIComponent(agent)}` : "";
-  CR.socket(`/ui/ws/agent${query}`, onMessage, onState);
+  CR.socket(`/ui/ws/agent${query}`, onMessage);
 })();

@@ -12,14 +12,17 @@ const CR = (() => {
   }
   function t(key, vars) {
     let text = (S[lang] && S[lang][key]) || S.en[key] || key;
-    if (vars) for (const [k, v] of Object.entries(vars)) text = text.replace(`{${k}}`, v);
+    if (vars) for (const [k, v] of Object.entries(vars)) text = text.replace(`{${k}}`, () => String(v));
     return text;
   }
   function toggleLang() {
     setLang(lang === "zh" ? "en" : "zh");
     localStorage.setItem("cr-lang", lang);
+    showLive();
     document.dispatchEvent(new Event("cr-lang"));
   }
+  // Dates and numbers in the page's language.
+  function locale() { return lang === "zh" ? "zh-CN" : "en-GB"; }
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
     for (const [k, v] of Object.entries(attrs || {})) {
@@ -38,14 +41,29 @@ const CR = (() => {
     const body = await resp.json().catch(() => ({}));
     return {status: resp.status, body};
   }
-  function socket(path, onMessage, onState) {
+  // The push socket, opened again (backing off) whenever it closes; the page's #status
+  // says whether it is live. A socket refused at once may mean the sign-in expired: the
+  // API is asked, which goes to the sign-in page if so.
+  let live = false;
+  function showLive() {
+    const s = document.getElementById("status");
+    if (!s) return;
+    s.textContent = live ? t("connected") : t("reconnecting");
+    s.className = "status " + (live ? "on" : "off");
+  }
+  function socket(path, onMessage) {
     let delay = 500;
     let ws;
     function open() {
+      let opened = false;
       ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${path}`);
-      ws.onopen = () => { delay = 500; onState(true); };
+      ws.onopen = () => { opened = true; delay = 500; live = true; showLive(); };
       ws.onmessage = (ev) => { try { onMessage(JSON.parse(ev.data)); } catch (e) { console.error(e); } };
-      ws.onclose = () => { onState(false); setTimeout(open, delay); delay = Math.min(delay * 2, 10000); };
+      ws.onclose = () => {
+        live = false; showLive();
+        if (!opened) api("/ui/api/me").catch(() => {});
+        setTimeout(open, delay); delay = Math.min(delay * 2, 10000);
+      };
     }
     open();
     return () => ws;
@@ -60,7 +78,7 @@ const CR = (() => {
   function percent(x) { return x === null || x === undefined ? t("none") : `${(x * 100).toFixed(1)} %`; }
   function money(x) {
     if (x === null || x === undefined) return t("none");
-    return new Intl.NumberFormat(lang === "zh" ? "zh-CN" : "en-US").format(x);
+    return new Intl.NumberFormat(locale()).format(x);
   }
   async function header(me) {
     const who = document.getElementById("who");
@@ -76,6 +94,6 @@ const CR = (() => {
   function init(defaultLang) {
     setLang(lang || defaultLang || "zh");
   }
-  return {t, el, api, socket, duration, percent, money, header, init, toggleLang,
+  return {t, el, api, socket, duration, percent, money, header, init, toggleLang, locale,
           get lang() { return lang; }};
 })();

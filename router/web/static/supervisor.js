@@ -135,7 +135,7 @@
     if (audit.error) { box.replaceChildren(el("p", {class: "message", text: t("audit_unavailable")})); return; }
     if (!audit.entries.length) { box.replaceChildren(el("p", {class: "muted", text: t("audit_none")})); return; }
     const rows = [...audit.entries].reverse().map((e) => [
-      new Date(e.at * 1000).toLocaleString(CR.lang === "zh" ? "zh-CN" : "en-GB"),
+      new Date(e.at * 1000).toLocaleString(CR.locale()),
       e.who, e.role, e.action, e.target, e.source, e.outcome]);
     box.replaceChildren(table([t("audit_time"), t("audit_who"), t("audit_role"), t("audit_action"),
       t("audit_target"), t("audit_source"), t("audit_outcome")], rows));
@@ -164,6 +164,5 @@
   loadToday();
   setInterval(loadToday, 60000);
   document.addEventListener("cr-lang", () => { renderLive(); renderToday(); renderAudit(); });
-  CR.socket("/ui/ws/live", (msg) => { if (msg.type === "live") { live = msg.live; renderLive(); } },
-    (up) => { const s = document.getElementById("status"); s.textContent = up ? t("connected") : t("reconnecting"); s.className = "status " + (up ? "on" : "off"); });
+  CR.socket("/ui/ws/live", (msg) => { if (msg.type === "live") { live = msg.live; renderLive(); } });
 })();
