@@ -15,6 +15,7 @@ log line.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import logging
@@ -222,13 +223,18 @@ class History:
                 "wait_by_tier": wait_by_tier, "answer_by_queue": answer_by_queue}
 
     async def rows(self, day: str) -> list[dict[str, Any]]:
-        """Every call of ``day`` (the CSV rows), in the order they ended."""
+        """Every call of ``day`` (the CSV rows), in the order they ended. A busy day's rows
+        are opened in a worker thread: the event loop goes on routing calls meanwhile."""
         key = self.keys.web_day_calls(day)
         late_key = self.keys.web_day_dispositions(day)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.lrange(key, 0, -1)
             pipe.hgetall(late_key)
             items, late = await pipe.execute()
+        return await asyncio.to_thread(self._open_rows, key, items, late_key, late)
+
+    def _open_rows(self, key: str, items: list[Any], late_key: str,
+                   late: Mapping[Any, Any]) -> list[dict[str, Any]]:
         rows = [row for item in items if (row := self._open(item, key)) is not None]
         for row in rows:
             given = late.get(row.get("call"))

@@ -483,7 +483,8 @@ async def _today_csv(request: web.Request, principal: Principal) -> web.StreamRe
     day = request.query.get("day") or svc.history.today()
     if not _valid_day(day):
         return _json({"error": "bad_day"}, status=400)
-    text = svc.history.to_csv(await svc.history.rows(day), customers=True)
+    rows = await svc.history.rows(day)
+    text = await asyncio.to_thread(svc.history.to_csv, rows, customers=True)
     entry = request_entry(request, "customer.export", f"calls:{day}", after=state_hash(text))
     if svc.audit is not None:
         await svc.audit.write(entry)

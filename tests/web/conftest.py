@@ -200,3 +200,21 @@ async def browser() -> AsyncIterator[Any]:
             yield b
         finally:
             await b.close()
+
+
+def pages_app(svc_args: dict[str, Any], users: dict[str, tuple[Role, str | None]]
+              ) -> tuple[web.Application, dict[str, str]]:
+    """The pages' routes alone behind the access middleware, for a WebService made of
+    ``svc_args`` (``live`` at least) and these users; their tokens by name."""
+    from router.auth.access import AuthContext, access_middleware
+    from router.auth.users import Directory, make_user
+    from router.web.routes import WebService as Pages
+    from router.web.routes import add_web_routes
+
+    made = {name: make_user(name, role, agent) for name, (role, agent) in users.items()}
+    auth = AuthContext(Directory({name: user for name, (user, _) in made.items()}),
+                       local_open=False)
+    app = web.Application(middlewares=[access_middleware(auth)])
+    svc_args = {"settings": WebSettings(), **svc_args}
+    add_web_routes(app, Pages(auth=auth, **svc_args))
+    return app, {name: token for name, (_, token) in made.items()}

@@ -12,7 +12,7 @@ import pytest
 
 from router.metrics import LOOKUPS
 from router.samplecrm import state_of
-from tests.web.conftest import WebService, wait_for
+from tests.web.conftest import WebService, pages_app, wait_for
 
 CALL1 = (0, 101)
 
@@ -158,19 +158,14 @@ async def test_an_agent_page_gets_its_cards_while_redis_is_down(
     of a call that rings it still arrives; the list's API and the disposition's say they
     are unavailable (a text the page has in both languages), with log lines."""
     import redis.asyncio as aioredis
-    from aiohttp import web
     from aiohttp.test_utils import TestServer
 
     from ami.protocol import Message
-    from router.auth.access import AuthContext, access_middleware
     from router.auth.roles import Role
-    from router.auth.users import Directory, make_user
     from router.keys import Keys
     from router.settings import WebSettings
     from router.web.live import LiveState
     from router.web.pending import Pending
-    from router.web.routes import WebService as Pages
-    from router.web.routes import add_web_routes
     from router.web.wrapup import Wrapup
     from tests.web.test_outcomes import strings
 
@@ -184,12 +179,10 @@ async def test_an_agent_page_gets_its_cards_while_redis_is_down(
     pending = Pending(client, keys, hold_s=30, late_s=3600)
     wrapup = Wrapup(client, keys, enqueue, 30, late_s=3600, pending=pending)
     live = LiveState({"PJSIP/7001": "7001"}.get)
-    user, token = make_user("li-na", Role.AGENT, "7001")
-    auth = AuthContext(Directory({"li-na": user}), local_open=False)
-    app = web.Application(middlewares=[access_middleware(auth)])
-    add_web_routes(app, Pages(WebSettings(wrapup_s=30), auth, live, wrapup=wrapup))
+    app, tokens = pages_app({"settings": WebSettings(wrapup_s=30), "live": live,
+                             "wrapup": wrapup}, {"li-na": (Role.AGENT, "7001")})
     own_redis.stop()
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = {"Authorization": f"Bearer {tokens['li-na']}"}
     try:
         async with TestServer(app, host="127.0.0.1") as server, \
                 aiohttp.ClientSession() as http:
