@@ -3,6 +3,7 @@ Asterisk events, real Redis, the sample CRM) and the agents' and supervisor's pa
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -339,3 +340,44 @@ async def test_a_page_whose_sign_in_expired_goes_to_the_sign_in_page(
     await page.wait_for_url("**/ui/login", timeout=10_000)
     await page.screenshot(path=str(tmp_path / "agent-signed-out.png"))
     assert len(sockets) >= 2
+
+
+async def test_a_note_being_typed_keeps_its_caret_and_composition_through_a_push(
+    service: WebService, browser: Any, tmp_path: Path
+) -> None:
+    """The agent types a note on call 1's wrap-up form and goes back to its start; a push
+    (call 3 rings the agent from the queue) redraws the page: the typing goes on where
+    the caret was. While an input method composes (Chinese), the page is not redrawn
+    under it: the next card shows once the composition ends."""
+    await service.route("+8613800138000", "Li Lei", "1795338333.1")
+    await service.route("02150501234", "unknown", "1795338393.11")
+    await service.route("02150501234", "unknown", "1795338493.11")
+    mine = await sign_in(browser, service, "li-na")
+    for part in (RING_7001, ANSWER_7001, HANGUP_7001):
+        await service.ami.play(service.ami.events(*part))
+    await mine.wait_for_selector(".card.ended form.wrapup")
+    await mine.click(NOTE)
+    await mine.keyboard.type("call back")
+    await mine.keyboard.press("Home")
+    await service.ami.play(service.ami.events(*QUEUE_RINGS))
+    await mine.wait_for_selector(".card.ringing")
+    await mine.keyboard.type("please ")
+    assert await mine.input_value(NOTE) == "please call back"
+
+    await service.ami.play(service.ami.events(*TAKEN))  # 7002 takes call 3: 7001's closes
+    await mine.wait_for_selector(".card.ringing", state="detached")
+    await mine.dispatch_event(NOTE, "compositionstart")
+    await mine.evaluate("document.querySelector('#note-1795338333\\\\.0').dataset.mark = 'x'")
+    await service.ami.play(renamed_call3(service.ami.events(*QUEUE_RINGS)))
+    await asyncio.sleep(0.5)
+    assert await mine.locator(".card.ringing").count() == 0  # not drawn while composing
+    assert await mine.get_attribute(NOTE, "data-mark") == "x"  # the very same node
+    await mine.dispatch_event(NOTE, "compositionend")
+    await mine.wait_for_selector(".card.ringing")
+    assert await mine.input_value(NOTE) == "please call back"
+    await mine.screenshot(path=str(tmp_path / "agent-7001-note-kept.png"), full_page=True)
+
+
+def renamed_call3(blocks: list[bytes]) -> list[bytes]:
+    """Call 3's ring again as a new call (other Uniqueids and Linkedid)."""
+    return [b.replace(b"1795338393", b"1795338493") for b in blocks]

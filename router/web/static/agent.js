@@ -215,13 +215,32 @@
     setTimeout(() => f.remove(), 4000);
   }
 
+  // Drawing replaces the nodes: the focus, and the caret in a note being typed, are put
+  // back; while an input method composes (Chinese), drawing waits for it to end.
+  let composing = false, deferred = false;
+  document.addEventListener("compositionstart", () => { composing = true; });
+  document.addEventListener("compositionend", () => {
+    composing = false;
+    if (deferred) { deferred = false; render(); }
+  });
+  function keepingFocus(draw) {
+    if (composing) { deferred = true; return; }
+    const active = document.activeElement;
+    const caret = active && active.tagName === "TEXTAREA" ? [active.selectionStart, active.selectionEnd] : null;
+    draw();
+    const again = active && active.id ? document.getElementById(active.id) : null;
+    if (!again || again === active) return;
+    again.focus();
+    if (caret) again.setSelectionRange(caret[0], caret[1]);
+  }
+
   function render() {
-    const box = document.getElementById("cards");
-    const focused = document.activeElement && document.activeElement.id;
-    box.replaceChildren(...[...cards.values()].sort((a, b) => a.rang_at - b.rang_at).map(renderCard));
-    document.getElementById("empty").hidden = cards.size > 0;
-    renderPending();
-    if (focused && document.getElementById(focused)) document.getElementById(focused).focus();
+    keepingFocus(() => {
+      const box = document.getElementById("cards");
+      box.replaceChildren(...[...cards.values()].sort((a, b) => a.rang_at - b.rang_at).map(renderCard));
+      document.getElementById("empty").hidden = cards.size > 0;
+      renderPending();
+    });
     tick();
   }
 
@@ -245,7 +264,7 @@
       n.textContent = until && until > now ? t("pending_held", {left: CR.duration(until - now)})
         : t("pending_late");
     });
-    if (pendingOn && document.querySelectorAll(".pending-call").length !== visiblePending().length) renderPending();
+    if (pendingOn && document.querySelectorAll(".pending-call").length !== visiblePending().length) keepingFocus(renderPending);
   }
   setInterval(tick, 1000);
 
