@@ -208,3 +208,34 @@ async def test_an_agent_page_gets_its_cards_while_redis_is_down(
     assert "disposition on call 8.1 by agent 7001 not saved" in caplog.text
     assert strings("en")["not_available"]
     assert strings("zh")["not_available"]
+
+
+async def test_a_page_that_cannot_keep_up_is_closed_and_let_go() -> None:
+    """More pushes than a page's queue holds arrive before its socket could send any: the
+    page is closed as too slow (1013, so it reconnects for a fresh hello) instead of the
+    queue growing, and it is unsubscribed: nothing more is queued for it."""
+    from aiohttp import WSMsgType
+    from aiohttp.test_utils import TestServer
+
+    from router.auth.roles import Role
+    from router.web.live import LiveState
+    from tests.web.conftest import pages_app
+
+    live = LiveState({"PJSIP/7001": "7001"}.get)
+    app, tokens = pages_app({"live": live}, {"li-na": (Role.AGENT, "7001")})
+    headers = {"Authorization": f"Bearer {tokens['li-na']}"}
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as http:
+        async with http.ws_connect(server.make_url("/ui/ws/agent"), headers=headers) as ws:
+            hello = json.loads((await ws.receive(timeout=5)).data)
+            assert hello["type"] == "hello"
+            (sink,) = live.push_own("7001", {"type": "pending", "calls": []})
+            for _ in range(400):  # all at once: the socket's task has not run meanwhile
+                live.push_own("7001", {"type": "pending", "calls": []})
+            assert sink.stale
+            assert sink.queue.qsize() == sink.queue.maxsize
+            async with asyncio.timeout(5):
+                while (await ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
+                    pass
+            assert ws.close_code == 1013
+        await wait_for(lambda: not live.has_own_page("7001"))
+        assert live.push_own("7001", {"type": "pending", "calls": []}) == []
