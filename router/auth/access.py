@@ -16,8 +16,12 @@ credentials; a page redirects to the sign-in page) or 403 (the role lacks the
 permission). Inside the handler, :func:`principal_of` gives the principal.
 
 A loopback-only API with no user and no token at all (the out-of-the-box setup) treats
-requests from loopback as :data:`~router.auth.roles.LOCAL_ADMIN`; :func:`check_exposure`
-refuses at start-up to bind elsewhere without TLS or without any user. Peers that send
+requests from loopback as :data:`~router.auth.roles.LOCAL_ADMIN`, when they name a
+loopback ``Host`` (a page of another site reaching it through DNS rebinding names its
+own) and, like a sign-in cookie, carry no foreign ``Origin`` on a state-changing request
+or a WebSocket upgrade (a form of another site posted by the host's browser does);
+:func:`check_exposure` refuses at start-up to bind elsewhere without TLS or without any
+user. Peers that send
 bad credentials ``THROTTLE_FAILURES`` times within ``THROTTLE_WINDOW_S`` get 429 until
 the window ends.
 """
@@ -201,14 +205,13 @@ class AuthContext:
         cookie = request.cookies.get(COOKIE)
         if cookie:
             return self._from_cookie(request, cookie), True
-        if (self.local_open and self.directory.empty
-                and is_loopback(request.remote or "")):
+        if (self.local_open and self.directory.empty and is_loopback(request.remote or "")
+                and is_loopback(_host_name(request)) and _from_here(request)):
             return LOCAL_ADMIN, False
         return None, False
 
     def _from_cookie(self, request: web.Request, cookie: str) -> Principal | None:
-        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
-        if (request.method not in SAFE_METHODS or websocket) and not same_origin(request):
+        if not _from_here(request):
             return None
         decoded = self.codec.decode(cookie)
         if decoded is None:
@@ -218,6 +221,22 @@ class AuthContext:
         if found is None or not _same(found[1], stamp):
             return None
         return found[0]
+
+
+def _host_name(request: web.Request) -> str:
+    """The host the request names (its ``Host`` header without the port; "" when bad)."""
+    try:
+        return request.url.host or ""
+    except ValueError:
+        return ""
+
+
+def _from_here(request: web.Request) -> bool:
+    """False for a state-changing request or a WebSocket upgrade that a page of another
+    site made the browser send (a foreign ``Origin``): what the browser adds on its own,
+    a cookie or the loopback peer address, must not vouch for it."""
+    websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+    return (request.method in SAFE_METHODS and not websocket) or same_origin(request)
 
 
 def _same(a: str, b: str) -> bool:

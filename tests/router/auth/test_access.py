@@ -200,6 +200,31 @@ async def test_no_users_on_loopback_is_local_admin_until_a_user_exists() -> None
                 assert r.status == 401
 
 
+async def test_the_local_admin_is_not_lent_to_other_sites() -> None:
+    """With no user at all, a loopback request is the local admin only when it names a
+    loopback host and no foreign Origin: another site's form posted by the host's
+    browser (CSRF), its WebSocket, or its page reaching loopback under its own name (DNS
+    rebinding) gets 401."""
+    ctx = AuthContext(Directory())
+    async for url in _serve(ctx):
+        port = url.rsplit(":", 1)[1]
+        evil = {"Origin": "http://evil.example"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/rules", headers=evil) as r:
+                assert r.status == 401
+            async with http.get(f"{url}/any", headers={**evil, "Upgrade": "websocket",
+                                                       "Connection": "Upgrade"}) as r:
+                assert r.status == 401
+            async with http.get(f"{url}/any", headers={"Host": f"evil.example:{port}"}) as r:
+                assert r.status == 401
+            async with http.get(f"{url}/any", headers=evil) as r:  # cannot read it anyway
+                assert await r.json() == {"role": "admin"}
+            async with http.post(f"{url}/rules", headers={"Origin": url}) as r:
+                assert await r.json() == {"user": "local"}
+            async with http.get(f"{url}/any", headers={"Host": f"localhost:{port}"}) as r:
+                assert await r.json() == {"role": "admin"}
+
+
 async def test_route_table_lists_every_route_with_its_rule() -> None:
     """`route_table` gives each route (HEAD twins aside) with the rule it declares."""
     app = web.Application()
