@@ -346,9 +346,10 @@ class Directory:
             return hit
         token_id = token_id_of(token)
         user = self._by_token_id.get(token_id) if token_id else None
-        stored = user.token_hash if user is not None else _dummy_hash()
-        async with self._verify:
-            ok = await asyncio.to_thread(verify_token, token, stored)
+        stored = user.token_hash if user is not None else None
+        async with self._verify:  # the dummy hash too: its first making is a scrypt
+            ok = await asyncio.to_thread(
+                lambda: verify_token(token, stored if stored is not None else _dummy_hash()))
         if user is None or not ok or user.disabled:
             return None
         current = self.users.get(user.name)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+from router.auth import users as users_module
 from router.auth.roles import Principal, Role
 from router.auth.users import (
     Directory,
@@ -127,6 +130,29 @@ async def test_scrypt_runs_off_the_event_loop() -> None:
     took = time.monotonic() - start
     assert fired
     assert fired[0] < took
+
+
+async def test_an_unknown_token_id_costs_a_scrypt_off_the_event_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token naming no known id is checked against a dummy hash, so it costs what a wrong
+    one does; that hash is made on first need, and that scrypt too runs in a worker
+    thread, never on the event loop."""
+    threads: list[str] = []
+
+    def watched(token: str, **kwargs: Any) -> str:
+        threads.append(threading.current_thread().name)
+        return real(token, **kwargs)
+
+    real = users_module.hash_token
+    monkeypatch.setattr(users_module, "hash_token", watched)
+    users_module._dummy_hash.cache_clear()
+    try:
+        directory = Directory({})
+        assert await directory.authenticate("crt_0123456789ab_guessed") is None
+    finally:
+        users_module._dummy_hash.cache_clear()
+    assert len(threads) == 2  # the dummy hash made, then the token checked against it
+    assert threading.main_thread().name not in threads
 
 
 async def test_redis_store_round_trip_and_version(redis_url: str) -> None:
