@@ -274,10 +274,23 @@ class FileUserStore:
 
 
 # --- the in-memory directory the service asks ------------------------------------------
+#: The fixed salt of :func:`static_stamp` (the same on every instance, as the stamp).
+STATIC_STAMP_SALT = hashlib.sha256(b"callroute static token session stamp").digest()[:16]
+
+
+def static_stamp(token: str) -> str:
+    """The session stamp of a token from the config (``admin.token``): it changes with the
+    token and is the same on every instance, like a user's; made with scrypt, so a
+    sign-in cookie, which shows it, is no fast hash to guess a weak token from."""
+    derived = hash_token(token, salt=STATIC_STAMP_SALT)
+    return hashlib.sha256(derived.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True, slots=True)
 class _Static:
     principal: Principal
     digest: bytes
+    stamp: str
 
 
 class Directory:
@@ -291,7 +304,8 @@ class Directory:
     def __init__(self, users: Mapping[str, User] | None = None,
                  static: Iterable[tuple[Principal, str]] = (), *,
                  verify_concurrency: int = 2) -> None:
-        self._static = [_Static(p, hashlib.sha256(t.encode()).digest()) for p, t in static if t]
+        self._static = [_Static(p, hashlib.sha256(t.encode()).digest(), static_stamp(t))
+                        for p, t in static if t]
         self._memo_key = secrets.token_bytes(32)
         self._memo: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
         self._verify = asyncio.Semaphore(verify_concurrency)
@@ -368,7 +382,7 @@ class Directory:
             return found.principal, found.stamp
         for entry in self._static:
             if entry.principal.user == user:
-                return entry.principal, entry.digest.hex()[:16]
+                return entry.principal, entry.stamp
         return None
 
 

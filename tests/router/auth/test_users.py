@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import stat
 import threading
@@ -115,6 +116,21 @@ async def test_static_config_token_and_emptiness() -> None:
 
     assert Directory({"alice": replace(alice, disabled=True)}).empty
     assert not Directory({"alice": alice}).empty
+
+
+def test_a_config_token_s_session_stamp_is_no_fast_hash_of_it() -> None:
+    """The sign-in cookie of `admin.token` shows its stamp: the same on every instance,
+    new with a new token, and not a prefix of the token's SHA-256 (which would let a
+    stolen cookie guess a weak token offline at hash speed)."""
+    admin = Principal("admin", Role.ADMIN)
+    found = Directory(static=[(admin, "weak-token")]).lookup("admin")
+    assert found is not None
+    stamp = found[1]
+    assert stamp != hashlib.sha256(b"weak-token").hexdigest()[:16]
+    assert Directory(static=[(admin, "weak-token")]).lookup("admin") == (admin, stamp)
+    other = Directory(static=[(admin, "another-token")]).lookup("admin")
+    assert other is not None
+    assert other[1] != stamp
 
 
 async def test_scrypt_runs_off_the_event_loop() -> None:
