@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -305,7 +306,8 @@ class DeliveryWorker:
         self._retry = redis.register_script(_RETRY_LUA)
         self._dead = redis.register_script(_DEAD_LUA)
         self._promote = redis.register_script(_PROMOTE_LUA)
-        self._inflight: set[asyncio.Task[Outcome]] = set()
+        #: this worker's deliveries running now, by stream entry id
+        self._inflight: dict[str, asyncio.Task[Outcome]] = {}
         #: Outcomes of this worker's deliveries (delivered, duplicate, retry, dead, pending).
         self.stats: Counter[str] = Counter()
         self._group_ready = False
@@ -611,9 +613,16 @@ class DeliveryWorker:
 
     def _spawn(self, entries: list[Entry]) -> None:
         for entry in entries:
+            if entry.id in self._inflight:
+                # XAUTOCLAIM handed back an entry this worker is still delivering (slower
+                # than claim_idle_s): a second delivery would send its steps again
+                continue
             task = asyncio.create_task(self.deliver(entry))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            self._inflight[entry.id] = task
+            task.add_done_callback(functools.partial(self._delivered, entry.id))
+
+    def _delivered(self, entry_id: str, _task: asyncio.Task[Outcome]) -> None:
+        del self._inflight[entry_id]
 
     async def _prepare(self) -> None:
         await ensure_group(self.redis, self.keys, self.group)
@@ -636,7 +645,7 @@ class DeliveryWorker:
         free = self.settings.concurrency - len(self._inflight)
         if free <= 0:
             await asyncio.wait(
-                set(self._inflight), timeout=self.settings.poll_interval_s,
+                set(self._inflight.values()), timeout=self.settings.poll_interval_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
             return
@@ -667,7 +676,7 @@ class DeliveryWorker:
     async def _drain_inflight(self, grace_s: float) -> None:
         if not self._inflight:
             return
-        _done, pending = await asyncio.wait(set(self._inflight), timeout=grace_s)
+        _done, pending = await asyncio.wait(set(self._inflight.values()), timeout=grace_s)
         for task in pending:  # left pending in the stream: reclaimed later, never lost
             task.cancel()
         if pending:

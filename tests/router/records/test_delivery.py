@@ -209,6 +209,25 @@ async def test_reclaimed_entry_already_delivered_is_acked_without_sending(
     assert crm.count()["call-1"] == 0
 
 
+async def test_a_slow_delivery_reclaimed_by_its_own_worker_is_not_sent_twice(
+    h: Harness, crm: FakeCrm
+) -> None:
+    """A delivery that outlasts claim_idle_s (a slow CRM, a long rate-limit wait) is handed
+    back by XAUTOCLAIM to the very worker still delivering it: that worker does not start
+    it a second time, so the CRM gets one request."""
+    crm.stall_keys.add("call-1")
+    await h.outbox.enqueue(call_record(1))
+    worker = h.start(claim_idle_s=0.1)
+    await asyncio.wait_for(crm.stalled.wait(), 5)
+    await asyncio.sleep(0.6)  # several reclaim rounds while the answer is held
+    crm.release.set()
+    await wait_until_async(h, lambda: h.redis.exists(h.keys.delivered("call-1")), 1)
+    await wait_until_async(h, lambda: h.redis.xlen(h.keys.outbox_stream), 0)
+    assert crm.count()["call-1"] == 1
+    assert worker.stats["delivered"] == 1
+    assert await h.redis.xlen(h.keys.outbox_sent) == 1
+
+
 def test_backoff_is_capped_full_jitter_with_retry_after_floor() -> None:
     """Delays stay within [0, min(cap, base*2^(n-1))], spread over that range, and never
     go below Retry-After."""
