@@ -36,8 +36,9 @@ from router.settings import Settings, config_option
 SCAN_CHUNK = 500
 PLAIN = "(plain)"
 
-# KEYS: stream; ARGV: group ('' for none), id, new record. Re-adds the entry with the new
-# record unless a consumer holds it (pending): 1 done, 0 skipped.
+# KEYS: stream, and for the dead letters the record's died marker; ARGV: group ('' for
+# none), id, new record. Re-adds the entry with the new record unless a consumer holds it
+# (pending): 1 done, 0 skipped. A died marker naming the old id names the new one after.
 _RESTREAM_LUA = """
 if ARGV[1] ~= '' then
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
@@ -51,8 +52,11 @@ for i = 1, #f, 2 do
   out[#out + 1] = f[i]
   if f[i] == 'record' then out[#out + 1] = ARGV[3] else out[#out + 1] = f[i + 1] end
 end
-redis.call('XADD', KEYS[1], '*', unpack(out))
+local id = redis.call('XADD', KEYS[1], '*', unpack(out))
 redis.call('XDEL', KEYS[1], ARGV[2])
+if KEYS[2] and redis.call('GET', KEYS[2]) == ARGV[2] then
+  redis.call('SET', KEYS[2], id, 'KEEPTTL')
+end
 return 1
 """
 
@@ -98,10 +102,14 @@ async def rotate(redis: Redis, keys: Keys, group: str, outbox: Outbox) -> dict[s
     for stream, grp, name in ((keys.outbox_stream, group, "stream"),
                               (keys.outbox_dead, "", "dead")):
         for eid, fields in await _stream(redis, stream):
-            new = _reseal(crypto, fields.get("record", ""), fields.get("key", ""))
+            record_key = fields.get("key", "")
+            new = _reseal(crypto, fields.get("record", ""), record_key)
             if new is None:
                 continue
-            if await restream(keys=[stream], args=[grp, eid, new]):
+            # a dead letter's new id is what its record's died marker must name (the
+            # record's updates look their original up there)
+            marker = [keys.outbox_died(record_key)] if name == "dead" else []
+            if await restream(keys=[stream, *marker], args=[grp, eid, new]):
                 done[name] += 1
             else:
                 done["skipped_in_flight"] += 1

@@ -21,6 +21,7 @@ from router.keys import Keys
 from router.lookup.cache import CacheEntry, TwoLevelCache, redis_client
 from router.models import Customer
 from router.records import keys_cli
+from router.records.updates import original_state
 from router.settings import CacheSettings, RedisSettings
 from tests.redis_server import RedisServer
 from tests.router.records.outbox_crm import (  # noqa: F401  (fixtures)
@@ -242,6 +243,28 @@ async def test_rotate_leaves_entries_being_delivered_alone(h: Harness) -> None:
         {"skipped_in_flight": 1}
     [(_, fields)] = await h.redis.xrange(h.keys.outbox_stream)
     assert key_id_of(fields["record"]) == "k1"
+
+
+async def test_a_rotated_dead_letter_is_still_its_record_s_dead_letter(
+        h: Harness, crm: FakeCrm) -> None:
+    """Rotation re-adds a dead letter under a new stream id; the record's `outbox:died`
+    marker follows it, so an update of the record still sees its original dead (and is
+    dead-lettered with it as original_dead) instead of waiting for it."""
+    h.outbox.crypto = h.spool.crypto = ring(K1)
+    crm.kind_faults["call"] = [400]
+    await h.outbox.enqueue(call_record(1))
+    worker = h.worker()
+    worker.crypto = ring(K1)
+    h.tasks.append(asyncio.create_task(worker.run(h.stop, grace_s=1.0)))
+    await wait_until(lambda: worker.stats["dead"] == 1)
+    await h.stop_workers()
+    assert await original_state(h.redis, h.keys, "call-1") == "dead"
+    h.outbox.crypto = h.spool.crypto = ring(K2, K1)
+    assert await keys_cli.rotate(h.redis, h.keys, h.settings.group, h.outbox) == {"dead": 1}
+    [(dead_id, fields)] = await h.redis.xrange(h.keys.outbox_dead)
+    assert key_id_of(fields["record"]) == "k2"
+    assert await h.redis.get(h.keys.outbox_died("call-1")) == dead_id
+    assert await original_state(h.redis, h.keys, "call-1") == "dead"
 
 
 async def test_rotate_without_a_key_is_refused(h: Harness) -> None:
