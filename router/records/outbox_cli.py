@@ -187,10 +187,23 @@ async def status(redis: Redis, keys: Keys, group: str, spool: Spool) -> dict[str
     }
 
 
-async def _dead_ids(redis: Redis, keys: Keys, record_keys: Sequence[str] | None) -> list[str]:
+async def _dead_letters(redis: Redis, keys: Keys, record_keys: Sequence[str] | None
+                        ) -> list[tuple[str, str]]:
+    """``(dead letter id, record key)`` of the dead letters (all, or ``record_keys``')."""
     wanted = set(record_keys) if record_keys else None
-    return [eid for eid, f in await _scan_stream(redis, keys.outbox_dead)
+    return [(eid, f.get("key", "")) for eid, f in await _scan_stream(redis, keys.outbox_dead)
             if wanted is None or f.get("key") in wanted]
+
+
+async def _revive(redis: Redis, keys: Keys, letters: Sequence[tuple[str, str]]) -> list[str]:
+    """Move these dead letters back into the outbox; the record keys of those moved."""
+    revive = redis.register_script(_REVIVE_LUA)
+    moved: list[str] = []
+    for eid, key in letters:
+        if await revive(keys=[keys.outbox_dead, keys.outbox_stream],
+                        args=[eid, f"retried from dead letters at {now_ms()}"]):
+            moved.append(key)
+    return moved
 
 
 async def _clear_markers(redis: Redis, keys: Keys, record_key: str) -> None:
@@ -210,14 +223,7 @@ async def retry_dead(
 ) -> list[str]:
     """Move dead letters (all, or those of ``record_keys``) back into the outbox;
     return the record keys moved. Steps already done stay done."""
-    revive = redis.register_script(_REVIVE_LUA)
-    moved: list[str] = []
-    dead = dict(await _scan_stream(redis, keys.outbox_dead))
-    for eid in await _dead_ids(redis, keys, record_keys):
-        if await revive(keys=[keys.outbox_dead, keys.outbox_stream],
-                        args=[eid, f"retried from dead letters at {now_ms()}"]):
-            moved.append(dead[eid].get("key", ""))
-    return moved
+    return await _revive(redis, keys, await _dead_letters(redis, keys, record_keys))
 
 
 async def replay(
@@ -235,10 +241,11 @@ async def replay(
     with ``force``, which drops their delivered marker and ledger (see the module)."""
     queued: list[str] = []
     if dead or record_keys:
-        for key in await retry_dead(redis, keys, record_keys if not dead else None):
-            if force:
+        letters = await _dead_letters(redis, keys, record_keys if not dead else None)
+        if force:  # before they are back in the stream, where a worker takes them at once
+            for key in dict.fromkeys(key for _eid, key in letters):
                 await _clear_markers(redis, keys, key)
-            queued.append(key)
+        queued += await _revive(redis, keys, letters)
     skipped: list[str] = []
     if record_keys or since or until:
         lo = f"{int(since.timestamp() * 1000)}-0" if since else "-"

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
+from router.keys import Keys
+from router.records.ledger import Ledger
 from router.records.outbox_cli import Replayed, register, replay, retry_dead, status
 from router.settings import load_settings
 from tests.router.records.outbox_crm import (  # noqa: F401  (fixtures)
@@ -21,6 +24,7 @@ from tests.router.records.outbox_crm import (  # noqa: F401  (fixtures)
     wait_until,
 )
 
+KEYS = Keys(prefix="t:")  # the harness's
 
 def config_file(tmp_path: Path, redis_url: str) -> Path:
     """A config file pointing at the test Redis with the harness prefix and spool."""
@@ -144,6 +148,45 @@ async def test_replay_of_delivered_records_is_a_no_op_unless_forced(
     assert await replay(h.redis, h.keys, record_keys=["nope"]) == Replayed([], [])
     code, out = await cli(["outbox", "replay", "--config", str(cfg)], capsys)
     assert code == 2
+
+
+class Watched(Redis):
+    """The test Redis, noting at each script call (a dead letter going back into the
+    outbox) whether record call-0 still had its ledger or delivered marker."""
+
+    seen: list[int]
+
+    def register_script(self, script: Any) -> Any:
+        real = super().register_script(script)
+
+        async def call(**kwargs: Any) -> Any:
+            self.seen.append(await self.exists(KEYS.outbox_ledger("call-0"),
+                                               KEYS.delivered("call-0")))
+            return await real(**kwargs)
+
+        return call
+
+
+async def test_forced_replay_of_a_dead_letter_forgets_its_ledger_before_reviving_it(
+    h: Harness, crm: FakeCrm, redis_url: str
+) -> None:
+    """replay --force of a dead letter (a step sent, its answer lost) drops the record's
+    ledger *before* the entry is back in the stream: a running worker that takes it at
+    once must not see the old ledger and dead-letter it again as unconfirmed."""
+    await make_dead(h, crm, 1)
+    await h.stop_workers()
+    await Ledger(h.redis, h.keys, 60).sending("call-0", "call", 1)
+    watched = Watched.from_url(redis_url, decode_responses=True)
+    watched.seen = []
+    try:
+        assert await replay(watched, h.keys, record_keys=["call-0"], force=True) == \
+            Replayed(["call-0"], [])
+    finally:
+        await watched.aclose()
+    assert watched.seen == [0]
+    assert await h.redis.xlen(h.keys.outbox_dead) == 0
+    h.start()
+    await wait_until(lambda: crm.objects() == {"call-0"})
 
 
 async def test_status_without_redis_says_so(
