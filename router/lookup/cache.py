@@ -478,9 +478,8 @@ class TwoLevelCache:
         crypto: KeyRing | None = None,
     ) -> None:
         self.redis = redis
-        #: encrypts values at rest (router.crypto); None or without a key: plain JSON
-        self.crypto = crypto if crypto is not None and crypto.enabled else None
-        self._crypto_read = crypto
+        #: encrypts values at rest (router.crypto); without a key: plain JSON
+        self.crypto = crypto or KeyRing()
         self.keys = keys
         self.settings = settings
         self.policy = CachePolicy(settings)
@@ -531,17 +530,15 @@ class TwoLevelCache:
         ok, raw = await self.reads.get(key)
         if not ok or raw is None:
             return ok, None
-        if self._crypto_read is not None:
-            try:
-                raw = self._crypto_read.open_bytes(
-                    raw if isinstance(raw, bytes) else raw.encode(), key.encode())
-            except CryptoError:
-                raw = b""
-        entry = decode_entry(raw)
+        try:
+            entry = decode_entry(self.crypto.open_bytes(
+                raw if isinstance(raw, bytes) else raw.encode(), key.encode()))
+            why = ""
+        except CryptoError as exc:
+            entry, why = None, f" ({exc})"
         if entry is None:
             CACHE_ERRORS.labels(kind="corrupt").inc()
-            log.warning("unreadable cache value under %s; treated as a miss",
-                        self.keys.customer(e164))
+            log.warning("unreadable cache value under %s%s; treated as a miss", key, why)
         return True, entry
 
     # --- writes --------------------------------------------------------------------------
@@ -588,10 +585,7 @@ class TwoLevelCache:
                 continue
             hashes.append(self.keys.number_hash(e164))
             key = self.keys.customer_by_hash(hashes[-1])
-            value = encode_entry(entry)
-            if self.crypto is not None:
-                value = self.crypto.seal_bytes(value, key.encode())
-            pipe.set(key, value, px=ttl_ms)
+            pipe.set(key, self.crypto.seal_bytes(encode_entry(entry), key.encode()), px=ttl_ms)
             if entry.customer is not None:
                 index = self.keys.customer_index(entry.customer.id)
                 pipe.sadd(index, hashes[-1])

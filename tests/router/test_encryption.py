@@ -115,10 +115,12 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await c.aclose()
 
 
-async def test_cache_values_are_encrypted_and_read_back(client: aioredis.Redis) -> None:
+async def test_cache_values_are_encrypted_and_read_back(
+        client: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
     """A cached customer is stored encrypted (no name in the value), read back from
     Redis by another instance with the same keys, and by one that rotated to a new key;
-    one without the key reads a miss (counted corrupt), never garbage."""
+    one without the key reads a miss (counted corrupt, logged with the reason), never
+    garbage."""
     writer = TwoLevelCache(client, KEYS, CacheSettings(), crypto=ring(K1))
     await writer.put(NUMBER, CacheEntry(LI_LEI, time.time()))
     raw = await client.get(KEYS.customer(NUMBER))
@@ -134,6 +136,7 @@ async def test_cache_values_are_encrypted_and_read_back(client: aioredis.Redis) 
     ok, entry = await TwoLevelCache(client, KEYS, CacheSettings(),
                                     crypto=ring(K2)).get_shared(NUMBER)
     assert (ok, entry) == (True, None)
+    assert "encrypted with key 'k1', which is not configured" in caplog.text
     rotated = TwoLevelCache(client, KEYS, CacheSettings(), crypto=ring(K2, K1))
     await rotated.put(NUMBER, CacheEntry(LI_LEI, time.time()))
     assert key_id_of(await client.get(KEYS.customer(NUMBER)) or b"") == "k2"
