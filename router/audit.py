@@ -54,7 +54,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from router.keys import Keys
+from router.keys import Keys, keys_from_settings
 from router.metrics import AUDIT_ENTRIES
 from router.settings import Settings
 
@@ -137,11 +137,8 @@ def from_settings(settings: Settings, redis: Redis | None = None) -> AuditLog:
     client = redis if redis is not None else Redis.from_url(
         settings.redis.url, socket_timeout=2.0,
         socket_connect_timeout=settings.redis.connect_timeout_s)
-    key_secret: Any = settings.redis.key_secret
-    secret = key_secret.get_secret_value() if hasattr(key_secret, "get_secret_value") \
-        else str(key_secret)
     file = settings.audit.file
-    audit = AuditLog(client, Keys(prefix=settings.redis.prefix, secret=secret.encode()),
+    audit = AuditLog(client, keys_from_settings(settings),
                      retention_days=settings.audit.retention_days,
                      mirror=settings.path(file) if file is not None else None)
     audit.owns_redis = own

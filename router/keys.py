@@ -12,6 +12,10 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.settings import Settings
 
 
 @lru_cache(maxsize=8192)
@@ -193,3 +197,9 @@ class Keys:
     def crm_refresh_token(self, crm: str) -> str:
         """String: the newest refresh token, when the CRM rotates them."""
         return f"{self.prefix}crm:refresh-token:{crm}"
+
+
+def keys_from_settings(settings: Settings) -> Keys:
+    """The key builder of a deployment: its prefix and its number-hashing secret."""
+    return Keys(prefix=settings.redis.prefix,
+                secret=settings.redis.key_secret.get_secret_value().encode())

@@ -23,7 +23,7 @@ from router.auth.roles import Principal, Role
 from router.auth.sessions import SessionCodec
 from router.auth.users import Directory, FileUserStore, RedisUserStore, UserStore, refresh_loop
 from router.errors import AuthError
-from router.keys import Keys
+from router.keys import keys_from_settings
 from router.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,6 @@ def secret_text(value: object) -> str:
     return str(getter()) if callable(getter) else str(value or "")
 
 
-def keys_of(settings: Settings) -> Keys:
-    """The key builder of this deployment."""
-    return Keys(prefix=settings.redis.prefix,
-                secret=secret_text(settings.redis.key_secret).encode())
-
-
 def user_store(settings: Settings, redis: Redis | None = None) -> UserStore:
     """Where this deployment keeps its users: ``auth.users_file``, else Redis."""
     if settings.auth.users_file is not None:
@@ -48,7 +42,7 @@ def user_store(settings: Settings, redis: Redis | None = None) -> UserStore:
     client = redis if redis is not None else Redis.from_url(
         settings.redis.url, socket_timeout=2.0,
         socket_connect_timeout=settings.redis.connect_timeout_s)
-    return RedisUserStore(client, keys_of(settings))
+    return RedisUserStore(client, keys_from_settings(settings))
 
 
 def server_ssl(settings: Settings) -> ssl.SSLContext | None:

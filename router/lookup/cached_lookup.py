@@ -45,7 +45,7 @@ import redis.asyncio as aioredis
 from router.crm.base import CustomerDirectory
 from router.crypto import KeyRing, keyring_from_settings
 from router.errors import CrmError, CrmRateLimited
-from router.keys import Keys
+from router.keys import Keys, keys_from_settings
 from router.lookup.breaker import CircuitBreaker, State
 from router.lookup.cache import CacheEntry, TwoLevelCache, redis_client
 from router.metrics import CRM_ERRORS, LOOKUP_BACKGROUND, LOOKUPS, child
@@ -108,9 +108,8 @@ class CachedLookup:
     @classmethod
     def from_settings(cls, settings: Settings, directory: CustomerDirectory) -> CachedLookup:
         """Build from the whole configuration; the Redis client is owned (closed by aclose)."""
-        keys = Keys(prefix=settings.redis.prefix,
-                    secret=settings.redis.key_secret.get_secret_value().encode())
-        return cls(directory, settings.redis.url, keys, settings.cache, settings.breaker,
+        return cls(directory, settings.redis.url, keys_from_settings(settings), settings.cache,
+                   settings.breaker,
                    redis_settings=settings.redis, crypto=keyring_from_settings(settings))
 
     @property

@@ -81,11 +81,11 @@ from router.crm.base import (
 )
 from router.crypto import KeyRing, keyring_from_settings
 from router.errors import CrmError, CrmRateLimited, CrmUnconfirmed, CryptoError
-from router.keys import Keys
+from router.keys import Keys, keys_from_settings
 from router.log import bind_call
 from router.metrics import LEDGER_STEPS, OUTBOX_DEPTH, RECORDS
 from router.records.ledger import Ledger, LedgerState, StepEntry
-from router.records.outbox import ensure_group, keys_from_settings, now_ms
+from router.records.outbox import ensure_group, now_ms
 from router.records.ratelimit import TokenBucket
 from router.records.updates import (
     MARKER_STEP,

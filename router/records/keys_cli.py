@@ -28,9 +28,9 @@ from router.audit import AuditEntry, cli_actor, state_hash
 from router.audit import from_settings as audit_from_settings
 from router.crypto import KeyRing, generate_key_line, key_id_of, keyring_from_settings
 from router.errors import CryptoError
-from router.keys import Keys
+from router.keys import Keys, keys_from_settings
 from router.log import mask_url
-from router.records.outbox import Outbox, connect_redis, ensure_group, keys_from_settings
+from router.records.outbox import Outbox, connect_redis, ensure_group
 from router.settings import Settings, config_option
 
 SCAN_CHUNK = 500

@@ -47,6 +47,7 @@ from redis.exceptions import RedisError, ResponseError
 from router.crypto import KeyRing, keyring_from_settings
 from router.errors import OutboxError
 from router.keys import Keys
+from router.keys import keys_from_settings as keys_from_settings  # router.app, admin use it
 from router.metrics import RECORDS
 from router.records.spool import Spool
 from router.settings import OutboxSettings, Settings
@@ -114,12 +115,6 @@ def connect_redis(settings: Settings) -> Redis:
         health_check_interval=0,
     )
     return client
-
-
-def keys_from_settings(settings: Settings) -> Keys:
-    """The key builder for this deployment."""
-    return Keys(prefix=settings.redis.prefix,
-                secret=settings.redis.key_secret.get_secret_value().encode())
 
 
 async def ensure_group(redis: Redis, keys: Keys, group: str) -> None:

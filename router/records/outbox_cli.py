@@ -38,10 +38,10 @@ from redis.exceptions import RedisError, ResponseError
 from router.audit import AuditEntry, cli_actor, state_hash
 from router.audit import from_settings as audit_from_settings
 from router.errors import ConfigError
-from router.keys import Keys
+from router.keys import Keys, keys_from_settings
 from router.log import mask_url
 from router.records.ledger import LedgerState
-from router.records.outbox import Outbox, connect_redis, keys_from_settings, now_ms
+from router.records.outbox import Outbox, connect_redis, now_ms
 from router.records.spool import Spool
 from router.settings import Settings, cli_local_time, config_option
 
