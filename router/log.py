@@ -118,10 +118,32 @@ def _mask_digits(digits: str) -> str:
     return digits[:max(0, n - 8)] + "****" + digits[-4:]
 
 
+#: A number as typed: digits with spaces, brackets, dashes, dots or slashes between.
+_TYPED_NUMBER = re.compile(r"\+?[\d\s().\-/]+")
+
+
+def _mask_typed(value: str) -> str:
+    """A number as typed with the same digits hidden as :func:`_mask_digits` hides, its
+    separators kept: ``+1 (415) 555-0199`` -> ``+1 (41*) ***-0199``."""
+    n = sum(c.isdigit() for c in value)
+    if n < 7:
+        return value
+    first, last = max(0, n - 8), n - 4
+    out, seen = [], 0
+    for c in value:
+        if c.isdigit():
+            out.append("*" if first <= seen < last else c)
+            seen += 1
+        else:
+            out.append(c)
+    return "".join(out)
+
+
 def mask_number(value: str | None) -> str:
     """``+8613800138000`` -> ``+86138****8000``, ``13800138000`` -> ``138****8000``: the
     four digits before the last four hidden (numbers of fewer than 7 digits, such as
-    extensions, stay). Anything that is not a plain number is masked as text."""
+    extensions, stay); a number as typed keeps its separators (``+1 (415) 555-0199`` ->
+    ``+1 (41*) ***-0199``). Anything else is masked as text."""
     if not value:
         return value or ""
     if _show_personal_data:
@@ -130,6 +152,8 @@ def mask_number(value: str | None) -> str:
     digits = value[1:] if plus else value
     if digits.isdigit():
         return ("+" if plus else "") + _mask_digits(digits)
+    if _TYPED_NUMBER.fullmatch(value):
+        return _mask_typed(value)
     return mask_text(value)
 
 

@@ -31,10 +31,15 @@ def show_personal_data() -> Iterator[None]:
     ("5550199", "****0199"),
     ("7001", "7001"),
     ("", ""),
+    ("+1 (415) 555-0199", "+1 (41*) ***-0199"),
+    ("020 7183 8751", "020 **** 8751"),
+    ("138-0013-8000", "138-****-8000"),
+    ("(7001)", "(7001)"),
 ])
 def test_numbers_keep_their_head_and_last_four(number: str, masked: str) -> None:
     """The issue's format: the four digits before the last four are hidden; short
-    internal numbers (extensions) stay."""
+    internal numbers (extensions) stay; a number as typed (as CRMs and PBXs keep them)
+    is hidden the same, its separators kept."""
     assert mask_number(number) == masked
 
 
