@@ -109,9 +109,9 @@ class Spool:
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise OutboxError(f"cannot write spool file {final}: {exc}") from exc
-            assert self._usage is not None
-            self._usage[0] += 1
-            self._usage[1] += len(data)
+            if self._usage is not None:  # else reset meanwhile (a quarantine): recounted
+                self._usage[0] += 1
+                self._usage[1] += len(data)
         return final
 
     def _write_atomic(self, tmp: Path, final: Path, data: bytes) -> None:

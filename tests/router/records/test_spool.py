@@ -55,6 +55,26 @@ def test_unreadable_file_is_quarantined_not_deleted(tmp_path: Path) -> None:
     assert (tmp_path / "bad" / "00000000000000000001-00000000-x.json").exists()
 
 
+def test_a_quarantine_while_a_record_is_spooled_costs_no_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drainer's thread may quarantine a bad file (which resets the usage count)
+    while another thread spools a record: the record is stored all the same, not lost
+    to an internal error, and the count is right after."""
+    spool = Spool(tmp_path, max_records=10, max_bytes=100_000)
+    bad = tmp_path / "00000000000000000001-00000000-x.json"
+    bad.write_text("{broken")
+    write = spool._write_atomic
+
+    def racing(tmp: Path, final: Path, data: bytes) -> None:
+        spool.quarantine(bad, ValueError("broken"))  # the drainer, at that very moment
+        write(tmp, final, data)
+
+    monkeypatch.setattr(spool, "_write_atomic", racing)
+    path = spool.put("k", {"record_key": "k"})
+    assert spool.read(path) == {"record_key": "k"}
+    assert spool.usage() == (1, path.stat().st_size)
+
+
 def test_interrupted_writes_are_cleaned(tmp_path: Path) -> None:
     """Leftover .tmp files (a crash mid-write) are not read as records and are removed."""
     spool = Spool(tmp_path, max_records=10, max_bytes=100_000)
