@@ -443,7 +443,7 @@ def _preview(raw: bytes) -> Any:
     """An answer's body for the trace: its JSON, else its text (at most 4 kB)."""
     try:
         return json.loads(raw) if raw.strip() else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return raw[:4096].decode("utf-8", "replace")
 
 
@@ -468,3 +468,5 @@ def _parse_json(method: str, target: str, raw: bytes) -> Any:
         raise CrmBadResponse(
             f"{_where(method, target)}: body is not valid JSON: {exc}"
         ) from exc
+    except RecursionError:
+        raise CrmBadResponse(f"{_where(method, target)}: body is nested too deeply") from None

@@ -95,12 +95,12 @@ def summarize_body(
         return ""
     try:
         doc = json.loads(text)
-    except ValueError:
+        line = json.dumps(mask_json(doc, secrets), separators=(",", ":"), ensure_ascii=False)
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to walk
         if text.startswith("<"):  # an HTML error page or a SOAP fault: its words only
             text = _TAGS.sub(" ", text)
         line = mask_text(_SPACES.sub(" ", text).strip(), secrets)
     else:
-        line = json.dumps(mask_json(doc, secrets), separators=(",", ":"), ensure_ascii=False)
         # a configured secret may also sit inside an id or a number
         line = _secrets(line, secrets)
     return line if len(line) <= limit else line[: max(0, limit - 1)] + "…"

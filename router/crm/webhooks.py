@@ -408,9 +408,11 @@ def xml_document(body: bytes) -> Any:
         raise _refuse(400, "bad_json", "XML with a DTD is not accepted")
     try:
         root = ET.fromstring(body)  # noqa: S314 - DTDs refused above: no entity to expand
+        return {_local(root.tag): _element(root)}
     except ET.ParseError as exc:
         raise _refuse(400, "bad_json", f"body is not XML: {exc}") from exc
-    return {_local(root.tag): _element(root)}
+    except RecursionError:
+        raise _refuse(400, "bad_json", "body is nested too deeply") from None
 
 
 def collect(doc: Any, path: str) -> list[Any]:
@@ -533,6 +535,8 @@ class WebhookReceiver:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise _refuse(400, "bad_json", f"body is not JSON: {exc}") from exc
+        except RecursionError:
+            raise _refuse(400, "bad_json", "body is nested too deeply") from None
 
     def _salesforce(self, sig: SignatureSettings, req: InboundRequest, doc: Any) -> None:
         org = get_path(doc, SALESFORCE_ORG)

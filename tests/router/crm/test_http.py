@@ -237,6 +237,30 @@ async def test_bad_json_and_oversized_body() -> None:
             await _get(CrmSettings(base_url=server.url, max_response_bytes=1024))
 
 
+async def test_a_deeply_nested_answer_is_a_bad_response_not_a_crash() -> None:
+    """An answer nested deeper than Python's recursion limit: a 2xx is CrmBadResponse,
+    a 4xx still CrmClientError with what it said, never a RecursionError (which the
+    lookup would count as a connector bug, and delivery retry as an internal error)."""
+    nested = "[" * 50_000 + "]" * 50_000
+
+    def deep(info: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        return (200 if info["path"] == "/ok" else 400), nested, {}
+
+    async with scripted_server(deep) as server:
+        http = CrmHttp(CrmSettings(base_url=server.url))
+        http.trace = []
+        try:
+            with pytest.raises(CrmBadResponse, match="nested too deeply"):
+                await http.request("test", "GET", "/ok")
+            with pytest.raises(CrmClientError) as refused:
+                await http.request("test", "GET", "/refused")
+        finally:
+            await http.aclose()
+    assert refused.value.status == 400
+    assert refused.value.detail.startswith("[[[")
+    assert [ex.status for ex in http.trace] == [200, 400]
+
+
 async def test_metrics_counted() -> None:
     """Each request counts in CRM_REQUESTS{op}; each failure in CRM_ERRORS{op,kind}."""
     op = "metrics-test"

@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import ValidationError
 
+from router.crm.base import InboundRequest
 from router.crm.config import CrmSettings
 from router.crm.rest import RestConnector
 from router.crm.webhooks import WebhookReceiver, WebhookSettings, collect, xml_document
@@ -535,3 +536,19 @@ def test_webhook_fetch_through_a_lookup_step_that_reads_by_id() -> None:
     off = CrmSettings.model_validate({"webhooks": [{**hook, "enabled": False, "signature": {
         "scheme": "token", "header": "X-T"}}]})
     assert off.enabled_webhooks == []
+
+
+async def test_a_deeply_nested_body_is_refused_before_verification() -> None:
+    """A body nested deeper than Python's recursion limit, sent to receivers that parse
+    before they verify (Zoho's token in the body, Salesforce's SOAP): 400 bad_json, not
+    a RecursionError that would answer 500."""
+    zoho = WebhookReceiver(WebhookSettings.model_validate(
+        {"name": "zoho", "signature": {"scheme": "token", "token": "t", "body_path": "token"},
+         "type": "operation", "customer_id": "ids"}))
+    salesforce = WebhookReceiver(WebhookSettings.model_validate(SALESFORCE))
+    for receiver, body in [(zoho, b"[" * 100_000 + b"]" * 100_000),
+                           (salesforce, b"<a>" * 30_000 + b"</a>" * 30_000)]:
+        request = InboundRequest("POST", "http://127.0.0.1/webhooks/x", {}, {}, body)
+        with pytest.raises(WebhookError, match="nested too deeply") as refused:
+            await receiver.receive(request, time.time())
+        assert (refused.value.status, refused.value.outcome) == (400, "bad_json")
