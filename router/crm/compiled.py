@@ -78,8 +78,9 @@ def compile_request_spec(spec: RequestSpec, names: frozenset[str], where: str,
     """Compile the request part of ``spec`` (``body`` overrides ``spec.body``)."""
     try:
         template = compile_request(spec.url, spec.params, spec.headers,
-                                   spec.body if body is None else body, names)
-        error = (compile_text(spec.error, spec.ERROR_NAMES, native=False)
+                                   spec.body if body is None else body, names, label=where)
+        error = (compile_text(spec.error, spec.ERROR_NAMES, native=False,
+                              label=f"{where}.error")
                  if spec.error is not None else None)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
@@ -150,7 +151,7 @@ def compile_fields(fields: FieldMap, names: frozenset[str], where: str,
         else:
             paths.append((name, value))
     try:
-        compiled = compile_tuple(templates, names) if templates else None
+        compiled = compile_tuple(templates, names, label=where) if templates else None
     except ValueError as exc:
         raise ValueError(f"{where}.{exc}") from None
     lowered = {k.lower(): v for k, v in (tier_map or {}).items()}
@@ -186,7 +187,7 @@ def compile_numbers(items: list[str], names: frozenset[str], where: str) -> Numb
     """Compile a ``numbers:`` list."""
     paths = tuple(p for p in items if not ("{" in p and is_template(p)))
     try:
-        templates = tuple(compile_text(p, names, native=True)
+        templates = tuple(compile_text(p, names, native=True, label=where)
                           for p in items if "{" in p and is_template(p))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
@@ -356,7 +357,8 @@ def build_plan(settings: CrmSettings) -> Plan:
     recording = None
     if settings.recordings is not None and settings.recordings.mode == "url":
         # values arrive percent-encoded (slashes kept): see RestConnector.recording_url
-        recording = compile_text(settings.recordings.url, RecordingSettings.NAMES)
+        recording = compile_text(settings.recordings.url, RecordingSettings.NAMES,
+                                 label="crm.recordings.url")
     plan = Plan(
         lookups=lookups, changed=changed, records=records, refs=refs,
         recording_url=recording,
@@ -414,10 +416,13 @@ def _record_step(step: RecordStep, where: str, names: frozenset[str],
     elif body is None and step.method in ("POST", "PUT", "PATCH"):
         body = "{record}"  # neither body nor fields: the call record itself
     try:
-        when = (compile_expression(step.when, when_names, repr(step.when))
+        when = (compile_expression(step.when, when_names, repr(step.when),
+                                   label=f"{where}.when")
                 if step.when is not None else None)
-        outputs = compile_tuple(step.outputs, answer_names) if step.outputs else None
-        customer = compile_tuple(step.customer, answer_names) if step.customer else None
+        outputs = (compile_tuple(step.outputs, answer_names, label=f"{where}.outputs")
+                   if step.outputs else None)
+        customer = (compile_tuple(step.customer, answer_names, label=f"{where}.customer")
+                    if step.customer else None)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     request = compile_request_spec(step, names, where, body=body)
@@ -429,7 +434,7 @@ def _record_step(step: RecordStep, where: str, names: frozenset[str],
         if step.find.match is not None:
             text = step.find.match.equals or step.find.match.contains or ""
             try:
-                match = compile_text(text, names, native=False)
+                match = compile_text(text, names, native=False, label=f"{where}.find.match")
             except ValueError as exc:
                 raise ValueError(f"{where}.find.match: {exc}") from None
         find = FindPlan(step.find, compile_request_spec(step.find, names, f"{where}.find"),
@@ -456,7 +461,8 @@ def _ref(name: str, spec: RefSpec) -> RefPlan:
     value: Compiled | str = spec.value
     if "{" in spec.value and is_template(spec.value):
         try:
-            value = compile_text(spec.value, spec.VALUE_NAMES, native=True)
+            value = compile_text(spec.value, spec.VALUE_NAMES, native=True,
+                                 label=f"{where}.value")
         except ValueError as exc:
             raise ValueError(f"{where}.value: {exc}") from None
     return RefPlan(name, spec, request, value)

@@ -381,6 +381,30 @@ def f_ref(ctx: Context, value: Any, name: str) -> Any:
     return found
 
 
+def _check_pattern(pattern: Any) -> None:
+    try:
+        _regex(pattern)
+    except re.error as exc:
+        raise ValueError(f"bad regex {pattern!r}: {exc}") from None
+
+
+def _check_zone(name: Any) -> None:
+    if not name:
+        return
+    try:
+        _zone_named(name)
+    except (KeyError, ValueError, OSError):
+        raise ValueError(f"unknown time zone {name!r}") from None
+
+
+#: Checks of a filter's literal arguments when a template is compiled, by (filter,
+#: argument index): what would fail every evaluation fails ``callroute check`` instead.
+LITERAL_CHECKS: Final[dict[tuple[str, int], Callable[[Any], None]]] = {
+    ("regex", 0): _check_pattern, ("iso_local", 0): _check_zone, ("date", 0): _check_zone,
+    ("strftime", 1): _check_zone,
+}
+
+
 def _text_filter(value: Any) -> str:
     return to_text(value)
 

@@ -30,10 +30,11 @@ evaluated once per use (a few microseconds).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final, TypeVar
@@ -44,7 +45,17 @@ from jinja2.parser import Parser
 from jinja2.runtime import Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from router.crm.filters import FILTERS, HIDDEN_FILTERS, TESTS, Runtime, to_text, url_quote
+from router.crm.filters import (
+    FILTERS,
+    HIDDEN_FILTERS,
+    LITERAL_CHECKS,
+    TESTS,
+    Runtime,
+    to_text,
+    url_quote,
+)
+from router.crm.redact import mask_text
+from router.errors import CrmMappingError
 
 # --- the sandbox ---------------------------------------------------------------------------
 
@@ -242,12 +253,36 @@ def check_expression(source: str, allowed: Iterable[str], where: str) -> Uses:
             (refs if flt.name == "ref" else maps).add(first.value)
         elif flt.name == "ref":
             raise ValueError(f"ref needs the table's name as a literal in {where}")
+        _check_call("filter", FILTERS[flt.name], flt, where)
     for test in _walk(expr, nodes.Test):
         if test.name not in TESTS:
             raise ValueError(
                 f"unknown test {test.name!r} in {where} (known: {', '.join(sorted(TESTS))})"
             )
+        _check_call("test", TESTS[test.name], test, where)
     return Uses(frozenset(names), frozenset(refs), frozenset(maps))
+
+
+def _check_call(kind: str, func: Callable[..., Any], node: nodes.Filter | nodes.Test,
+                where: str) -> None:
+    """The arguments written after a filter or test fit it, and its literal ones that can
+    be checked now are valid (a regex, a time zone): mistakes that would fail every
+    evaluation fail the config instead."""
+    if node.dyn_args is not None or node.dyn_kwargs is not None:
+        return
+    leading = 2 if getattr(func, "jinja_pass_arg", None) is not None else 1  # ctx, value
+    try:
+        inspect.signature(func).bind(*[None] * (leading + len(node.args)),
+                                     **{str(kw.key): None for kw in node.kwargs})
+    except TypeError as exc:
+        raise ValueError(f"{kind} {node.name!r} in {where}: {exc}") from None
+    for index, arg in enumerate(node.args):
+        check = LITERAL_CHECKS.get((node.name, index)) if kind == "filter" else None
+        if check is not None and isinstance(arg, nodes.Const):
+            try:
+                check(arg.value)
+            except ValueError as exc:
+                raise ValueError(f"{kind} {node.name!r} in {where}: {exc}") from None
 
 
 def _chain(node: nodes.Node) -> list[str] | None:
@@ -372,16 +407,19 @@ def _compile(source: str) -> Any:
 class Compiled:
     """A compiled template: call it with a context mapping to get its value.
 
-    ``const`` is the value of a template without expressions (evaluated at no cost).
+    ``const`` is the value of a template without expressions (evaluated at no cost);
+    ``label`` names it (the config field) when an evaluation fails.
     """
 
-    __slots__ = ("_template", "const", "omits", "source", "uses")
+    __slots__ = ("_template", "const", "label", "omits", "source", "uses")
 
-    def __init__(self, source: str | None, const: Any, uses: Uses, omits: bool = False) -> None:
+    def __init__(self, source: str | None, const: Any, uses: Uses, omits: bool = False,
+                 label: str = "") -> None:
         self.source = source
         self.const = const
         self.uses = uses
         self.omits = omits
+        self.label = label
         self._template = _compile(source) if source is not None else None
 
     @property
@@ -390,12 +428,19 @@ class Compiled:
         return self._template is None
 
     def __call__(self, context: Mapping[str, Any]) -> Any:
+        """The value for ``context``; CrmMappingError naming the template when the values
+        it was given do not fit it (text added to a number, a date that is not one...)."""
         template = self._template
         if template is None:
             return self.const
         ctx = template.new_context(context, shared=True)
-        for _ in template.root_render_func(ctx):
-            pass
+        try:
+            for _ in template.root_render_func(ctx):
+                pass
+        except Exception as exc:
+            where = self.label or repr(_short(self.source or ""))
+            raise CrmMappingError(f"template {where} failed: {type(exc).__name__}: "
+                                  f"{mask_text(_short(str(exc)))}") from exc
         value = ctx.vars["result"]
         if isinstance(value, Undefined):
             return None
@@ -403,6 +448,10 @@ class Compiled:
 
     def __repr__(self) -> str:
         return f"Compiled({self.source if self.source is not None else self.const!r})"
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _drop_omitted(value: Any) -> Any:
@@ -416,33 +465,38 @@ def _drop_omitted(value: Any) -> Any:
 
 
 def compile_text(template: str, allowed: Iterable[str], *, native: bool = False,
-                 url: bool = False) -> Compiled:
+                 url: bool = False, label: str = "") -> Compiled:
     """A text template compiled: its value is text (``native``: a lone expression keeps
-    its type; ``url``: values are percent-encoded unless the URL is one lone expression)."""
+    its type; ``url``: values are percent-encoded unless the URL is one lone expression).
+    ``label`` (here and below) names it in the error of a failed evaluation."""
     uses = check_text(template, allowed)
     if not is_template(template):
         return Compiled(None, _literal(template), uses)
     lone = len(scan(template)) == 1
     wrap = "_url" if url and not lone else "_text"
-    return Compiled(_text_source(template, native=native, wrap=wrap), None, uses)
+    return Compiled(_text_source(template, native=native, wrap=wrap), None, uses,
+                    label=label)
 
 
-def compile_json(template: Any, allowed: Iterable[str], where: str = "") -> Compiled:
+def compile_json(template: Any, allowed: Iterable[str], where: str = "", *,
+                 label: str = "") -> Compiled:
     """A JSON template (objects, lists, strings with expressions) compiled as one value."""
     uses = check_json(template, allowed, where)
     if not _has_expression(template):
         return Compiled(None, _literal(template), uses)
-    return Compiled(_json_source(template), None, uses, omits="omit" in uses.names)
+    return Compiled(_json_source(template), None, uses, omits="omit" in uses.names,
+                    label=label)
 
 
-def compile_expression(source: str, allowed: Iterable[str], where: str) -> Compiled:
+def compile_expression(source: str, allowed: Iterable[str], where: str, *,
+                       label: str = "") -> Compiled:
     """A bare expression (``when:``), optionally written inside one pair of braces."""
     text = source.strip()
     parts = scan(text) if text.startswith("{") else None
     if parts is not None and len(parts) == 1 and isinstance(parts[0], Expr):
         text = parts[0].source
     uses = check_expression(text, allowed, where)
-    return Compiled(f"({text})", None, uses)
+    return Compiled(f"({text})", None, uses, label=label)
 
 
 def _literal(template: Any) -> Any:
@@ -474,7 +528,7 @@ def json_strings(template: Any) -> list[str]:
 
 def compile_request(
     url: str, params: Mapping[str, str], headers: Mapping[str, str], body: Any,
-    allowed: Iterable[str],
+    allowed: Iterable[str], *, label: str = "",
 ) -> Compiled:
     """A whole request as one compiled value: ``(url, params, headers, body)``.
 
@@ -507,10 +561,11 @@ def compile_request(
 
     body_source = _json_source(body) if body is not None else "none"
     source = f"({url_source}, {text_map(params)}, {text_map(headers)}, {body_source})"
-    return Compiled(source, None, uses, omits="omit" in uses.names)
+    return Compiled(source, None, uses, omits="omit" in uses.names, label=label)
 
 
-def compile_tuple(templates: Mapping[str, str], allowed: Iterable[str]) -> Compiled:
+def compile_tuple(templates: Mapping[str, str], allowed: Iterable[str], *,
+                  label: str = "") -> Compiled:
     """Several native templates evaluated at once: a dict of name → value."""
     allowed = frozenset(allowed)
     uses = Uses()
@@ -523,7 +578,7 @@ def compile_tuple(templates: Mapping[str, str], allowed: Iterable[str]) -> Compi
         return Compiled(None, {k: _literal(v) for k, v in templates.items()}, uses)
     items = ", ".join(f"{json.dumps(k)}: {_text_source(v, native=True)}"
                       for k, v in templates.items())
-    return Compiled("{" + items + "}", None, uses)
+    return Compiled("{" + items + "}", None, uses, label=label)
 
 __all__ = [
     "ENV", "FILTERS", "OMIT", "TESTS", "Compiled", "Expr", "Runtime", "Uses", "check_expression",

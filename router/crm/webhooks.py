@@ -182,7 +182,7 @@ class FetchSettings(_Model):
     @model_validator(mode="after")
     def _compile(self) -> FetchSettings:
         self._compiled = compile_request(self.url, self.params, self.headers, None,
-                                         FETCH_NAMES)
+                                         FETCH_NAMES, label=f"webhook fetch {self.url}")
         return self
 
     def render(self, context: Mapping[str, Any]) -> tuple[str, dict[str, str], dict[str, str]]:

@@ -169,6 +169,9 @@ async def test_lookup_post_body_template_and_nested_mapping() -> None:
         ({"id": "id", "updated_at": "u"}, {"id": 1, "u": "yesterday"},
          "updated_at: path 'u' is not a date-time"),
         ({"id": "id", "name": "n"}, {"id": 1, "n": ["a"]}, "name: path 'n' is a list"),
+        ({"id": "id", "name": "{record.first ~ ' ' ~ record.last | upper + 1}"},
+         {"id": 1, "first": "Ada", "last": "Lovelace"},
+         r"template crm\.lookups\[0\] \(lookup\)\.fields failed: TypeError"),
     ],
 )
 async def test_mapping_mismatch_names_the_path(

@@ -18,7 +18,7 @@ from router.crm.template import (
     compile_text,
     scan,
 )
-from router.errors import ConfigError
+from router.errors import ConfigError, CrmMappingError
 from router.settings import load_settings
 
 NAMES = ["record", "customer", "vars", "omit", "e164", "last"]
@@ -183,12 +183,34 @@ def test_the_sandbox_hides_python_internals() -> None:
         ("a } b", "unbalanced brace"),
         ("{}", "empty {}"),
         ("{record.x | ref(vars.name)}", "ref needs the table's name as a literal"),
+        ("{record.x | truncate}", "filter 'truncate' in .*missing a required argument"),
+        ("{record.x | upper(2)}", "filter 'upper' in .*too many positional arguments"),
+        ("{record.x is empty(1)}", "test 'empty' in .*too many positional arguments"),
+        ("{record.x | regex('(a')}", "filter 'regex' in .*bad regex.*unterminated subpattern"),
+        ("{record.x | date('Mars/Olympus')}", "filter 'date' in .*unknown time zone"),
+        ("{record.x | strftime('%H', 'Europe')}", "unknown time zone 'Europe'"),
     ],
 )
 def test_mistakes_are_named(template: str, message: str) -> None:
     """Each kind of template mistake is a ValueError that says what is wrong."""
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("{", r"\{")):
         compile_text(template, NAMES)
+
+
+def test_a_failed_evaluation_names_the_template_and_masks_the_values() -> None:
+    """Values a template cannot work with (text where it needs a number) fail as a
+    CrmMappingError naming the template's field, personal data in the reason masked."""
+    template = compile_text("{record.name | truncate(record.phone)}", NAMES, label="crm.x.y")
+    with pytest.raises(CrmMappingError) as failed:
+        template({"record": {"name": "Ada", "phone": "+1 415 555 0199"}})
+    assert str(failed.value).startswith("template crm.x.y failed: ValueError: ")
+    assert "555" not in str(failed.value)
+    assert "***99" in str(failed.value)
+    assert template({"record": {"name": "Ada", "phone": "2"}}) == "Ad"
+    unlabelled = compile_text("{record.a + 1}", NAMES)
+    with pytest.raises(CrmMappingError, match=r"template '\(\(record.a \+ 1\)\|_text\)' "
+                                              "failed: TypeError"):
+        unlabelled({"record": {"a": "x"}})
 
 
 def test_every_filter_takes_none_calmly() -> None:
