@@ -10,14 +10,16 @@ values into a :class:`~router.models.Customer` and pick one of several.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from router.crm.filters import Runtime
 from router.crm.mapping import MISSING, get_path, parse_datetime, set_path
+from router.crm.redact import summarize_body
 from router.crm.template import (
+    OMIT,
     Compiled,
     Uses,
     compile_expression,
@@ -28,7 +30,8 @@ from router.crm.template import (
     json_strings,
     paths_under,
 )
-from router.errors import CrmMappingError
+from router.errors import CrmClientError, CrmMappingError
+from router.metrics import CRM_ERRORS
 from router.models import Customer
 
 if TYPE_CHECKING:
@@ -50,6 +53,10 @@ FIELDS = ("id", "name", "tier", "value", "owner", "tags", "open_tickets", "langu
           "updated_at", "kind")
 
 
+#: A rendered request: method, URL, query parameters, headers, JSON body.
+Rendered = tuple[str, str, dict[str, str], dict[str, str], Any]
+
+
 @dataclass(frozen=True)
 class Request:
     """A compiled request: ``render(context)`` gives ``(method, url, params, headers, body)``;
@@ -64,13 +71,29 @@ class Request:
         """Names, refs and maps the request refers to."""
         return self.template.uses | (self.error.uses if self.error else Uses())
 
-    def render(self, context: Mapping[str, Any]
-               ) -> tuple[str, str, dict[str, str], dict[str, str], Any]:
+    def render(self, context: Mapping[str, Any]) -> Rendered:
         """The request for ``context``: empty params and headers are left out."""
-        url, params, headers, body = self.template(context)
+        return self.finish(self.template(context))
+
+    def finish(self, value: Any) -> Rendered:
+        """The request from its template's value (``render`` without the evaluation)."""
+        url, params, headers, body = value
         params = {k: v for k, v in params.items() if v != ""}
         headers = {k: v for k, v in headers.items() if v != ""}
         return self.method, url, params, headers, body
+
+    def check(self, answer: Any, status: int, context: Mapping[str, Any], where: str,
+              op: str, secrets: Collection[str] = ()) -> None:
+        """Raise :class:`CrmClientError` when the ``error`` template calls the answer a
+        failure (renders non-empty text); the text is kept as the error's detail,
+        masked as an error body is (:func:`~router.crm.redact.summarize_body`)."""
+        if self.error is None:
+            return
+        text = self.error({**context, "response": answer, "status": status})
+        if text:
+            CRM_ERRORS.labels(op, CrmClientError.kind).inc()
+            raise CrmClientError(f"{where}: the CRM answered an error", status=status,
+                                 detail=summarize_body(str(text), secrets))
 
 
 def compile_request_spec(spec: RequestSpec, names: frozenset[str], where: str,
@@ -314,6 +337,9 @@ class Plan:
     refs: Mapping[str, RefPlan]
     recording_url: Compiled | None
     runtime: Runtime
+    #: what every template sees (:data:`~router.crm.config.COMMON`: ``vars``,
+    #: ``secrets``, ``omit``) and the runtime its filters read (``_rt``): every
+    #: evaluation's context starts from it
     base: Mapping[str, Any]
 
     def record_step(self, name: str) -> RecordStepPlan | None:
@@ -359,11 +385,12 @@ def build_plan(settings: CrmSettings) -> Plan:
         # values arrive percent-encoded (slashes kept): see RestConnector.recording_url
         recording = compile_text(settings.recordings.url, RecordingSettings.NAMES,
                                  label="crm.recordings.url")
+    runtime = Runtime(tz=ZoneInfo(settings.timezone), maps=settings.maps)
     plan = Plan(
         lookups=lookups, changed=changed, records=records, refs=refs,
-        recording_url=recording,
-        runtime=Runtime(tz=ZoneInfo(settings.timezone), maps=settings.maps),
-        base={"vars": settings.vars, "secrets": settings.secret_values()},
+        recording_url=recording, runtime=runtime,
+        base={"vars": settings.vars, "secrets": settings.secret_values(), "omit": OMIT,
+              "_rt": runtime},
     )
     _check_references(plan, settings)
     return plan

@@ -26,20 +26,22 @@ callroute never trusts a broad search: each object must carry the key at ``match
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from router.crm.lookups import check_error
 from router.crm.mapping import MISSING, get_path
+from router.crm.send import send
 from router.errors import CrmMappingError
 
 if TYPE_CHECKING:
     from router.crm.compiled import FindPlan
+    from router.crm.filters import Runtime
     from router.crm.http import CrmHttp
+    from router.crm.refs import RefTables
 
 
 async def find_object(
-    http: CrmHttp, find: FindPlan, context: Mapping[str, Any], op: str
+    http: CrmHttp, find: FindPlan, context: dict[str, Any], op: str, runtime: Runtime,
+    refs: RefTables | None,
 ) -> tuple[str, Any] | None:
     """The id and the object the search finds and ``match`` accepts, or None.
 
@@ -47,12 +49,10 @@ async def find_object(
     answer has no list at ``results`` or a matching object no id at ``id_path``.
     """
     spec = find.spec
-    method, url, params, headers, body = find.request.render(context)
-    resp = await http.request(op, method, url, params=params, headers=headers or None,
-                              json_body=body, accept_status=spec.not_found_status)
+    resp = await send(http, find.request, context, op=op, where=f"crm {op}", runtime=runtime,
+                      refs=refs, not_found=spec.not_found_status)
     if resp.status in spec.not_found_status or resp.body is None:
         return None
-    check_error(find.request, resp, context, f"crm {op}", op)
     found = get_path(resp.body, spec.results)
     if found is MISSING:
         raise CrmMappingError(f"{op}.results: path {spec.results!r} not in the answer")

@@ -16,13 +16,13 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from router.crm.compiled import LookupPlan, LookupStepPlan, Plan, Request
-from router.crm.http import CrmHttp, CrmResponse
+from router.crm.compiled import LookupPlan, LookupStepPlan, Plan
+from router.crm.http import CrmHttp
 from router.crm.mapping import MISSING, get_path
 from router.crm.numbers import number_context, stored_matches, stored_numbers
-from router.crm.refs import RefTables, evaluate, map_record
-from router.crm.template import OMIT
-from router.errors import CrmClientError, CrmMappingError
+from router.crm.refs import RefTables, map_record
+from router.crm.send import send
+from router.errors import CrmMappingError
 from router.metrics import CRM_ERRORS
 from router.models import CallerNumber, Customer
 
@@ -53,7 +53,7 @@ class LookupRunner:
     async def run(self, lookup: LookupPlan, number: CallerNumber) -> list[Customer]:
         """Every customer one lookup finds for ``number``, in the CRM's order."""
         base: dict[str, Any] = {**self.plan.base, **number_context(number, lookup.names),
-                                "omit": OMIT, "item": None, "steps": {}}
+                                "item": None, "steps": {}}
         region = number.country or ""
         first = lookup.steps[0]
         chains: list[Chain] = [
@@ -90,7 +90,7 @@ class LookupRunner:
         assert start is not None
         step = lookup.steps[start]
         assert step.by_id is not None
-        base: dict[str, Any] = {**self.plan.base, "omit": OMIT, "item": None, "steps": {}}
+        base: dict[str, Any] = {**self.plan.base, "item": None, "steps": {}}
         records = await self._records(lookup, step,
                                       {**base, "item": _nested(step.by_id, record_id)})
         if not records:
@@ -111,27 +111,18 @@ class LookupRunner:
         steps = [s for s in lookup.steps[start:] if s.numbers] or [lookup.steps[0]]
         step = steps[-1]
         record = chain.get(step.name, next(reversed(chain.values())))
-        context = {**base, "record": record, "steps": chain, "_rt": self.plan.runtime}
+        context = {**base, "record": record, "steps": chain}
         return [n for value in step.numbers.values(record, context)
                 for n in stored_numbers(value)]
 
     # --- one step --------------------------------------------------------------------
 
-    async def _send(self, lookup: LookupPlan, step: LookupStepPlan,
-                    context: dict[str, Any]) -> CrmResponse:
-        request = step.request
-        method, url, params, headers, body = await render_request(request, context, self.plan,
-                                                           self.refs)
-        resp = await self.http.request(
-            "lookup", method, url, params=params, headers=headers or None, json_body=body,
-            accept_status=step.not_found_status,
-        )
-        check_error(request, resp, context, f"crm lookup {lookup.name}.{step.name}", "lookup")
-        return resp
-
     async def _records(self, lookup: LookupPlan, step: LookupStepPlan,
                        context: dict[str, Any]) -> list[Any]:
-        resp = await self._send(lookup, step, context)
+        resp = await send(self.http, step.request, context, op="lookup",
+                          where=f"crm lookup {lookup.name}.{step.name}",
+                          runtime=self.plan.runtime, refs=self.refs,
+                          not_found=step.not_found_status)
         if resp.status in step.not_found_status or resp.body is None:
             return []
         return results(resp.body, step.results,
@@ -151,7 +142,7 @@ class LookupRunner:
         kept = []
         for chain in chains:
             record = chain[step.name]
-            context = {**base, "record": record, "steps": chain, "_rt": self.plan.runtime}
+            context = {**base, "record": record, "steps": chain}
             stored = [n for value in step.numbers.values(record, context)
                       for n in stored_numbers(value)]
             if stored_matches(stored, e164, region):
@@ -166,8 +157,7 @@ class LookupRunner:
         record = next(reversed(chain.values()))
         context = None
         if lookup.fields.templates is not None:
-            context = {**base, "record": record, "steps": chain, "kind": lookup.kind,
-                       "_rt": self.plan.runtime}
+            context = {**base, "record": record, "steps": chain, "kind": lookup.kind}
         try:
             return await map_record(lookup.fields, record, context, self.plan.runtime,
                                     self.refs)
@@ -175,21 +165,6 @@ class LookupRunner:
             CRM_ERRORS.labels("lookup", exc.kind).inc()
             raise CrmMappingError(
                 f"crm.lookups ({lookup.name}).fields (record {index}): {exc}") from exc
-
-
-async def render_request(request: Request, context: dict[str, Any], plan: Plan,
-                         refs: RefTables | None
-                         ) -> tuple[str, str, dict[str, str], dict[str, str], Any]:
-    """``request`` for ``context`` (method, url, params, headers, body; empty params and
-    headers left out), fetching the reference keys its templates use first."""
-    if refs is not None and request.template.uses.refs:
-        url, params, headers, body = await evaluate(request.template, context, plan.runtime,
-                                                    refs)
-        params = {k: v for k, v in params.items() if v != ""}
-        headers = {k: v for k, v in headers.items() if v != ""}
-        return request.method, url, params, headers, body
-    context["_rt"] = plan.runtime
-    return request.render(context)
 
 
 def _nested(path: str, value: str) -> dict[str, Any]:
@@ -202,19 +177,6 @@ def _nested(path: str, value: str) -> dict[str, Any]:
         node = node[part]
     node[parts[-1]] = value
     return out
-
-
-def check_error(request: Request, resp: CrmResponse, context: Mapping[str, Any],
-                where: str, op: str) -> None:
-    """Raise :class:`CrmClientError` when the request's ``error`` template says the answer
-    is a failure (renders non-empty)."""
-    if request.error is None:
-        return
-    text = request.error({**context, "response": resp.body, "status": resp.status})
-    if text:
-        CRM_ERRORS.labels(op, CrmClientError.kind).inc()
-        raise CrmClientError(f"{where}: the CRM answered an error: {str(text)[:300]}",
-                             status=resp.status)
 
 
 def results(body: Any, path: str, where: str, op: str) -> list[Any]:

@@ -22,10 +22,9 @@ from router.crm.compiled import Plan, RecordStepPlan
 from router.crm.config import CUSTOMER_FIELDS
 from router.crm.find import find_object
 from router.crm.http import CrmHttp, CrmResponse
-from router.crm.lookups import check_error, render_request
 from router.crm.mapping import get_path
 from router.crm.refs import RefTables, evaluate
-from router.crm.template import OMIT
+from router.crm.send import send
 from router.errors import CrmMappingError
 from router.metrics import CRM_ERRORS
 
@@ -105,7 +104,7 @@ class RecordRunner:
         return {
             **self.plan.base, "record": data, "customer": customer_of(data, previous, self.order),
             "steps": steps, "idempotency_key": key, "now": now_iso(), "plan": list(plan),
-            "step": step, "omit": OMIT, "_rt": self.plan.runtime,
+            "step": step,
         }
 
     def _spec(self, step: str) -> RecordStepPlan:
@@ -134,15 +133,11 @@ class RecordRunner:
         if spec.needs_recording and self.recording_url is not None and not data.get(
                 "recording_url"):
             data["recording_url"] = await self.recording_url(data, idempotency_key)
-        method, url, params, headers, body = await render_request(
-            spec.request, context, self.plan, self.refs)
-        if spec.spec.idempotency_header:
-            headers[spec.spec.idempotency_header] = idempotency_key
-        resp = await self.http.request(
-            step, method, url, params=params, json_body=body, headers=headers or None,
-            accept_status=spec.spec.duplicate_status,
-        )
-        check_error(spec.request, resp, context, f"crm record step {step}", step)
+        header = spec.spec.idempotency_header
+        resp = await send(self.http, spec.request, context, op=step,
+                          where=f"crm record step {step}", runtime=self.plan.runtime,
+                          refs=self.refs, accept=spec.spec.duplicate_status,
+                          headers={header: idempotency_key} if header else None)
         duplicate = resp.status in spec.spec.duplicate_status
         remote_id = self._remote_id(spec, resp, duplicate)
         answer = {**context, "response": resp.body, "id": remote_id, "status": resp.status}
@@ -167,7 +162,8 @@ class RecordRunner:
             return None
         data = jsonable(record)
         context = self.context(step, data, idempotency_key, previous, plan)
-        found = await find_object(self.http, spec.find, context, f"{step}.find")
+        found = await find_object(self.http, spec.find, context, f"{step}.find",
+                                  self.plan.runtime, self.refs)
         if found is None:
             return None
         remote_id, obj = found
@@ -206,11 +202,9 @@ class RecordRunner:
             data["recording_url"] = await self.recording_url(data, idempotency_key)
         key = step_key(str(data.get("record_key") or idempotency_key), step)
         context = {**self.context(step, data, key, {}, []), "id": remote_id}
-        method, url, params, headers, body = await render_request(
-            spec.update, context, self.plan, self.refs)
-        resp = await self.http.request(f"{step}:update", method, url, params=params,
-                                       json_body=body, headers=headers or None)
-        check_error(spec.update, resp, context, f"crm record step {step} update", step)
+        await send(self.http, spec.update, context, op=f"{step}:update",
+                   where=f"crm record step {step} update", runtime=self.plan.runtime,
+                   refs=self.refs)
         log.debug("%s: step %s's object %s updated", idempotency_key, step, remote_id)
         return StepResult(step=step, status="done", remote_id=remote_id)
 
@@ -223,11 +217,9 @@ class RecordRunner:
             raise KeyError(f"record step {step!r} has no fetch")
         context = {**self.context(step, jsonable(record), idempotency_key, previous, plan),
                    "id": result.remote_id}
-        method, url, params, headers, body = spec.fetch.render(context)
-        resp = await self.http.request(f"{step}:fetch", method, url, params=params,
-                                       headers=headers or None, json_body=body)
-        check_error(spec.fetch, resp, context, f"crm record step {step} fetch", step)
-        return resp
+        return await send(self.http, spec.fetch, context, op=f"{step}:fetch",
+                          where=f"crm record step {step} fetch", runtime=self.plan.runtime,
+                          refs=self.refs)
 
     async def _evaluate(self, template: Any, context: dict[str, Any]) -> dict[str, Any]:
         if template is None:

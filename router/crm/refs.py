@@ -99,6 +99,9 @@ class RefTables:
                 f"ref:{name}", method, url, params=params, headers=headers or None,
                 json_body=body, accept_status=ref.spec.not_found_status,
             )
+            if resp.status not in ref.spec.not_found_status:
+                ref.request.check(resp.body, resp.status, context, f"crm.refs.{name}",
+                                  f"ref:{name}", self.http.secrets)
             value = self._read(ref, resp.status, resp.body, key)
         except CrmError as exc:
             old = self._entries[name].get(key)

@@ -25,12 +25,12 @@ from router.crm.base import ChangedPage, Fetched, PostResult, Recovery, StepResu
 from router.crm.compiled import ChangedPlan, build_plan, choose, map_customer
 from router.crm.config import CrmSettings, RecordingSettings
 from router.crm.http import CrmHttp, CrmResponse
-from router.crm.lookups import LookupRunner, check_error, results
+from router.crm.lookups import LookupRunner, results
 from router.crm.mapping import MISSING, get_path
 from router.crm.numbers import stored_numbers
 from router.crm.records import RecordRunner
 from router.crm.refs import RefTables, map_record
-from router.crm.template import OMIT, url_quote
+from router.crm.template import url_quote
 from router.crm.webhooks import FetchSettings, fetch_record
 from router.errors import CrmMappingError
 from router.metrics import CRM_ERRORS
@@ -113,8 +113,7 @@ class RestConnector:
         spec = changed.spec
         since, remote = _split_cursor(cursor, spec.initial_since)
         context: dict[str, Any] = {**self.plan.base, "updated_since": since,
-                                   "cursor": remote or None, "omit": OMIT,
-                                   "_rt": self.plan.runtime}
+                                   "cursor": remote or None}
         method, url, params, headers, body = changed.request.render(context)
         if spec.cursor.type == "next_url" and remote:
             url, params, body = remote, {}, None
@@ -124,7 +123,8 @@ class RestConnector:
         )
         if resp.status in spec.not_found_status or resp.body is None:
             return ChangedPage(entries=[], next_cursor=None)
-        check_error(changed.request, resp, context, "crm changed", "changed")
+        changed.request.check(resp.body, resp.status, context, "crm changed", "changed",
+                              self.http.secrets)
         records = results(resp.body, spec.results, "crm.changed.results", "changed")
         entries = [(await self._changed_customer(changed, record, i),
                     self._numbers(changed, record)) for i, record in enumerate(records)]
@@ -136,7 +136,7 @@ class RestConnector:
         context = None
         if changed.fields.templates is not None:
             context = {**self.plan.base, "record": record, "steps": {},
-                       "kind": changed.fields.kind, "_rt": self.plan.runtime}
+                       "kind": changed.fields.kind}
         try:
             return await map_record(changed.fields, record, context, self.plan.runtime,
                                     self.refs)
@@ -169,7 +169,7 @@ class RestConnector:
 
     def _numbers(self, changed: ChangedPlan, record: Any) -> list[str]:
         found: list[str] = []
-        context = {**self.plan.base, "record": record, "_rt": self.plan.runtime}
+        context = {**self.plan.base, "record": record}
         for value in changed.numbers.values(record, context):
             for item in stored_numbers(value):
                 number = normalize(item, self.region)
@@ -201,8 +201,7 @@ class RestConnector:
         fields = self.plan.lookups[0].fields
         context = None
         if fields.templates is not None:
-            context = {**self.plan.base, "record": record, "steps": {}, "kind": fields.kind,
-                       "_rt": self.plan.runtime}
+            context = {**self.plan.base, "record": record, "steps": {}, "kind": fields.kind}
         try:
             return await map_record(fields, record, context, self.plan.runtime, self.refs)
         except CrmMappingError as exc:

@@ -203,6 +203,147 @@ async def test_error_template_turns_a_200_answer_into_a_client_error() -> None:
             await conn.aclose()
 
 
+async def test_a_reference_answer_its_error_template_calls_an_error_is_not_cached() -> None:
+    """A per-key reference answered with an error in a 200 (JSON-RPC) fails the lookup
+    with the CRM's own words, and nothing is cached: once the CRM answers, the owner is
+    there (not a none remembered for ttl_s)."""
+    answers = [{"jsonrpc": "2.0", "id": 1, "error": {"message": "Access Denied"}},
+               {"jsonrpc": "2.0", "id": 1, "result": [{"id": 7, "ext": "7007"}]}]
+
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/search":
+            return 200, [{"id": "C1", "owner": 7}], {}
+        return 200, answers.pop(0), {}
+
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(
+            server.url,
+            refs={"owner_ext": {"method": "POST", "url": "/rpc", "body": {"id": "{key}"},
+                                "error": "{response.error.message if response.error else ''}",
+                                "value": "result.0.ext"}},
+            lookups=[{"steps": [{"url": "/search", "results": ""}],
+                      "fields": {"id": "id", "owner": "{record.owner | ref('owner_ext')}"}}]))
+        try:
+            with pytest.raises(CrmClientError, match="Access Denied"):
+                await conn.find_by_number(caller("13800138000"))
+            customer = await conn.find_by_number(caller("13800138000"))
+        finally:
+            await conn.aclose()
+    assert customer is not None
+    assert customer.owner == "7007"
+
+
+async def test_reference_and_webhook_fetch_templates_see_the_crms_maps_and_time_zone() -> None:
+    """The templates of a reference (its request and value) and of a webhook's fetch are
+    evaluated with crm.maps and crm.timezone, as every other template is."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/search":
+            return 200, [{"id": "C1", "owner": "u9"}], {}
+        if req["path"] == "/users/u9":
+            return 200, {"team": "Sales", "since": "2026-01-01T23:30:00Z"}, {}
+        return 200, {"id": req["query"]["id"], "name": "Fetched"}, {}
+
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(
+            server.url, timezone="Asia/Shanghai", maps={"teams": {"Sales": "queue-sales"}},
+            refs={"owner_team": {
+                "url": "/users/{key}", "params": {"day": "{'2026-01-01T20:00:00Z' | date}"},
+                "value": "{response.team | translate('teams')}:{response.since | date}"}},
+            lookups=[{"steps": [{"url": "/search", "results": ""}],
+                      "fields": {"id": "id", "owner": "{record.owner | ref('owner_team')}"}}],
+            webhooks=[{"name": "hook", "signature": {"scheme": "token", "token": "t",
+                                                       "header": "X-T"},
+                       "fetch": {"url": "/fetch", "params": {
+                           "id": "{id}", "team": "{'Sales' | translate('teams')}",
+                           "day": "{'2026-01-01T20:00:00Z' | date}"}}}]))
+        try:
+            customer = await conn.find_by_number(caller("13800138000"))
+            assert conn.settings.webhooks[0].fetch is not None
+            fetched = await conn.fetch_by_id(conn.settings.webhooks[0].fetch, "C2")
+        finally:
+            await conn.aclose()
+    assert customer is not None
+    assert customer.owner == "queue-sales:2026-01-02"
+    assert fetched is not None
+    assert fetched[0].id == "C2"
+    (ref_request,) = [s for s in server.seen if s["path"] == "/users/u9"]
+    (fetch_request,) = [s for s in server.seen if s["path"] == "/fetch"]
+    assert ref_request["query"] == {"day": "2026-01-02"}
+    assert fetch_request["query"] == {"id": "C2", "team": "queue-sales", "day": "2026-01-02"}
+
+
+async def test_a_not_found_answer_is_not_checked_by_the_error_template() -> None:
+    """A later step's 404 in not_found_status drops its candidate even when the error
+    template would call its body an error (HubSpot's 404 says status: error): the other
+    candidate is the customer, as a find or the changed feed treat a not-found too."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/search":
+            return 200, {"results": [{"id": "1"}, {"id": "2"}]}, {}
+        if req["path"] == "/contacts/1":
+            return 404, {"status": "error", "message": "resource not found"}, {}
+        return 200, {"id": "2", "name": "Grace"}, {}
+
+    error = "{response.message if response.status == 'error' else ''}"
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(server.url, lookups=[{"steps": [
+            {"url": "/search", "error": error},
+            {"url": "/contacts/{item.id}", "error": error}]}]))
+        try:
+            customer = await conn.find_by_number(caller("13800138000"))
+        finally:
+            await conn.aclose()
+    assert customer is not None
+    assert (customer.id, customer.name) == ("2", "Grace")
+
+
+async def test_a_find_and_a_fetch_resolve_the_references_their_templates_use() -> None:
+    """A step's find and fetch go through the same sending as the step itself: a ref in
+    their templates is read (the owner's queue here), not sent as an empty value."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/owners/o7":
+            return 200, {"queue": "q-7"}, {}
+        if req["path"] == "/calls/search":
+            hits = [{"id": "A1", "key": "call:9"}] if req["query"].get("queue") == "q-7" else []
+            return 200, {"results": hits}, {}
+        return 200, {"id": req["path"].rsplit("/", 1)[1], "queue": req["query"].get("queue")}, {}
+
+    queue = "{customer.owner | ref('owner_queue')}"
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(
+            server.url, refs={"owner_queue": {"url": "/owners/{key}", "value": "queue"}},
+            records=[{"name": "call", "url": "/calls",
+                      "body": {"key": "{idempotency_key}", "queue": queue},
+                      "find": {"url": "/calls/search", "params": {"queue": queue},
+                               "match": {"path": "key", "equals": "{idempotency_key}"}},
+                      "fetch": {"url": "/calls/{id}", "params": {"queue": queue}}}]))
+        record = {**missed("call:9", "C1"), "customer_owner": "o7"}
+        try:
+            found = await conn.find_created("call", record, "call:9", {}, ["call"])
+            assert found is not None
+            read = await conn.records.fetch("call", record, "call:9", {}, ["call"], found)
+        finally:
+            await conn.aclose()
+    assert found.remote_id == "A1"
+    assert read.body == {"id": "A1", "queue": "q-7"}
+
+
+async def test_what_an_error_template_reads_is_masked_like_an_error_body() -> None:
+    """The CRM's words an error template picks out go into the log line and the dead
+    letter masked as an HTTP error's body is: secrets and phone numbers hidden."""
+    said = "Access Denied for +1 415 555 0199 (key s3cr3t-KEY-77)"
+    async with scripted_server(lambda _r: (200, {"error": {"message": said}}, {})) as server:
+        conn = RestConnector(settings(
+            server.url, auth={"type": "bearer", "token": "s3cr3t-KEY-77"},
+            lookups=[{"steps": [{"url": "/rpc", "error": "{response.error.message or ''}"}]}]))
+        try:
+            with pytest.raises(CrmClientError) as refused:
+                await conn.find_by_number(caller("13800138000"))
+        finally:
+            await conn.aclose()
+    assert refused.value.detail == "Access Denied for ***99 (key ***)"
+    assert str(refused.value).endswith("the CRM answered an error: " + refused.value.detail)
+
+
 def sample_steps(url: str) -> CrmSettings:
     """examples/crm-sample.yaml (the steps form) pointed at ``url``."""
     data = yaml.safe_load((EXAMPLES / "crm-sample.yaml").read_text(encoding="utf-8"))["crm"]
