@@ -10,14 +10,16 @@ token grant (HubSpot, Zoho, Pipedrive), and sends it as ``<header>: <scheme> <to
 - the token lives in memory; a request while it is valid costs no I/O and no await
   (the call path's lookups take it synchronously);
 - ``refresh_margin_s`` before it expires, the next request starts one refresh in the
-  background and goes on with the still-valid token; only a request that finds no valid
-  token (the first one, or after a long idle) waits for the endpoint;
+  background and goes on with the still-valid token (after a failed one, the next starts
+  ``RETRY_S`` later); only a request that finds no valid token (the first one, or after
+  a long idle) waits for the endpoint;
 - a 401 from the API invalidates the token that was sent and the request is sent again
   once with a new one (a second 401 is the API's final word: CrmClientError);
 - with ``shared: true`` (the default) and Redis, the token is kept in Redis for every
   instance (``Keys.crm_token``, expiring with the token) and a refresh takes a lock
   (``Keys.crm_token_lock``, SET NX PX): one instance asks the endpoint, the others wait
-  for the lock (polling the stored token) and adopt the new token. A refresh token the
+  for the lock (polling the stored token) and adopt the new token, or take over as soon
+  as the lock is released without one (that refresh failed). A refresh token the
   endpoint rotates is kept there too (``Keys.crm_refresh_token``), so every instance
   uses the newest. Redis trouble degrades to refreshing per instance, with a log line.
 
@@ -209,9 +211,16 @@ class TokenStore:
 
     async def load(self) -> tuple[Token | None, str | None]:
         """The stored token and refresh token (None when absent)."""
-        token, refresh = await self.redis.mget([self.token_key, self.refresh_key])
+        token, refresh, _locked = await self.poll()
+        return token, refresh
+
+    async def poll(self) -> tuple[Token | None, str | None, bool]:
+        """The stored token and refresh token, and whether the refresh lock is held
+        (one round trip)."""
+        token, refresh, lock = await self.redis.mget(
+            [self.token_key, self.refresh_key, self.lock_key])
         return (Token.from_json(self._open(token, self.token_key)),
-                self._open(refresh, self.refresh_key) or None)
+                self._open(refresh, self.refresh_key) or None, lock is not None)
 
     async def save(self, token: Token, refresh_token: str | None, now: float) -> None:
         """Store ``token`` until it expires, and a rotated refresh token for good."""
@@ -253,6 +262,9 @@ class OAuth2Client:
 
     #: A token this close to its expiry is not sent any more (clock skew, time on the wire).
     SAFETY_S = 5.0
+    #: After a refresh failed, the next background refresh waits this long (the requests
+    #: meanwhile send the still-valid token instead of each asking the endpoint again).
+    RETRY_S = 5.0
 
     def __init__(
         self,
@@ -271,6 +283,7 @@ class OAuth2Client:
         self.token: Token | None = None
         self.refresh_token = settings.refresh_token.get_secret_value()
         self._refresh: asyncio.Task[Token] | None = None
+        self._retry_at = 0.0
         #: Token endpoint requests made by this instance (tests, doctor).
         self.requests = 0
 
@@ -295,7 +308,8 @@ class OAuth2Client:
         left = token.expires_at - self.clock()
         if left <= self.SAFETY_S:
             return None
-        if left <= self.settings.refresh_margin_s and self._refresh is None:
+        if left <= self.settings.refresh_margin_s and self._refresh is None \
+                and self.clock() >= self._retry_at:
             self._start(stale=token)
         return token
 
@@ -332,6 +346,7 @@ class OAuth2Client:
         if self._refresh is task:
             self._refresh = None
         if not task.cancelled() and task.exception() is not None:
+            self._retry_at = self.clock() + self.RETRY_S
             log.warning("crm oauth2: token refresh failed: %s", task.exception())
 
     async def _wait(self, stale: Token | None) -> Token:
@@ -378,16 +393,20 @@ class OAuth2Client:
                     log.warning("crm oauth2: lock not released (expires by itself): %s", exc)
 
     async def _await_other(self, stale: Token | None) -> Token | None:
-        """Another instance refreshes: poll the stored token until it changes or the
-        lock's time runs out (that instance died), then None."""
+        """Another instance refreshes: poll the stored token until it changes; None when
+        the lock is released without a new token (that refresh failed) or its time runs
+        out (that instance died)."""
+        assert self.store is not None
         deadline = time.monotonic() + self.settings.lock_s
         while time.monotonic() < deadline:
             await asyncio.sleep(self.poll_s)
-            shared, refresh = await self.store.load() if self.store else (None, None)
+            shared, refresh, locked = await self.store.poll()
             if refresh:
                 self.refresh_token = refresh
             if self._usable(shared, stale):
                 return shared
+            if not locked:
+                return None
         return None
 
     def _usable(self, token: Token | None, stale: Token | None) -> bool:

@@ -196,6 +196,63 @@ async def test_instances_share_the_token_and_only_one_refreshes(
     assert stored.access_token == "at-2"
 
 
+async def test_an_instance_waiting_for_a_refresh_that_fails_takes_over_at_once(
+    redis: aioredis.Redis,
+) -> None:
+    """Instance A holds the refresh lock and its refresh fails (the endpoint refuses A's
+    secret); B, waiting for A's token, asks the endpoint itself as soon as A's lock is
+    released, not after lock_s."""
+    async with oauth_server(delay_s=0.3) as server:
+        good = crm(server, lock_s=8)
+        bad = crm(server, lock_s=8)
+        assert bad.auth.oauth2 is not None
+        bad.auth.oauth2.client_secret = SecretStr("wrong-SECRET-1")
+        first, second = client(bad, redis=redis), client(good, redis=redis)
+        try:
+            failing = asyncio.create_task(ping(first))
+            await asyncio.sleep(0.1)  # A has the lock and waits for the endpoint
+            started = time.monotonic()
+            assert (await ping(second))["token"] == "at-1"
+            waited = time.monotonic() - started
+            with pytest.raises(CrmClientError):
+                await failing
+        finally:
+            await first.aclose()
+            await second.aclose()
+    assert waited < 4.0  # A's 0.2 s left + B's own 0.3 s, far from lock_s (8 s)
+    assert [r["client_secret"] for r in server.token_requests] == ["wrong-SECRET-1",
+                                                                  CLIENT_SECRET]
+
+
+async def test_a_failed_background_refresh_is_not_started_again_by_every_request() -> None:
+    """Within the refresh margin, a background refresh that fails is tried again after
+    a pause, not by each request meanwhile (the still-valid token is sent all along)."""
+    clock = Clock()
+    async with oauth_server() as server:
+        settings = crm(server, refresh_margin_s=60)
+        http = client(settings, clock=clock)
+        assert http.oauth is not None
+        assert settings.auth.oauth2 is not None
+        try:
+            await ping(http)
+            settings.auth.oauth2.client_secret = SecretStr("revoked-SECRET-2")
+            clock.now += 3550  # 50 s left: inside the margin
+            for _ in range(5):
+                assert (await ping(http))["token"] == "at-1"
+                refresh = http.oauth._refresh
+                if refresh is not None:
+                    await asyncio.gather(refresh, return_exceptions=True)
+            assert len(server.token_requests) == 2
+            clock.now += OAuth2Client.RETRY_S
+            assert (await ping(http))["token"] == "at-1"
+            refresh = http.oauth._refresh
+            assert refresh is not None
+            await asyncio.gather(refresh, return_exceptions=True)
+        finally:
+            await http.aclose()
+    assert len(server.token_requests) == 3
+
+
 async def test_a_valid_token_costs_no_redis_command(redis: aioredis.Redis) -> None:
     """With a valid token in memory, requests send no command to Redis at all (the
     call path's lookups add no await on Redis for auth)."""
