@@ -360,7 +360,7 @@ class CrmHttp:
             raise unreached from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise CrmUnavailable(
-                f"{_where(method, target)}: connection failed: {type(exc).__name__}: {exc}"
+                f"{_where(method, target)}: connection failed: {_reason(exc)}"
             ) from exc
 
     async def _token_request(
@@ -386,7 +386,7 @@ class CrmHttp:
         except (aiohttp.ClientError, OSError) as exc:
             CRM_TOKEN_REFRESHES.labels("failed").inc()
             CRM_ERRORS.labels("token", CrmUnavailable.kind).inc()
-            raise CrmUnavailable(f"POST {_path(target)}: {type(exc).__name__}: {exc}") from exc
+            raise CrmUnavailable(f"POST {_path(target)}: {_reason(exc)}") from exc
         CRM_TOKEN_REFRESHES.labels("ok" if 200 <= status < 300 else "failed").inc()
         return status, raw
 
@@ -445,6 +445,15 @@ def _preview(raw: bytes) -> Any:
         return json.loads(raw) if raw.strip() else None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return raw[:4096].decode("utf-8", "replace")
+
+
+def _reason(exc: BaseException) -> str:
+    """What failed, for a message: aiohttp's errors about an answer (too many redirects)
+    without the URL they carry, whose query may hold keys and phone numbers."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        status = f" HTTP {exc.status}" if exc.status else ""
+        return f"{type(exc).__name__}{status}" + (f": {exc.message}" if exc.message else "")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _where(method: str, url: str) -> str:

@@ -98,6 +98,30 @@ async def test_default_headers_sent_and_secrets_masked(caplog: pytest.LogCapture
         "X-Api-Key": "***", "x-custom": "***"}
 
 
+async def test_a_redirect_loop_says_so_without_the_query_string(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp's own errors about an answer (too many redirects) name the URL with its
+    query: the key sent in the query and the caller's number stay out of the error and
+    the log line."""
+    caplog.set_level(logging.DEBUG, logger="router.crm")
+
+    def loop(_: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        return 302, "", {"Location": "/again?x=1"}
+
+    async with scripted_server(loop) as server:
+        http = CrmHttp(CrmSettings.model_validate({"base_url": server.url, "auth": {
+            "type": "api_key", "header": "api_key", "key": "k-SECRET-7", "location": "query"}}))
+        try:
+            with pytest.raises(CrmUnavailable) as failed:
+                await http.request("lookup", "GET", "/x", params={"phone": "+8613800138000"})
+        finally:
+            await http.aclose()
+    assert "TooManyRedirects" in str(failed.value)
+    for text in (str(failed.value), caplog.text):
+        assert "k-SECRET-7" not in text
+        assert "8613800138000" not in text
+
+
 def test_tls_verification_on_by_default() -> None:
     """Without configuration the client verifies certificates and host names."""
     context = CrmHttp(CrmSettings(base_url="https://crm.example.com")).ssl
