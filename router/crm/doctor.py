@@ -58,8 +58,6 @@ class Doctor:
         self.conn = RestConnector(self.crm, region=settings.phone.default_region)
         self.trace: list[Exchange] = []
         self.conn.http.trace = self.trace
-        self.secrets = sorted({s for s in self.crm.all_secrets if len(s) >= 3}, key=len,
-                              reverse=True)
         self.ok = True
 
     # --- output ----------------------------------------------------------------------
@@ -68,17 +66,16 @@ class Doctor:
         """Write one line, secrets masked."""
         print(" " * indent + self.mask(text), file=self.out)
 
+    @property
+    def secrets(self) -> list[str]:
+        """The values to mask, longest first: the configured secrets and what the client
+        holds now (an OAuth2 token it was given)."""
+        held = {*self.crm.all_secrets, *self.conn.http.secrets}
+        return sorted((s for s in held if len(s) >= 3), key=len, reverse=True)
+
     def mask(self, value: Any) -> Any:
         """``value`` with every secret replaced by ``***`` (in text, lists and objects)."""
-        if isinstance(value, str):
-            for secret in self.secrets:
-                value = value.replace(secret, MASK)
-            return value
-        if isinstance(value, dict):
-            return {self.mask(str(k)): self.mask(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.mask(v) for v in value]
-        return value
+        return _masked(value, self.secrets)
 
     def body(self, value: Any, indent: int) -> None:
         """A JSON body, pretty and bounded."""
@@ -98,8 +95,7 @@ class Doctor:
             if ex.params:
                 url = url.update_query(ex.params)
             self.say(f"-> {ex.method} {url.human_repr()}   ({ex.op})", indent)
-            secret_headers = {self.crm.auth.header} if self.crm.auth.type == "api_key" else ()
-            for name, value in mask_headers(ex.headers, secret_headers).items():
+            for name, value in mask_headers(ex.headers, self.conn.http.secret_headers).items():
                 if name.lower() not in ("accept", "user-agent"):
                     self.say(f"{name}: {value}", indent + 3)
             self.body(ex.body, indent + 3)
@@ -319,6 +315,18 @@ class Doctor:
             self.say(f"not found yet (the CRM's search may lag up to settle_s, {settle:g} s):"
                      f" asking again in {FIND_POLL_S:g} s", 4)
             await asyncio.sleep(FIND_POLL_S)
+
+
+def _masked(value: Any, secrets: Sequence[str]) -> Any:
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, MASK)
+        return value
+    if isinstance(value, dict):
+        return {_masked(str(k), secrets): _masked(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, secrets) for v in value]
+    return value
 
 
 def changes(before: Any, after: Any, path: str = "") -> dict[str, Any]:

@@ -178,6 +178,12 @@ class CrmHttp:
         return mask_headers(self._headers, self._secret_headers)
 
     @property
+    def secret_headers(self) -> frozenset[str]:
+        """The headers, besides :data:`SECRET_HEADERS`, whose values are secrets (an API
+        key's, an OAuth2 token's), to pass to :func:`mask_headers`."""
+        return frozenset(self._secret_headers)
+
+    @property
     def secrets(self) -> list[str]:
         """Every secret value this client holds (to mask wherever text is shown)."""
         held = list(self.settings.auth.secrets)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,3 +254,29 @@ def test_doctor_waits_for_a_lagging_search_and_fails_a_find_that_cannot_work(
         out = capsys.readouterr().out
         assert code == 1
         assert "!! not found by its key: after a lost answer the step would be posted" in out
+
+
+async def test_doctor_masks_an_oauth_token_sent_in_a_header_of_its_own(tmp_path: Path) -> None:
+    """An OAuth2 token sent in a header other than Authorization (oauth2.header) is
+    masked in the doctor's requests like the client's own log lines mask it."""
+    from router.crm.doctor import doctor
+    from router.settings import load_settings
+    from tests.router.crm.oauth_server import CLIENT_ID, CLIENT_SECRET, oauth_server
+
+    async with oauth_server() as server:
+        (tmp_path / "rules.yaml").write_text("rules: []\n")
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({"routing": {"rules": "rules.yaml"}, "crm": {
+            "base_url": server.url,
+            "auth": {"type": "oauth2", "oauth2": {
+                "token_url": "/oauth/token", "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET, "header": "X-Access-Token", "scheme": ""}},
+            "lookups": [{"steps": [{"url": "/api/search", "results": "",
+                                    "not_found_status": [401]}]}]}}))
+        out = io.StringIO()
+        await doctor(load_settings(config), "+14155550199", post=False, out=out)
+    text = out.getvalue()
+    assert server.issued == ["at-1", "at-2"]  # the API refuses the header: one refresh
+    assert "-> GET http://127.0.0.1" in text
+    assert "X-Access-Token: ***" in text
+    assert not any(token in text for token in server.issued)
