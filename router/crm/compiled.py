@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from router.crm.filters import Runtime
 from router.crm.mapping import MISSING, get_path, parse_datetime, set_path
+from router.crm.numbers import stored_numbers
 from router.crm.redact import summarize_body
 from router.crm.template import (
     OMIT,
@@ -204,6 +205,10 @@ class Numbers:
         found = [get_path(record, path) for path in self.paths]
         found += [template(context) for template in self.templates]
         return [v for v in found if v is not MISSING and v is not None]
+
+    def stored(self, record: Any, context: Mapping[str, Any]) -> list[str]:
+        """The numbers stored on one record, as written."""
+        return [n for value in self.values(record, context) for n in stored_numbers(value)]
 
 
 def compile_numbers(items: list[str], names: frozenset[str], where: str) -> Numbers:

@@ -109,13 +109,8 @@ def f_str(value: Any) -> Any:
 
 
 def f_int(value: Any) -> Any:
-    if blank(value) or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return round(number) if math.isfinite(number) else None
+    number = f_float(value)
+    return None if number is None else round(number)
 
 
 def f_float(value: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 from router.crm.compiled import LookupPlan, LookupStepPlan, Plan
 from router.crm.http import CrmHttp
 from router.crm.mapping import MISSING, get_path
-from router.crm.numbers import number_context, stored_matches, stored_numbers
+from router.crm.numbers import number_context, stored_matches
 from router.crm.refs import RefTables, map_record
 from router.crm.send import send
 from router.errors import CrmMappingError
@@ -111,9 +111,7 @@ class LookupRunner:
         steps = [s for s in lookup.steps[start:] if s.numbers] or [lookup.steps[0]]
         step = steps[-1]
         record = chain.get(step.name, next(reversed(chain.values())))
-        context = {**base, "record": record, "steps": chain}
-        return [n for value in step.numbers.values(record, context)
-                for n in stored_numbers(value)]
+        return step.numbers.stored(record, {**base, "record": record, "steps": chain})
 
     # --- one step --------------------------------------------------------------------
 
@@ -142,9 +140,7 @@ class LookupRunner:
         kept = []
         for chain in chains:
             record = chain[step.name]
-            context = {**base, "record": record, "steps": chain}
-            stored = [n for value in step.numbers.values(record, context)
-                      for n in stored_numbers(value)]
+            stored = step.numbers.stored(record, {**base, "record": record, "steps": chain})
             if stored_matches(stored, e164, region):
                 kept.append(chain)
         if len(kept) < len(chains):
@@ -155,12 +151,9 @@ class LookupRunner:
     async def _customer(self, lookup: LookupPlan, chain: Chain, base: Mapping[str, Any],
                         index: int) -> Customer:
         record = next(reversed(chain.values()))
-        context = None
-        if lookup.fields.templates is not None:
-            context = {**base, "record": record, "steps": chain, "kind": lookup.kind}
         try:
-            return await map_record(lookup.fields, record, context, self.plan.runtime,
-                                    self.refs)
+            return await map_record(lookup.fields, record, base, self.plan.runtime, self.refs,
+                                    steps=chain)
         except CrmMappingError as exc:
             CRM_ERRORS.labels("lookup", exc.kind).inc()
             raise CrmMappingError(

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from router.crm.base import StepResult, step_key
+from router.crm.base import StepResult, StepStatus, step_key
 from router.crm.compiled import Plan, RecordStepPlan
 from router.crm.config import CUSTOMER_FIELDS
 from router.crm.find import find_object
@@ -140,16 +140,12 @@ class RecordRunner:
                           headers={header: idempotency_key} if header else None)
         duplicate = resp.status in spec.spec.duplicate_status
         remote_id = self._remote_id(spec, resp, duplicate)
-        answer = {**context, "response": resp.body, "id": remote_id, "status": resp.status}
-        outputs = await self._evaluate(spec.outputs, answer)
-        customer = await self._evaluate(spec.customer, answer)
+        result = await self._result(spec, context, "duplicate" if duplicate else "done",
+                                    remote_id, resp.body, resp.status)
         link = data.get("recording_url")
         if spec.needs_recording and self.recording_linked is not None and link:
             await self.recording_linked(data, idempotency_key, str(link))
-        return StepResult(
-            step=step, status="duplicate" if duplicate else "done", remote_id=remote_id,
-            outputs=outputs, customer={k: v for k, v in customer.items() if v not in (None, "")},
-        )
+        return result
 
     async def find_existing(self, step: str, record: Mapping[str, Any], idempotency_key: str,
                             previous: Mapping[str, StepResult], plan: Sequence[str]
@@ -167,15 +163,10 @@ class RecordRunner:
         if found is None:
             return None
         remote_id, obj = found
-        answer = {**context, "response": obj, "id": remote_id, "status": 200}
-        outputs = await self._evaluate(spec.outputs, answer)
-        customer = await self._evaluate(spec.customer, answer)
+        result = await self._result(spec, context, "done", remote_id, obj, 200)
         if spec.needs_recording and self.recording_recovered is not None:
             await self.recording_recovered(data, idempotency_key, obj)
-        return StepResult(
-            step=step, status="done", remote_id=remote_id, outputs=outputs,
-            customer={k: v for k, v in customer.items() if v not in (None, "")},
-        )
+        return result
 
     def can_update(self, step: str) -> bool:
         """Whether ``step`` has an ``update`` request (its object can be changed later)."""
@@ -220,6 +211,19 @@ class RecordRunner:
         return await send(self.http, spec.fetch, context, op=f"{step}:fetch",
                           where=f"crm record step {step} fetch", runtime=self.plan.runtime,
                           refs=self.refs)
+
+    async def _result(self, spec: RecordStepPlan, context: Mapping[str, Any],
+                      status: StepStatus, remote_id: str | None, answer: Any,
+                      http_status: int) -> StepResult:
+        """The step's result: its ``outputs`` and ``customer`` read from ``answer`` (what
+        the CRM answered to the step, or the object its find found)."""
+        reply = {**context, "response": answer, "id": remote_id, "status": http_status}
+        outputs = await self._evaluate(spec.outputs, reply)
+        customer = await self._evaluate(spec.customer, reply)
+        return StepResult(
+            step=spec.name, status=status, remote_id=remote_id, outputs=outputs,
+            customer={k: v for k, v in customer.items() if v not in (None, "")},
+        )
 
     async def _evaluate(self, template: Any, context: dict[str, Any]) -> dict[str, Any]:
         if template is None:

@@ -148,14 +148,19 @@ class RefTables:
             entries.popitem(last=False)
 
 
-async def map_record(fields: Fields, record: Any, context: dict[str, Any] | None,
-                     runtime: Runtime, refs: RefTables | None) -> Customer:
-    """The customer for ``record`` by ``fields``, fetching the references its templates use."""
+async def map_record(fields: Fields, record: Any, base: Mapping[str, Any], runtime: Runtime,
+                     refs: RefTables | None, steps: Mapping[str, Any] | None = None
+                     ) -> Customer:
+    """The customer for ``record`` by ``fields``, fetching the references its templates use.
+
+    The templates see ``base`` (the plan's, or a lookup's with the caller's number),
+    ``record``, the ``steps`` that found it and the field map's ``kind``.
+    """
     if not isinstance(record, Mapping):
         raise CrmMappingError(f"record is a {type(record).__name__}, not an object")
     values = fields.path_values(record)
     if fields.templates is not None:
-        assert context is not None
+        context = {**base, "record": record, "steps": steps or {}, "kind": fields.kind}
         values.update(await evaluate(fields.templates, context, runtime, refs))
     return fields.finish(values)
 

@@ -27,7 +27,6 @@ from router.crm.config import CrmSettings, RecordingSettings
 from router.crm.http import CrmHttp, CrmResponse
 from router.crm.lookups import LookupRunner, results
 from router.crm.mapping import MISSING, get_path
-from router.crm.numbers import stored_numbers
 from router.crm.records import RecordRunner
 from router.crm.refs import RefTables, map_record
 from router.crm.template import url_quote
@@ -133,12 +132,8 @@ class RestConnector:
 
     async def _changed_customer(self, changed: ChangedPlan, record: Any, index: int
                                 ) -> Customer:
-        context = None
-        if changed.fields.templates is not None:
-            context = {**self.plan.base, "record": record, "steps": {},
-                       "kind": changed.fields.kind}
         try:
-            return await map_record(changed.fields, record, context, self.plan.runtime,
+            return await map_record(changed.fields, record, self.plan.base, self.plan.runtime,
                                     self.refs)
         except CrmMappingError as exc:
             CRM_ERRORS.labels("changed", exc.kind).inc()
@@ -169,12 +164,10 @@ class RestConnector:
 
     def _numbers(self, changed: ChangedPlan, record: Any) -> list[str]:
         found: list[str] = []
-        context = {**self.plan.base, "record": record}
-        for value in changed.numbers.values(record, context):
-            for item in stored_numbers(value):
-                number = normalize(item, self.region)
-                if number.kind is NumberKind.E164 and number.e164 not in found:
-                    found.append(str(number.e164))
+        for item in changed.numbers.stored(record, {**self.plan.base, "record": record}):
+            number = normalize(item, self.region)
+            if number.kind is NumberKind.E164 and number.e164 not in found:
+                found.append(str(number.e164))
         return found
 
     # --- records ---------------------------------------------------------------------
@@ -198,12 +191,9 @@ class RestConnector:
     async def customer_from_record(self, record: Any) -> Customer:
         """A CRM record (as a webhook or a fetch carries it) mapped by the first lookup's
         field map."""
-        fields = self.plan.lookups[0].fields
-        context = None
-        if fields.templates is not None:
-            context = {**self.plan.base, "record": record, "steps": {}, "kind": fields.kind}
         try:
-            return await map_record(fields, record, context, self.plan.runtime, self.refs)
+            return await map_record(self.plan.lookups[0].fields, record, self.plan.base,
+                                    self.plan.runtime, self.refs)
         except CrmMappingError as exc:
             CRM_ERRORS.labels("webhook", exc.kind).inc()
             raise

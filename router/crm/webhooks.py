@@ -84,6 +84,7 @@ from pydantic import (
 
 from router.crm.base import CustomerChange, Fetched, InboundRequest, WebhookMessage
 from router.crm.mapping import MISSING, get_path
+from router.crm.numbers import stored_numbers
 from router.crm.template import Compiled, compile_request
 from router.errors import CrmMappingError, WebhookError
 from router.models import Customer
@@ -594,8 +595,7 @@ class WebhookReceiver:
         for value in ids:
             if isinstance(value, bool) or not isinstance(value, str | int) or not str(value):
                 raise _refuse(400, "bad_shape", f"{where}: not an id ({type(value).__name__})")
-        numbers = tuple(str(n) for path in s.numbers for n in collect(event, path)
-                        if isinstance(n, str | int) and not isinstance(n, bool) and str(n))
+        numbers = tuple(_numbers(event, s.numbers))
         customer = await self._record(event, index) \
             if kind == "updated" and len(ids) == 1 else None
         if customer is not None and customer.id != str(ids[0]):
@@ -645,10 +645,12 @@ async def fetch_record(http: CrmHttp, spec: FetchSettings, customer_id: str,
         if not record:
             return None
         record = record[0]
-    customer = await mapper(record)
-    numbers = [str(n) for path in spec.numbers for n in collect(record, path)
-               if isinstance(n, str | int) and not isinstance(n, bool) and str(n)]
-    return customer, numbers
+    return await mapper(record), _numbers(record, spec.numbers)
+
+
+def _numbers(doc: Any, paths: list[str]) -> list[str]:
+    """The numbers (text or digits) at ``paths`` in ``doc``, as written."""
+    return [n for path in paths for n in stored_numbers(collect(doc, path))]
 
 
 __all__ = [
