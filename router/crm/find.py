@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from router.crm.lookups import results
 from router.crm.mapping import MISSING, get_path
 from router.crm.send import send
 from router.errors import CrmMappingError
@@ -46,22 +47,19 @@ async def find_object(
     """The id and the object the search finds and ``match`` accepts, or None.
 
     Raises the request's CrmError, or CrmMappingError naming the config path when the
-    answer has no list at ``results`` or a matching object no id at ``id_path``.
+    answer has no list (or object) at ``results`` or a matching object no id at
+    ``id_path``: a shape that cannot be read is never taken for "not there", which would
+    post the step again.
     """
     spec = find.spec
     resp = await send(http, find.request, context, op=op, where=f"crm {op}", runtime=runtime,
                       refs=refs, not_found=spec.not_found_status)
     if resp.status in spec.not_found_status or resp.body is None:
         return None
-    found = get_path(resp.body, spec.results)
-    if found is MISSING:
-        raise CrmMappingError(f"{op}.results: path {spec.results!r} not in the answer")
-    objects = found if isinstance(found, list) else [found] if isinstance(found, dict) else []
-    wanted = str(find.match(context)) if find.match is not None else None
-    for obj in objects:
-        if find.match is not None and not _matches(obj, spec.match.path if spec.match else "",
-                                                   wanted or "", spec.match is not None
-                                                   and spec.match.equals is not None):
+    wanted = str(find.match(context)) if find.match is not None else ""
+    for obj in results(resp.body, spec.results, f"{op}.results", op):
+        if spec.match is not None and not _matches(get_path(obj, spec.match.path), wanted,
+                                                   spec.match.equals is not None):
             continue
         value = get_path(obj, spec.id_path)
         if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
@@ -70,8 +68,8 @@ async def find_object(
     return None
 
 
-def _matches(obj: Any, path: str, wanted: str, equals: bool) -> bool:
-    value = get_path(obj, path)
+def _matches(value: Any, wanted: str, equals: bool) -> bool:
+    """Whether ``value`` (what an object holds at ``match.path``) carries ``wanted``."""
     if value is MISSING or value is None or not wanted:
         return False
     text = str(value)

@@ -15,7 +15,7 @@ from router.crm.base import StepResult
 from router.crm.config import CrmSettings
 from router.crm.numbers import forms, stored_matches
 from router.crm.rest import RestConnector
-from router.errors import CrmClientError, CrmError
+from router.errors import CrmClientError, CrmError, CrmMappingError
 from router.phone import normalize
 from tests.crm_server import running_crm, scripted_server
 
@@ -342,6 +342,22 @@ async def test_what_an_error_template_reads_is_masked_like_an_error_body() -> No
             await conn.aclose()
     assert refused.value.detail == "Access Denied for ***99 (key ***)"
     assert str(refused.value).endswith("the CRM answered an error: " + refused.value.detail)
+
+
+async def test_a_find_answer_it_cannot_read_is_an_error_not_a_miss() -> None:
+    """A find whose results path holds no list or object (here the CRM's text) fails as
+    a mapping error naming it: taken for "not there", the step would be posted again."""
+    async with scripted_server(lambda _r: (200, {"results": "no index"}, {})) as server:
+        conn = RestConnector(settings(server.url, records=[{
+            "name": "call", "url": "/calls", "body": {"key": "{idempotency_key}"},
+            "find": {"url": "/calls/search", "params": {"key": "{idempotency_key}"},
+                     "match": {"path": "key", "equals": "{idempotency_key}"}}}]))
+        try:
+            with pytest.raises(CrmMappingError, match=r"call\.find\.results: path 'results' "
+                                                      "is a str, not a list or object"):
+                await conn.find_created("call", missed("call:5"), "call:5", {}, ["call"])
+        finally:
+            await conn.aclose()
 
 
 def sample_steps(url: str) -> CrmSettings:
