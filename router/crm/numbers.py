@@ -18,6 +18,8 @@ import phonenumbers
 from router.models import CallerNumber
 
 _NON_DIGITS = re.compile(r"\D")
+#: Longer text is no phone number (phonenumbers refuses it too): not parsed, not cached.
+MAX_STORED = 250
 
 
 @lru_cache(maxsize=8192)
@@ -103,6 +105,8 @@ def stored_matches(values: Iterable[str], e164: str, region: str) -> bool:
     """
     digits = e164[1:]
     for raw in values:
+        if len(raw) > MAX_STORED:
+            continue
         if _NON_DIGITS.sub("", raw) == digits or stored_e164(raw.strip(), region) == e164:
             return True
     return False

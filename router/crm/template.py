@@ -253,6 +253,10 @@ def check_expression(source: str, allowed: Iterable[str], where: str) -> Uses:
             (refs if flt.name == "ref" else maps).add(first.value)
         elif flt.name == "ref":
             raise ValueError(f"ref needs the table's name as a literal in {where}")
+        if flt.name == "regex" and first is not None and not (
+                isinstance(first, nodes.Const) and isinstance(first.value, str)):
+            # a pattern from an answer or a record could backtrack without end
+            raise ValueError(f"regex needs its pattern as a literal in {where}")
         _check_call("filter", FILTERS[flt.name], flt, where)
     for test in _walk(expr, nodes.Test):
         if test.name not in TESTS:

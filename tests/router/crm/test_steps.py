@@ -13,7 +13,7 @@ import yaml
 
 from router.crm.base import StepResult
 from router.crm.config import CrmSettings
-from router.crm.numbers import forms, stored_matches
+from router.crm.numbers import forms, stored_e164, stored_matches
 from router.crm.rest import RestConnector
 from router.errors import CrmClientError, CrmError, CrmMappingError
 from router.phone import normalize
@@ -49,6 +49,16 @@ def test_stored_numbers_match_when_they_normalise_to_the_caller(
     """Stored numbers typed any way match the caller's E.164, and only that."""
     values = [s for s in stored if isinstance(s, str)]
     assert stored_matches(values, "+442071838751", "GB") is matches
+
+
+def test_a_stored_value_longer_than_any_number_is_neither_parsed_nor_remembered() -> None:
+    """Text a CRM keeps in a phone field that is far longer than a number (a note pasted
+    there) is skipped: no phonenumbers parse, no entry in the per-process cache."""
+    before = stored_e164.cache_info().currsize
+    note = "call me on 020 7183 8751 " + "x" * 100_000
+    assert stored_matches([note], "+442071838751", "GB") is False
+    assert stored_matches([note[:24]], "+442071838751", "GB") is True
+    assert stored_e164.cache_info().currsize == before + 1
 
 
 def settings(url: str, **section: Any) -> CrmSettings:

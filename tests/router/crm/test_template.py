@@ -183,6 +183,7 @@ def test_the_sandbox_hides_python_internals() -> None:
         ("a } b", "unbalanced brace"),
         ("{}", "empty {}"),
         ("{record.x | ref(vars.name)}", "ref needs the table's name as a literal"),
+        ("{record.x | regex(record.pattern)}", "regex needs its pattern as a literal"),
         ("{record.x | truncate}", "filter 'truncate' in .*missing a required argument"),
         ("{record.x | upper(2)}", "filter 'upper' in .*too many positional arguments"),
         ("{record.x is empty(1)}", "test 'empty' in .*too many positional arguments"),
