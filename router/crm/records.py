@@ -24,7 +24,7 @@ from router.crm.find import find_object
 from router.crm.http import CrmHttp, CrmResponse
 from router.crm.mapping import get_path
 from router.crm.refs import RefTables, evaluate
-from router.crm.send import send
+from router.crm.send import before_sending, send
 from router.errors import CrmMappingError
 from router.metrics import CRM_ERRORS
 
@@ -127,12 +127,13 @@ class RecordRunner:
         spec = self._spec(step)
         data = jsonable(record)
         context = self.context(step, data, idempotency_key, previous, plan)
-        if spec.when is not None and not spec.when(context):
-            log.debug("record step %s skipped: when %r is false", step, spec.spec.when)
-            return StepResult(step=step, status="skipped")
-        if spec.needs_recording and self.recording_url is not None and not data.get(
-                "recording_url"):
-            data["recording_url"] = await self.recording_url(data, idempotency_key)
+        with before_sending():
+            if spec.when is not None and not spec.when(context):
+                log.debug("record step %s skipped: when %r is false", step, spec.spec.when)
+                return StepResult(step=step, status="skipped")
+            if spec.needs_recording and self.recording_url is not None and not data.get(
+                    "recording_url"):
+                data["recording_url"] = await self.recording_url(data, idempotency_key)
         header = spec.spec.idempotency_header
         resp = await send(self.http, spec.request, context, op=step,
                           where=f"crm record step {step}", runtime=self.plan.runtime,

@@ -10,13 +10,27 @@ its templates use (``ref``: :mod:`router.crm.refs`) and each answer that is not 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from router.crm.compiled import Rendered, Request
 from router.crm.filters import Runtime
 from router.crm.http import CrmHttp, CrmResponse
 from router.crm.refs import RefTables, evaluate
+from router.errors import CrmError
+
+
+@contextmanager
+def before_sending() -> Iterator[None]:
+    """What fails inside fails before the request leaves (a template, a reference, a
+    recording's upload): the CRM cannot have acted on it, so a CrmError raised here says
+    so (``may_have_acted`` False: the delivery's ledger does not hold the step as sent)."""
+    try:
+        yield
+    except CrmError as exc:
+        exc.may_have_acted = False
+        raise
 
 
 async def render_request(request: Request, context: dict[str, Any], runtime: Runtime,
@@ -39,7 +53,8 @@ async def send(
     like a 2xx. Every answer but a not-found one must pass the request's ``error``
     template: CrmClientError naming ``where`` otherwise.
     """
-    method, url, params, sent, body = await render_request(request, context, runtime, refs)
+    with before_sending():
+        method, url, params, sent, body = await render_request(request, context, runtime, refs)
     sent.update(headers or {})
     resp = await http.request(op, method, url, params=params, headers=sent or None,
                               json_body=body, accept_status=(*not_found, *accept))
@@ -48,4 +63,4 @@ async def send(
     return resp
 
 
-__all__ = ["render_request", "send"]
+__all__ = ["before_sending", "render_request", "send"]

@@ -370,6 +370,42 @@ async def test_a_find_answer_it_cannot_read_is_an_error_not_a_miss() -> None:
             await conn.aclose()
 
 
+async def test_a_step_that_fails_before_its_request_leaves_says_the_crm_did_not_act(
+        tmp_path: Path) -> None:
+    """A failure before the step's request is sent (its body's template, the recording's
+    upload) is may_have_acted False, so the delivery's ledger does not hold the step as
+    possibly created (a retry posts it, never asks a person); one after the CRM answered
+    (an output read from the answer) is may_have_acted True."""
+    recording = tmp_path / "rec.wav"
+    recording.write_bytes(b"RIFF....WAVE")
+
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/files":
+            return 503, {"error": "busy"}, {}
+        return 201, {"id": "A1", "size": "big"}, {}
+
+    steps = [
+        {"name": "body", "url": "/calls", "body": {"n": "{record.caller + 1}"}},
+        {"name": "upload", "url": "/calls", "body": {"rec": "{record.recording_url}"}},
+        {"name": "answer", "url": "/calls", "outputs": {"half": "{response.size / 2}"}},
+    ]
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(server.url, records=steps, recordings={
+            "mode": "upload", "url": "/files"}))
+        record = {**missed("call:6"), "recording": str(recording)}
+        acted = {}
+        try:
+            for step in ("body", "upload", "answer"):
+                with pytest.raises(CrmError) as failed:
+                    await conn.run_step(step, record, "call:6", {}, ["call"])
+                acted[step] = (failed.value.kind, failed.value.may_have_acted)
+        finally:
+            await conn.aclose()
+    assert acted == {"body": ("mapping", False), "upload": ("5xx", False),
+                     "answer": ("mapping", True)}
+    assert [s["path"] for s in server.seen] == ["/files", "/calls"]
+
+
 def sample_steps(url: str) -> CrmSettings:
     """examples/crm-sample.yaml (the steps form) pointed at ``url``."""
     data = yaml.safe_load((EXAMPLES / "crm-sample.yaml").read_text(encoding="utf-8"))["crm"]
