@@ -20,6 +20,7 @@ from router.app import serve
 from router.samplecrm import make_app, start_sample_crm, state_of
 from router.settings import Settings, load_settings
 from tests.redis_server import RedisServer, free_port
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).parents[1]
 
@@ -37,15 +38,6 @@ def activities(app: web.Application) -> list[dict[str, object]]:
     """Activities the sample CRM has stored."""
     state = state_of(app)
     return [o for o in state.objects.get("activities", {}).values()]
-
-
-async def wait_for(predicate: object, timeout_s: float = 15.0) -> None:
-    """Poll ``predicate()`` until true (bounded)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():  # type: ignore[operator]
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from router.auth.users import FileUserStore, make_user
 from router.samplecrm import make_app, start_sample_crm, state_of
 from router.settings import Settings, WebSettings, load_settings
 from tests.redis_server import free_port
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).parents[2]
 RECORDING = ROOT / "tests" / "fixtures" / "asterisk-22" / "ami-basic.raw"
@@ -97,15 +98,6 @@ class WebService:
         env = build_environment(caller, name, "4008001000", uniqueid, port=port)
         result = await AsteriskAgiPeer("127.0.0.1", port, env).run()
         return dict(result.variables)
-
-
-async def wait_for(predicate: Callable[[], object], timeout_s: float = 15.0) -> None:
-    """Poll ``predicate()`` until true (bounded)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def web_settings(**changes: Any) -> WebSettings:

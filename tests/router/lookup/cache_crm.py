@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from router.lookup.cached_lookup import CachedLookup
 from router.models import CallerNumber, Customer
 from router.phone import normalize
 from router.settings import BreakerSettings, CacheSettings, RedisSettings
+from tests.waiting import wait_for
 
 
 @dataclass
@@ -293,11 +293,7 @@ def no_gc_fixture() -> Iterator[None]:
 
 async def eventually(check: Callable[[], bool], limit_s: float = 3.0) -> None:
     """Wait (bounded) until ``check()`` holds; fail the test if it never does."""
-    deadline = time.monotonic() + limit_s
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        await asyncio.sleep(0.01)
+    await wait_for(check, limit_s)
 
 
 async def listening(*lookups: CachedLookup) -> None:

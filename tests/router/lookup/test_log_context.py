@@ -4,7 +4,6 @@ lookup, but serve every call after it."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterator
 
@@ -15,6 +14,7 @@ from router.lookup.cache import redis_client
 from router.settings import RedisSettings
 from tests.redis_server import RedisServer
 from tests.router.lookup.cache_crm import HttpDirectory, make_lookup, num
+from tests.waiting import wait_for as until
 
 
 class Capture(logging.Handler):
@@ -45,13 +45,6 @@ def capture() -> Iterator[Capture]:
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(level)
-
-
-async def until(predicate: object, timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 async def test_shared_cache_work_carries_no_call_id(

@@ -32,6 +32,7 @@ from router.errors import (
     CrmTimeout,
     CrmUnavailable,
 )
+from tests.waiting import wait_for
 
 PATHS = {"activities": "call", "leads": "lead", "tasks": "task"}
 
@@ -178,13 +179,9 @@ def call_record(n: int | str, **fields: Any) -> dict[str, Any]:
     return record
 
 
-async def wait_until(predicate: Any, limit_s: float = 10.0, step: float = 0.01) -> None:
-    """Poll ``predicate()`` until true; AssertionError after ``limit_s`` seconds."""
-    deadline = time.monotonic() + limit_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(step)
+async def wait_until(predicate: Any, limit_s: float = 10.0) -> None:
+    """Poll ``predicate()`` until true; the test fails after ``limit_s`` seconds."""
+    await wait_for(predicate, limit_s)
 
 
 class Harness:
