@@ -20,6 +20,7 @@ from router.log import CallContextFilter
 from router.metrics import REGISTRY
 from router.runner import loop_name
 from router.settings import AgiSettings
+from tests.waiting import wait_for
 
 HOST = "127.0.0.1"
 UID = "1795338363.5"
@@ -102,7 +103,7 @@ async def test_early_close_before_environment(server: AgiServer) -> None:
     before = sessions("bad_environment")
     result = await (await peer(server, env_cut=0)).run()
     assert result.commands == []
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: sessions("bad_environment") > before, 5)
     assert sessions("bad_environment") == before + 1
     await assert_still_serves(server)
 
@@ -112,7 +113,7 @@ async def test_early_close_mid_environment(server: AgiServer) -> None:
     before = sessions("bad_environment")
     result = await (await peer(server, env_cut=len(ENV) // 2)).run()
     assert result.commands == []
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: sessions("bad_environment") > before, 5)
     assert sessions("bad_environment") == before + 1
     await assert_still_serves(server)
 
@@ -200,7 +201,7 @@ async def test_silent_peer_is_bounded_by_one_session_deadline(
         got, elapsed = await raw_session(srv.port, ENV, wait_s=5.0)
         assert got == protocol.set_variable(*items[0])
         assert 0.5 <= elapsed < 1.2
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: sessions("timeout") > timeouts, 5)
         assert sessions("timeout") == timeouts + 1
         assert sessions("ok") == ok
         assert srv.active == 0
@@ -225,7 +226,7 @@ async def test_session_deadline_covers_a_slow_handler() -> None:
         assert result.commands == []
         assert result.decision_ms is not None
         assert result.decision_ms < 800
-        await asyncio.sleep(0.8)
+        await wait_for(lambda: sessions("timeout") > before, 5)
         assert sessions("timeout") == before + 1
 
 
@@ -463,7 +464,7 @@ async def test_eof_during_command_raises_hangup() -> None:
     async with AgiServer(settings(command_timeout_s=2.0)) as srv:
         srv.route("route", handler)
         await (await peer(srv, reply_delay_s=0.5, close_after_s=0.05)).run()
-        await asyncio.sleep(0.1)
+        await wait_for(lambda: caught, 5)
     assert len(caught) == 1
     assert caught[0][1] < 0.4
 

@@ -15,6 +15,7 @@ from tests.router.lookup.cache_crm import (
     FakeClock,
     HttpDirectory,
     LoopbackCrm,
+    eventually,
     make_lookup,
     num,
 )
@@ -233,7 +234,7 @@ async def test_stalled_crm_bounded_background(
     overflow = await lookup.find(num(NOBODY), timeout_s=0.03)
     assert (overflow.source, overflow.error) == ("error", "overloaded")
     assert lookup.background == 2
-    await asyncio.sleep(0.05)
+    await eventually(lambda: crm.total >= 2)
     assert crm.total == 2
     await lookup.aclose()
     assert lookup.background == 0
