@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from bench.agi_load import percentile
 from bench.bench_agi_floor import floor_session
+from bench.common import percentile
 from tests.asterisk.harness import CallView, kit_problem
 from tests.asterisk.lab import Lab, open_lab
 from tests.asterisk.truth import compare, decision_ms, truth_of

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -43,6 +42,7 @@ if str(ROOT) not in sys.path:  # run as a script (./dev bench): make `bench` imp
 import aiohttp  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
+from bench.common import ChildServer, percentile  # noqa: E402
 from router.crm.config import CrmSettings, sample_crm_section  # noqa: E402
 from router.crm.rest import RestConnector  # noqa: E402
 from router.keys import Keys  # noqa: E402
@@ -60,6 +60,7 @@ P99_TARGET_MS = 5.0
 CRM_PROCESS = """
 import asyncio, re, sys
 from aiohttp import web
+from bench.common import serve_until_eof
 
 def main(count):
     customers = {f"B-{i:06d}": {
@@ -84,25 +85,16 @@ def main(count):
         count, seen[0] = seen[0], 0
         return web.json_response({"requests": count})
 
-    async def serve():
-        app = web.Application()
-        app.router.add_get("/api/customers", search)
-        app.router.add_get("/api/customers/{id}", record)
-        app.router.add_get("/_requests", requests)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        print(f"http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-        await runner.cleanup()
-
+    app = web.Application()
+    app.router.add_get("/api/customers", search)
+    app.router.add_get("/api/customers/{id}", record)
+    app.router.add_get("/_requests", requests)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve())
+        asyncio.run(serve_until_eof(app))
     else:
-        uvloop.run(serve())
+        uvloop.run(serve_until_eof(app))
 
 main(int(sys.argv[1]))
 """
@@ -135,12 +127,6 @@ def configs(url: str, names: Sequence[str]) -> dict[str, CrmSettings]:
     return {name: CrmSettings.model_validate(sections[name]()) for name in names}
 
 
-def pct(values: Sequence[float], p: float) -> float:
-    """The p-th percentile (nearest rank)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
-
-
 class Bench:
     """Redis, the sample CRM process, and one connector per configuration."""
 
@@ -158,12 +144,8 @@ class Bench:
         """Start Redis, the CRM and the connectors; warm the connection pools."""
         self.redis_server.start()
         count = self.args.calls * self.args.rounds * 3 + 100
-        self.crm_proc = subprocess.Popen(  # noqa: ASYNC220 - once, before any measurement
-            [sys.executable, "-c", CRM_PROCESS, str(count)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        assert self.crm_proc.stdout is not None
-        self.url = self.crm_proc.stdout.readline().strip()
+        self.crm = ChildServer(CRM_PROCESS, str(count))
+        self.url = self.crm.url
         self.http = aiohttp.ClientSession(self.url)
         self.redis: aioredis.Redis = redis_client(
             RedisSettings(url=self.redis_server.url, socket_timeout_s=0.05))
@@ -225,9 +207,7 @@ class Bench:
             await conn.aclose()
         await self.redis.aclose()
         await self.http.close()
-        assert self.crm_proc.stdin is not None
-        self.crm_proc.stdin.close()
-        self.crm_proc.wait(timeout=10)
+        self.crm.close()
         self.redis_server.close()
 
     def print(self) -> bool:
@@ -236,15 +216,15 @@ class Bench:
         print(f"\nbench_crm_lookup: cold callers (every call a CRM lookup), open loop "
               f"{a.rate}/s, {a.calls} calls x {a.rounds} rounds per configuration, "
               f"CRM on loopback with no added delay, deadline {DEADLINE_S * 1000:.0f} ms\n")
-        base_p99 = pct(self.latencies["one-step"], 99)
+        base_p99 = percentile(self.latencies["one-step"], 99)
         base_cpu = self.cpu["one-step"] / self.calls["one-step"]
         print(f"{'configuration':<12} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
               f"{'p99/one':>8} {'req/call':>9} {'cpu us/call':>12} {'cpu/one':>8} "
               f"{'not found':>9}")
         for name, values in self.latencies.items():
             cpu = self.cpu[name] / self.calls[name]
-            print(f"{name:<12} {pct(values, 50):8.2f} {pct(values, 99):8.2f} "
-                  f"{max(values):8.2f} {pct(values, 99) / base_p99:8.2f} "
+            print(f"{name:<12} {percentile(values, 50):8.2f} {percentile(values, 99):8.2f} "
+                  f"{max(values):8.2f} {percentile(values, 99) / base_p99:8.2f} "
                   f"{self.requests[name] / self.calls[name]:9.2f} {cpu * 1e6:12.0f} "
                   f"{cpu / base_cpu:8.2f} {self.missed[name]:9d}")
         ok = base_p99 <= P99_TARGET_MS

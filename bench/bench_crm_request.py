@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +26,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from multidict import CIMultiDict
 
+from bench.common import ChildServer, percentile
 from router.crm.auth import TokenStore
 from router.crm.config import CrmSettings
 from router.crm.http import CrmHttp
@@ -36,8 +35,9 @@ from router.keys import Keys
 from tests.redis_server import RedisServer
 
 SERVER = """
-import asyncio, sys
+import asyncio
 from aiohttp import web
+from bench.common import serve_until_eof
 
 async def token(request):
     return web.json_response({"access_token": "at-bench", "token_type": "bearer",
@@ -49,26 +49,11 @@ async def customers(request):
     return web.json_response({"results": [{"id": "C1", "name": "Bench"}]},
                              headers={"X-RateLimit-Remaining": "99", "X-RateLimit-Reset": "1"})
 
-async def main():
-    app = web.Application()
-    app.router.add_post("/oauth/token", token)
-    app.router.add_get("/api/customers", customers)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    print(f"http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await runner.cleanup()
-
-asyncio.run(main())
+app = web.Application()
+app.router.add_post("/oauth/token", token)
+app.router.add_get("/api/customers", customers)
+asyncio.run(serve_until_eof(app))
 """
-
-
-def pct(values: Sequence[float], p: float) -> float:
-    """The p-th percentile (nearest rank)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
 async def timed(http: CrmHttp, count: int) -> list[float]:
@@ -107,11 +92,8 @@ async def hooks_us(rounds: int = 200_000) -> tuple[float, float]:
 async def run(args: argparse.Namespace) -> None:
     redis_server = RedisServer()
     redis_server.start()
-    proc = subprocess.Popen(  # noqa: ASYNC220 - once, before any measurement
-        [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True)
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
+    server = ChildServer(SERVER)
+    url = server.url
     redis = aioredis.Redis.from_url(redis_server.url)
     static = CrmHttp(CrmSettings.model_validate(
         {"base_url": url, "auth": {"type": "bearer", "token": "at-bench"}}))
@@ -132,16 +114,17 @@ async def run(args: argparse.Namespace) -> None:
         await static.aclose()
         await oauth.aclose()
         await redis.aclose()
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=10)
+        server.close()
         redis_server.close()
     print(f"{'mode':<8} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for mode, values in results.items():
-        print(f"{mode:<8} {len(values):>8} {pct(values, 50):>8.3f} {pct(values, 99):>8.3f}")
+        print(f"{mode:<8} {len(values):>8} {percentile(values, 50):>8.3f} "
+              f"{percentile(values, 99):>8.3f}")
     s, o = results["static"], results["oauth2"]
-    print(f"oauth2/static: p50 x{pct(o, 50) / pct(s, 50):.2f}, p99 x{pct(o, 99) / pct(s, 99):.2f}")
-    print(f"Redis commands during the oauth2 rounds: {redis_commands} (target 0)")
+    print(f"oauth2/static: p50 x{percentile(o, 50) / percentile(s, 50):.2f}, "
+          f"p99 x{percentile(o, 99) / percentile(s, 99):.2f}")
+    print(f"{'PASS' if redis_commands == 0 else 'FAIL'}: Redis commands during the oauth2 "
+          f"rounds: {redis_commands} (target 0)")
     admit, read = await hooks_us()
     print(f"per request, CPU: RateGate.admit {admit:.2f} µs, read_limits {read:.2f} µs")
 

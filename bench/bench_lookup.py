@@ -21,8 +21,6 @@ import argparse
 import asyncio
 import gc
 import json
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,6 +29,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
+from bench.common import ChildServer, percentile
 from router.crm.config import CrmSettings, sample_crm_section
 from router.crm.rest import RestConnector
 from router.keys import Keys
@@ -44,27 +43,16 @@ from tests.redis_server import RedisServer
 KEYS = Keys(prefix="bench:", secret=b"bench")
 
 
-def pct(values: Sequence[float], p: float) -> float:
-    """The p-th percentile (nearest rank)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
-
-
 CRM_PROCESS = """
 import asyncio, sys
-from router.samplecrm import make_app, start_sample_crm
+from bench.common import serve_until_eof
+from router.samplecrm import make_app
 
-async def main(count):
-    customers = [{"id": f"B-{i:05d}", "name": f"Bench {i}", "phones": [f"+86138{i:08d}"],
-                  "tier": "gold", "value": 1000.0, "owner": {"id": "7001", "name": "Agent"},
-                  "tags": [], "open_tickets": 0, "language": "zh",
-                  "updated_at": "2025-01-01T00:00:00Z"} for i in range(count)]
-    runner, url = await start_sample_crm(app=make_app(customers, delays={}))
-    print(url, flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await runner.cleanup()
-
-asyncio.run(main(int(sys.argv[1])))
+customers = [{"id": f"B-{i:05d}", "name": f"Bench {i}", "phones": [f"+86138{i:08d}"],
+              "tier": "gold", "value": 1000.0, "owner": {"id": "7001", "name": "Agent"},
+              "tags": [], "open_tickets": 0, "language": "zh",
+              "updated_at": "2025-01-01T00:00:00Z"} for i in range(int(sys.argv[1]))]
+asyncio.run(serve_until_eof(make_app(customers, delays={})))
 """
 
 
@@ -80,16 +68,13 @@ class Bench:
         self.args = args
         self.redis_server = RedisServer()
         self.rows: list[tuple[str, str]] = []
+        self.verdicts: list[tuple[bool, str]] = []  # (met, target): issue 3's targets
 
     async def start(self) -> None:
         """Start Redis and the sample CRM process with a delay on every lookup."""
         self.redis_server.start()
-        self.crm_proc = subprocess.Popen(  # noqa: ASYNC220 - once, before any measurement
-            [sys.executable, "-c", CRM_PROCESS, str(self.args.numbers)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        assert self.crm_proc.stdout is not None
-        self.url = self.crm_proc.stdout.readline().strip()
+        self.crm = ChildServer(CRM_PROCESS, str(self.args.numbers))
+        self.url = self.crm.url
         self.http = aiohttp.ClientSession(self.url)
         section = sample_crm_section(self.url)
         section["auth"] = {"type": "none"}
@@ -127,9 +112,7 @@ class Bench:
         await self.redis.aclose()
         await self.connector.aclose()
         await self.http.close()
-        assert self.crm_proc.stdin is not None
-        self.crm_proc.stdin.close()
-        self.crm_proc.wait(timeout=10)
+        self.crm.close()
         self.redis_server.close()
 
     def lookup(self, **cache: Any) -> CachedLookup:
@@ -153,9 +136,9 @@ class Bench:
 
     def row(self, name: str, latencies: list[float], sources: Counter[str]) -> None:
         """Record a latency row."""
-        self.rows.append((name, f"p50 {pct(latencies, 50):7.3f} ms  p99 {pct(latencies, 99):7.3f}"
-                          f" ms  max {max(latencies):7.3f} ms  n={len(latencies)}  "
-                          f"{dict(sources)}"))
+        self.rows.append((name, f"p50 {percentile(latencies, 50):7.3f} ms  "
+                          f"p99 {percentile(latencies, 99):7.3f} ms  "
+                          f"max {max(latencies):7.3f} ms  n={len(latencies)}  {dict(sources)}"))
 
     async def warm(self) -> None:
         """Scenarios 1 and 2: warm cache, LRU and Redis."""
@@ -189,6 +172,8 @@ class Bench:
         self.row(f"stalled CRM, deadline {a.deadline_ms} ms", lat, src)
         late = sum(1 for v in lat if v > a.deadline_ms + 20)
         self.rows.append(("  calls later than deadline + 20 ms", str(late)))
+        self.verdicts.append((late == 0, f"stalled CRM: every find() back within deadline + "
+                              f"20 ms ({late} of {len(lat)} later)"))
         await lookup.aclose()
         await self.fault(None)
 
@@ -209,8 +194,11 @@ class Bench:
         await lookup.drain(30)
         sources = Counter(r.source for r in results)
         late = sum(1 for r in results if r.elapsed_ms > a.deadline_ms + 20)
+        requests = await self.crm_lookups()
+        self.verdicts.append((requests == distinct, f"cold burst of {a.burst} calls from "
+                              f"{distinct} numbers: {requests} CRM requests (one per number)"))
         self.rows.append((f"cold burst: {a.burst} calls, {distinct} numbers",
-                          f"CRM requests {await self.crm_lookups()} (expected {distinct}); "
+                          f"CRM requests {requests} (expected {distinct}); "
                           f"gather {took:.0f} ms; max find {max(r.elapsed_ms for r in results):.0f}"
                           f" ms; late {late}; {dict(sources)}"))
         await lookup.aclose()
@@ -223,6 +211,9 @@ class Bench:
         width = max(len(name) for name, _ in self.rows)
         for name, value in self.rows:
             print(f"{name:<{width}}  {value}")
+        print()
+        for ok, target in self.verdicts:
+            print(f"{'PASS' if ok else 'FAIL'}: {target}")
 
 
 async def main(args: argparse.Namespace) -> None:

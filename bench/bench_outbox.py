@@ -26,6 +26,7 @@ from pathlib import Path
 import aiohttp
 from redis.asyncio import Redis
 
+from bench.common import percentile
 from router.keys import Keys
 from router.records.delivery import DeliveryWorker
 from router.records.outbox import Outbox
@@ -35,11 +36,8 @@ from tests.router.records.outbox_crm import FakeCrm, HttpSink, call_record, outb
 
 
 def pct(values: list[float], p: float) -> float:
-    """The p-th percentile (nearest rank) in milliseconds."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+    """The p-th percentile (nearest rank) of ``values`` in seconds, in milliseconds."""
+    return percentile(values, p) * 1000
 
 
 async def baseline(crm: FakeCrm, n: int, concurrency: int) -> tuple[float, list[float]]:

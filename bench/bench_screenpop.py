@@ -40,28 +40,15 @@ import gc
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections import defaultdict
 from typing import Any
 
+from bench.common import percentile
+from tests.redis_server import free_port
+
 TARGET_P99_MS = 50.0
-
-
-def free_port() -> int:
-    """An unused loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    from router.web.stats import percentile
-
-    found = percentile(values, q)
-    return float("nan") if found is None else found
 
 
 def token(i: int) -> str:
@@ -421,15 +408,16 @@ async def measure(args: argparse.Namespace, redis_url: str) -> dict[str, Any] | 
         (f"ring -> card on each of {args.agents} pages, burst, ms", burst),
     ]
     for label, values in rows:
-        print(f"{label:52} {len(values):6d} {pct(values, .5):9.3f} {pct(values, .99):9.3f} "
-              f"{max(values) if values else float('nan'):9.3f}")
-    p99 = max(pct(steady, .99), pct(burst, .99))
+        print(f"{label:52} {len(values):6d} {percentile(values, 50):9.3f} "
+              f"{percentile(values, 99):9.3f} {max(values) if values else float('nan'):9.3f}")
+    p99 = max(percentile(steady, 99), percentile(burst, 99))
     ok = p99 <= TARGET_P99_MS and missing == 0 and len(burst) == args.agents
     print(f"ring -> card p99 {p99:.1f} ms (steady and burst) vs target "
           f"{TARGET_P99_MS:.0f} ms; live view / tracker per event "
-          f"{pct(live, .5) / max(pct(track, .5), 1e-9):.2f}x at p50 -> "
+          f"{percentile(live, 50) / max(percentile(track, 50), 1e-9):.2f}x at p50 -> "
           f"{'PASS' if ok else 'FAIL'}")
-    return {"ok": ok, "p99": p99, "p50": pct(steady + burst, .5), "live_p50": pct(live, .5),
+    return {"ok": ok, "p99": p99, "p50": percentile(steady + burst, 50),
+            "live_p50": percentile(live, 50),
             "cards": len(steady) + len(burst), "audited": stats["audited"],
             "audit_stored": stats["audit_stored"]}
 
