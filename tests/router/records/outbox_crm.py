@@ -198,8 +198,10 @@ class Harness:
 
         self.settings = outbox_settings(**settings)
         self.keys = Keys(prefix="t:")
+        # a stopped Redis refuses at once; the connect timeout only has to outlast a
+        # loaded machine opening dozens of connections at once (0.2 s spooled records)
         self.redis = Redis.from_url(
-            redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=0.2,
+            redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0,
             retry=Retry(NoBackoff(), 1),
         )
         self.crm = crm
