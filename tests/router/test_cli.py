@@ -32,11 +32,14 @@ def write_config(tmp_path: Path, crm_url: str, redis_url: str, rules: Path | Non
     return path
 
 
-@pytest.fixture
-def sample_crm(tmp_path: Path, redis_server: RedisServer) -> Iterator[Path]:
-    """`callroute sample-crm` running in a subprocess; yields a config pointing at it."""
+@pytest.fixture(scope="module")
+def sample_crm_url(tmp_path_factory: pytest.TempPathFactory,
+                   redis_server: RedisServer) -> Iterator[str]:
+    """`callroute sample-crm` running in a subprocess, for the module's tests (they only
+    read from it); yields its URL."""
     port = free_port()
-    config = write_config(tmp_path, f"http://127.0.0.1:{port}", redis_server.url)
+    url = f"http://127.0.0.1:{port}"
+    config = write_config(tmp_path_factory.mktemp("sample-crm"), url, redis_server.url)
     proc = subprocess.Popen([sys.executable, "-m", "router.cli", "sample-crm", "--config",
                              str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -49,12 +52,18 @@ def sample_crm(tmp_path: Path, redis_server: RedisServer) -> Iterator[Path]:
                 time.sleep(0.05)
         else:
             pytest.fail("sample CRM did not start")
-        yield config
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+@pytest.fixture
+def sample_crm(tmp_path: Path, sample_crm_url: str, redis_server: RedisServer) -> Path:
+    """A config in the test's own folder pointing at the running sample CRM."""
+    return write_config(tmp_path, sample_crm_url, redis_server.url)
 
 
 def test_check_accepts_the_examples(capsys: pytest.CaptureFixture[str]) -> None:
