@@ -101,6 +101,24 @@ async def running_crm(**kwargs: Any) -> AsyncIterator[RunningCrm]:
 
 
 @asynccontextmanager
+async def serving(app: web.Application, *, tls: Path | None = None) -> AsyncIterator[str]:
+    """Serve ``app`` on a free 127.0.0.1 port for the block; yields its base URL.
+    ``tls``: a directory holding cert.pem/key.pem (see :func:`write_test_cert`)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls / "cert.pem", tls / "key.pem")
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
 async def connector(settings: CrmSettings) -> AsyncIterator[RestConnector]:
     """A :class:`RestConnector` closed after the block."""
     conn = RestConnector(settings)
@@ -149,20 +167,8 @@ async def scripted_server(
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    context = None
-    if tls is not None:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(tls / "cert.pem", tls / "key.pem")
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
-    await site.start()
-    port = runner.addresses[0][1]
-    box.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-    try:
+    async with serving(app, tls=tls) as box.url:
         yield box
-    finally:
-        await runner.cleanup()
 
 
 def _parse(raw: bytes) -> Any:

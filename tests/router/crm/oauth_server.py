@@ -25,6 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.crm_server import serving
+
 CLIENT_ID = "callroute-client"
 CLIENT_SECRET = "cs-SECRET-4711"
 REFRESH_TOKEN = "rt-SECRET-0001"
@@ -112,12 +114,5 @@ async def oauth_server(**knobs: Any) -> AsyncIterator[OAuthServer]:
     app = web.Application()
     app.router.add_post("/oauth/token", server.token)
     app.router.add_route("*", "/api/{tail:.*}", server.api)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serving(app) as server.url:
         yield server
-    finally:
-        await runner.cleanup()

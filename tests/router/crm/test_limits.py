@@ -25,6 +25,7 @@ from router.lookup.breaker import State
 from router.lookup.cache import CacheEntry
 from router.metrics import REGISTRY
 from router.models import Customer
+from tests.crm_server import serving
 from tests.router.lookup.cache_crm import make_lookup, num, redis_fixture  # noqa: F401
 
 NOW = 1_800_000_000.0
@@ -117,15 +118,8 @@ async def limited_crm(crm: Any) -> AsyncIterator[Any]:
     """Serve ``crm.handle`` for every path on 127.0.0.1."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", crm.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    crm.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serving(app) as crm.url:
         yield crm
-    finally:
-        await runner.cleanup()
 
 
 def settings(url: str, **limits: Any) -> CrmSettings:

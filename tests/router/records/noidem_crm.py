@@ -37,6 +37,7 @@ import pytest
 from aiohttp import web
 
 from router.crm.config import CrmSettings
+from tests.crm_server import serving
 
 TOKEN = "pat-na1-SECRET-0042"
 BODY_PROPERTY = {"calls": "hs_call_body", "tasks": "hs_task_body"}
@@ -175,27 +176,16 @@ async def _drop(request: web.Request) -> web.StreamResponse:
     return web.Response(status=500)
 
 
-async def start_crm(crm: NoIdemCrm) -> web.AppRunner:
-    """Serve ``crm`` on 127.0.0.1; sets ``crm.url``."""
+@pytest.fixture(name="noidem")
+async def noidem_fixture() -> AsyncIterator[NoIdemCrm]:
+    """A running NoIdemCrm on 127.0.0.1."""
+    crm = NoIdemCrm()
     app = web.Application()
     app.router.add_post("/crm/v3/objects/{type}/search", crm.search)
     app.router.add_post("/crm/v3/objects/{type}", crm.create)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    crm.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    return runner
-
-
-@pytest.fixture(name="noidem")
-async def noidem_fixture() -> AsyncIterator[NoIdemCrm]:
-    """A running NoIdemCrm."""
-    crm = NoIdemCrm()
-    runner = await start_crm(crm)
-    yield crm
-    crm.release.set()
-    await runner.cleanup()
+    async with serving(app) as crm.url:
+        yield crm
+        crm.release.set()
 
 
 def _find(type_: str, prop: str, settle_s: float) -> dict[str, Any]:
