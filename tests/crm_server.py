@@ -6,7 +6,6 @@ Everything listens on 127.0.0.1 with port 0 and is stopped by the context manage
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ from aiohttp import web
 from router.crm.config import CrmSettings
 from router.crm.rest import RestConnector
 from router.samplecrm import Faults, SampleCrm, make_app, start_sample_crm, state_of
+from tests.redis_server import free_port
 
 #: A self-signed certificate for 127.0.0.1 / localhost (valid for 100 years), and its key.
 #: Test-only material: generated with ``openssl req -x509 -newkey rsa:2048 -nodes``.
@@ -188,9 +188,5 @@ def write_test_cert(directory: Path) -> Path:
     return directory / "cert.pem"
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+#: A loopback port nothing listens on (bound, then released): a CRM address with no server.
+closed_port = free_port
