@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from ami.peer import AmiPeer, Recording
@@ -98,6 +99,14 @@ class WebService:
         env = build_environment(caller, name, "4008001000", uniqueid, port=port)
         result = await AsteriskAgiPeer("127.0.0.1", port, env).run()
         return dict(result.variables)
+
+
+@pytest.fixture(name="redis")
+async def redis_fixture(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of the test Redis (flushed), answering str."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
 
 
 def web_settings(**changes: Any) -> WebSettings:

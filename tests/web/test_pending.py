@@ -5,10 +5,8 @@ get none; only the agent's own, masked, encrypted at rest."""
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import redis.asyncio as aioredis
 
 from router.crypto import KeyRing
@@ -25,14 +23,6 @@ def record(lid: str, agent: str = "7001", **fields: Any) -> dict[str, Any]:
             "outcome": "answered", "customer_id": "C-1001", "customer_tier": "gold",
             "caller": "+8613800138000", "caller_name": "LI LEI MOBILE",
             "start": "2026-11-22T01:10:00+00:00", "talk_s": 42.0, "queue": "vip", **fields}
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """A client of the test Redis (flushed)."""
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 def rig(redis: aioredis.Redis, *, late_s: float = 3600, hold_s: float = 60,

@@ -4,7 +4,7 @@ one record per call, with the disposition, whatever the order of events."""
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -48,14 +48,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """A client of the test Redis (flushed)."""
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 def make(redis: aioredis.Redis, hold_s: float = 60) -> tuple[Wrapup, Outbox, Clock, list[Any]]:
