@@ -167,10 +167,7 @@ async def service(redis_url: str, tmp_path: Path,
             except aiohttp.ClientError:
                 return False
 
-        for _ in range(200):
-            if await up():
-                break
-            await asyncio.sleep(0.02)
+        await wait_for(up)
         yield WebService(settings, app, ami, admin, tokens)
     finally:
         stop.set()

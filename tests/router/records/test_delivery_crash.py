@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.router.records.outbox_crm import FakeCrm, Harness, call_record, crm_fixture, wait_until  # noqa: F401  (fixtures)
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -55,10 +56,7 @@ async def test_killed_while_crm_answers_is_reposted_with_same_key(
             await wait_until(lambda: crm.count()["call-1"] == 2)
             await wait_until(lambda: len(crm.received) == 2)
             assert crm.objects() == {"call-1"}
-            for _ in range(100):
-                if await h.redis.exists(h.keys.delivered("call-1")):
-                    break
-                await asyncio.sleep(0.05)
+            await wait_for(lambda: h.redis.exists(h.keys.delivered("call-1")), 5)
             assert await h.redis.exists(h.keys.delivered("call-1")) == 1
             assert await h.redis.xlen(h.keys.outbox_stream) == 0
         finally:
@@ -86,10 +84,7 @@ async def test_killed_after_send_before_ack_does_not_resend(
         assert (await h.redis.xpending(h.keys.outbox_stream, "delivery"))["pending"] == 1
         second = await spawn(redis_url, crm)
         try:
-            for _ in range(200):
-                if await h.redis.exists(h.keys.delivered("call-1")):
-                    break
-                await asyncio.sleep(0.02)
+            await wait_for(lambda: h.redis.exists(h.keys.delivered("call-1")), 5)
             assert await h.redis.exists(h.keys.delivered("call-1")) == 1
             assert await h.redis.xlen(h.keys.outbox_stream) == 0
             assert crm.count() == {"call-1": 1}
