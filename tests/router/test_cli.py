@@ -259,6 +259,16 @@ def test_dev_help_prints_a_usage_text() -> None:
     assert "explain" in proc.stdout.split("callroute's commands")[1]
 
 
+def test_dev_audit_with_arguments_is_callroutes_audit_trail() -> None:
+    """`./dev audit` alone audits the dependencies; with arguments it is callroute's own
+    `audit` command, as every other command ./dev does not know (it used to run the
+    dependency audit and drop them)."""
+    env = {**os.environ, "CALLROUTE_VENV": sys.prefix}
+    proc = subprocess.run([str(ROOT / "dev"), "audit", "list", "--help"], capture_output=True,
+                          text=True, timeout=60, env=env, check=True)
+    assert proc.stdout.startswith("usage: callroute audit list")
+
+
 def test_init_writes_the_starting_files(tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """`init DIR` writes a commented config, the example rules, the CRM examples and the
