@@ -62,15 +62,24 @@ def parse_utc_offset(text: str | None) -> int | None:
 
 
 def infer_offset(cdrs: Iterable[Mapping[str, str]]) -> int | None:
-    """The UTC offset (s) of these Cdrs' times, from the Cdr whose start is closest to its
-    channel's creation; None when no Cdr has both a start and a Uniqueid epoch, or the
-    offset found is none a zone can have."""
-    best: tuple[float, int] | None = None
+    """The UTC offset (s) of these Cdrs' times, from the channel whose first Cdr starts
+    closest to its creation; None when no Cdr has both a start and a Uniqueid epoch, or
+    the offset found is none a zone can have.
+
+    Only each channel's first Cdr counts: a later one (the same caller dialling again,
+    a queue ringing another agent) starts when that leg began, and one begun a whole
+    number of quarter hours after the channel's creation would look like a closer fit."""
+    firsts: dict[str, tuple[int, datetime]] = {}
     for cdr in cdrs:
-        epoch = uid_epoch(cdr.get("UniqueID") or cdr.get("Uniqueid"))
+        uid = cdr.get("UniqueID") or cdr.get("Uniqueid") or ""
+        epoch = uid_epoch(uid)
         start = naive_cdr_time(cdr.get("StartTime"))
         if epoch is None or start is None:
             continue
+        if uid not in firsts or start < firsts[uid][1]:
+            firsts[uid] = (epoch, start)
+    best: tuple[float, int] | None = None
+    for epoch, start in firsts.values():
         diff = start.replace(tzinfo=UTC).timestamp() - epoch
         offset = round(diff / QUARTER_HOUR_S) * QUARTER_HOUR_S
         residual = abs(diff - offset)

@@ -44,6 +44,18 @@ def test_offset_inferred_from_the_call_itself() -> None:
     assert infer_offset([cdr(f"{epoch}.3", "2026-12-01 05:42:15")]) == -(5 * 3600 + 30 * 60)
 
 
+def test_a_later_cdr_of_the_same_channel_never_dates_the_offset() -> None:
+    """A UTC+8 caller whose first Cdr was written a second after its Uniqueid's epoch
+    (the second turned in between) and that a queue rang again exactly 15 minutes later
+    (a second Cdr of the same channel): the later Cdr fits a quarter hour better but
+    starts at that ring, not at the channel's creation, so the offset stays +8 h, not
+    +8 h 15."""
+    epoch = int(datetime(2026, 12, 1, 11, 12, 14, tzinfo=UTC).timestamp())
+    cdrs = [cdr(f"{epoch}.3", "2026-12-01 19:12:15"), cdr(f"{epoch}.3", "2026-12-01 19:27:14")]
+    assert infer_offset(cdrs) == 8 * 3600
+    assert infer_offset(list(reversed(cdrs))) == 8 * 3600
+
+
 def test_no_evidence_no_offset() -> None:
     """No Uniqueid epoch, no start, or a start far from any quarter hour: unknown."""
     assert infer_offset([]) is None
