@@ -228,12 +228,6 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         stack.push_async_callback(watcher.stop)
 
         web_parts = _web_parts(settings, presence, router) if settings.web.enabled else None
-        agi = AgiServer(settings.agi)
-        agi.route("route", make_route_handler(
-            router, web_parts.decisions.put if web_parts is not None else None))
-        await agi.start()
-        log.info("FastAGI on %s:%d", settings.agi.host, agi.port)
-        stack.push_async_callback(agi.stop, settings.agi.shutdown_grace_s)
 
         def agents() -> dict[str, str]:
             return {device_of(a.dial): agent for agent, a in watcher.current().agents.items()}
@@ -241,6 +235,14 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         background = await _start_records(settings, presence, stack, agents, link, web_parts,
                                           _customer_finder(settings, router),
                                           recording_links(settings))
+        # after the records: on the way out the calls in flight finish their routing
+        # while AMI still follows them and delivery still runs
+        agi = AgiServer(settings.agi)
+        agi.route("route", make_route_handler(
+            router, web_parts.decisions.put if web_parts is not None else None))
+        await agi.start()
+        log.info("FastAGI on %s:%d", settings.agi.host, agi.port)
+        stack.push_async_callback(agi.stop, settings.agi.shutdown_grace_s)
         checks = RulesChecks(settings, watcher.current, background.ami)
         checks.run()
         watcher.listeners.append(checks.on_reload)

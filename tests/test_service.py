@@ -32,6 +32,8 @@ class Service:
     settings: Settings
     crm: web.Application
     ami: AmiPeer
+    stop: asyncio.Event
+    task: asyncio.Task[int]
 
 
 def activities(app: web.Application) -> list[dict[str, object]]:
@@ -63,7 +65,7 @@ async def service(redis_url: str, tmp_path: Path, fixtures_dir: Path) -> AsyncIt
     try:
         await wait_for(lambda: ami.logins >= 1 or task.done())
         assert not task.done(), task.exception()
-        yield Service(settings, app, ami)
+        yield Service(settings, app, ami, stop, task)
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
@@ -105,6 +107,31 @@ async def test_routes_calls_and_reports_ready(service: Service) -> None:
             assert r.status == 200
         async with http.get(f"{admin}/metrics") as r:
             assert "callroute_decisions_total" in await r.text()
+
+
+async def test_orderly_stop_finishes_routing_before_ami_goes(service: Service) -> None:
+    """Stopping while a call is being routed: the FastAGI session in flight is finished
+    first (its commands are answered), and only then does callroute log off AMI, so the
+    calls routed last are still followed."""
+    env = build_environment("+8613800138000", "Li Lei", "4008001000",
+                            port=service.settings.agi.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.settings.agi.port)
+    try:
+        writer.write(env)
+        first = await asyncio.wait_for(reader.readline(), 5)
+        assert first.startswith(b"SET VARIABLE")
+        service.stop.set()
+        await asyncio.sleep(0.3)
+        assert not service.task.done()
+        assert [a for a in service.ami.actions if a.get("Action") == "Logoff"] == []
+        while True:  # answer every command until the server closes the session
+            writer.write(b"200 result=1\n")
+            if not await asyncio.wait_for(reader.readline(), 5):
+                break
+    finally:
+        writer.close()
+    assert await asyncio.wait_for(service.task, 20) == 0
+    assert [a.get("Action") for a in service.ami.actions][-1] == "Logoff"
 
 
 async def test_deliver_alone_posts_what_waits_in_the_outbox(
