@@ -527,10 +527,13 @@ class RulesChecks:
         self.rules = rules
         self.ami = ami
         self._task: asyncio.Task[Any] | None = None
+        self._stopped = False
 
     def run(self) -> None:
         """Warn about queues missing from ``routing.queues`` now, and compare with
-        Asterisk in the background (once AMI is up)."""
+        Asterisk in the background (once AMI is up); nothing once stopped."""
+        if self._stopped:
+            return
         _warn_unknown_queues(self.settings, self.rules())
         if self.ami is None:
             return
@@ -550,7 +553,9 @@ class RulesChecks:
             self._task.cancel()
 
     async def stop(self) -> None:
-        """Cancel a comparison under way and wait for it to end."""
+        """Cancel a comparison under way and wait for it to end; a reload after this (the
+        rules watcher stops later) starts none, which would wait for AMI forever."""
+        self._stopped = True
         if self._task is not None:
             await _cancel(self._task)
 

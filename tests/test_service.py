@@ -134,6 +134,31 @@ async def test_orderly_stop_finishes_routing_before_ami_goes(service: Service) -
     assert [a.get("Action") for a in service.ami.actions][-1] == "Logoff"
 
 
+async def test_rules_checks_start_nothing_once_stopped() -> None:
+    """A rules reload that lands while serve shuts down, after the comparison with Asterisk
+    was stopped (the rules watcher stops later), starts no new comparison: it would wait
+    for an AMI connection that never comes back, left running past the stop."""
+    from ami.client import AmiClient
+    from router.app import RulesChecks
+    from router.rules.decide import load_rules
+
+    settings = load_settings(ROOT / "examples" / "config.yaml")
+    rules = load_rules(settings.path(settings.routing.rules),
+                       default_queue=settings.routing.default_queue)
+    checks = RulesChecks(settings, lambda: rules, AmiClient(settings.ami))
+
+    def comparing() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == "asterisk-check"
+                and not t.done()]
+
+    checks.run()
+    assert len(comparing()) == 1
+    await checks.stop()
+    assert comparing() == []
+    checks.on_reload("file-watch", "before", "after", True)
+    assert comparing() == []
+
+
 async def test_deliver_alone_posts_what_waits_in_the_outbox(
         redis_url: str, tmp_path: Path) -> None:
     """``callroute deliver`` (no FastAGI, no AMI) posts a record that waits in the outbox
