@@ -31,6 +31,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 
 from router.audit import AuditEntry, AuditLog, state_hash
 from router.auth.access import (
@@ -99,7 +100,7 @@ def auth_context(deps: AdminDeps) -> AuthContext:
 def make_admin_app(deps: AdminDeps) -> web.Application:
     """Build the aiohttp application (webhook and page routes are added by the caller;
     each declares its access rule, and the middleware refuses routes that do not)."""
-    app = web.Application(middlewares=[access_middleware(auth_context(deps))],
+    app = web.Application(middlewares=[_unavailable, access_middleware(auth_context(deps))],
                           client_max_size=1024 * 1024)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz(deps))
@@ -132,6 +133,19 @@ def _json(body: Any, status: int = 200) -> web.Response:
         text=json.dumps(body, default=str, ensure_ascii=False, indent=1),
         status=status, content_type="application/json",
     )
+
+
+@web.middleware
+async def _unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Redis (or another store) that cannot be reached answers 503 with one line, and
+    one log line, instead of a 500 and a traceback (an operator retrying dead letters
+    or reading the audit trail while Redis is down)."""
+    try:
+        return await handler(request)
+    except (RedisError, OSError) as exc:
+        what = f"{type(exc).__name__}: {exc}"
+        log.warning("%s %s: unavailable: %s", request.method, request.path, what)
+        return _json({"error": "unavailable", "detail": what}, status=503)
 
 
 @public("liveness probe: says only that the process answers")

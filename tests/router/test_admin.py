@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -14,6 +15,7 @@ from aiohttp.test_utils import TestServer
 from router import metrics
 from router.admin import AdminDeps, make_admin_app
 from router.rules.presence import Presence
+from tests.redis_server import RedisServer
 
 
 async def _serve(app: web.Application) -> AsyncIterator[str]:
@@ -104,3 +106,40 @@ async def test_token_protects_everything_but_health() -> None:
                 assert r.status == 200
             async with http.get(f"{url}/api/outbox", headers={"Authorization": "Bearer t0k"}) as r:
                 assert r.status == 503
+
+
+async def test_redis_down_is_a_503_with_one_line(own_redis: RedisServer,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """POST /api/outbox/retry while the redis-server is stopped answers 503 with what
+    failed and logs one warning line, not a 500 with a traceback; with Redis back the
+    same request works."""
+    from redis.asyncio import Redis
+
+    from router.keys import Keys
+    from router.records.outbox_cli import retry_dead
+
+    redis = Redis.from_url(own_redis.url, socket_connect_timeout=0.5)
+
+    async def retry(wanted: list[str] | None) -> list[str]:
+        return await retry_dead(redis, Keys(), wanted)
+
+    own_redis.stop()
+    try:
+        async for url in _serve(make_admin_app(AdminDeps(outbox_retry=retry))):
+            async with aiohttp.ClientSession() as http:
+                with caplog.at_level(logging.WARNING):
+                    async with http.post(f"{url}/api/outbox/retry", json={}) as r:
+                        assert r.status == 503
+                        body = await r.json()
+                assert body["error"] == "unavailable"
+                assert "ConnectionError" in body["detail"]
+                problems = [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+                assert len(problems) == 1
+                assert problems[0].exc_info is None
+                assert "/api/outbox/retry" in problems[0].getMessage()
+                own_redis.start()
+                async with http.post(f"{url}/api/outbox/retry", json={}) as r:
+                    assert r.status == 200
+                    assert await r.json() == {"retried": []}
+    finally:
+        await redis.aclose()
