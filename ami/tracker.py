@@ -41,7 +41,7 @@ from ami.records import CallRecord, HangupCause, Outcome, record_key_for
 from router.log import bind_call, mask_record
 from router.models import NumberKind
 from router.phone import normalize
-from router.rules.presence import Presence, device_of
+from router.rules.presence import Presence, device_of, member_state
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,6 @@ UNKNOWN_IDS = frozenset({"", "<unknown>", "unknown"})
 #: Q.850 causes that mean the call failed rather than that somebody hung up.
 FAILURE_CAUSES = frozenset({1, 2, 3, 21, 22, 27, 28, 34, 38, 41, 42, 44, 47, 58, 66, 88, 102,
                             111, 127})
-#: Queue member Status codes (app_queue) to device state names.
-MEMBER_STATUS = {
-    "0": "UNKNOWN", "1": "NOT_INUSE", "2": "INUSE", "3": "BUSY", "4": "INVALID",
-    "5": "UNAVAILABLE", "6": "RINGING", "7": "RINGINUSE", "8": "ONHOLD",
-}
 #: Headers not worth keeping in a record's Cdr rows.
 _CDR_DROP = frozenset({"Event", "Privilege"})
 _DONE_MEMORY = 100_000
@@ -582,7 +577,7 @@ class CallTracker:
         if self.presence is None:
             return
         device = h.get("StateInterface") or h.get("Interface") or h.get("Location")
-        state = MEMBER_STATUS.get(h.get("Status", ""))
+        state = member_state(h.get("Status"))
         if device and state and state != "UNKNOWN":
             self.presence.update(device, state)
 

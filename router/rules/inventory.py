@@ -27,11 +27,7 @@ from typing import Protocol
 
 from router.rules.compiler import DialRoute, Route, TerminalRoute
 from router.rules.decide import RuleSet
-from router.rules.presence import device_of
-
-#: ``QueueMember`` ``Status`` numbers (Asterisk's ``enum ast_device_state``).
-DEVICE_STATES = ("UNKNOWN", "NOT_INUSE", "INUSE", "BUSY", "INVALID", "UNAVAILABLE",
-                 "RINGING", "RINGINUSE", "ONHOLD")
+from router.rules.presence import device_of, member_state
 
 
 @dataclass(frozen=True)
@@ -149,9 +145,9 @@ def queue_view(events: Sequence[Headers], view: AsteriskView | None = None) -> A
                 continue
             device = device_of(interface)
             view.queues.setdefault(queue, set()).add(device)
-            status = event.get("Status") or ""
-            if status.isdigit() and int(status) < len(DEVICE_STATES):
-                view.states.setdefault(device, DEVICE_STATES[int(status)])
+            state = member_state(event.get("Status"))
+            if state is not None:
+                view.states.setdefault(device, state)
     return view
 
 

@@ -16,6 +16,18 @@ AVAILABLE = frozenset({"NOT_INUSE", "IDLE"})
 UNAVAILABLE = frozenset({"INUSE", "BUSY", "UNAVAILABLE", "INVALID", "RINGING", "RINGINUSE",
                          "ONHOLD"})
 
+#: Asterisk's device states by number (``enum ast_device_state``): a queue member's
+#: ``Status`` in ``QueueMember`` and ``QueueMemberStatus`` events.
+DEVICE_STATES = ("UNKNOWN", "NOT_INUSE", "INUSE", "BUSY", "INVALID", "UNAVAILABLE",
+                 "RINGING", "RINGINUSE", "ONHOLD")
+_BY_NUMBER = {str(number): state for number, state in enumerate(DEVICE_STATES)}
+
+
+def member_state(status: str | None) -> str | None:
+    """The device state name of a queue member's ``Status`` number (``"2"``: ``INUSE``),
+    or None when it is not one."""
+    return _BY_NUMBER.get(status or "")
+
 
 def device_of(dial_string: str) -> str:
     """The device name of a dial string: ``PJSIP/7001`` from ``PJSIP/7001/sip:...``,
