@@ -374,9 +374,7 @@ class CallTracker:
                 # a channel first seen mid-life: its earlier events were missed
                 call.incomplete = True
                 self._adopted.append(lid)
-            self._uid_lid[uid] = lid
-            call.live.add(uid)
-            call.names[uid] = h.get("Channel", uid)
+            self._join(call, uid, h)
             if call.first_uid is None or uid == lid:
                 call.first_uid = uid
             return call
@@ -403,9 +401,7 @@ class CallTracker:
         """A channel's Linkedid changed (transfer): follow it to its new call."""
         old = self._calls.get(old_lid)
         new = self._calls.get(new_lid) or self._new_call(new_lid, self._event_time(h))
-        self._uid_lid[uid] = new_lid
-        new.live.add(uid)
-        new.names[uid] = h.get("Channel", uid)
+        self._join(new, uid, h)
         if new.first_uid is None:
             new.first_uid = uid
         if old is not None:
@@ -414,6 +410,19 @@ class CallTracker:
             if not old.live:
                 self._close(old, self._event_time(h))
         return new
+
+    def _join(self, call: _Call, uid: str, h: dict[str, str]) -> None:
+        """Channel ``uid`` is up and part of ``call``. A call that had closed (its only
+        channels seen were gone: a call first seen by a hangup, just after a (re)connect)
+        is open again: it is finalised when this channel is gone too."""
+        self._uid_lid[uid] = call.linkedid
+        call.live.add(uid)
+        call.names[uid] = h.get("Channel", uid)
+        if call.closed_at is not None:
+            call.closed_at = None
+            call.end_time = None
+            self._closed.pop(call.linkedid, None)
+            self._ready.pop(call.linkedid, None)
 
     def _close(self, call: _Call, now: float) -> None:
         call.closed_at = now

@@ -399,3 +399,40 @@ def test_a_record_that_cannot_be_built_is_still_posted(
     assert records[0].record_key == "call:1795338333.0"
     assert records[0].caller_raw == "+8613800138000"
     assert records[0].outcome == "answered"
+
+
+def test_a_call_seen_first_by_a_hangup_is_reopened_by_its_live_channels() -> None:
+    """Just after callroute starts (before CoreShowChannels is in), the first event of a
+    call waiting in a queue can be the hangup of an agent leg that rang out: the call,
+    whose only known channels are gone, closes. When the queue rings the next agent and
+    CoreShowChannels shows the caller, the call is open again: it is not finalised while
+    they are up (the grace passing), and its one record comes when they hang up."""
+    now = [100.0]
+    records: list[CallRecord] = []
+    tracker = CallTracker(records.append, clock=lambda: now[0])
+
+    def channel(event: str, uid: str, name: str, **extra: str) -> Message:
+        return Message({"Event": event, "Uniqueid": uid, "Linkedid": "1795338600.10",
+                        "Channel": name, **extra})
+
+    caller = ("1795338600.10", "Local/4008001000@inbound-0000000a;1")
+    inbound = ("1795338600.11", "Local/4008001000@inbound-0000000a;2")
+    ring_out = [("1795338601.12", "Local/7001@agents-0000000b;1"),
+                ("1795338601.13", "Local/7001@agents-0000000b;2")]
+    second = ("1795338616.14", "Local/7002@agents-0000000c;1")
+    for uid, name in ring_out:
+        tracker.handle(channel("Hangup", uid, name, Cause="16"))
+    tracker.handle(channel("Newchannel", *second))
+    tracker.resync([channel("CoreShowChannel", *caller, CallerIDNum="13800138000",
+                            Exten="4008001000"),
+                    channel("CoreShowChannel", *inbound), channel("CoreShowChannel", *second)])
+    now[0] += 30.0
+    tracker.flush(now[0])
+    assert records == []
+    assert tracker.open_calls == ["1795338600.10"]
+    for uid, name in (second, inbound, caller):
+        tracker.handle(channel("Hangup", uid, name, Cause="16"))
+    now[0] += 30.0
+    tracker.flush(now[0])
+    assert [(r.linkedid, r.incomplete, r.caller) for r in records] == [
+        ("1795338600.10", True, "+8613800138000")]
