@@ -290,7 +290,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
             c = lookup_.cache
             sync_task = asyncio.create_task(periodic_sync(
                 lookup_.directory, c, c.redis, c.keys, settings.cache.sync_interval_s,
-                stop=stop))
+                stop=stop), name="cache-sync")
+            sync_task.add_done_callback(_report_failure)
             stack.push_async_callback(_cancel, sync_task)
 
         # Everything built so far lives as long as the process: move it out of the
@@ -345,6 +346,16 @@ def check_free(setting: str, host: str, port: int) -> None:
                 probe.bind(address)
             except OSError as exc:
                 raise ListenError.from_os_error(exc, setting, host, port) from exc
+
+
+def _report_failure(task: asyncio.Task[Any]) -> None:
+    """A background task of the service ended on an error nobody caught (a bug): say so
+    at once, with the traceback. Its work stops until the next start (records wait in
+    the outbox), which must not go unnoticed until then."""
+    if task.cancelled() or task.exception() is None:
+        return
+    log.error("%s stopped on an error; its work waits until callroute is restarted",
+              task.get_name(), exc_info=task.exception())
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
@@ -416,6 +427,8 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
     delivery_stop = asyncio.Event()
     tasks = [asyncio.create_task(worker.run(delivery_stop), name="delivery"),
              asyncio.create_task(outbox.run_drainer(delivery_stop), name="spool-drainer")]
+    for task in tasks:
+        task.add_done_callback(_report_failure)
 
     async def stop_delivery() -> None:
         delivery_stop.set()

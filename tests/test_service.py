@@ -5,6 +5,7 @@ the admin API, all on loopback against a real Redis."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,45 @@ async def test_rules_checks_start_nothing_once_stopped() -> None:
     assert comparing() == []
     checks.on_reload("file-watch", "before", "after", True)
     assert comparing() == []
+
+
+async def test_a_delivery_worker_that_fails_says_so(
+        redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """If the delivery worker stops on an error nothing caught (a bug, here one planted in
+    its loop), serve logs it at once with the traceback, instead of leaving the outbox
+    undelivered without a word until the next start."""
+    from router.records.delivery import DeliveryWorker
+
+    async def broken(self: DeliveryWorker, state: dict[str, float]) -> None:
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(DeliveryWorker, "_iteration", broken)
+    base = load_settings(ROOT / "examples" / "config.yaml")
+    settings = base.model_copy(update={
+        "agi": base.agi.model_copy(update={"port": 0}),
+        "ami": base.ami.model_copy(update={"enabled": False}),
+        "admin": base.admin.model_copy(update={"enabled": False}),
+        "crm": base.crm.model_copy(update={"base_url": f"http://127.0.0.1:{free_port()}"}),
+        "redis": base.redis.model_copy(update={"url": redis_url}),
+        "outbox": base.outbox.model_copy(update={"spool_dir": tmp_path / "spool"}),
+    })
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop))
+
+    def reported() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.levelno == logging.ERROR
+                and "delivery stopped on an error" in r.getMessage()]
+
+    try:
+        await wait_for(lambda: reported() or task.done())
+        assert not task.done()
+        (record,) = reported()
+        assert record.exc_info is not None
+        assert "planted bug" in str(record.exc_info[1])
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 20) == 0
 
 
 async def test_deliver_alone_posts_what_waits_in_the_outbox(
