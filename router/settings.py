@@ -22,6 +22,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -502,6 +503,32 @@ def validation_message(exc: ValidationError, skip: set[str] | None = None) -> st
     return "; ".join(lines)
 
 
+#: The host names that stand for "yours" in the presets of CRMs each customer runs at an
+#: address of their own (``yourcompany.odoo.com``, ``crm.example.com``): not an address.
+_PLACEHOLDER_HOST = re.compile(r"(^|\.)example\.(com|org|net)$|^yourcompany\.")
+
+
+def _crm_address_missing(crm: Any) -> str | None:
+    """The field to name when the config does not say where the CRM is: no ``crm:``
+    section, or no ``base_url`` in it nor in the preset it starts from (HubSpot's has the
+    one address of its API; Odoo's only a placeholder), else None."""
+    if not isinstance(crm, dict):
+        return "crm"
+    if crm.get("base_url"):
+        return None
+    if crm.get("preset"):
+        from router.crm.presets import load_preset
+
+        try:
+            preset_url = str(load_preset(str(crm["preset"])).get("base_url") or "")
+        except (ValueError, ConfigError):
+            return None  # a preset that cannot be read: the crm section's own error says so
+        host = urlsplit(preset_url).hostname or ""
+        if host and not _PLACEHOLDER_HOST.search(host):
+            return None
+    return "crm.base_url"
+
+
 def load_settings(path: str | Path) -> Settings:
     """Load and validate the config file at ``path``; every problem found is in the one
     :class:`ConfigError` raised (``; `` between them)."""
@@ -510,9 +537,8 @@ def load_settings(path: str | Path) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping of sections", location=str(file))
     problems: list[str] = []
-    crm = data.get("crm")
-    if not isinstance(crm, dict) or not crm.get("base_url"):
-        field = "crm.base_url" if isinstance(crm, dict) else "crm"
+    field = _crm_address_missing(data.get("crm"))
+    if field is not None:
         problems.append(
             f"{field}: missing: say where the CRM's REST API is (crm.base_url, e.g. "
             "https://crm.example.com; examples/crm-*.yaml show real CRMs, and "

@@ -51,6 +51,27 @@ def test_a_config_without_a_crm_address_is_refused(tmp_path: Path, text: str,
     assert "crm.base_url" in str(info.value)
 
 
+def test_a_preset_with_its_own_address_needs_no_base_url(tmp_path: Path) -> None:
+    """A CRM whose API has one address (HubSpot) takes it from its preset: the shipped
+    examples/crm-hubspot.yaml, which gives none, loads with the preset's address. A CRM
+    that each customer runs at an address of their own (Odoo) still needs base_url: its
+    preset's is a placeholder. An unknown preset is reported as such, not as a missing
+    address."""
+    path = tmp_path / "c.yaml"
+    path.write_text((EXAMPLE.parent / "crm-hubspot.yaml").read_text().replace(
+        "${HUBSPOT_TOKEN}", "pat-test"))
+    assert load_settings(path).crm.base_url == "https://api.hubapi.com"
+    for preset in ("odoo", "espocrm"):
+        path.write_text(f"crm: {{preset: {preset}}}\n")
+        with pytest.raises(ConfigError, match=r"crm\.base_url: missing"):
+            load_settings(path)
+    path.write_text("crm: {preset: nosuchcrm}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert "no such preset" in str(info.value)
+    assert "crm.base_url: missing" not in str(info.value)
+
+
 def test_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """${VAR} takes the environment; ${VAR:-default} falls back to the default when the
     variable is unset or empty (as the shell does); ${VAR:-} may be empty on purpose."""
