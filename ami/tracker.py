@@ -365,7 +365,10 @@ class CallTracker:
     def _channel(self, uid: str, lid: str | None, h: dict[str, str]) -> _Call | None:
         known = self._uid_lid.get(uid)
         if known is None:
-            if not lid or lid in self._done:
+            # a channel is learnt only from what Asterisk sends about one (its snapshot
+            # always names it): a malformed event naming no channel must not add one
+            # that no Hangup will ever end, holding its call's record back for good
+            if not lid or lid in self._done or not h.get("Channel"):
                 return None
             call = self._calls.get(lid)
             if call is None:

@@ -226,6 +226,17 @@ def test_garbage_between_events_changes_nothing(fixtures_dir: Path) -> None:
     assert unknown[0].event == "TotallyUnknownEvent"
 
 
+def test_an_event_naming_no_channel_cannot_hold_a_call_open(basic: list[Message]) -> None:
+    """A malformed event with the Uniqueid of a channel never seen and a live call's
+    Linkedid, but no channel (no Channel header, as no real channel event lacks), is not
+    taken for a channel of that call: the call still ends with its last hangup and gives
+    the same record as without it."""
+    ghost = Message({"Event": "TotallyUnknownEvent", "Uniqueid": "42.42",
+                     "Linkedid": "1795338333.0"})
+    at = next(i for i, m in enumerate(basic) if m.event == "DialBegin")
+    assert dumps(replay([*basic[:at], ghost, *basic[at:]])) == dumps(replay(basic))
+
+
 def test_random_chunks_give_the_same_records(fixtures_dir: Path) -> None:
     """Parsing the recording fed in random chunk sizes gives the same records."""
     data = (fixtures_dir / "ami-basic.raw").read_bytes()
