@@ -509,24 +509,21 @@ _PLACEHOLDER_HOST = re.compile(r"(^|\.)example\.(com|org|net)$|^yourcompany\.")
 
 
 def _crm_address_missing(crm: Any) -> str | None:
-    """The field to name when the config does not say where the CRM is: no ``crm:``
-    section, or no ``base_url`` in it nor in the preset it starts from (HubSpot's has the
-    one address of its API; Odoo's only a placeholder), else None."""
+    """The field to name when the config does not say where the CRM is (no ``crm:``
+    section, or no ``base_url`` in it nor a ``preset`` to take one from), else None."""
     if not isinstance(crm, dict):
         return "crm"
-    if crm.get("base_url"):
-        return None
-    if crm.get("preset"):
-        from router.crm.presets import load_preset
+    return None if crm.get("base_url") or crm.get("preset") else "crm.base_url"
 
-        try:
-            preset_url = str(load_preset(str(crm["preset"])).get("base_url") or "")
-        except (ValueError, ConfigError):
-            return None  # a preset that cannot be read: the crm section's own error says so
-        host = urlsplit(preset_url).hostname or ""
-        if host and not _PLACEHOLDER_HOST.search(host):
-            return None
-    return "crm.base_url"
+
+def _preset_address_missing(raw: Any, crm: CrmSettings) -> bool:
+    """True when the address came from a preset (none in the config) and is only the
+    preset's placeholder: HubSpot's preset has the one address of its API, Odoo's
+    ``yourcompany.odoo.com`` stands for yours."""
+    if not isinstance(raw, dict) or raw.get("base_url") or not crm.preset:
+        return False
+    host = urlsplit(crm.base_url).hostname or ""
+    return not host or bool(_PLACEHOLDER_HOST.search(host))
 
 
 def load_settings(path: str | Path) -> Settings:
@@ -537,12 +534,16 @@ def load_settings(path: str | Path) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping of sections", location=str(file))
     problems: list[str] = []
-    field = _crm_address_missing(data.get("crm"))
-    if field is not None:
+
+    def missing(field: str) -> None:
         problems.append(
             f"{field}: missing: say where the CRM's REST API is (crm.base_url, e.g. "
             "https://crm.example.com; examples/crm-*.yaml show real CRMs, and "
             "`callroute sample-crm` serves a sample one at http://127.0.0.1:8088)")
+
+    field = _crm_address_missing(data.get("crm"))
+    if field is not None:
+        missing(field)
     unset: dict[str, str] = {}
     expanded = expand_env(data, problems=unset)
     problems += unset.values()
@@ -556,6 +557,8 @@ def load_settings(path: str | Path) -> Settings:
         message = validation_message(exc, skip=set(unset))
         if message:
             problems.append(message)
+    if settings is not None and _preset_address_missing(data.get("crm"), settings.crm):
+        missing("crm.base_url")
     if problems or settings is None:
         raise ConfigError("; ".join(problems), location=str(file))
     settings.base_dir = file.resolve().parent
