@@ -118,6 +118,7 @@ class AmiClient:
         self._flush_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._connected_event = asyncio.Event()
+        self._failed_event = asyncio.Event()
         #: Extra consumers of every event (e.g. the screen pop), called after the tracker.
         self.listeners: list[Callable[[Message], None]] = []
         #: Told the channels alive (``CoreShowChannels``) after each (re)connect, after
@@ -152,6 +153,22 @@ class AmiClient:
         """Wait until logged in and the view has been rebuilt."""
         async with asyncio.timeout(timeout):
             await self._connected_event.wait()
+
+    async def first_outcome(self, timeout: float = 5.0) -> str | None:  # noqa: ASYNC109
+        """Wait for the first connection attempt to settle: None once logged in (and the
+        view rebuilt), else why it failed (``last_error``; "no answer" at ``timeout``).
+        A refused connection or a rejected login answers at once, not at the timeout."""
+        waits = [asyncio.ensure_future(self._connected_event.wait()),
+                 asyncio.ensure_future(self._failed_event.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if self._connected_event.is_set():
+            return None
+        return self.last_error or "no answer"
 
     # --- actions --------------------------------------------------------------------------
     async def send_action(
@@ -253,6 +270,8 @@ class AmiClient:
                             self.settings.port, exc)
             finally:
                 self._lost()
+            if self.last_error is not None:
+                self._failed_event.set()
             if self._stop_requested():
                 break
             if self.last_error is None:

@@ -187,10 +187,8 @@ async def _check_asterisk(settings: Settings, names: Named) -> Report:
     quiet.setLevel(logging.CRITICAL)  # its reasons are in the one line printed below
     await client.start()
     try:
-        try:
-            await client.wait_connected(ami.connect_timeout_s + ami.action_timeout_s)
-        except TimeoutError:
-            why = client.last_error or "no answer"
+        why = await client.first_outcome(ami.connect_timeout_s + ami.action_timeout_s)
+        if why is not None:
             return inventory.Report(errors=[f"cannot log in to Asterisk at {where}: {why}"])
         try:
             view = await inventory.ask_asterisk(client, names, ami.action_timeout_s)
