@@ -499,7 +499,7 @@ def validation_message(exc: ValidationError, skip: set[str] | None = None) -> st
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if skip and loc in skip:
             continue
-        lines.append(f"{loc}: {err['msg']}")
+        lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 
 
