@@ -1,0 +1,131 @@
+"""The dependency audit's fallback (``.ci/audit.py``): when pip-audit's sources cannot be
+reached, PyPI's project endpoint audits every pin that is the project's latest release.
+
+A loopback aiohttp server answers with the shape of PyPI's JSON API
+(``/pypi/<name>/json``: ``info.version`` and the latest release's ``vulnerabilities``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+AUDIT = Path(__file__).resolve().parents[1] / ".ci" / "audit.py"
+
+
+def load_audit() -> ModuleType:
+    """``.ci/audit.py`` as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("ci_audit", AUDIT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+audit = load_audit()
+
+PROJECTS: dict[str, dict[str, Any]] = {
+    "aiohttp": {"info": {"version": "3.14.5"}, "vulnerabilities": []},
+    "ecdsa": {"info": {"version": "0.19.2"}, "vulnerabilities": [
+        {"id": "GHSA-wj6h-64fc-37mp", "fixed_in": [], "withdrawn": None},
+        {"id": "PYSEC-0000-1", "fixed_in": ["0.19.3"], "withdrawn": "2026-01-01T00:00:00"},
+    ]},
+    "redis": {"info": {"version": "8.1.0"}, "vulnerabilities": []},
+}
+
+
+@pytest.fixture(name="pypi")
+async def pypi_fixture() -> AsyncIterator[tuple[str, list[str]]]:
+    """A loopback PyPI JSON API; yields its base URL and the paths it was asked for."""
+    asked: list[str] = []
+
+    async def project(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        name = request.match_info["name"]
+        if name == "broken":
+            return web.Response(status=500)
+        if name not in PROJECTS:
+            return web.Response(status=404)
+        return web.json_response(PROJECTS[name])
+
+    app = web.Application()
+    app.router.add_get("/pypi/{name}/json", project)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/pypi", asked
+    await runner.cleanup()
+
+
+async def run_fallback(base: str, pins: list[tuple[str, str]]) -> tuple[int, Any]:
+    """Audit ``pins`` against ``base`` (in a thread: the fallback uses blocking urllib)."""
+    found = await asyncio.to_thread(audit.audit_latest, pins, base)
+    return audit.verdict(found, len(pins)), found
+
+
+async def test_latest_pins_without_advisories_pass(
+        pypi: tuple[str, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    """Pins that are their project's latest release, with no advisory: every pin audited,
+    exit 0, one line saying how (and one request per project)."""
+    base, asked = pypi
+    status, found = await run_fallback(base, [("aiohttp", "3.14.5"), ("redis", "8.1.0")])
+    assert status == audit.OK
+    assert found.audited == 2
+    assert sorted(asked) == ["/pypi/aiohttp/json", "/pypi/redis/json"]
+    assert "audited all 2 pinned dependencies" in capsys.readouterr().out
+
+
+async def test_an_advisory_of_the_latest_release_fails(
+        pypi: tuple[str, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    """A pin whose (latest) release has an advisory fails the audit with a line naming it;
+    a withdrawn advisory is not reported."""
+    base, _ = pypi
+    status, found = await run_fallback(base, [("ecdsa", "0.19.2"), ("redis", "8.1.0")])
+    assert status == audit.VULNERABLE
+    assert found.vulnerable == [
+        "VULNERABLE ecdsa 0.19.2: GHSA-wj6h-64fc-37mp (fixed in no fix yet)"]
+    assert "PYSEC-0000-1" not in capsys.readouterr().out
+
+
+async def test_an_older_pin_is_named_not_audited(
+        pypi: tuple[str, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    """A pin older than the project's latest release cannot be judged from the project
+    endpoint: it is named as not audited (exit 4), never counted as clean; an unknown
+    project and a failing answer are named the same way."""
+    base, _ = pypi
+    pins = [("aiohttp", "3.9.0"), ("redis", "8.1.0"), ("nosuch", "1.0"), ("broken", "2.0")]
+    status, found = await run_fallback(base, pins)
+    assert status == audit.PARTLY_AUDITED
+    assert found.audited == 1
+    out = capsys.readouterr().out
+    assert ("not audited: aiohttp 3.9.0: PyPI's advisories are for its latest release "
+            "(3.14.5)") in out
+    assert "not audited: nosuch 1.0: PyPI did not answer" in out
+    assert "not audited: broken 2.0: PyPI did not answer" in out
+    assert "audited 1 of 4 pinned dependencies" in out
+
+
+async def test_nothing_answers_is_not_clean(capsys: pytest.CaptureFixture[str]) -> None:
+    """No PyPI reachable at all (a closed port): exit 3 and 'NOT audited', never 'clean'."""
+    status, found = await run_fallback("http://127.0.0.1:9/pypi", [("redis", "8.1.0")])
+    assert status == audit.NONE_AUDITED
+    assert found.audited == 0
+    assert "NOT audited" in capsys.readouterr().out
+
+
+def test_only_https_or_loopback_is_fetched() -> None:
+    """The fallback fetches PyPI over HTTPS (or a loopback test server), nothing else."""
+    with pytest.raises(ValueError, match="refusing"):
+        audit.project_json("redis", base="file:///etc")
