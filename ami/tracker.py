@@ -153,8 +153,8 @@ class _Call:
     def cdrs_in(self, partners: bool = False) -> bool:
         """True when every channel has a Cdr of its own or is the destination of one; with
         ``partners``, also when it is the other half of such a Local channel (Asterisk
-        writes no Cdr for the ``;2`` half of a Local channel that was busy), as long as the
-        caller's own Cdr is in."""
+        writes no Cdr for the ``;2`` half of a Local channel that was busy) or a Local
+        channel that was never called, as long as the caller's own Cdr is in."""
         uids, dests = self.cdr_uids, self.cdr_dests
         covered = {uid for uid, name in self.names.items() if uid in uids or name in dests}
         if partners:
@@ -163,7 +163,19 @@ class _Call:
             for one, two in self.local_pairs.items():
                 if one in covered or two in covered:
                     covered.update((one, two))
+            covered.update(uid for uid, name in self.names.items()
+                           if uid not in covered and self._never_called(uid, name))
         return bool(uids) and covered.issuperset(self.names)
+
+    def _never_called(self, uid: str, name: str) -> bool:
+        """A Local channel no Dial or Queue ever called (neither half a dial destination):
+        made for a Dial that could not call it (no such extension or context), it gets no
+        Cdr from Asterisk."""
+        if not name.startswith("Local/") or uid == self.first_uid:
+            return False
+        partner = name[:-1] + ("2" if name.endswith(";1") else "1")
+        halves = {uid} | {u for u, n in self.names.items() if n == partner}
+        return not halves & self.dest_uids
 
 
 class CallTracker:
@@ -486,6 +498,11 @@ class CallTracker:
                 call.abandoned = False
         elif var == "MIXMONITOR_FILENAME" and value:
             call.recording = value
+        elif var == "DIALSTATUS" and value and uid not in call.dest_uids:
+            # Dial()'s result on the caller's side. A Dial that could create no channel
+            # (CHANUNAVAIL: no such device or context) sends no DialBegin/DialEnd, only
+            # this; after a DialEnd it repeats the attempt's overall status.
+            call.dial_statuses.append(value)
 
     def _on_dial_begin(self, call: _Call, h: dict[str, str], uid: str) -> None:
         if uid in call.dest_uids:

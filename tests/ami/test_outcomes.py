@@ -47,6 +47,8 @@ def finish(middle: list[Message], cause: str = "16") -> CallRecord:
     (dial("CONGESTION"), "16", "failed"),
     (dial("NOANSWER"), "16", "missed"),
     (dial("CANCEL"), "16", "abandoned"),
+    ([varset("DIALSTATUS", "CHANUNAVAIL")], "16", "failed"),  # Dial created no channel
+    ([*dial("BUSY"), varset("DIALSTATUS", "BUSY")], "16", "busy"),
     ([], "34", "failed"),                 # no circuit: nothing was put through
     ([], "16", "abandoned"),              # the caller hung up before any routing
     ([varset("ROUTE_ACTION", "reject"), varset("ROUTE_REJECT", "busy")], "17", "rejected"),
@@ -116,3 +118,54 @@ def test_cdr_less_local_half_settles_quickly() -> None:
     assert tracker.flush(100.1) == 0
     assert tracker.flush(100.25) == 1
     assert records[0].outcome == "busy"
+
+
+def test_never_called_local_channel_settles_quickly() -> None:
+    """A Dial to a Local channel whose context does not exist creates both halves, calls
+    neither (no DialBegin, no LocalBridge) and Asterisk writes no Cdr for them: once the
+    caller's Cdr is in, the call is finalised after cdr_settle_s of quiet, as failed (the
+    Dial's CHANUNAVAIL), not after the whole cdr_grace_s."""
+    now = [100.0]
+    records: list[CallRecord] = []
+    tracker = CallTracker(records.append, clock=lambda: now[0], cdr_grace_s=2.0,
+                          cdr_settle_s=0.2)
+    half1, half2 = "Local/7404@no-such-context-00000011;1", "Local/7404@no-such-context-00000011;2"
+    tracker.handle_all([
+        ev("Newchannel", CallerIDNum="+8613800138000"),
+        varset("DIALSTATUS", ""),
+        ev("Newchannel", "1796122613.4", Channel=half1),
+        ev("Newchannel", "1796122613.5", Channel=half2),
+        ev("Hangup", "1796122613.5", Channel=half2, Cause="0"),
+        ev("Hangup", "1796122613.4", Channel=half1, Cause="16"),
+        varset("DIALSTATUS", "CHANUNAVAIL"),
+        ev("Hangup", Cause="16"),
+        Message({"Event": "Cdr", "UniqueID": LID, "Channel": CALLER,
+                 "DestinationChannel": "", "LastApplication": "Dial",
+                 "StartTime": "2026-12-01 11:12:14", "EndTime": "2026-12-01 11:12:14",
+                 "Disposition": "NO ANSWER"}),
+    ])
+    assert tracker.flush(100.1) == 0
+    assert tracker.flush(100.25) == 1
+    assert records[0].outcome == "failed"
+
+
+def test_called_local_channel_still_waits_for_its_cdr() -> None:
+    """A Local agent channel that was called (a DialBegin names it) is not taken for a
+    never-called one: without its Cdr the call waits the whole cdr_grace_s."""
+    now = [100.0]
+    records: list[CallRecord] = []
+    tracker = CallTracker(records.append, clock=lambda: now[0], cdr_grace_s=2.0,
+                          cdr_settle_s=0.2)
+    agent1 = "Local/7003@agents-00000002;1"
+    tracker.handle_all([
+        ev("Newchannel", CallerIDNum="+8613800138000"),
+        ev("Newchannel", "1796122613.4", Channel=agent1),
+        *dial("NOANSWER"),
+        ev("Hangup", "1796122613.4", Channel=agent1, Cause="16"),
+        ev("Hangup", Cause="16"),
+        Message({"Event": "Cdr", "UniqueID": LID, "Channel": CALLER,
+                 "DestinationChannel": "", "StartTime": "2026-12-01 11:12:14",
+                 "EndTime": "2026-12-01 11:12:14", "Disposition": "NO ANSWER"}),
+    ])
+    assert tracker.flush(100.25) == 0
+    assert tracker.flush(102.1) == 1
