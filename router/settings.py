@@ -228,8 +228,9 @@ class OutboxSettings(_Section):
     create_tasks: bool = Field(
         True, description="a call nobody answered becomes a call-back task (callers with a number)")
     task_outcomes: list[str] = Field(
-        default_factory=lambda: ["missed", "abandoned", "voicemail"],
-        description="record outcomes that get a follow-up task",
+        default_factory=lambda: ["missed", "abandoned", "voicemail", "busy", "failed"],
+        description="record outcomes that get a follow-up task (every call nobody took but "
+                    "a rejected one)",
     )
 
 
