@@ -99,8 +99,29 @@ TRUNK = """\
 [from-trunk]
 exten => 4008005000,1,Set(CALLROUTE_QUEUE_WAIT_S=4)
  same => n,Goto(callroute-inbound,${EXTEN},1)
+exten => 4008006000,1,Goto(own-dialplan,busy,1)
+exten => 4008007000,1,Goto(own-dialplan,unavailable,1)
 exten => _X.,1,Goto(callroute-inbound,${EXTEN},1)
 """
+
+_ROUTE_LINE = (
+    "NoOp(callroute: call ${CHANNEL(linkedid)} AGISTATUS=${AGISTATUS} action=${ROUTE_ACTION}"
+    " rule=${ROUTE_RULE} reason=${ROUTE_REASON} target=${ROUTE_TARGET} queue=${ROUTE_QUEUE})")
+#: A user's own dialplan around callroute's AGI (test glue): no queue and no fallback, so
+#: a call ends with its Dial's status: ``busy`` rings a busy agent, ``unavailable`` a
+#: device that cannot be reached (a Local channel to a context that does not exist). Each
+#: logs the route as callroute's own context does, for the tests' reading of full.log.
+OWN = """\
+[own-dialplan]
+exten => busy,1,AGI(agi://127.0.0.1:${CALLROUTE_PORT}/route?did=4008006000)
+ same => n,{route}
+ same => n,Dial(Local/7019@agents,5)
+ same => n,Hangup()
+exten => unavailable,1,AGI(agi://127.0.0.1:${CALLROUTE_PORT}/route?did=4008007000)
+ same => n,{route}
+ same => n,Dial(Local/7404@no-such-context,5)
+ same => n,Hangup()
+""".replace("{route}", _ROUTE_LINE)
 
 
 def user_files(ami_port: int, agi_port: int, globals_: Mapping[str, str] | None = None
@@ -113,7 +134,8 @@ def user_files(ami_port: int, agi_port: int, globals_: Mapping[str, str] | None 
     return {
         "extensions.conf": (
             "[general]\nstatic=yes\nwriteprotect=yes\n\n[globals]\n" + globals_text +
-            "\n#include extensions_callroute.conf\n\n" + TRUNK + "\n" + AGENTS + "\n" + CALLER
+            "\n#include extensions_callroute.conf\n\n" + TRUNK + "\n" + OWN + "\n" + AGENTS
+            + "\n" + CALLER
         ),
         "manager.conf": (
             f"[general]\nenabled = yes\nport = {ami_port}\nbindaddr = 127.0.0.1\n\n"

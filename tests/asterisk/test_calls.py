@@ -76,6 +76,12 @@ SCENARIOS: dict[str, Scenario] = {
     "deadline missed": Scenario(
         "4008001000", '"Slow Case" <+8613700137000>', "answered", "C-2007", "default",
         kind="lead", caller="+8613700137000"),
+    "busy, own dialplan": Scenario(
+        "4008006000", '"Busy Line" <13500135000>', "busy", None, "default", lead=True,
+        task=True, caller="+8613500135000"),
+    "failed, own dialplan": Scenario(
+        "4008007000", '"No Route" <13500135001>', "failed", None, "default", lead=True,
+        task=True, caller="+8613500135001"),
     "misnamed queue": Scenario(
         "4008009000", '"Someone" <13400134000>', "answered", None, "misnamed-queue",
         lead=True, caller="+8613400134000"),

@@ -156,8 +156,14 @@ def truth_of(asterisk: Asterisk, view: CallView, zone: tzinfo) -> Truth:
         truth.outcome = "answered"
     elif "ABANDON" in events:
         truth.outcome = "abandoned"
-    elif "EXITWITHTIMEOUT" in events or agent_legs:
+    elif "EXITWITHTIMEOUT" in events:
         truth.outcome = "missed"
+    elif agent_legs:  # rang agents outside a queue: all busy, or nobody answered
+        busy = all(c.get("Disposition") == "BUSY" for c in agent_legs)
+        truth.outcome = "busy" if busy else "missed"
+    elif any(c.get("LastApplication") == "Dial" and not c.get("DestinationChannel")
+             for c in cdrs):
+        truth.outcome = "failed"  # Dial() could create no channel: never put through
     else:
         truth.outcome = "abandoned" if caller.get("Disposition") == "NO ANSWER" else "failed"
     return truth
