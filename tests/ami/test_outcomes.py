@@ -92,14 +92,19 @@ def test_anonymous_and_degraded() -> None:
     assert finish([]).degraded is True
 
 
+def settling(records: list[CallRecord]) -> CallTracker:
+    """A tracker that waits up to 2 s for Cdrs, 0.2 s of quiet when only Cdr-less Local
+    halves are missing; its clock stands at 100 (``flush(now)`` moves it)."""
+    return CallTracker(records.append, clock=lambda: 100.0, cdr_grace_s=2.0,
+                       cdr_settle_s=0.2)
+
+
 def test_cdr_less_local_half_settles_quickly() -> None:
     """Asterisk writes no Cdr for the ;2 half of a busy Local agent channel: once the
     caller's Cdr and the leg's are in, the call is finalised after cdr_settle_s of quiet,
     not after the whole cdr_grace_s."""
-    now = [100.0]
     records: list[CallRecord] = []
-    tracker = CallTracker(records.append, clock=lambda: now[0], cdr_grace_s=2.0,
-                          cdr_settle_s=0.2)
+    tracker = settling(records)
     agent1, agent2 = "Local/7019@agents-00000001;1", "Local/7019@agents-00000001;2"
     tracker.handle_all([
         ev("Newchannel", CallerIDNum="+8613800138000"),
@@ -125,10 +130,8 @@ def test_never_called_local_channel_settles_quickly() -> None:
     neither (no DialBegin, no LocalBridge) and Asterisk writes no Cdr for them: once the
     caller's Cdr is in, the call is finalised after cdr_settle_s of quiet, as failed (the
     Dial's CHANUNAVAIL), not after the whole cdr_grace_s."""
-    now = [100.0]
     records: list[CallRecord] = []
-    tracker = CallTracker(records.append, clock=lambda: now[0], cdr_grace_s=2.0,
-                          cdr_settle_s=0.2)
+    tracker = settling(records)
     half1, half2 = "Local/7404@no-such-context-00000011;1", "Local/7404@no-such-context-00000011;2"
     tracker.handle_all([
         ev("Newchannel", CallerIDNum="+8613800138000"),
@@ -152,10 +155,8 @@ def test_never_called_local_channel_settles_quickly() -> None:
 def test_called_local_channel_still_waits_for_its_cdr() -> None:
     """A Local agent channel that was called (a DialBegin names it) is not taken for a
     never-called one: without its Cdr the call waits the whole cdr_grace_s."""
-    now = [100.0]
     records: list[CallRecord] = []
-    tracker = CallTracker(records.append, clock=lambda: now[0], cdr_grace_s=2.0,
-                          cdr_settle_s=0.2)
+    tracker = settling(records)
     agent1 = "Local/7003@agents-00000002;1"
     tracker.handle_all([
         ev("Newchannel", CallerIDNum="+8613800138000"),
