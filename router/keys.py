@@ -137,10 +137,17 @@ class Keys:
         """String (JSON): a finished call's record waiting for the agent's disposition."""
         return f"{self.prefix}web:hold:{record_key}"
 
-    def web_disposition(self, record_key: str) -> str:
-        """String (JSON) with TTL: an agent's disposition given before the call's record
-        was emitted (applied when it arrives)."""
-        return f"{self.prefix}web:disp:{record_key}"
+    def web_disposition(self, record_key: str, agent: str) -> str:
+        """String (JSON) with TTL: ``agent``'s disposition of a call given before the
+        call's record was held or sent (one per agent: the record takes the one of the
+        agent who answered it, whatever another agent rung gave)."""
+        return f"{self.prefix}web:disp:{record_key}:{agent}"
+
+    def web_release(self, record_key: str) -> str:
+        """String with TTL: held by the one instance sending a call's record out of the
+        wrap-up (a held record's release, a disposition put on it), so the record goes
+        once and a disposition given meanwhile is seen to be in it or not."""
+        return f"{self.prefix}web:release:{record_key}"
 
     @property
     def web_holds(self) -> str:

@@ -540,6 +540,16 @@ class LiveState:
             return None
         return next((a for a, c in entry[1].items() if c.get("answered_at")), None)
 
+    def rung_to(self, lid: str, agent: str) -> bool:
+        """Whether call ``lid`` (in progress or recently ended) rang ``agent`` here and
+        was not answered by another agent."""
+        call = self.calls.get(lid)
+        if call is not None:
+            return agent in call.rings and call.answered_agent in (None, agent)
+        entry = self._ended.get(lid)
+        return entry is not None and agent in entry[1] and \
+            self.answered_by(lid) in (None, agent)
+
     def shown_name(self, lid: str, agent: str) -> str | None:
         """The name ``agent``'s card of call ``lid`` shows (the customer's, else the
         caller id name), while this instance still has the card."""
@@ -570,12 +580,13 @@ class LiveState:
         return any(sink.own for sink in self._agent_sinks.get(agent, ()))
 
     def done(self, lid: str, agent: str, why: str) -> None:
-        """The agent's after-call work on ``lid`` is over: close its card."""
+        """The agent's after-call work on ``lid`` is over: close its card (no page is
+        shown it again; it is still remembered as the agent's call until swept, so a
+        second disposition is told it came too late, not that the call is another's)."""
         entry = self._ended.get(lid)
-        if entry is not None:
-            entry[1].pop(agent, None)
-            if not entry[1]:
-                del self._ended[lid]
+        card = entry[1].get(agent) if entry is not None else None
+        if entry is not None and card is not None:
+            entry[1][agent] = {**card, "done": True}
         self._push(agent, {"type": "close", "call": lid, "why": why})
 
     # --- what a page is shown -------------------------------------------------------------
@@ -586,7 +597,8 @@ class LiveState:
         now = self.clock()
         for ended_at, by_agent in self._ended.values():
             card = by_agent.get(agent)
-            if card is not None and now - ended_at <= self.wrapup_s + ENDED_GRACE_S:
+            if card is not None and not card.get("done") and \
+                    now - ended_at <= self.wrapup_s + ENDED_GRACE_S:
                 cards.append(card)
         return cards
 

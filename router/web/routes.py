@@ -25,7 +25,11 @@ the role's permission before the handler runs); agents are held to their own age
 here, in the API and in the push. An agent's calls awaiting a disposition
 (:mod:`router.web.pending`) go to that agent's own pages only: the API answers the
 signed-in agent's list alone, and the push sends it only to pages signed in as that
-agent (a supervisor watching the agent's page gets cards, not the list).
+agent (a supervisor watching the agent's page gets cards, not the list). A disposition
+is taken only for a call rung to the signed-in agent, by what is shared between
+instances (:meth:`router.web.wrapup.Wrapup.dispose`: the held or kept record, the
+agent's list) or this instance's live view; any other call id, made up or another
+agent's, is answered 403 ``not_yours`` (logged).
 """
 
 from __future__ import annotations
@@ -426,21 +430,34 @@ async def _dispose(request: web.Request, principal: Principal) -> web.StreamResp
         return _json({"error": "unknown_code"}, status=400)
     answered = svc.live.answered_by(lid)
     if answered is not None and answered != agent:
-        return _json({"error": "not_yours"}, status=403)
+        return _not_yours(lid, agent)
     try:
-        result = await svc.wrapup.dispose(svc.record_key_for(lid), agent, code, note)
+        result = await svc.wrapup.dispose(svc.record_key_for(lid), agent, code, note,
+                                          rung=svc.live.rung_to(lid, agent))
     except (RedisError, OSError) as exc:
         log.warning("disposition on call %s by agent %s not saved (Redis: %s)", lid, agent,
                     exc)
         return _json({"error": "not_available"}, status=503)
     if result == "not-yours":
-        return _json({"error": "not_yours"}, status=403)
+        return _not_yours(lid, agent)
+    if result == "busy":
+        log.warning("disposition on call %s by agent %s not saved: another instance is "
+                    "still sending its record", lid, agent)
+        return _json({"error": "not_available"}, status=503)
     if result == "gone":
         return _json({"error": "already_sent"}, status=409)
     svc.live.done(lid, agent, "done")
     log.info("disposition %s on call %s by agent %s%s", code, lid, agent,
              " (an update of the sent activity)" if result == "updated" else "")
     return _json({"ok": True, "call": lid, "code": code, "updated": result == "updated"})
+
+
+def _not_yours(lid: str, agent: str) -> web.Response:
+    """A disposition refused: the call was not rung to ``agent`` (by what this instance's
+    live view and Redis know: held or kept record, the agent's list), or never was."""
+    log.warning("disposition on call %r by agent %s refused: not a call rung to them",
+                lid[:64], agent)
+    return _json({"error": "not_yours"}, status=403)
 
 
 async def _pending(request: web.Request, principal: Principal) -> web.StreamResponse:

@@ -332,7 +332,7 @@ async def _fill_pages(h: Harness, crypto: KeyRing) -> None:
     note = "李雷 asked for Han Meimei"
     await wrap.mark_online(["1001"])
     assert await wrap.put(call_record("w1", caller_name="Li Lei")) == "held"
-    assert await wrap.dispose("call-w2", "1001", "sale", note) == "saved"  # before its record
+    assert await wrap.dispose("call-w2", "1001", "sale", note, rung=True) == "saved"  # early
     await wrap.mark_offline("1001")
     for n, customer in (("w3", "C1"), ("w4", None)):
         assert await wrap.put(call_record(n, caller_name="Han Meimei", customer_id=customer,
@@ -340,7 +340,7 @@ async def _fill_pages(h: Harness, crypto: KeyRing) -> None:
     assert await wrap.dispose("call-w3", "1001", "sale", note) == "updated"
     assert await h.redis.exists(h.keys.web_sent("call-w4"),
                                 h.keys.web_hold("call-w1"),
-                                h.keys.web_disposition("call-w2"),
+                                h.keys.web_disposition("call-w2", "1001"),
                                 h.keys.web_day_calls("2026-11-22"),
                                 h.keys.web_day_dispositions("2026-11-22"),
                                 h.keys.web_todo_rows("1001")) == 6

@@ -274,3 +274,73 @@ async def test_calls_awaiting_a_disposition_are_only_the_agents_own(
     await wait_for(lambda: len(service.activities()) == 1)
     act = service.activities()[0]
     assert (act["disposition"], act["note"]) == ("sale", "from the list")
+
+
+async def test_a_disposition_is_taken_only_for_a_call_rung_to_the_agent(
+    redis: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The route takes a disposition only for a call rung to the signed-in agent by what
+    instances share: call 9.1 rings li-na here, so hers is kept before its record comes,
+    while wang-wei's on it is refused (403 not_yours: it could otherwise stand in for
+    hers) and so is any made-up call id, with nothing stored and a log line; call 8.1
+    was served by another instance (this live view never saw it) and is on li-na's list
+    of calls awaiting a disposition: hers is taken, wang-wei's refused. Each record
+    goes with li-na's disposition."""
+    from aiohttp.test_utils import TestServer
+
+    from ami.protocol import Message
+    from router.auth.roles import Role
+    from router.keys import Keys
+    from router.settings import WebSettings
+    from router.web.live import LiveState
+    from router.web.pending import Pending
+    from router.web.wrapup import Wrapup
+    from tests.web.conftest import pages_app
+
+    keys = Keys(prefix="t:", secret=b"s")
+    sent: list[dict[str, Any]] = []
+
+    async def enqueue(rec: Any) -> str:
+        if not await redis.set(keys.outbox_dedupe(rec["record_key"]), "1", nx=True):
+            return "duplicate"
+        sent.append(dict(rec))
+        return "enqueued"
+
+    def record(lid: str) -> dict[str, Any]:
+        return {"record_key": f"call:{lid}", "linkedid": lid, "answered_by_agent": "7001",
+                "outcome": "answered", "caller": "+8613800138000"}
+
+    pending = Pending(redis, keys, hold_s=30, late_s=0)
+    wrapup = Wrapup(redis, keys, enqueue, 30, pending=pending)
+    live = LiveState({"PJSIP/7001": "7001", "PJSIP/7002": "7002"}.get)
+    for event in ({"Event": "VarSet", "Uniqueid": "9.1", "Linkedid": "9.1",
+                   "Variable": "ROUTE_RULE", "Value": "vip-owner"},
+                  {"Event": "DialBegin", "Uniqueid": "9.1", "Linkedid": "9.1",
+                   "DestChannel": "PJSIP/7001-00000001", "DestUniqueid": "9.2"}):
+        live.handle(Message(event))
+    app, tokens = pages_app({"settings": WebSettings(wrapup_s=30), "live": live,
+                             "wrapup": wrapup, "record_key_for": "call:{}".format},
+                            {"li-na": (Role.AGENT, "7001"), "wang-wei": (Role.AGENT, "7002")})
+    await wrapup.mark_online(["7001"])
+    assert await wrapup.put(record("8.1")) == "held"  # on another instance's call
+
+    async def post(http: aiohttp.ClientSession, server: TestServer, call: str, user: str,
+                   code: str) -> tuple[int, Any]:
+        async with http.post(server.make_url(f"/ui/api/calls/{call}/disposition"),
+                             json={"code": code, "note": user},
+                             headers={"Authorization": f"Bearer {tokens[user]}"}) as r:
+            return r.status, await r.json()
+
+    not_yours = (403, {"error": "not_yours"})
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as http:
+        assert (await post(http, server, "9.1", "li-na", "resolved"))[0] == 200
+        assert await post(http, server, "9.1", "wang-wei", "sale") == not_yours
+        assert await post(http, server, "1795330000.7", "li-na", "sale") == not_yours
+        assert await post(http, server, "1795330000.7", "wang-wei", "sale") == not_yours
+        assert await post(http, server, "8.1", "wang-wei", "sale") == not_yours
+        assert await redis.keys("t:web:disp:*") == [keys.web_disposition("call:9.1", "7001")]
+        assert (await post(http, server, "8.1", "li-na", "resolved"))[0] == 200
+    assert await wrapup.put(record("9.1")) == "enqueued"
+    assert [(r["record_key"], r["disposition"], r["disposition_note"]) for r in sent] == [
+        ("call:8.1", "resolved", "li-na"), ("call:9.1", "resolved", "li-na")]
+    assert "disposition on call '1795330000.7' by agent 7002 refused" in caplog.text

@@ -3,6 +3,7 @@ one record per call, with the disposition, whatever the order of events."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from router.crypto import KeyRing
 from router.keys import Keys
 from router.web.wrapup import Wrapup
+from tests.waiting import wait_for
 
 KEYS = Keys(prefix="t:", secret=b"s")
 
@@ -84,9 +86,11 @@ async def test_held_record_gets_the_disposition_and_goes_once(redis: aioredis.Re
     sent = outbox.sent[0]
     assert (sent["disposition"], sent["disposition_note"], sent["disposition_by"]) == \
         ("resolved", "call back Monday", "7001")
-    assert await redis.exists(KEYS.web_hold("call:1.1"), KEYS.web_disposition("call:1.1")) == 0
+    assert await redis.exists(KEYS.web_hold("call:1.1"),
+                              KEYS.web_disposition("call:1.1", "7001")) == 0
     assert await redis.zcard(KEYS.web_holds) == 0
-    assert await wrap.dispose("call:1.1", "7001", "sale", "") == "gone"
+    assert await wrap.dispose("call:1.1", "7001", "sale", "", rung=True) == "gone"
+    assert await wrap.dispose("call:1.1", "7001", "sale", "") == "not-yours"  # not known
 
 
 async def test_disposition_before_the_record_is_put_on_it(redis: aioredis.Redis) -> None:
@@ -94,7 +98,7 @@ async def test_disposition_before_the_record_is_put_on_it(redis: aioredis.Redis)
     and the record goes at once when it arrives, with it."""
     wrap, outbox, _, _ = make(redis)
     await wrap.mark_online(["7001"])
-    assert await wrap.dispose("call:1.1", "7001", "sale", "") == "saved"
+    assert await wrap.dispose("call:1.1", "7001", "sale", "", rung=True) == "saved"
     assert outbox.sent == []
     assert await wrap.put(record()) == "enqueued"
     assert outbox.sent[0]["disposition"] == "sale"
@@ -103,13 +107,46 @@ async def test_disposition_before_the_record_is_put_on_it(redis: aioredis.Redis)
 
 async def test_another_agents_disposition_is_refused_or_ignored(redis: aioredis.Redis) -> None:
     """Only the agent who answered can dispose: refused on a held record, ignored when
-    given early by someone else."""
+    given early by another agent the call rang."""
     wrap, outbox, _, _ = make(redis)
     await wrap.mark_online(["7001"])
-    assert await wrap.dispose("call:2.1", "7002", "sale", "") == "saved"  # early, wrong agent
+    assert await wrap.dispose("call:2.1", "7002", "sale", "", rung=True) == "saved"  # early
     assert await wrap.put(record("2.1")) == "held"
-    assert await wrap.dispose("call:2.1", "7002", "sale", "") == "not-yours"
+    assert await wrap.dispose("call:2.1", "7002", "sale", "", rung=True) == "not-yours"
     assert outbox.sent == []
+
+
+async def test_a_call_not_rung_to_the_agent_is_refused(redis: aioredis.Redis) -> None:
+    """A made-up call id (nothing held, sent, on the agent's list, nor seen rung to them)
+    is refused and nothing is stored for it; a call rung to the agent is accepted early,
+    and one on the agent's list of calls awaiting a disposition is theirs too."""
+    wrap, outbox, _, _ = make(redis)
+    assert await wrap.dispose("call:made.up", "7002", "sale", "") == "not-yours"
+    assert await redis.keys("t:web:disp:*") == []
+    assert await wrap.dispose("call:2.2", "7002", "sale", "", rung=True) == "saved"
+    await redis.zadd(KEYS.web_todo("7002"), {"call:2.3": 1})
+    assert await wrap.dispose("call:2.3", "7002", "sale", "") == "saved"
+    assert await wrap.dispose("call:2.3", "7003", "sale", "") == "not-yours"
+    assert sorted(await redis.keys("t:web:disp:*")) == [
+        KEYS.web_disposition("call:2.2", "7002"), KEYS.web_disposition("call:2.3", "7002")]
+    assert outbox.sent == []
+
+
+async def test_another_agent_cannot_overwrite_the_early_disposition(
+    redis: aioredis.Redis,
+) -> None:
+    """The call rang two agents: 7001 (who answered) gives her disposition before the
+    record comes, then 7002 (rung too) gives another: each is kept under its agent, and
+    the record takes 7001's, not 7002's nor none."""
+    wrap, outbox, _, _ = make(redis)
+    await wrap.mark_online(["7001", "7002"])
+    assert await wrap.dispose("call:2.4", "7001", "resolved", "hers", rung=True) == "saved"
+    assert await wrap.dispose("call:2.4", "7002", "sale", "his", rung=True) == "saved"
+    assert await wrap.put(record("2.4")) == "enqueued"
+    (sent,) = outbox.sent
+    assert (sent["disposition"], sent["disposition_note"], sent["disposition_by"]) == \
+        ("resolved", "hers", "7001")
+    assert await redis.exists(KEYS.web_disposition("call:2.4", "7001")) == 0
 
 
 async def test_unclaimed_records_are_released_after_the_wrapup_time(
@@ -210,9 +247,9 @@ async def test_held_records_and_dispositions_are_encrypted_at_rest(
     assert await wrap.dispose("call:8.1", "7001", "sale", "李雷 wants two") == "saved"
     (sent,) = outbox.sent
     assert (sent["caller"], sent["disposition_note"]) == ("+8613800138000", "李雷 wants two")
-    assert await redis.get(KEYS.web_disposition("call:8.1")) is None  # applied, removed
-    assert await wrap.dispose("call:10.1", "7001", "sale", "李雷 early") == "saved"
-    early = await redis.get(KEYS.web_disposition("call:10.1"))
+    assert await redis.get(KEYS.web_disposition("call:8.1", "7001")) is None  # applied
+    assert await wrap.dispose("call:10.1", "7001", "sale", "李雷 early", rung=True) == "saved"
+    early = await redis.get(KEYS.web_disposition("call:10.1", "7001"))
     assert early.startswith("enc1:k1:")
     assert "李雷" not in early
     assert await wrap.release_due(now=2e9) == 0
@@ -250,57 +287,103 @@ async def test_a_late_disposition_becomes_one_update_of_the_sent_record(
         ("follow-up", "call Monday", "7001")
     assert update["caller"] == "+8613800138000"
     assert updates == ["call:6.1:disposition"]
-    assert await wrap.dispose("call:6.1", "7001", "sale", "") == "gone"
+    assert await wrap.dispose("call:6.1", "7001", "sale", "", rung=True) == "gone"
     assert len(outbox.sent) == 2
     strict = Wrapup(redis, KEYS, outbox.enqueue, 60)
     assert await strict.put(record("7.1")) == "enqueued"
     assert await redis.exists(KEYS.web_sent("call:7.1")) == 0
-    assert await strict.dispose("call:7.1", "7001", "sale", "") == "gone"
+    assert await strict.dispose("call:7.1", "7001", "sale", "", rung=True) == "gone"
 
 
-async def test_a_disposition_racing_another_instances_release_is_not_lost(
-    redis: aioredis.Redis,
+async def test_a_disposition_racing_another_instances_send_is_not_lost(
+    redis: aioredis.Redis, redis_url: str,
 ) -> None:
-    """Another instance released the held record without the disposition a moment before
-    the agent saved it here: this instance's send is a duplicate, so the disposition goes
-    as an update instead of vanishing."""
+    """Another instance sent the record as it came, without the disposition (the agent's
+    page was not open as it looked), while it is held here: this instance's send is a
+    duplicate, so the disposition goes as the update of the activity instead of
+    vanishing."""
     outbox = Outbox(redis)
+    other = aioredis.Redis.from_url(redis_url, decode_responses=True)
     wrap = Wrapup(redis, KEYS, outbox.enqueue, 60, late_s=3600)
-    await wrap.mark_online(["7001"])
-    assert await wrap.put(record("5.2")) == "held"
-    await outbox.enqueue(record("5.2"))  # the other instance's release, without it
-    assert await wrap.dispose("call:5.2", "7001", "resolved", "") == "saved"
+    there = Wrapup(other, KEYS, outbox.enqueue, 60, late_s=3600)
+    try:
+        await wrap.mark_online(["7001"])
+        assert await wrap.put(record("5.2")) == "held"
+        await wrap.mark_offline("7001")
+        assert await there.put(record("5.2")) == "enqueued"  # without it
+        assert await wrap.dispose("call:5.2", "7001", "resolved", "") == "updated"
+    finally:
+        await other.aclose()
     assert [r["record_key"] for r in outbox.sent] == ["call:5.2", "call:5.2:disposition"]
     assert outbox.sent[1]["disposition"] == "resolved"
+    assert await redis.exists(KEYS.web_hold("call:5.2"), KEYS.web_sent("call:5.2")) == 0
 
 
-async def test_a_disposition_saved_as_another_instance_releases_becomes_the_update(
-    redis: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch,
+async def test_two_instances_releasing_one_call_send_it_once_without_an_update(
+    redis: aioredis.Redis, redis_url: str,
 ) -> None:
-    """The agent saves while another instance releases the held record without it (held
-    when the save looks, released by the time it is written): the disposition goes as the
-    update of the sent activity, not into a key no record will ever read."""
+    """Two instances release the same held record (its wrap-up time is up on both, the
+    agent's disposition on it) at the same moment, and two instances' copies of a record
+    whose disposition came first arrive together: each call goes once, with its
+    disposition, and no update of the activity follows (it would be a second, redundant
+    request to the CRM and use up the call's one update)."""
     outbox = Outbox(redis)
     other = aioredis.Redis.from_url(redis_url, decode_responses=True)
     here = Wrapup(redis, KEYS, outbox.enqueue, 60, late_s=3600)
     there = Wrapup(other, KEYS, outbox.enqueue, 60, late_s=3600)
-    await here.mark_online(["7001"])
-    assert await here.put(record("5.3")) == "held"
-    real_set = redis.set
-
-    async def set_after_the_release(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name == KEYS.web_disposition("call:5.3"):  # the other instance gets there first
-            assert await there.release_due(now=2e9) == 1
-        return await real_set(name, *args, **kwargs)
-
-    monkeypatch.setattr(redis, "set", set_after_the_release)
     try:
-        assert await here.dispose("call:5.3", "7001", "resolved", "ok") == "updated"
+        await here.mark_online(["7001"])
+        assert await here.put(record("5.4")) == "held"
+        name = KEYS.web_disposition("call:5.4", "7001")
+        await redis.set(name, here._seal({"agent": "7001", "code": "sale", "note": ""}, name))
+        counts = await asyncio.gather(here.release_due(now=2e9), there.release_due(now=2e9))
+        assert sorted(counts) == [0, 1]
+        assert await here.dispose("call:5.5", "7001", "resolved", "", rung=True) == "saved"
+        await asyncio.gather(here.put(record("5.5")), there.put(record("5.5")))
     finally:
         await other.aclose()
-    assert [r["record_key"] for r in outbox.sent] == ["call:5.3", "call:5.3:disposition"]
-    assert (outbox.sent[1]["disposition"], outbox.sent[1]["disposition_note"]) == \
-        ("resolved", "ok")
+    assert [(r["record_key"], r.get("disposition")) for r in outbox.sent] == \
+        [("call:5.4", "sale"), ("call:5.5", "resolved")]
+    assert await redis.keys("t:web:*") == [KEYS.web_online("7001")]
+
+
+@pytest.mark.parametrize(("late_s", "told", "sent"), [
+    (0.0, "gone", ["call:5.6"]),
+    (3600.0, "updated", ["call:5.6", "call:5.6:disposition"]),
+])
+async def test_a_disposition_given_while_its_record_is_released_is_not_told_saved(
+    redis: aioredis.Redis, redis_url: str, late_s: float, told: str, sent: list[str],
+) -> None:
+    """Late dispositions off: the agent saves while another instance is sending the held
+    record without it (it had looked for one just before). The save waits for that
+    release and answers ``gone`` (the page says it came too late), not ``saved`` for a
+    disposition no record carries; with late dispositions on it is the update."""
+    outbox = Outbox(redis)
+    answers: list[str] = []
+    here = Wrapup(redis, KEYS, outbox.enqueue, 60, late_s=late_s)
+
+    async def slow_enqueue(rec: Mapping[str, Any]) -> str:
+        """The other instance's enqueue, during which the agent saves here."""
+        task = asyncio.create_task(here.dispose("call:5.6", "7001", "sale", ""))
+        await asyncio.sleep(0.2)  # the save is stored and waits for the release
+        assert not task.done()
+        result = await outbox.enqueue(rec)
+        task.add_done_callback(lambda t: answers.append(t.result()))
+        return result
+
+    other = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    there = Wrapup(other, KEYS, slow_enqueue, 60, late_s=late_s)
+    try:
+        await here.mark_online(["7001"])
+        assert await here.put(record("5.6")) == "held"
+        assert await there.release_due(now=2e9) == 1
+        await wait_for(lambda: bool(answers))
+    finally:
+        await other.aclose()
+    assert answers == [told]
+    assert [r["record_key"] for r in outbox.sent] == sent
+    assert "disposition" not in outbox.sent[0]
+    assert await redis.exists(KEYS.web_disposition("call:5.6", "7001")) == 0
 
 
 async def test_a_late_disposition_outliving_the_outbox_dedupe_is_still_an_update(
@@ -315,4 +398,4 @@ async def test_a_late_disposition_outliving_the_outbox_dedupe_is_still_an_update
     await redis.delete(KEYS.outbox_dedupe("call:6.2"))  # its dedupe key expired
     assert await wrap.dispose("call:6.2", "7001", "sale", "") == "updated"
     assert [r["record_key"] for r in outbox.sent] == ["call:6.2", "call:6.2:disposition"]
-    assert await redis.exists(KEYS.web_disposition("call:6.2")) == 0
+    assert await redis.exists(KEYS.web_disposition("call:6.2", "7001")) == 0
