@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from router.audit import AuditLog
 from router.auth.access import AuthContext
@@ -133,7 +134,12 @@ def build_parts(settings: Settings, presence: Presence, agents: AgentsOf,
                 extra["customer"] = found.model_dump(mode="json", exclude={"updated_at"})
                 customer = extra["customer"]
         if parts.history is not None:
-            extra["last_calls"] = await parts.history.recent(customer.get("id"), e164)
+            try:
+                extra["last_calls"] = await parts.history.recent(customer.get("id"), e164)
+            except (RedisError, OSError) as exc:  # the card says so; the rest stays
+                log.warning("call %s: the caller's last calls not read (Redis: %s)",
+                            card.get("call"), exc)
+                extra["last_calls_error"] = True
         return extra
 
     live.enrich = enrich

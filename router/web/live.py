@@ -207,6 +207,8 @@ class LiveState:
         self._agent_sinks: dict[str, set[Sink]] = {}
         self._live_sinks: set[Sink] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: (call, agent) whose card is being completed (:meth:`_complete`)
+        self._completing: set[tuple[str, str]] = set()
         self.rules_hour: Window[tuple[str, str]] = Window(3600.0, clock)
         self.owner_hour: Window[bool] = Window(3600.0, clock)
         self.lookups = Samples(900.0, clock)
@@ -394,8 +396,7 @@ class LiveState:
             return  # no page open: nothing to build
         card = self.card(call, ring)
         self._push(agent, {"type": "card", "card": card})
-        if self.enrich is not None:
-            self._spawn(self._enrich(call.linkedid, agent, card))
+        self._complete(call.linkedid, agent, card)
 
     def _answered(self, call: LiveCall, agent: str) -> None:
         if call.answered_agent is not None:
@@ -600,6 +601,8 @@ class LiveState:
             if card is not None and not card.get("done") and \
                     now - ended_at <= self.wrapup_s + ENDED_GRACE_S:
                 cards.append(card)
+        for card in cards:  # rung before any page of the agent was open: complete it now
+            self._complete(card["call"], agent, card)
         return cards
 
     def card(self, call: LiveCall, ring: Ring) -> dict[str, Any]:
@@ -650,7 +653,9 @@ class LiveState:
                 "queue": d.queue if d is not None else v.get("ROUTE_QUEUE"),
                 "owner": bool(customer and customer.get("owner") == ring.agent),
             },
-            "last_calls": ring.extra.get("last_calls"),
+            # None while being read; [] when there are none (or nothing reads them)
+            "last_calls": ring.extra.get("last_calls", None if self.enrich else []),
+            "last_calls_error": bool(ring.extra.get("last_calls_error")),
         }
 
     def _push(self, agent: str, message: dict[str, Any]) -> None:
@@ -669,19 +674,55 @@ class LiveState:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _complete(self, lid: str, agent: str, card: dict[str, Any]) -> None:
+        """Complete ``card`` (the customer from the cache, the last calls) in the
+        background, unless it is complete or being completed."""
+        if self.enrich is None or card.get("last_calls") is not None or \
+                card.get("last_calls_error") or (lid, agent) in self._completing:
+            return
+        self._completing.add((lid, agent))
+        self._spawn(self._enrich(lid, agent, card))
+
     async def _enrich(self, lid: str, agent: str, card: dict[str, Any]) -> None:
+        """Complete the card and push it; it always ends with its last calls read, or
+        said not readable (the page never waits for them forever)."""
         assert self.enrich is not None
         try:
-            extra = await self.enrich(card)
+            extra = dict(await self.enrich(card))
         except Exception:
             log.exception("could not complete the card of call %s", lid)
-            return
+            extra = {"last_calls_error": True}
+        finally:
+            self._completing.discard((lid, agent))
+        if not extra.get("last_calls_error"):
+            extra.setdefault("last_calls", [])  # none kept (no history here)
         call = self.calls.get(lid)
         ring = call.rings.get(agent) if call is not None else None
-        if call is None or ring is None or not extra:
+        entry = self._ended.get(lid)
+        kept = entry[1].get(agent) if entry is not None else None
+        if call is not None and ring is not None:
+            ring.extra.update(extra)
+            card = self.card(call, ring)
+            if kept is not None and ring.state == "ended":
+                kept.update(card)  # the ended card a reconnecting page gets
+        elif kept is not None:  # the call ended meanwhile: its ended card, kept for the
+            self._apply(kept, extra)  # wrap-up, is completed
+            card = kept
+        else:
             return
-        ring.extra.update(extra)
-        self._push(agent, {"type": "card", "card": self.card(call, ring)})
+        if kept is None or not kept.get("done"):  # (a card closed stays closed)
+            self._push(agent, {"type": "card", "card": card})
+
+    def _apply(self, card: dict[str, Any], extra: Mapping[str, Any]) -> None:
+        """Put what completing a card found onto an already built ``card``."""
+        if extra.get("customer"):
+            customer = {**(card.get("customer") or {}), **extra["customer"]}
+            card["customer"] = customer
+            if self.crm_url:
+                card["crm_link"] = self.crm_url.replace("{id}",
+                                                        quote(str(customer["id"]), safe=""))
+        card["last_calls"] = extra.get("last_calls")
+        card["last_calls_error"] = bool(extra.get("last_calls_error"))
 
     async def aclose(self) -> None:
         """Cancel card completions still running."""

@@ -381,3 +381,36 @@ async def test_a_note_being_typed_keeps_its_caret_and_composition_through_a_push
 def renamed_call3(blocks: list[bytes]) -> list[bytes]:
     """Call 3's ring again as a new call (other Uniqueids and Linkedid)."""
     return [b.replace(b"1795338393", b"1795338493") for b in blocks]
+
+
+async def test_last_calls_show_an_error_or_none_instead_of_waiting_for_ever(
+    service: WebService, browser: Any, tmp_path: Path
+) -> None:
+    """Li Lei's history in Redis cannot be read (its entry is broken): her card says the
+    earlier calls could not be read, in English and in Chinese, instead of "…" for
+    ever; a page that opens after the queue rang the agent gets that card completed
+    too: an unknown caller without history shows "No earlier calls"."""
+    import redis.asyncio as aioredis
+
+    from router.keys import keys_from_settings
+
+    client = aioredis.Redis.from_url(service.settings.redis.url)
+    try:
+        await client.set(keys_from_settings(service.settings).web_recent("c:C-1001"), "x")
+    finally:
+        await client.aclose()
+    await service.route("+8613800138000", "Li Lei", "1795338333.1")
+    mine = await sign_in(browser, service, "li-na")
+    await service.ami.play(service.ami.events(*RING_7001))
+    error = mine.locator(f"{CARD} .last .last-error")
+    await expect(error).to_have_text("Earlier calls could not be read just now.")
+    await mine.click("#lang")  # 中文
+    await expect(error).to_have_text("暂时无法读取以往通话。")
+    await mine.screenshot(path=str(tmp_path / "agent-7001-last-calls-error-zh.png"))
+
+    await service.route("02150501234", "unknown", "1795338393.11")
+    await service.ami.play(service.ami.events(*QUEUE_RINGS))
+    other = await sign_in(browser, service, "wang-wei")  # after the ring
+    card = other.locator("#card-1795338393\\.10")
+    await expect(card.locator(".last p.muted")).to_have_text("No earlier calls")
+    await other.screenshot(path=str(tmp_path / "agent-7002-no-last-calls.png"))

@@ -296,3 +296,71 @@ async def test_a_page_watching_an_agent_does_not_make_the_agent_online() -> None
     live.unsubscribe_agent("7001", own)
     assert live.online_agents() == []
     assert live.snapshot(customers=False)["agents"][0]["page"] is False
+
+
+async def test_a_card_always_ends_with_its_last_calls_or_saying_they_failed(
+    fixtures_dir: Path,
+) -> None:
+    """The card's last calls are None only while they are being read: a completion that
+    fails says so (``last_calls_error``), one that finds no history gives [] (the page
+    shows its empty text, never "…" for ever); a page that connects after the ring gets
+    its card completed then; a completion that ends after the call did completes the
+    ended card a reconnecting page is given; without any completion the card has []."""
+    msgs = events(fixtures_dir)
+    answers: list[Any] = [RuntimeError("history down"), {}]
+    asked: list[str] = []
+
+    async def enrich(card: dict[str, Any]) -> dict[str, Any]:
+        asked.append(card["state"])
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return dict(answer)
+
+    clock = Clock()
+    live = LiveState(AGENTS.get, clock=clock, wrapup_s=60, enrich=enrich)
+    sink = Sink(agent="7001")
+    live.subscribe_agent("7001", sink)
+    for msg in msgs[:51]:  # call 1 rings 7001
+        live.handle(msg)
+    first = drained(sink)[0]["card"]
+    assert (first["last_calls"], first["last_calls_error"]) == (None, False)
+    await asyncio.sleep(0.01)
+    (failed,) = drained(sink)
+    assert (failed["card"]["last_calls"], failed["card"]["last_calls_error"]) == (None, True)
+
+    late = LiveState(AGENTS.get, clock=clock, wrapup_s=60, enrich=enrich)
+    for msg in msgs[:51]:  # no page open while it rings: nothing read yet
+        late.handle(msg)
+    assert len(asked) == 1
+    (card,) = late.cards_for("7001")  # a page connects
+    assert card["last_calls"] is None
+    late.subscribe_agent("7001", sink)
+    await asyncio.sleep(0.01)
+    (done,) = drained(sink)
+    assert (done["card"]["last_calls"], done["card"]["last_calls_error"]) == ([], False)
+    assert late.cards_for("7001")[0]["last_calls"] == []
+
+    gate = asyncio.Event()
+
+    async def slow(card: dict[str, Any]) -> dict[str, Any]:
+        await gate.wait()
+        return {"last_calls": [{"call": "earlier"}]}
+
+    ended = LiveState(AGENTS.get, clock=clock, wrapup_s=60, enrich=slow)
+    ended.subscribe_agent("7001", sink)
+    for msg in msgs[:102]:  # rings, is answered and ends while its history is read
+        ended.handle(msg)
+    drained(sink)
+    assert ended.cards_for("7001")[0]["last_calls"] is None
+    gate.set()
+    await asyncio.sleep(0.01)
+    (pushed,) = drained(sink)
+    assert pushed["card"]["state"] == "ended"
+    assert pushed["card"]["last_calls"] == [{"call": "earlier"}]
+    assert ended.cards_for("7001")[0]["last_calls"] == [{"call": "earlier"}]
+
+    plain = LiveState(AGENTS.get, clock=clock)
+    for msg in msgs[:51]:
+        plain.handle(msg)
+    assert plain.cards_for("7001")[0]["last_calls"] == []

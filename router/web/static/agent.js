@@ -86,7 +86,11 @@
       }
       last.append(list);
     } else {
-      last.append(el("p", {class: "muted", text: card.last_calls ? t("no_last_calls") : "…"}));
+      // [] read and empty; an error said so; null only while they are being read (the
+      // server always ends it with one of the other two)
+      last.append(card.last_calls_error
+        ? el("p", {class: "muted last-error", role: "status", text: t("last_calls_error")})
+        : el("p", {class: "muted", text: card.last_calls ? t("no_last_calls") : t("loading")}));
     }
     const links = el("div", {class: "links"},
       card.crm_link ? el("a", {href: card.crm_link, target: "_blank", rel: "noopener noreferrer",
