@@ -127,3 +127,21 @@ def test_every_wing_has_a_docstring_saying_what_it_may_import() -> None:
         assert len(doc) > 80, f"{init} needs a docstring (what the wing does)"
         if init.parent.parent.name == "router":
             assert "import" in doc, f"{init}: say what the wing may import"
+
+
+#: Folders of tests/ that are harnesses or data, not the tests of one package.
+TEST_HARNESSES = {"asterisk", "crm_fakes", "fixtures"}
+
+
+def test_tests_mirror_the_packages() -> None:
+    """Every test package under tests/ is named after a package of the project
+    (tests/router/web holds router/web's tests), but for the harnesses: a test folder for
+    a wing that does not exist, or one put beside its package's folder, fails here."""
+    stray = []
+    for init in sorted((ROOT / "tests").rglob("__init__.py")):
+        folder = init.parent.relative_to(ROOT / "tests")
+        if folder == Path() or folder.parts[0] in TEST_HARNESSES:
+            continue
+        if not (ROOT / folder / "__init__.py").exists():
+            stray.append(str(folder))
+    assert stray == []

@@ -97,7 +97,7 @@ async def pages(tmp_path_factory: pytest.TempPathFactory, asterisk_kit: None
     """Asterisk in the host's zone, callroute serving its pages, four agents signed in."""
     from playwright.async_api import async_playwright
 
-    from tests.web.conftest import chromium_path
+    from tests.router.web.conftest import chromium_path
 
     path = chromium_path()
     if path is None:

@@ -12,7 +12,7 @@ import pytest
 
 from router.metrics import LOOKUPS
 from router.samplecrm import state_of
-from tests.web.conftest import WebService, pages_app, wait_for
+from tests.router.web.conftest import WebService, pages_app, wait_for
 
 CALL1 = (0, 101)
 
@@ -167,7 +167,7 @@ async def test_an_agent_page_gets_its_cards_while_redis_is_down(
     from router.web.live import LiveState
     from router.web.pending import Pending
     from router.web.wrapup import Wrapup
-    from tests.web.test_outcomes import strings
+    from tests.router.web.test_outcomes import strings
 
     keys = Keys(prefix="t:", secret=b"s")
     client = aioredis.Redis.from_url(own_redis.url, decode_responses=True,
@@ -219,7 +219,7 @@ async def test_a_page_that_cannot_keep_up_is_closed_and_let_go() -> None:
 
     from router.auth.roles import Role
     from router.web.live import LiveState
-    from tests.web.conftest import pages_app
+    from tests.router.web.conftest import pages_app
 
     live = LiveState({"PJSIP/7001": "7001"}.get)
     app, tokens = pages_app({"live": live}, {"li-na": (Role.AGENT, "7001")})

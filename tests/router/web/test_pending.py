@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from router.crypto import KeyRing
 from router.web.pending import Pending
 from router.web.wrapup import Wrapup
-from tests.web.test_wrapup import KEYS, Clock, Outbox
+from tests.router.web.test_wrapup import KEYS, Clock, Outbox
 
 K1 = "k1:" + base64.b64encode(b"\x01" * 32).decode()
 

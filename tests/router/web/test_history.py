@@ -190,7 +190,7 @@ async def test_a_big_days_csv_export_does_not_stall_the_event_loop(redis_url: st
     from router.web.history import summary
     from router.web.live import LiveState
     from router.web.sealed import seal_json
-    from tests.web.conftest import pages_app
+    from tests.router.web.conftest import pages_app
 
     ring = KeyRing.parse("k1:" + base64.b64encode(b"1" * 32).decode())
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)

@@ -21,7 +21,7 @@ from router.keys import Keys
 from router.web.history import CSV_COLUMNS, OUTCOMES, History
 from router.web.live import LiveState, Sink
 
-STATIC = Path(__file__).parents[2] / "router" / "web" / "static"
+STATIC = Path(__file__).parents[3] / "router" / "web" / "static"
 AGENTS = {"Local/7001@agents": "7001", "Local/7002@agents": "7002"}
 KEYS = Keys(prefix="o:", secret=b"secret")
 

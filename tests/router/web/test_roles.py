@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.web.conftest import ADMIN_TOKEN, WebService, wait_for
+from tests.router.web.conftest import ADMIN_TOKEN, WebService, wait_for
 
 ANON = None
 #: (method, path, who) -> expected status; "agent" pages of other roles are refused.
@@ -80,7 +80,7 @@ async def test_every_ui_route_declares_its_rule_and_is_in_the_table() -> None:
     from router.auth.users import Directory
     from router.web.live import LiveState
     from router.web.routes import WebService, add_web_routes
-    from tests.web.conftest import web_settings
+    from tests.router.web.conftest import web_settings
 
     app = web.Application()
     add_web_routes(app, WebService(web_settings(), AuthContext(Directory()),
@@ -295,7 +295,7 @@ async def test_a_disposition_is_taken_only_for_a_call_rung_to_the_agent(
     from router.web.live import LiveState
     from router.web.pending import Pending
     from router.web.wrapup import Wrapup
-    from tests.web.conftest import pages_app
+    from tests.router.web.conftest import pages_app
 
     keys = Keys(prefix="t:", secret=b"s")
     sent: list[dict[str, Any]] = []

@@ -23,7 +23,7 @@ from router.samplecrm import make_app, start_sample_crm
 from router.settings import AmiSettings, load_settings
 from router.web.decisions import DecisionStore
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 
 
 async def test_a_failing_listener_neither_stops_the_tracker_nor_the_others(

@@ -13,7 +13,7 @@ import pytest
 from playwright.async_api import expect
 
 from router.samplecrm import state_of
-from tests.web.conftest import WebService, wait_for
+from tests.router.web.conftest import WebService, wait_for
 
 # Call 1 of ami-basic.raw: Li Lei (+8613800138000) rings owner 7001, who answers.
 RING_7001 = (0, 50)        # up to DialBegin to Local/7001@agents

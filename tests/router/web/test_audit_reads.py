@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from router.audit import AuditEntry, AuditLog, list_entries, state_hash
 from router.keys import Keys
 from router.web.audit import PageAudit, Reader
-from tests.web.conftest import WebService
+from tests.router.web.conftest import WebService
 
 KEYS = Keys(prefix="pa:", secret=b"s")
 

@@ -26,7 +26,7 @@ from router.settings import Settings, WebSettings, load_settings
 from tests.redis_server import free_port
 from tests.waiting import wait_for
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 RECORDING = ROOT / "tests" / "fixtures" / "asterisk-22" / "ami-basic.raw"
 
 #: The pages' users: (role, agent id). Their tokens are made per test (``service.tokens``).
