@@ -17,6 +17,7 @@ callers only ever catch these::
     │   ├── CrmUnavailable       connection refused, dropped or DNS failure
     │   ├── CrmHttpError         an HTTP error status (.status, .detail: the CRM's words)
     │   │   ├── CrmClientError   4xx: credentials, URL or payload are wrong; not retried
+    │   │   ├── CrmRedirected    3xx: not followed (credentials would go along); fix the URL
     │   │   ├── CrmRateLimited   429: slow down; honour .retry_after
     │   │   └── CrmServerError   5xx: the CRM is failing; retried
     │   ├── CrmBadResponse       the body is not the JSON that was promised
@@ -143,6 +144,22 @@ class CrmClientError(CrmHttpError):
     kind = "4xx"
     retryable = False
     may_have_acted = False
+
+
+class CrmRedirected(CrmHttpError):
+    """3xx: the CRM sent the request elsewhere (``location``, without its query). A
+    redirect is never followed: the credentials (an API key header, a token) would go
+    along to that host, and a POST replayed as a GET loses its body. The configured
+    address is wrong (http for https, an old domain, a login page): fix the URL. Not
+    retried."""
+
+    kind = "redirect"
+    retryable = False
+    may_have_acted = False
+
+    def __init__(self, message: str, *, status: int, location: str = "") -> None:
+        self.location = location
+        super().__init__(message, status=status)
 
 
 class CrmRateLimited(CrmHttpError):

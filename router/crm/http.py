@@ -10,6 +10,7 @@ what happened                                          raised
 ====================================================  =========================
 no complete answer within ``timeout_s``                :class:`CrmTimeout`
 refused, reset, dropped, DNS failure, TLS failure      :class:`CrmUnavailable`
+a redirect (3xx): never followed                      :class:`CrmRedirected`
 429, or a 4xx naming a ``limits.limit_error_codes``   :class:`CrmRateLimited`
 other 4xx                                              :class:`CrmClientError`
 5xx                                                    :class:`CrmServerError`
@@ -26,6 +27,12 @@ Every answer's rate-limit headers feed the CRM's :class:`~router.crm.limits.Rate
 every request first waits for its turn there. Credentials come from
 :mod:`router.crm.auth`: static ones are default headers of the pool; an OAuth2 token
 is added per request from memory, refreshed once and the request sent again on a 401.
+
+No redirect is followed (aiohttp follows them by default): a 3xx would carry the
+credentials (an API key header, a token) to whatever host it names, and a POST answered
+301/302/303 would be replayed as a GET without its body. A 3xx is a
+:class:`CrmRedirected` naming where it pointed (without the query), for the request,
+the OAuth2 token endpoint and the doctor alike: the configured address is wrong.
 
 Every request counts in ``CRM_REQUESTS{op}``, every failure in ``CRM_ERRORS{op,kind}``.
 Log lines show the method and the URL path only (no query string, which may carry phone
@@ -62,6 +69,7 @@ from router.errors import (
     CrmClientError,
     CrmError,
     CrmRateLimited,
+    CrmRedirected,
     CrmServerError,
     CrmTimeout,
     CrmUnavailable,
@@ -353,6 +361,7 @@ class CrmHttp:
             async with asyncio.timeout(self._timeout):
                 async with self._session().request(
                     method, target, params=query, json=json_body, headers=headers, data=data,
+                    allow_redirects=False,
                 ) as resp:
                     raw = await self._read(resp, method, target)
                     return _Raw(resp.status, resp.headers, raw)
@@ -381,9 +390,11 @@ class CrmHttp:
                     target, headers=headers,
                     data=form if send_as == "form" else None,
                     params=form if send_as == "query" else None,
+                    allow_redirects=False,
                 ) as resp:
                     raw = await self._read(resp, "POST", target)
                     status = resp.status
+                    location = resp.headers.get("Location")
         except TimeoutError as exc:
             CRM_TOKEN_REFRESHES.labels("failed").inc()
             CRM_ERRORS.labels("token", CrmTimeout.kind).inc()
@@ -394,6 +405,9 @@ class CrmHttp:
             CRM_ERRORS.labels("token", CrmUnavailable.kind).inc()
             raise CrmUnavailable(f"POST {_path(target)}: {_reason(exc)}") from exc
         CRM_TOKEN_REFRESHES.labels("ok" if 200 <= status < 300 else "failed").inc()
+        if 300 <= status < 400:
+            CRM_ERRORS.labels("token", CrmRedirected.kind).inc()
+            raise _redirected("POST", target, status, location, "crm.auth.oauth2.token_url")
         return status, raw
 
     async def _read(self, resp: aiohttp.ClientResponse, method: str, target: str) -> bytes:
@@ -434,6 +448,9 @@ class CrmHttp:
                 body = None
             return CrmResponse(status=status, body=body, headers=raw.headers)
         where = _where(method, target)
+        if 300 <= status < 400 and "Location" in raw.headers:
+            raise _redirected(method, target, status, raw.headers.get("Location"),
+                              "crm.base_url (or the step's url)")
         detail = summarize_body(raw.body, self.secrets) if status >= 400 else ""
         if limited:
             raise CrmRateLimited(f"{where}: HTTP {status} rate limited", status=status,
@@ -460,6 +477,23 @@ def _reason(exc: BaseException) -> str:
         status = f" HTTP {exc.status}" if exc.status else ""
         return f"{type(exc).__name__}{status}" + (f": {exc.message}" if exc.message else "")
     return f"{type(exc).__name__}: {exc}"
+
+
+def _redirected(method: str, target: str, status: int, location: str | None,
+                setting: str) -> CrmRedirected:
+    """The error of a redirect that was not followed: where it pointed (resolved
+    against the request's URL, without query or credentials) and what to fix."""
+    try:
+        resolved = str(URL(target).join(URL(location or "")))
+    except (ValueError, TypeError):
+        resolved = ""
+    where = _path(resolved) if resolved else "<bad url>"
+    same_host = bool(resolved) and URL(resolved).origin() == URL(target).origin()
+    hint = ("the CRM moved this path" if same_host else "the CRM answers at another address")
+    return CrmRedirected(
+        f"{_where(method, target)}: HTTP {status} redirect to {where} not followed "
+        f"(the credentials would go along): {hint}; set {setting} to the address the "
+        "CRM answers at", status=status, location=where)
 
 
 def _where(method: str, url: str) -> str:

@@ -17,10 +17,10 @@ from pydantic import SecretStr, ValidationError
 from router.crm.auth import OAuth2Client, Token, TokenStore
 from router.crm.config import CrmSettings
 from router.crm.http import CrmHttp
-from router.errors import CrmClientError
+from router.errors import CrmClientError, CrmRedirected
 from router.keys import Keys
 from router.settings import load_settings
-from tests.crm_server import closed_port
+from tests.crm_server import closed_port, scripted_server
 from tests.redis_server import RedisServer
 from tests.router.crm.oauth_server import (
     CLIENT_ID,
@@ -291,6 +291,31 @@ async def test_redis_down_degrades_to_a_refresh_per_instance(
             await http.aclose()
             await store_redis.aclose()
     assert "Redis unavailable" in caplog.text
+
+
+async def test_a_token_endpoint_redirect_is_not_followed() -> None:
+    """A token endpoint answering 302 (to a login page elsewhere) is not followed: the
+    client secret in the form would go along. The error names where it pointed, without
+    its query, and crm.auth.oauth2.token_url as what to fix; no API request is sent."""
+    async with scripted_server(lambda _r: (200, {"access_token": "stolen"}, {})) as thief:
+        def moved(_: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+            return 302, "", {"Location": f"{thief.url}/login?next=x"}
+
+        async with scripted_server(moved) as server:
+            http = CrmHttp(CrmSettings.model_validate({
+                "name": "loop", "base_url": server.url, "auth": {"type": "oauth2", "oauth2": {
+                    "token_url": "/oauth/token", "client_id": CLIENT_ID,
+                    "client_secret": CLIENT_SECRET}}}))
+            try:
+                with pytest.raises(CrmRedirected) as failed:
+                    await ping(http)
+            finally:
+                await http.aclose()
+    assert thief.seen == []
+    assert [r["path"] for r in server.seen] == ["/oauth/token"]
+    assert failed.value.location == f"{thief.url}/login"
+    assert "crm.auth.oauth2.token_url" in str(failed.value)
+    assert CLIENT_SECRET not in str(failed.value)
 
 
 async def test_token_endpoint_refusal_says_why_with_the_secret_masked(

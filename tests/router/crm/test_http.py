@@ -18,6 +18,7 @@ from router.errors import (
     CrmBadResponse,
     CrmClientError,
     CrmRateLimited,
+    CrmRedirected,
     CrmServerError,
     CrmTimeout,
     CrmUnavailable,
@@ -98,28 +99,63 @@ async def test_default_headers_sent_and_secrets_masked(caplog: pytest.LogCapture
         "X-Api-Key": "***", "x-custom": "***"}
 
 
-async def test_a_redirect_loop_says_so_without_the_query_string(
+async def test_a_redirect_is_not_followed_and_names_where_without_the_query(
         caplog: pytest.LogCaptureFixture) -> None:
-    """aiohttp's own errors about an answer (too many redirects) name the URL with its
-    query: the key sent in the query and the caller's number stay out of the error and
-    the log line."""
+    """A 302 is not followed: the key (sent in the query here) and the caller's number
+    stay out of the error and the log line, which name where it pointed (its path, no
+    query) and crm.base_url as what to fix; it is not retried."""
     caplog.set_level(logging.DEBUG, logger="router.crm")
 
     def loop(_: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
-        return 302, "", {"Location": "/again?x=1"}
+        return 302, "", {"Location": "/again?x=1&key=k-SECRET-7"}
 
     async with scripted_server(loop) as server:
         http = CrmHttp(CrmSettings.model_validate({"base_url": server.url, "auth": {
             "type": "api_key", "header": "api_key", "key": "k-SECRET-7", "location": "query"}}))
         try:
-            with pytest.raises(CrmUnavailable) as failed:
+            with pytest.raises(CrmRedirected) as failed:
                 await http.request("lookup", "GET", "/x", params={"phone": "+8613800138000"})
         finally:
             await http.aclose()
-    assert "TooManyRedirects" in str(failed.value)
+    assert len(server.seen) == 1
+    assert failed.value.location == f"{server.url}/again"
+    assert f"redirect to {server.url}/again not followed" in str(failed.value)
+    assert "crm.base_url" in str(failed.value)
+    assert failed.value.retryable is False
+    assert failed.value.may_have_acted is False
     for text in (str(failed.value), caplog.text):
         assert "k-SECRET-7" not in text
         assert "8613800138000" not in text
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_to_another_host_never_carries_the_credentials_there(
+        status: int) -> None:
+    """A create answered by a redirect to another host: that host gets no request (the
+    API key header would go along, and a 301/302/303 would replay the POST as a GET
+    without its body); the error names the other host and says the CRM answers at
+    another address."""
+    def elsewhere(_: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        return 200, {"id": "stolen"}, {}
+
+    async with scripted_server(elsewhere) as thief:
+        def moved(_: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+            return status, "", {"Location": f"{thief.url}/collect?token=t-1"}
+
+        async with scripted_server(moved) as server:
+            http = CrmHttp(CrmSettings.model_validate({"base_url": server.url, "auth": {
+                "type": "api_key", "header": "X-Api-Key", "key": "k-SECRET-9"}}))
+            try:
+                with pytest.raises(CrmRedirected) as failed:
+                    await http.request("call", "POST", "/calls", json_body={"n": 1})
+            finally:
+                await http.aclose()
+    assert thief.seen == []
+    assert [(r["method"], r["body"]) for r in server.seen] == [("POST", {"n": 1})]
+    assert failed.value.status == status
+    assert failed.value.location == f"{thief.url}/collect"
+    assert "another address" in str(failed.value)
+    assert "t-1" not in str(failed.value)
 
 
 def test_tls_verification_on_by_default() -> None:
