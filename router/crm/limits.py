@@ -17,7 +17,10 @@ says about its budget, in each style real CRMs use:
 
 A 429, or a 4xx whose body carries one of ``limit_error_codes`` (Salesforce's 403
 ``REQUEST_LIMIT_EXCEEDED``), is a rate limit: :class:`~router.errors.CrmRateLimited`
-with the wait the headers give (``default_retry_s`` when they give none).
+with the wait the headers give (``default_retry_s`` when they give none), bounded:
+at least ``min_pause_s`` (``Retry-After: 0``, a negative value or a past date would
+have the reads sent again at once, in a loop) and at most ``max_pause_s`` (one
+``Retry-After: 999999`` would hold every request for days).
 
 Acting (:class:`RateGate`, one per CRM per process, shared by the lookup and posting
 connectors): a rate limit, or a successful answer saying nothing is left before a
@@ -47,7 +50,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from router.errors import CrmRateLimited
 from router.metrics import CRM_LIMIT_REMAINING, CRM_LIMIT_WAITS
@@ -75,7 +78,19 @@ class RateLimitSettings(BaseModel):
     default_retry_s: float = Field(1.0, gt=0, description="pause after a 429 that says no time")
     exhausted_pause_s: float = Field(
         300.0, gt=0, description="pause when a daily quota is used up (HubSpot, Salesforce)")
-    max_pause_s: float = Field(3600.0, gt=0, description="longest pause taken from a header")
+    min_pause_s: float = Field(
+        0.5, gt=0, description="shortest pause after a rate limit: a Retry-After of 0, "
+        "negative or in the past (a CRM saying 0 in a loop) is not hammered")
+    max_pause_s: float = Field(
+        3600.0, gt=0, description="longest pause taken from a header (Retry-After: 999999 "
+        "does not park delivery for days: records wait in the retry set, lookups fall back)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RateLimitSettings:
+        if self.min_pause_s > self.max_pause_s:
+            raise ValueError(f"min_pause_s {self.min_pause_s:g} is over max_pause_s "
+                             f"{self.max_pause_s:g}")
+        return self
     limit_error_codes: list[str] = Field(
         default_factory=lambda: ["REQUEST_LIMIT_EXCEEDED"],
         description="error codes in a 4xx body that mean 'rate limited' (Salesforce: 403)")
@@ -94,7 +109,8 @@ class Limits:
 
     def wait(self, settings: RateLimitSettings, limited: bool) -> float | None:
         """Seconds to pause for: after a rate limit always, otherwise only when nothing
-        is left (None: no pause)."""
+        is left (None: no pause). Whatever the headers say, a pause is at most
+        ``max_pause_s``, and after a rate limit at least ``min_pause_s``."""
         wait: float | None = None
         if self.retry_after is not None:
             wait = self.retry_after
@@ -106,7 +122,8 @@ class Limits:
             wait = self.reset_in if self.reset_in is not None else settings.default_retry_s
         if wait is None:
             return None
-        return min(max(wait, 0.0), settings.max_pause_s)
+        floor = settings.min_pause_s if limited else 0.0
+        return min(max(wait, floor), settings.max_pause_s)
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

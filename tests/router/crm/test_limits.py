@@ -69,6 +69,75 @@ def test_read_limits_of_each_style() -> None:
     assert Limits(retry_after=99999).wait(settings, limited=True) == settings.max_pause_s
 
 
+@pytest.mark.parametrize(("headers", "limited", "want"), [
+    ({"Retry-After": "0"}, True, 0.5),
+    ({"Retry-After": "-30"}, True, 0.5),
+    ({"Retry-After": "Wed, 01 Jan 2020 00:00:00 GMT"}, True, 0.5),
+    ({"Retry-After": "999999"}, True, 3600.0),
+    ({"Retry-After": "1e400"}, True, 3600.0),
+    ({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "0"}, True, 0.5),
+    ({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int(NOW - 60))}, True, 0.5),
+    ({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "999999"}, False, 3600.0),
+    ({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(int((NOW + 9e6) * 1000))},
+     False, 3600.0),
+    ({"X-HubSpot-RateLimit-Remaining": "0",
+      "X-HubSpot-RateLimit-Interval-Milliseconds": "0"}, True, 0.5),
+])
+def test_a_pause_from_any_header_is_between_the_floor_and_the_cap(
+        headers: dict[str, str], limited: bool, want: float) -> None:
+    """A rate limit saying 0, a negative value or a past date pauses min_pause_s (the
+    reads are not sent again at once, in a loop); an absurd Retry-After or reset (days,
+    an epoch years ahead) pauses max_pause_s, not days."""
+    settings = RateLimitSettings()
+    assert read_limits(headers, NOW).wait(settings, limited=limited) == want
+
+
+def test_the_floor_cannot_be_set_over_the_cap() -> None:
+    """crm.limits.min_pause_s over max_pause_s is a config error naming both."""
+    with pytest.raises(ValueError, match="min_pause_s 10 is over max_pause_s 5"):
+        RateLimitSettings(min_pause_s=10, max_pause_s=5)
+
+
+async def test_a_crm_answering_retry_after_0_in_a_loop_is_not_hammered() -> None:
+    """A CRM that answers every lookup 429 with Retry-After: 0: the lookup is sent again
+    only after min_pause_s each time, until its queue bound (1.2 s): 4 requests, not a
+    tight loop of hundreds."""
+    crm = LimitedCrm("retry-after", limited=10_000, pause_s=0)
+    async with limited_crm(crm):
+        http = CrmHttp(settings(crm.url, lookup_queue_s=1.2))
+        try:
+            with pytest.raises(CrmRateLimited) as limited:
+                await http.request("lookup", "GET", "/api/customers",
+                                   params={"phone": "+8613800138000"})
+        finally:
+            await http.aclose()
+    assert len(crm.arrivals) == 4
+    gaps = [b - a for a, b in zip(crm.arrivals, crm.arrivals[1:], strict=False)]
+    assert min(gaps) >= 0.45
+    assert limited.value.retry_after == 0.5
+
+
+async def test_an_absurd_retry_after_holds_requests_for_the_cap_not_for_days() -> None:
+    """Retry-After: 999999 on a post: CrmRateLimited carries max_pause_s (the outbox
+    schedules the record's retry then), and a lookup meanwhile is held back at once,
+    unsent (the caller gets the default route within its deadline)."""
+    crm = LimitedCrm("retry-after", limited=1, pause_s=999999)
+    async with limited_crm(crm):
+        http = CrmHttp(settings(crm.url, max_pause_s=120))
+        try:
+            with pytest.raises(CrmRateLimited) as limited:
+                await http.request("activity", "POST", "/api/activities", json_body={})
+            started = time.monotonic()
+            with pytest.raises(CrmRateLimited, match="held back"):
+                await http.request("lookup", "GET", "/api/customers")
+            assert time.monotonic() - started < 0.1
+        finally:
+            await http.aclose()
+    assert limited.value.retry_after == 120
+    assert 119 <= http.gate.pause_left <= 120
+    assert len(crm.arrivals) == 1
+
+
 @dataclass
 class LimitedCrm:
     """A loopback CRM whose first ``limited`` answers are rate limits in one style."""
