@@ -9,10 +9,14 @@ token grant (HubSpot, Zoho, Pipedrive), and sends it as ``<header>: <scheme> <to
 
 - the token lives in memory; a request while it is valid costs no I/O and no await
   (the call path's lookups take it synchronously);
-- ``refresh_margin_s`` before it expires, the next request starts one refresh in the
-  background and goes on with the still-valid token (after a failed one, the next starts
-  ``RETRY_S`` later); only a request that finds no valid token (the first one, or after
-  a long idle) waits for the endpoint;
+- a token is kept for its ``expires_in`` (``default_expires_s`` when the answer has
+  none or not a number), bounded to 60 s .. 1 day (:data:`MIN_LIFETIME_S`,
+  :data:`MAX_LIFETIME_S`): a 0 or negative one would be refreshed in a loop, one of
+  years kept long after it was revoked;
+- ``refresh_margin_s`` (at most half the token's lifetime) before it expires, the
+  next request starts one refresh in the background and goes on with the still-valid
+  token (after a failed one, the next starts ``RETRY_S`` later); only a request that
+  finds no valid token (the first one, or after a long idle) waits for the endpoint;
 - a 401 from the API invalidates the token that was sent and the request is sent again
   once with a new one (a second 401 is the API's final word: CrmClientError);
 - with ``shared: true`` (the default) and Redis, the token is kept in Redis for every
@@ -35,6 +39,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import secrets as _random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -163,17 +168,28 @@ def basic_header(username: str, password: str) -> str:
 # --- OAuth 2.0 ----------------------------------------------------------------------------
 
 
+#: The bounds of a token's lifetime, whatever the endpoint's ``expires_in`` says (0,
+#: negative, years): below, the client would refresh in a loop; above, it would keep a
+#: token long after it was revoked.
+MIN_LIFETIME_S = 60.0
+MAX_LIFETIME_S = 86400.0
+
+
 @dataclass(frozen=True)
 class Token:
-    """An access token, when it stops being valid (epoch seconds) and the API base URL."""
+    """An access token, when it stops being valid (epoch seconds), the API base URL and
+    when it was issued (None for a token stored before that was kept)."""
 
     access_token: str
     expires_at: float
     base_url: str | None = None
+    issued_at: float | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"a": self.access_token, "e": self.expires_at, "b": self.base_url},
-                          separators=(",", ":"))
+        doc: dict[str, Any] = {"a": self.access_token, "e": self.expires_at, "b": self.base_url}
+        if self.issued_at is not None:
+            doc["i"] = self.issued_at
+        return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes | None) -> Token | None:
@@ -182,10 +198,22 @@ class Token:
             return None
         try:
             doc = json.loads(text)
-            token = cls(str(doc["a"]), float(doc["e"]), doc.get("b") or None)
-        except (ValueError, KeyError, TypeError):
+            issued = doc.get("i")
+            token = cls(str(doc["a"]), float(doc["e"]), doc.get("b") or None,
+                        float(issued) if issued is not None else None)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if not math.isfinite(token.expires_at) or (
+                token.issued_at is not None and not math.isfinite(token.issued_at)):
             return None
         return token if token.access_token else None
+
+    def refresh_margin(self, configured: float) -> float:
+        """How long before the expiry a refresh starts: the configured margin, at most
+        half the token's lifetime (a 60 s token is not refreshed on every request)."""
+        if self.issued_at is None:
+            return configured
+        return min(configured, (self.expires_at - self.issued_at) / 2)
 
 
 #: Sends a token request: (url, form fields, headers, send_as) -> (status, raw body).
@@ -308,7 +336,8 @@ class OAuth2Client:
         left = token.expires_at - self.clock()
         if left <= self.SAFETY_S:
             return None
-        if left <= self.settings.refresh_margin_s and self._refresh is None \
+        if left <= token.refresh_margin(self.settings.refresh_margin_s) \
+                and self._refresh is None \
                 and self.clock() >= self._retry_at:
             self._start(stale=token)
         return token
@@ -459,10 +488,7 @@ class OAuth2Client:
             raise CrmBadResponse("oauth2 token endpoint: no access_token in the answer") from exc
         if not isinstance(access, str) or not access:
             raise CrmBadResponse("oauth2 token endpoint: access_token is not a string")
-        try:
-            lifetime = float(doc.get("expires_in") or self.settings.default_expires_s)
-        except (TypeError, ValueError):
-            lifetime = self.settings.default_expires_s
+        lifetime = self._lifetime(doc.get("expires_in"))
         base = None
         if self.settings.base_url_field:
             value = doc.get(self.settings.base_url_field)
@@ -470,10 +496,40 @@ class OAuth2Client:
                 base = value.rstrip("/")
         rotated = doc.get("refresh_token")
         log.info("crm oauth2: new access token, valid %.0f s", lifetime)
-        return Token(access, now + lifetime, base), rotated if isinstance(rotated, str) else None
+        token = Token(access, now + lifetime, base, issued_at=now)
+        return token, rotated if isinstance(rotated, str) else None
+
+    def _lifetime(self, given: Any) -> float:
+        """Seconds a new token is kept: its ``expires_in`` (a number, or a number as
+        text), else ``default_expires_s``; either between :data:`MIN_LIFETIME_S` and
+        :data:`MAX_LIFETIME_S` (0, negative or years would refresh in a loop or keep a
+        revoked token)."""
+        seconds: float | None = None
+        if given is not None and not isinstance(given, bool):
+            try:
+                seconds = float(given)
+            except (TypeError, ValueError):
+                seconds = None
+        if seconds is None or math.isnan(seconds):
+            if given is not None:
+                log.warning("crm oauth2: expires_in %r is not a number: the token is kept "
+                            "default_expires_s", _short(given))
+            seconds = self.settings.default_expires_s
+        bounded = min(max(seconds, MIN_LIFETIME_S), MAX_LIFETIME_S)
+        if bounded != seconds:
+            log.warning("crm oauth2: a token lifetime of %g s is out of bounds: kept %g s",
+                        seconds, bounded)
+        return bounded
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 __all__ = [
+    "MAX_LIFETIME_S",
+    "MIN_LIFETIME_S",
     "AuthSettings",
     "OAuth2Client",
     "OAuth2Settings",

@@ -38,7 +38,7 @@ class OAuthServer:
 
     url: str = ""
     scheme: str = "Bearer"
-    expires_in: int | None = 3600
+    expires_in: Any = 3600  # None: left out; any JSON value is sent as is
     rotate: bool = False
     instance_url: str | None = None
     delay_s: float = 0.0

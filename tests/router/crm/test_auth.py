@@ -119,6 +119,68 @@ async def test_refresh_before_expiry_runs_in_the_background() -> None:
         "Bearer at-1", "Bearer at-1", "Bearer at-2", "Bearer at-3"]
 
 
+@pytest.mark.parametrize(("expires_in", "kept"), [
+    (None, 3600.0),                 # absent: default_expires_s
+    (0, 60.0),
+    (-300, 60.0),
+    ("7200", 7200.0),               # a number as text
+    ("soon", 3600.0),               # not a number: default_expires_s
+    ("NaN", 3600.0),
+    (True, 3600.0),
+    (10**12, 86400.0),              # years: one day
+    ("Infinity", 86400.0),
+])
+async def test_a_token_lifetime_is_kept_between_a_minute_and_a_day(
+        expires_in: Any, kept: float) -> None:
+    """Whatever expires_in the endpoint answers (absent, 0, negative, text, absurd), the
+    token is kept between 60 s and one day: never refreshed in a loop, never kept for
+    years."""
+    clock = Clock()
+    async with oauth_server(expires_in=expires_in) as server:
+        http = client(crm(server), clock=clock)
+        try:
+            await ping(http)
+            assert http.oauth is not None
+            assert http.oauth.token is not None
+            assert http.oauth.token.expires_at - clock.now == pytest.approx(kept, abs=1)
+        finally:
+            await http.aclose()
+
+
+async def test_a_short_lived_token_is_not_refreshed_on_every_request() -> None:
+    """A token answered with expires_in 0 lives 60 s; the refresh margin (60 s by
+    default) is cut to half of that: requests in its first 30 s send it without starting
+    a refresh, and the one after starts exactly one."""
+    clock = Clock()
+    async with oauth_server(expires_in=0) as server:
+        http = client(crm(server), clock=clock)
+        try:
+            for _ in range(20):
+                await ping(http)
+                clock.now += 1
+            assert http.oauth is not None
+            assert http.oauth._refresh is None
+            assert len(server.token_requests) == 1
+            clock.now += 11  # 31 s old: within half its lifetime of the expiry
+            await ping(http)
+            refresh = http.oauth._refresh
+            assert refresh is not None
+            await refresh
+        finally:
+            await http.aclose()
+    assert len(server.token_requests) == 2
+
+
+def test_a_stored_token_that_never_expires_is_not_read() -> None:
+    """A token stored with an expiry that is no finite time (written by a broken peer)
+    reads as absent: the next request refreshes it instead of sending it forever."""
+    assert Token.from_json('{"a":"at-1","e":Infinity,"b":null}') is None
+    assert Token.from_json('{"a":"at-1","e":NaN,"b":null}') is None
+    assert Token.from_json('{"a":"at-1","e":100.0,"b":null,"i":40.0}') == Token(
+        "at-1", 100.0, None, 40.0)
+    assert Token("at-1", 100.0, None, 40.0).refresh_margin(60) == 30
+
+
 async def test_a_401_forces_exactly_one_refresh_and_one_resend() -> None:
     """A token the API refuses (revoked) is refreshed once and the request sent again;
     when the new token is refused too, the 401 is final and says what the API said."""
