@@ -276,11 +276,17 @@ class ChangedPlan:
 
 @dataclass(frozen=True)
 class FindPlan:
-    """A compiled ``find``: the search, and the match each object found must pass."""
+    """A compiled ``find``: the search, and the match each object found must pass.
+
+    Without a ``match`` in the config, ``match`` is the key the step writes (its
+    ``{idempotency_key}``, or ``{record.record_key}`` when only that, or the record
+    itself, is posted) and ``anywhere`` is True: an object is taken only when one of
+    its values contains that key."""
 
     spec: FindSpec
     request: Request
     match: Compiled | None
+    anywhere: bool = False
 
     @property
     def uses(self) -> Uses:
@@ -462,15 +468,19 @@ def _record_step(step: RecordStep, where: str, names: frozenset[str],
              if step.fetch is not None else None)
     find = None
     if step.find is not None:
-        match = None
+        anywhere = step.find.match is None
         if step.find.match is not None:
             text = step.find.match.equals or step.find.match.contains or ""
-            try:
-                match = compile_text(text, names, native=False, label=f"{where}.find.match")
-            except ValueError as exc:
-                raise ValueError(f"{where}.find.match: {exc}") from None
+        else:  # the key the step writes, looked for in every value of an object found
+            written = json_strings(body)
+            text = "{idempotency_key}" if any("idempotency_key" in t for t in written) \
+                else "{record.record_key}"
+        try:
+            match = compile_text(text, names, native=False, label=f"{where}.find.match")
+        except ValueError as exc:
+            raise ValueError(f"{where}.find.match: {exc}") from None
         find = FindPlan(step.find, compile_request_spec(step.find, names, f"{where}.find"),
-                        match)
+                        match, anywhere)
     update = None
     update_text = ""
     if step.update is not None:

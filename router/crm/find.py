@@ -22,6 +22,10 @@ idempotency key into the object (an external-id field, a tag, a marker such as
 
 callroute never trusts a broad search: each object must carry the key at ``match.path``
 (equal to, or containing, the rendered text); the first that does is the step's object.
+Without a ``match``, an object must carry the key the step writes (its
+``idempotency_key``, or the record's key when the record itself is posted) in one of
+its values: an answer whose results do not carry it (a search that ignored a filter, a
+neighbour's object) is "not found", never taken for the step's object.
 """
 
 from __future__ import annotations
@@ -58,8 +62,11 @@ async def find_object(
         return None
     wanted = str(find.match(context)) if find.match is not None else ""
     for obj in results(resp.body, spec.results, f"{op}.results", op):
-        if spec.match is not None and not _matches(get_path(obj, spec.match.path), wanted,
-                                                   spec.match.equals is not None):
+        if spec.match is not None:
+            if not _matches(get_path(obj, spec.match.path), wanted,
+                            spec.match.equals is not None):
+                continue
+        elif not _carries(obj, wanted):
             continue
         value = get_path(obj, spec.id_path)
         if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
@@ -74,6 +81,20 @@ def _matches(value: Any, wanted: str, equals: bool) -> bool:
         return False
     text = str(value)
     return text == wanted if equals else wanted in text
+
+
+def _carries(value: Any, wanted: str, depth: int = 0) -> bool:
+    """Whether one of the values of ``value`` (an object found, walked down to 32
+    levels) is text containing ``wanted``."""
+    if not wanted or depth > 32:
+        return False
+    if isinstance(value, str):
+        return wanted in value
+    if isinstance(value, dict):
+        return any(_carries(v, wanted, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return any(_carries(v, wanted, depth + 1) for v in value)
+    return False
 
 
 __all__ = ["find_object"]

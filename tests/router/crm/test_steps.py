@@ -370,6 +370,59 @@ async def test_a_find_answer_it_cannot_read_is_an_error_not_a_miss() -> None:
             await conn.aclose()
 
 
+@pytest.mark.parametrize("match", [False, True])
+async def test_a_find_whose_results_do_not_carry_the_key_finds_nothing(match: bool) -> None:
+    """A find's search answers objects (a search that ignored its filter, a neighbour's
+    call) none of which carries the step's key: "not found", never the first result taken
+    for the step's object (the step would be counted done without being posted). With or
+    without a match: without one, any value of the object must contain the key. Once an
+    object carrying it is among the results, that one is found."""
+    hits: list[dict[str, Any]] = [{"id": "X1", "note": "callroute call:7"},
+                                  {"id": "X2", "note": "other"}]
+
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        return 200, {"results": hits}, {}
+
+    find: dict[str, Any] = {"url": "/calls/search", "params": {"q": "{idempotency_key}"}}
+    if match:
+        find["match"] = {"path": "note", "contains": "callroute {idempotency_key}"}
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(server.url, records=[{
+            "name": "call", "url": "/calls",
+            "body": {"note": "callroute {idempotency_key}"}, "find": find}]))
+        try:
+            assert await conn.find_created("call", missed("call:5"), "call:5", {},
+                                           ["call"]) is None
+            hits.append({"id": "X3", "meta": {"notes": ["a", "callroute call:5"]}}
+                        if not match else {"id": "X3", "note": "callroute call:5"})
+            found = await conn.find_created("call", missed("call:5"), "call:5", {}, ["call"])
+        finally:
+            await conn.aclose()
+    assert found is not None
+    assert found.remote_id == "X3"
+    assert [r["query"] for r in server.seen] == [{"q": "call:5"}] * 2
+
+
+async def test_a_find_without_match_of_a_posted_record_looks_for_the_record_key() -> None:
+    """A step that posts the record itself (no body) writes its record_key: a find
+    without a match takes only an object holding that key."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        return 200, {"results": [{"id": "R1", "record_key": "call:4"},
+                                 {"id": "R2", "record_key": "call:8"}]}, {}
+
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(server.url, records=[{
+            "name": "call", "url": "/calls", "find": {"url": "/calls/search"}}]))
+        try:
+            found = await conn.find_created("call", missed("call:8"), "call:8", {}, ["call"])
+            missing = await conn.find_created("call", missed("call:9"), "call:9", {}, ["call"])
+        finally:
+            await conn.aclose()
+    assert found is not None
+    assert found.remote_id == "R2"
+    assert missing is None
+
+
 async def test_a_step_that_fails_before_its_request_leaves_says_the_crm_did_not_act(
         tmp_path: Path) -> None:
     """A failure before the step's request is sent (its body's template, the recording's
