@@ -173,9 +173,12 @@ class LookupStep(RequestSpec):
 
     The first step searches with the caller's number (``{e164}``, ``{national}``,
     ``{digits}``, ``{local}``, ``{national_format}``, ``{international}``, ``{country}``,
-    ``{last:N}``). Each later step runs once per record the previous step kept (at most
-    ``max_candidates``, in parallel), with that record as ``item`` (``/contacts/{item.id}``)
-    and every earlier step's record of the same candidate as ``steps.<name>``.
+    ``{last:N}``). Each later step runs once per record the previous step kept
+    (``max_candidates`` at a time, in parallel), with that record as ``item``
+    (``/contacts/{item.id}``) and every earlier step's record of the same candidate as
+    ``steps.<name>``. A candidate a later step drops (no record, not the caller's
+    numbers, its request failed, its record does not fit the field map) is replaced by
+    the next record of the search.
 
     ``results``: dotted path to the records in the answer (a list, or one object); default
     ``results`` for the first step and the whole answer for later ones. A status in
@@ -219,8 +222,9 @@ class LookupSpec(_Model):
         default_factory=dict, description="CRM tier value → our tier name (case-insensitive)"
     )
     multiple: MultipleSettings = Field(default_factory=MultipleSettings)
-    max_candidates: int = Field(5, ge=1, le=50,
-                                description="records a later step is run for, at most")
+    max_candidates: int = Field(
+        5, ge=1, le=50, description="candidates the later steps keep, at most; one they drop "
+        "is replaced by the next record (4 x max_candidates tried at most)")
 
     @model_validator(mode="before")
     @classmethod

@@ -2,8 +2,10 @@
 
 For a caller, the lookups are tried in order and the first that keeps a record wins
 (exact E.164 search, then last digits, then leads...). Within a lookup, the first step
-searches; each later step runs once per record kept so far (at most ``max_candidates``,
-in parallel), e.g. to fetch the whole record by the id the search returned. A step with
+searches; the later steps run for each record kept so far (``max_candidates`` at a
+time, in parallel), e.g. to fetch the whole record by the id the search returned. A
+candidate that does not fit (no record, not the caller's numbers, its own request
+failed) is skipped and the next one tried. A step with
 ``numbers`` keeps only the records whose stored numbers normalise to the caller's
 (:func:`router.crm.numbers.stored_matches`). The records left are mapped to customers
 (the lookup's ``kind`` on each); the connector picks one by the lookup's ``multiple``.
@@ -22,7 +24,7 @@ from router.crm.mapping import MISSING, get_path
 from router.crm.numbers import number_context, stored_matches
 from router.crm.refs import RefTables, map_record
 from router.crm.send import send
-from router.errors import CrmMappingError
+from router.errors import CrmError, CrmMappingError
 from router.metrics import CRM_ERRORS
 from router.models import CallerNumber, Customer
 
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 
 #: One candidate: the record each step found for it, by step name, in step order.
 Chain = dict[str, Any]
+#: The later steps of a lookup are run for at most this many times ``max_candidates``
+#: candidates (those dropped are replaced by the next): a broad search whose records do
+#: not fit costs a bounded number of requests.
+TRIED_PER_KEPT = 4
 
 
 class LookupRunner:
@@ -51,7 +57,16 @@ class LookupRunner:
         return None, []
 
     async def run(self, lookup: LookupPlan, number: CallerNumber) -> list[Customer]:
-        """Every customer one lookup finds for ``number``, in the CRM's order."""
+        """Every customer one lookup finds for ``number``, in the CRM's order.
+
+        With later steps, the candidates are followed ``max_candidates`` at a time; one
+        that does not fit (a later step finds no record for it, its numbers are not the
+        caller's, a request of its own fails, its record does not fit the field map) is
+        skipped and the next one followed instead, until ``max_candidates`` are kept or
+        :data:`TRIED_PER_KEPT` x ``max_candidates`` were tried. When none is kept and
+        one failed, the lookup fails with that error (never "unknown caller" because a
+        request failed).
+        """
         base: dict[str, Any] = {**self.plan.base, **number_context(number, lookup.names),
                                 "item": None, "steps": {}}
         region = number.country or ""
@@ -60,18 +75,67 @@ class LookupRunner:
             {first.name: record} for record in await self._records(lookup, first, base)
         ]
         chains = self._matching(lookup, first, chains, base, region)
-        for step in lookup.steps[1:]:
-            if not chains:
-                break
-            if len(chains) > lookup.max_candidates:
-                log.info("crm lookup %s: %d records, step %s runs for the first %d",
-                         lookup.name, len(chains), step.name, lookup.max_candidates)
-                chains = chains[:lookup.max_candidates]
-            found = await asyncio.gather(*(self._one(lookup, step, base, c) for c in chains))
-            chains = [{**chain, step.name: record}
-                      for chain, record in zip(chains, found, strict=True) if record is not None]
-            chains = self._matching(lookup, step, chains, base, region)
-        return [await self._customer(lookup, chain, base, i) for i, chain in enumerate(chains)]
+        failed: list[CrmError] = []
+        if len(lookup.steps) > 1:
+            customers = await self._follow_all(lookup, chains, base, region, failed)
+        else:
+            mapped = [await self._mapped(lookup, chain, base, i, failed)
+                      for i, chain in enumerate(chains)]
+            customers = [c for c in mapped if c is not None]
+        if failed:
+            if not customers:
+                raise failed[0]
+            log.warning("crm lookup %s: %d candidate(s) skipped, %d kept; first: %s",
+                        lookup.name, len(failed), len(customers), failed[0])
+        return customers
+
+    async def _follow_all(self, lookup: LookupPlan, chains: list[Chain],
+                          base: Mapping[str, Any], region: str, failed: list[CrmError]
+                          ) -> list[Customer]:
+        """The customers of the candidates every later step keeps, followed
+        ``max_candidates`` at a time (in parallel), each one dropped replaced by the
+        next; failures go to ``failed``."""
+        limit = lookup.max_candidates
+        pending = list(enumerate(chains[:limit * TRIED_PER_KEPT]))
+        if len(chains) > limit:
+            log.info("crm lookup %s: %d records, the later steps run for %d at a time "
+                     "(at most %d)", lookup.name, len(chains), limit, len(pending))
+        kept: list[Customer] = []
+        while pending and len(kept) < limit:
+            room = limit - len(kept)
+            batch, pending = pending[:room], pending[room:]
+            outcomes = await asyncio.gather(
+                *(self._follow(lookup, base, chain, region, index, failed)
+                  for index, chain in batch))
+            kept += [c for c in outcomes if c is not None]
+        return kept
+
+    async def _follow(self, lookup: LookupPlan, base: Mapping[str, Any], chain: Chain,
+                      region: str, index: int, failed: list[CrmError]) -> Customer | None:
+        """One candidate through the later steps, mapped; None when a step finds no
+        record for it, keeps none of its numbers, or fails (the error into ``failed``)."""
+        try:
+            for step in lookup.steps[1:]:
+                record = await self._one(lookup, step, base, chain)
+                if record is None:
+                    return None
+                chain = {**chain, step.name: record}
+                if not self._matching(lookup, step, [chain], base, region):
+                    return None
+        except CrmError as exc:
+            failed.append(exc)
+            return None
+        return await self._mapped(lookup, chain, base, index, failed)
+
+    async def _mapped(self, lookup: LookupPlan, chain: Chain, base: Mapping[str, Any],
+                      index: int, failed: list[CrmError]) -> Customer | None:
+        """The candidate's customer; None when its record does not fit the field map
+        (the error into ``failed``)."""
+        try:
+            return await self._customer(lookup, chain, base, index)
+        except CrmError as exc:
+            failed.append(exc)
+            return None
 
     # --- a record by its id (webhooks) -------------------------------------------------
 

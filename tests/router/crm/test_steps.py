@@ -15,7 +15,7 @@ from router.crm.base import StepResult
 from router.crm.config import CrmSettings
 from router.crm.numbers import forms, stored_e164, stored_matches
 from router.crm.rest import RestConnector
-from router.errors import CrmClientError, CrmError, CrmMappingError
+from router.errors import CrmClientError, CrmError, CrmMappingError, CrmServerError
 from router.phone import normalize
 from tests.crm_server import running_crm, scripted_server
 
@@ -118,6 +118,60 @@ async def test_later_steps_run_for_at_most_max_candidates_in_parallel() -> None:
             await conn.aclose()
     assert [c.id for c in found] == ["0", "1", "2"]
     assert len(server.seen) == 4
+
+
+async def test_a_candidate_that_does_not_fit_is_skipped_and_the_next_one_tried() -> None:
+    """A broad search with six hits, two candidates at a time: the first one's fetch
+    fails (500), the second has no record (404), the third's record holds another
+    number, the fourth's does not fit the field map (no id); each is skipped and the
+    next one fetched instead, so the fifth and sixth are the customers (not a failed
+    lookup, not a record that is not the caller's), and nothing more is fetched."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/search":
+            return 200, [{"id": str(i)} for i in range(1, 8)], {}
+        rid = req["path"].rsplit("/", 1)[1]
+        if rid == "1":
+            return 500, {"error": "boom"}, {}
+        if rid == "2":
+            return 404, {"error": "gone"}, {}
+        phone = "+8613900139000" if rid == "3" else "+8613800138000"
+        return 200, {"rid": rid, "phone": phone, "name": f"N{rid}"}, {}
+
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(server.url, lookups=[{
+            "max_candidates": 2, "multiple": "first",
+            "steps": [{"url": "/search", "results": ""},
+                      {"url": "/r/{item.id}", "numbers": ["phone"]}],
+            "fields": {"id": "{record.rid if record.rid != '4' else none}",
+                       "name": "name"}}]))
+        try:
+            found = await conn.find_all(caller("13800138000"))
+        finally:
+            await conn.aclose()
+    assert [c.id for c in found] == ["5", "6"]
+    fetched = sorted(s["path"] for s in server.seen if s["path"] != "/search")
+    assert fetched == [f"/r/{i}" for i in range(1, 7)]
+
+
+async def test_a_lookup_whose_every_candidate_failed_fails() -> None:
+    """When no candidate is kept and one of them failed (the CRM answers 500 to every
+    fetch), the lookup fails with that error: "unknown caller" would be cached for a
+    caller the CRM knows. The candidates tried are bounded (4 x max_candidates)."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        if req["path"] == "/search":
+            return 200, [{"id": str(i)} for i in range(50)], {}
+        return 500, {"error": "boom"}, {}
+
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(server.url, lookups=[{
+            "max_candidates": 2,
+            "steps": [{"url": "/search", "results": ""}, {"url": "/r/{item.id}"}]}]))
+        try:
+            with pytest.raises(CrmServerError):
+                await conn.find_all(caller("13800138000"))
+        finally:
+            await conn.aclose()
+    assert len(server.seen) == 1 + 8
 
 
 async def test_ordered_lookups_stop_at_the_first_that_keeps_a_record() -> None:
