@@ -6,14 +6,18 @@ method, args, kwargs]}, "id": n}``; the answer is ``{"jsonrpc": "2.0", "id": n,
 "result": ...}`` or, **with HTTP 200**, ``{"error": {"code": 200, "message": "Odoo Server
 Error", "data": {"name": "odoo.exceptions.AccessDenied", "message": ...}}}``. Empty
 fields read as ``false``; many2one fields as ``[id, "name"]``; ``write_date`` as
-``"YYYY-MM-DD HH:MM:SS"`` (UTC). Models: ``res.partner`` (``phone_sanitized`` is the
-E.164 form computed with the partner's country; ``phone_mobile_search`` matches digits
-whatever the formatting), ``crm.lead``, ``res.partner.category`` (tags), ``ir.model``,
-``mail.activity`` (``res_model`` computed from ``res_model_id``), ``mail.message`` (what
-``message_post`` writes into a record's chatter); methods ``search_read``, ``create``,
-``message_post``, ``read`` (``[ids]``, ``fields``) and ``write`` (``[ids], {values}`` →
-``true``; a missing record is a ``MissingError``; a computed field cannot be written;
-``mail.message``: only its ``body``, what editing a note changes).
+``"YYYY-MM-DD HH:MM:SS"`` (UTC). Models: ``res.partner`` (``phone`` and ``mobile``;
+``phone_sanitized`` is the E.164 form of the first of ``mobile``, ``phone`` that
+sanitizes, with the partner's country, as Odoo's ``mail.thread.phone`` computes it;
+``phone_mobile_search`` searches both numbers: ``ilike`` on the digits whatever the
+formatting, ``=`` with a ``+``/``00`` value on the number stripped of separators, in
+either international form), ``crm.lead`` (the same numbers), ``res.partner.category``
+(tags), ``ir.model``, ``mail.activity`` (``res_model`` computed from ``res_model_id``),
+``mail.message`` (what ``message_post`` writes into a record's chatter); methods
+``search_read``, ``create``, ``message_post``, ``read`` (``[ids]``, ``fields``) and
+``write`` (``[ids], {values}`` → ``true``; a missing record is a ``MissingError``; a
+computed field cannot be written; ``mail.message``: only its ``body``, what editing a
+note changes).
 ``search_read`` reads the database: a new record is found at once;
 ``ilike`` on an HTML field (a lead's description, a message's body, an activity's note)
 matches its text.
@@ -26,6 +30,7 @@ operators ``=``, ``>``, ``ilike``, ``in``. The rate limit is the proxy's 429 wit
 from __future__ import annotations
 
 import itertools
+import re
 from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
@@ -38,10 +43,11 @@ from tests.crm_fakes.base import json_response as _json
 DB, UID, KEY = "callroute", 2, "0123456789abcdef0123456789abcdef01234567"
 COUNTRY = {"li": "CN", "sarah": None, "decoy": None, "wang": "CN"}
 FIELDS = {
-    "res.partner": {"id", "name", "phone", "phone_sanitized", "phone_mobile_search",
+    "res.partner": {"id", "name", "phone", "mobile", "phone_sanitized", "phone_mobile_search",
                     "user_id", "category_id", "lang", "write_date", "x_customer_tier",
                     "x_annual_value", "email", "country_id"},
-    "crm.lead": {"id", "name", "contact_name", "partner_name", "phone", "phone_sanitized",
+    "crm.lead": {"id", "name", "contact_name", "partner_name", "phone", "mobile",
+                 "phone_sanitized",
                  "phone_mobile_search", "user_id", "type", "expected_revenue", "write_date",
                  "description"},
     "res.partner.category": {"id", "name"},
@@ -99,6 +105,7 @@ class OdooFake(FakeCrm):
             owner = int(self.owner_ids[person.owner]) if person.owner else None
             row: dict[str, Any] = {
                 "name": f"{person.first} {person.last}", "phone": person.phone,
+                "mobile": False,
                 "phone_sanitized": _sanitized(person.phone, COUNTRY[person.key]),
                 "user_id": [owner, self.users[owner]] if owner else False,
                 "write_date": person.updated.replace("T", " ").replace("Z", ""),
@@ -114,6 +121,18 @@ class OdooFake(FakeCrm):
                            type="lead", expected_revenue=0.0, description=False)
             self.ids[person.key] = str(self._insert(model, row))
         self.seeded = {int(v) for v in self.ids.values()}
+
+    def add_partner(self, name: str, *, phone: str | bool = False, mobile: str | bool = False,
+                    country: str | None = None) -> str:
+        """Store one more ``res.partner`` (its ``phone_sanitized`` computed as Odoo does:
+        the mobile's E.164 when it sanitizes, else the phone's); its id."""
+        first = next((s for n in (mobile, phone) if n
+                      and (s := _sanitized(str(n), country))), False)
+        return str(self._insert("res.partner", {
+            "name": name, "phone": phone, "mobile": mobile, "phone_sanitized": first,
+            "user_id": False, "write_date": "2025-02-21 08:00:00", "category_id": [],
+            "lang": "en_US", "x_customer_tier": False, "x_annual_value": 0.0,
+            "email": False, "country_id": False}))
 
     def _insert(self, model: str, row: dict[str, Any]) -> int:
         oid = next(self._seq)
@@ -359,8 +378,7 @@ def _term(model: str, term: Any, row: dict[str, Any]) -> bool:
         expect(op in ("ilike", "="), "phone_mobile_search takes = or ilike")
         wanted = digits(value)
         expect(len(wanted) >= 3, "phone_mobile_search needs at least 3 digits")
-        stored = digits(row.get("phone"))
-        return bool(stored) and (wanted in stored if op == "ilike" else wanted == stored)
+        return any(_phone_search(op, str(value), row.get(f)) for f in ("phone", "mobile"))
     stored = row.get(name)
     if op == "=":
         return stored == value
@@ -376,6 +394,22 @@ def _term(model: str, term: Any, row: dict[str, Any]) -> bool:
             raise Violation(f"{value!r} is not 'YYYY-MM-DD HH:MM:SS'") from None
         return isinstance(stored, str) and stored > value
     raise Violation(f"operator {op!r} is not modelled")
+
+
+def _phone_search(op: str, value: str, stored: Any) -> bool:
+    """Odoo's ``phone_mobile_search`` on one stored number: separators (spaces, dots,
+    slashes, brackets, dashes) removed; a value starting with ``+`` or ``00`` matches
+    the number written with either prefix; ``ilike`` matches a part, ``=`` the whole."""
+    if not stored or not isinstance(stored, str):
+        return False
+    text = re.sub(r"[\s\\./()\-]", "", stored)
+    value = value.strip()
+    if value.startswith(("+", "00")):
+        term = re.sub(r"[\s\\./()\-]", "", value[1 if value.startswith("+") else 2:])
+        forms = ("+" + term, "00" + term)
+        return text in forms if op == "=" else text.startswith(forms)
+    term = re.sub(r"[\s\\./()\-]", "", value)
+    return text == term if op == "=" else term.lower() in text.lower()
 
 
 def make() -> OdooFake:

@@ -396,6 +396,40 @@ async def test_an_update_writes_the_recording_link_again_in_url_mode() -> None:
         await fake.stop()
 
 
+@pytest.mark.parametrize(("phone", "dialled", "lookup"), [
+    ("+86 21 6234 5678", "+8613912345678", "partner_exact"),   # the mobile (sanitized)
+    ("+86 21 6234 5678", "+862162345678", "partner_exact"),    # the phone, international
+    ("021 6234 5678", "+862162345678", "partner_digits"),      # the phone, national
+])
+async def test_odoo_finds_a_partner_by_mobile_as_well_as_by_phone(
+        phone: str, dialled: str, lookup: str) -> None:
+    """An Odoo partner with a mobile and a phone is found from either: Odoo's
+    phone_sanitized is the mobile's E.164 (it is tried first), so the exact lookup also
+    searches phone_mobile_search, and every lookup keeps a record whose mobile or phone
+    is the caller's (numbers: [phone, mobile]); the sync reads both numbers."""
+    module = importlib.import_module("tests.crm_fakes.odoo")
+    fake = module.make()
+    await fake.start()
+    pid = fake.add_partner("Mo Bile", phone=phone, mobile="+86 139 1234 5678", country="CN")
+    conn = RestConnector(CrmSettings.model_validate(module.config(fake)), region="CN")
+    try:
+        found, customers = await conn.lookups.find(caller(dialled))
+        assert found is not None
+        assert (found.name, [c.id for c in customers]) == (lookup, [pid])
+        assert (await conn.find_by_number(caller(LI))) is not None
+        page = await conn.changed_since(None)
+        while page.next_cursor is not None:
+            entries = page.entries
+            page = await conn.changed_since(page.next_cursor)
+            page.entries[:0] = entries
+        numbers = {c.id: n for c, n in page.entries}
+        assert sorted(numbers[pid]) == ["+8613912345678", "+862162345678"]
+        assert fake.violations == []
+    finally:
+        await conn.aclose()
+        await fake.stop()
+
+
 SYNC_VENDORS = [v for v in VENDORS if v != "pipedrive"]  # its preset has no changed feed
 
 
