@@ -25,6 +25,78 @@ from jinja2.runtime import Context, Undefined
 
 from router.crm.mapping import MISSING, get_path, parse_datetime
 
+# --- bounds: no template may exhaust memory or CPU ---------------------------------------
+
+#: The most characters (or list items) one operation of a template may make by growing
+#: its input: ``*`` repetition, ``%`` formatting widths, ``replace``, ``join``.
+MAX_TEXT: Final = 1_000_000
+#: The most bits of an integer ``*`` or ``**`` may make (10**1000 has 3322).
+MAX_INT_BITS: Final = 4096
+#: The widest field or precision a ``%`` format may ask for.
+MAX_FORMAT_WIDTH: Final = 1000
+
+
+class BoundExceeded(ValueError):
+    """A template operation would make a value over a bound (:data:`MAX_TEXT`,
+    :data:`MAX_INT_BITS`, :data:`MAX_FORMAT_WIDTH`): refused before it is made."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_FORMAT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d*))?")
+
+
+def _check_format(fmt: str) -> None:
+    for match in _FORMAT_SPEC.finditer(fmt):
+        width, precision = match.group(1), match.group(2)
+        for part in (width, precision):
+            if part == "*":
+                raise BoundExceeded("'%' with a width or precision '*' taken from the values "
+                                    "is not allowed")
+            if part and int(part) > MAX_FORMAT_WIDTH:
+                raise BoundExceeded(f"'%' format asks for a width of {_count(int(part))} "
+                                    f"(at most {MAX_FORMAT_WIDTH})")
+
+
+def bounded_binop(operator: str, left: Any, right: Any) -> Any:
+    """``left <operator> right`` for ``*``, ``**`` and ``%``, refused with
+    :class:`BoundExceeded` when the result would be over a bound (``"x" * 10**9``,
+    ``10**10**9``, ``'%0999999999d' % 1``); every other value is left to Python."""
+    if operator == "*":
+        for seq, times in ((left, right), (right, left)):
+            if isinstance(seq, str | list | tuple) and _is_int(times):
+                size = len(seq) * max(times, 0)
+                if size > MAX_TEXT:
+                    raise BoundExceeded(f"'*' would make {_count(size)} characters or items "
+                                        f"(at most {MAX_TEXT})")
+        if _is_int(left) and _is_int(right) \
+                and left.bit_length() + right.bit_length() > MAX_INT_BITS:
+            raise BoundExceeded(f"'*' would make an integer over {MAX_INT_BITS} bits")
+        return left * right
+    if operator == "**":
+        if _is_int(left) and _is_int(right) and right > 0 and abs(left) > 1 \
+                and right * math.log2(abs(left)) > MAX_INT_BITS:
+            raise BoundExceeded(f"'**' would make an integer over {MAX_INT_BITS} bits")
+        return left**right
+    if operator == "%":
+        if isinstance(left, str):
+            _check_format(left)
+        return left % right
+    raise ValueError(f"operator {operator!r} is not bounded here")
+
+
+def _check_growth(size: int, what: str) -> None:
+    if size > MAX_TEXT:
+        raise BoundExceeded(f"{what} would make {_count(size)} characters (at most {MAX_TEXT})")
+
+
+def _count(number: int) -> str:
+    """A size for a message: exact up to 7 digits, else like ``1.0e+09`` (a long run of
+    digits reads as a phone number to the masking of error text)."""
+    return str(number) if number < 10_000_000 else f"{number:.1e}"
+
 
 def is_missing(value: Any) -> bool:
     return value is None or isinstance(value, Undefined)
@@ -151,7 +223,15 @@ def f_truncate(value: Any, length: int) -> Any:
 
 
 def f_replace(value: Any, old: str, new: str) -> Any:
-    return None if is_missing(value) else to_text(value).replace(old, new)
+    if is_missing(value):
+        return None
+    text, old, new = to_text(value), to_text(old), to_text(new)
+    if len(new) > len(old):
+        count = text.count(old) if old else len(text) + 1
+        size = len(text) + count * (len(new) - len(old))
+        if size > len(text):
+            _check_growth(size, "replace")
+    return text.replace(old, new)
 
 
 def f_split(value: Any, sep: str | None = None) -> Any:
@@ -220,6 +300,9 @@ def f_join(value: Any, sep: str = "") -> Any:
     if is_missing(value):
         return None
     items = value if isinstance(value, list | tuple) else [value]
+    sep = to_text(sep)
+    if sep:
+        _check_growth(len(sep) * (len(items) - 1), "join's separators")
     return sep.join(to_text(v) for v in items if not blank(v))
 
 

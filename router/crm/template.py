@@ -50,7 +50,11 @@ from router.crm.filters import (
     HIDDEN_FILTERS,
     LITERAL_CHECKS,
     TESTS,
+    BoundExceeded,
     Runtime,
+    bounded_binop,
+    f_join,
+    f_replace,
     to_text,
     url_quote,
 )
@@ -63,7 +67,14 @@ from router.errors import CrmMappingError
 class _Env(ImmutableSandboxedEnvironment):
     """The sandbox, with JSON semantics for paths: a missing key or a path through null is
     None, not an undefined value (and a JSON object's keys win over dict methods:
-    ``record.items`` is the key ``items``)."""
+    ``record.items`` is the key ``items``). ``*``, ``**`` and ``%`` are bounded
+    (:func:`router.crm.filters.bounded_binop`): ``"x" * 10**9`` is an error, not a
+    gigabyte; being intercepted, they are never folded when a template is compiled."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        return bounded_binop(operator, left, right)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is dict:
@@ -240,6 +251,11 @@ def check_expression(source: str, allowed: Iterable[str], where: str) -> Uses:
             known = ", ".join(sorted(allowed_set))
             raise ValueError(f"unknown name {node.name!r} in {where} (known here: {known})")
         names.add(node.name)
+    for call in _walk(expr, nodes.Call):
+        if not isinstance(call.node, nodes.Name):
+            raise ValueError(f"a method call is not part of the template language in {where}: "
+                             "use a filter (upper, lower, trim, split, replace, join...)")
+    _check_literal_bounds(expr, where)
     refs: set[str] = set()
     maps: set[str] = set()
     for flt in _walk(expr, nodes.Filter):
@@ -265,6 +281,65 @@ def check_expression(source: str, allowed: Iterable[str], where: str) -> Uses:
             )
         _check_call("test", TESTS[test.name], test, where)
     return Uses(frozenset(names), frozenset(refs), frozenset(maps))
+
+
+class _NotConstant(Exception):
+    """An expression whose value depends on the context."""
+
+
+_BINOPS: Final[dict[type[nodes.BinExpr], str]] = {
+    nodes.Mul: "*", nodes.Pow: "**", nodes.Mod: "%"}
+_OTHER_BINOPS: Final[dict[type[nodes.BinExpr], Callable[[Any, Any], Any]]] = {
+    nodes.Add: lambda a, b: a + b, nodes.Sub: lambda a, b: a - b,
+    nodes.Div: lambda a, b: a / b, nodes.FloorDiv: lambda a, b: a // b}
+
+
+def _constant(node: nodes.Node) -> Any:
+    """The value of a literal expression, with ``*``, ``**``, ``%``, ``replace`` and
+    ``join`` bounded (:class:`BoundExceeded`); :class:`_NotConstant` otherwise."""
+    if isinstance(node, nodes.Const):
+        return node.value
+    if isinstance(node, nodes.List | nodes.Tuple):
+        return [_constant(item) for item in node.items]
+    if isinstance(node, nodes.Neg):
+        return -_constant(node.node)
+    if isinstance(node, nodes.Pos):
+        return +_constant(node.node)
+    if isinstance(node, nodes.BinExpr):
+        left, right = _constant(node.left), _constant(node.right)
+        try:
+            if type(node) in _BINOPS:
+                return bounded_binop(_BINOPS[type(node)], left, right)
+            if type(node) in _OTHER_BINOPS:
+                return _OTHER_BINOPS[type(node)](left, right)
+        except BoundExceeded:
+            raise
+        except (TypeError, ValueError, ArithmeticError):
+            raise _NotConstant from None  # a plain mistake: reported when evaluated
+    if isinstance(node, nodes.Filter) and node.name in ("replace", "join") \
+            and node.node is not None and not node.kwargs:
+        args = [_constant(a) for a in node.args]
+        try:
+            return (f_replace if node.name == "replace" else f_join)(_constant(node.node),
+                                                                     *args)
+        except BoundExceeded:
+            raise
+        except (TypeError, ValueError):
+            raise _NotConstant from None
+    raise _NotConstant
+
+
+def _check_literal_bounds(expr: nodes.Expr, where: str) -> None:
+    """Literal operations over a bound (``{'x' * 10**9}``) fail the config check."""
+    growing: list[nodes.Node] = [*_walk(expr, nodes.Mul), *_walk(expr, nodes.Pow),
+                                 *_walk(expr, nodes.Mod), *_walk(expr, nodes.Filter)]
+    for node in growing:
+        try:
+            _constant(node)
+        except _NotConstant:
+            continue
+        except BoundExceeded as exc:
+            raise ValueError(f"{exc} in {where}") from None
 
 
 def _check_call(kind: str, func: Callable[..., Any], node: nodes.Filter | nodes.Test,

@@ -3,6 +3,7 @@ filters, the sandbox, and the errors ``callroute check`` shows."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -196,6 +197,83 @@ def test_mistakes_are_named(template: str, message: str) -> None:
     """Each kind of template mistake is a ValueError that says what is wrong."""
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("{", r"\{")):
         compile_text(template, NAMES)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{'x' * 10**9}", "'*' would make 1.0e+09 characters or items (at most 1000000)"),
+        ("{10**9 * 'x'}", "'*' would make 1.0e+09 characters"),
+        ("{[1, 2] * 10**6}", "'*' would make 2000000 characters or items"),
+        ("{10 ** 100000}", "'**' would make an integer over 4096 bits"),
+        ("{(9 ** 999) * (9 ** 999)}", "'*' would make an integer over 4096 bits"),
+        ("{'%0999999999d' % 1}", "'%' format asks for a width of 1.0e+09 (at most 1000)"),
+        ("{'%.5000f' % 1}", "'%' format asks for a width of 5000"),
+        ("{'%*d' % (5, 1)}", "'%' with a width or precision '*'"),
+        ("{'a' | replace('', 'y' * 1000000)}", "replace would make 2000001 characters"),
+        ("{[1, 2, 3] | join('-' * 600000)}", "join's separators would make 1200000"),
+        ("{record.s.center(10**9)}", "a method call is not part of the template language"),
+        ("{'{:>999999999}'.format(1)}", "a method call is not part of the template language"),
+    ],
+)
+def test_a_literal_operation_over_a_bound_fails_the_check(template: str, message: str
+                                                           ) -> None:
+    """Repetition, powers, '%' formats, replace and join whose result would exhaust
+    memory or CPU are refused when the template is compiled (``callroute check``), in
+    an instant and without making the value; so are method calls (str.center,
+    str.format), which the filters replace."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compile_text(template, NAMES, native=True)
+
+
+@pytest.mark.parametrize(
+    ("template", "record", "message"),
+    [
+        ("{record.s * record.n}", {"s": "x", "n": 10**9},
+         "'*' would make 1.0e+09 characters or items"),
+        ("{record.n ** record.n}", {"n": 10**6}, "'**' would make an integer over 4096 bits"),
+        ("{record.fmt % 1}", {"fmt": "%0999999999d"}, "'%' format asks for a width"),
+        ("{'%*d' % (record.n, 1)}", {"n": 10**9}, "'%' with a width or precision '*'"),
+        ("{record.s | replace('', record.t)}", {"s": "a" * 1000, "t": "b" * 1000},
+         "replace would make 1002000 characters"),
+        ("{record.items | join(record.sep)}", {"items": list(range(1002)), "sep": "-" * 1000},
+         "join's separators would make 1001000"),
+    ],
+)
+def test_an_operation_over_a_bound_at_run_time_is_an_error_naming_the_field(
+        template: str, record: dict[str, Any], message: str) -> None:
+    """The same operations on values from a record or an answer fail when evaluated, as
+    a mapping error naming the template's field, before the value is made."""
+    compiled = compile_text(template, NAMES, native=True, label="crm.records.0.body")
+    with pytest.raises(CrmMappingError) as failed:
+        compiled({"record": record})
+    assert str(failed.value).startswith(
+        "template crm.records.0.body failed: BoundExceeded: ")
+    assert message in str(failed.value)
+
+
+def test_arithmetic_and_formats_within_the_bounds_still_work() -> None:
+    """Ordinary arithmetic, repetition and formats are unchanged: the bounds are far
+    above what a request or a field map needs."""
+    assert value("{record.talk_s * 1000}", record={"talk_s": 4.5}) == 4500.0
+    assert value("{2 ** 10}") == 1024
+    assert value("{'-' * 3}") == "---"
+    assert value("{record.n % 7}", record={"n": 23}) == 2
+    assert value("{'%05.1f s' % record.x}", record={"x": 3.14159}) == "003.1 s"
+    assert value("{'%(a)s-%(b)s' % record}", record={"a": 1, "b": 2}) == "1-2"
+    assert value("{record.s | replace('a', 'bb')}", record={"s": "aXa"}) == "bbXbb"
+    assert value("{last(3)}", last=lambda n: "123"[-n:]) == "123"
+
+
+def test_check_refuses_a_literal_over_a_bound_naming_the_field(tmp_path: Path) -> None:
+    """``callroute check`` (load_settings) of a record step whose body repeats a text a
+    billion times fails at once with the field named, instead of building a gigabyte."""
+    config = tmp_path / "config.yaml"
+    config.write_text("crm:\n  records: [{name: call, url: /c, body: {n: \"{'x' * 10**9}\"}}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    assert "crm.records.0.body" in str(info.value)
+    assert "'*' would make 1.0e+09 characters" in str(info.value)
 
 
 def test_a_failed_evaluation_names_the_template_and_masks_the_values() -> None:
