@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "tasks) at the address of crm.base_url, until interrupted.")
     config_option(p)
     p.add_argument("--host", default=None, help="listen address (default: from crm.base_url)")
-    p.add_argument("--port", type=int, default=None, help="port (default: from crm.base_url)")
+    p.add_argument("--port", type=int, default=None, help="port (default: from crm.base_url, "
+                   "as the connector reaches it: 8088 with the default crm.base_url)")
 
     p = sub.add_parser("sync", help="pre-warm the cache with the customers changed since the "
                        "last sync",

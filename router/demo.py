@@ -17,7 +17,6 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from aiohttp import web
@@ -28,7 +27,7 @@ from dialplan.server import AgiServer
 from router.app import build_router
 from router.errors import ListenError
 from router.rules.presence import Presence
-from router.samplecrm import make_app, start_sample_crm
+from router.samplecrm import address, make_app, start_sample_crm
 from router.settings import Settings
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -64,16 +63,13 @@ CALLS = [
 ]
 
 
-def _sample_crm_address(settings: Settings) -> tuple[str, int]:
-    parts = urlsplit(settings.crm.base_url)
-    return parts.hostname or "127.0.0.1", parts.port or 80
 
 
 async def _start_crm(settings: Settings) -> tuple[web.AppRunner, Settings]:
     """The demo's own sample CRM at ``crm.base_url``; when that port is taken, on a free
     one (said in one line), never whatever listens there. Returns the runner and the
     settings pointing at it."""
-    host, port = _sample_crm_address(settings)
+    host, port = address(settings.crm.base_url)
     auth = settings.crm.auth
     token = auth.token.get_secret_value() if auth.type == "bearer" else None
     try:

@@ -610,6 +610,17 @@ async def start_sample_crm(
     return runner, f"http://{host}:{bound}"
 
 
+def address(base_url: str) -> tuple[str, int]:
+    """Where the sample CRM of ``crm.base_url`` listens (``callroute sample-crm`` and
+    ``callroute demo`` alike): the URL's host and port, and without a port the one the
+    connector will use for it (80 for http, 443 for https), so that ``serve`` with the
+    same config reaches it. The default ``crm.base_url`` is
+    :data:`router.crm.config.SAMPLE_CRM_URL` (port 8088)."""
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.hostname or "127.0.0.1", port
+
+
 async def serve_forever(
     settings: Settings, *, host: str | None = None, port: int | None = None,
     stop: asyncio.Event | None = None,
@@ -619,11 +630,11 @@ async def serve_forever(
     A bearer token configured in ``crm.auth`` is required from clients. An address that
     cannot be bound raises :class:`ListenError` (one line: which address, which setting).
     """
-    parts = urlsplit(settings.crm.base_url)
     auth = settings.crm.auth
     app = make_app(token=auth.token.get_secret_value() if auth.type == "bearer" else None)
-    host = host or parts.hostname or "127.0.0.1"
-    port = port if port is not None else (parts.port or 8088)
+    default_host, default_port = address(settings.crm.base_url)
+    host = host or default_host
+    port = port if port is not None else default_port
     try:
         runner, url = await start_sample_crm(host, port, app)
     except OSError as exc:

@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from router.crm.config import CrmSettings
+from router.crm.config import SAMPLE_CRM_URL, CrmSettings
 from router.errors import ConfigError
 from router.models import ZoneName
 from router.phone import DEFAULT_INTERNAL, valid_region
@@ -540,7 +540,7 @@ def load_settings(path: str | Path) -> Settings:
         problems.append(
             f"{field}: missing: say where the CRM's REST API is (crm.base_url, e.g. "
             "https://crm.example.com; examples/crm-*.yaml show real CRMs, and "
-            "`callroute sample-crm` serves a sample one at http://127.0.0.1:8088)")
+            f"`callroute sample-crm` serves a sample one at {SAMPLE_CRM_URL})")
 
     field = _crm_address_missing(data.get("crm"))
     if field is not None:

@@ -539,6 +539,11 @@ class RecordingSettings(_Model):
         return value
 
 
+#: Where ``callroute sample-crm`` and ``callroute demo`` serve the sample CRM by default:
+#: the default ``crm.base_url`` (examples/config.yaml and the README say the same).
+SAMPLE_CRM_PORT = 8088
+SAMPLE_CRM_URL = f"http://127.0.0.1:{SAMPLE_CRM_PORT}"
+
 _LEGACY_POSTS = (("activity", "call", None), ("lead", "lead", "'lead' in plan"),
                  ("task", "task", "'task' in plan"))
 
@@ -548,7 +553,7 @@ class CrmSettings(_Model):
 
     preset: str | None = Field(None, description="start from router/crm/presets/<name>.yaml")
     name: str = "crm"
-    base_url: str = "http://127.0.0.1:8088"
+    base_url: str = SAMPLE_CRM_URL
     headers: dict[str, str] = Field(default_factory=dict)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     verify_tls: bool = True
@@ -649,7 +654,7 @@ class CrmSettings(_Model):
         return next((s for s in self.records if s.name == name and s.enabled), None)
 
     @classmethod
-    def sample(cls, base_url: str = "http://127.0.0.1:8088", **extra: Any) -> CrmSettings:
+    def sample(cls, base_url: str = SAMPLE_CRM_URL, **extra: Any) -> CrmSettings:
         """Settings for the bundled sample CRM (``router.samplecrm``), every feature on."""
         return cls.model_validate({**sample_crm_section(base_url), **extra})
 
@@ -682,7 +687,7 @@ def _legacy(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def sample_crm_section(base_url: str = "http://127.0.0.1:8088") -> dict[str, Any]:
+def sample_crm_section(base_url: str = SAMPLE_CRM_URL) -> dict[str, Any]:
     """The ``crm:`` section (as data) that points the connector at the sample CRM.
 
     Written in the one-request form of older configs (``lookup``, ``activity``, ``lead``,

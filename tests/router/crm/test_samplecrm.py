@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
+from yarl import URL
 
-from router.crm.config import sample_crm_section
-from router.samplecrm import serve_forever, start_sample_crm
+from router import demo
+from router.crm.config import SAMPLE_CRM_PORT, SAMPLE_CRM_URL, CrmSettings, sample_crm_section
+from router.samplecrm import address, serve_forever, start_sample_crm
 from router.settings import Settings
 from tests.crm_server import RunningCrm, closed_port, running_crm
+
+ROOT = Path(__file__).resolve().parents[3]
 
 AUTH = {"Authorization": "Bearer t0k"}
 
@@ -174,6 +180,41 @@ async def test_serve_forever_uses_config_address_and_token() -> None:
     finally:
         stop.set()
         assert await asyncio.wait_for(task, 5) == 0
+
+
+@pytest.mark.parametrize(("base_url", "where"), [
+    (SAMPLE_CRM_URL, ("127.0.0.1", SAMPLE_CRM_PORT)),
+    ("http://127.0.0.1:9099/api", ("127.0.0.1", 9099)),
+    ("http://crm.local", ("crm.local", 80)),
+    ("https://crm.local/", ("crm.local", 443)),
+])
+def test_sample_crm_and_demo_serve_where_the_connector_connects(
+        base_url: str, where: tuple[str, int]) -> None:
+    """``callroute sample-crm`` and ``callroute demo`` take the sample CRM's address from
+    crm.base_url by one function: its port, or without one the port the connector
+    connects to (80/443; sample-crm used 8088 and the demo 80); the default base_url,
+    examples/config.yaml and the README all say port 8088 (SAMPLE_CRM_PORT)."""
+    assert address(base_url) == where
+    assert address(base_url)[1] == URL(base_url).port  # what aiohttp connects to
+    assert demo.address is address
+    assert CrmSettings().base_url == SAMPLE_CRM_URL
+    example = yaml.safe_load((ROOT / "examples" / "config.yaml").read_text())
+    assert example["crm"]["base_url"] == SAMPLE_CRM_URL
+    assert f"on 127.0.0.1:{SAMPLE_CRM_PORT}" in (ROOT / "README.md").read_text()
+
+
+async def test_demo_serves_its_sample_crm_at_the_configured_port() -> None:
+    """The demo's sample CRM listens at crm.base_url's port, as sample-crm does."""
+    port = closed_port()
+    settings = Settings.model_validate({"crm": sample_crm_section(f"http://127.0.0.1:{port}")})
+    runner, served = await demo._start_crm(settings)
+    try:
+        assert served.crm.base_url == f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://127.0.0.1:{port}/_health") as resp:
+            assert resp.status == 200
+    finally:
+        await runner.cleanup()
 
 
 async def test_start_sample_crm_default_app() -> None:
