@@ -466,7 +466,7 @@ def _preview(raw: bytes) -> Any:
     """An answer's body for the trace: its JSON, else its text (at most 4 kB)."""
     try:
         return json.loads(raw) if raw.strip() else None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not JSON, or an integer of over 4300 digits
         return raw[:4096].decode("utf-8", "replace")
 
 
@@ -513,7 +513,7 @@ def _path(url: str) -> str:
 def _parse_json(method: str, target: str, raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not JSON (or not UTF-8), or an integer of over 4300 digits
         raise CrmBadResponse(
             f"{_where(method, target)}: body is not valid JSON: {exc}"
         ) from exc

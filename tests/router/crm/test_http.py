@@ -297,6 +297,28 @@ async def test_bad_json_and_oversized_body() -> None:
             await _get(CrmSettings(base_url=server.url, max_response_bytes=1024))
 
 
+async def test_an_answer_with_a_huge_integer_is_a_bad_response_not_a_crash() -> None:
+    """An answer holding an integer of more digits than Python converts (4300): a 2xx is
+    CrmBadResponse, a 4xx still CrmClientError with its body as text, never the bare
+    ValueError json.loads raises for it."""
+    body = '{"id": ' + "9" * 5000 + "}"
+
+    def huge_int(info: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        return (200 if info["path"] == "/ok" else 400), body, {}
+
+    async with scripted_server(huge_int) as server:
+        http = CrmHttp(CrmSettings(base_url=server.url))
+        http.trace = []
+        try:
+            with pytest.raises(CrmBadResponse, match="not valid JSON"):
+                await http.request("test", "GET", "/ok")
+            with pytest.raises(CrmClientError) as refused:
+                await http.request("test", "GET", "/refused")
+        finally:
+            await http.aclose()
+    assert refused.value.status == 400
+
+
 async def test_a_deeply_nested_answer_is_a_bad_response_not_a_crash() -> None:
     """An answer nested deeper than Python's recursion limit: a 2xx is CrmBadResponse,
     a 4xx still CrmClientError with what it said, never a RecursionError (which the
