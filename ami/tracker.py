@@ -31,9 +31,9 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import UTC, datetime, tzinfo
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ami.clock import CdrClock, uid_epoch
 from ami.protocol import Message
@@ -71,6 +71,14 @@ UNKNOWN_IDS = frozenset({"", "<unknown>", "unknown"})
 #: Q.850 causes that mean the call failed rather than that somebody hung up.
 FAILURE_CAUSES = frozenset({1, 2, 3, 21, 22, 27, 28, 34, 38, 41, 42, 44, 47, 58, 66, 88, 102,
                             111, 127})
+#: Events that change what a call's record would say (routed, rung, answered, queue join
+#: or leave, hangup): each marks the call for the next checkpoint (:meth:`CallTracker.
+#: checkpoints`). VarSet of a reported variable and Newexten of VoiceMail mark it too.
+CHECKPOINT_EVENTS = frozenset({"Newchannel", "DialBegin", "DialEnd", "AgentCalled",
+                               "AgentConnect", "AgentComplete", "QueueCallerJoin",
+                               "QueueCallerAbandon", "Hangup"})
+#: Version of a call's saved state (:meth:`_Call.state`).
+STATE_VERSION = 1
 #: Headers not worth keeping in a record's Cdr rows.
 _CDR_DROP = frozenset({"Event", "Privilege"})
 _DONE_MEMORY = 100_000
@@ -104,8 +112,8 @@ class _Call:
         "dial_statuses", "dialers", "end_time", "exten", "first_seen", "first_uid",
         "hangup_code", "hangup_text", "hold_time", "incomplete", "joined_queue", "linkedid",
         "live", "local_pairs", "names", "queue", "quiet_since", "recording", "rung",
-        "start_time", "steps", "suspect", "talk_time", "timing", "vars", "voicemail",
-        "voicemail_time",
+        "start_time", "steps", "suspect", "talk_time", "timing", "unseen_end", "vars",
+        "voicemail", "voicemail_time",
     )
 
     def __init__(self, linkedid: str, now: float) -> None:
@@ -149,6 +157,62 @@ class _Call:
         self.quiet_since = 0.0
         self.incomplete = False
         self.suspect = False
+        #: the end was not seen (a parked call that ended while nobody followed it): the
+        #: end is the last moment it was known to be up, whatever its Cdrs say
+        self.unseen_end = False
+
+    def state(self) -> dict[str, Any]:
+        """What this call's record would be built from, as JSON-able data (its checkpoint:
+        :meth:`CallTracker.checkpoints`). The channels up now are left out: a process that
+        reads it back learns them from Asterisk."""
+        data: dict[str, Any] = {name: getattr(self, name) for name in _STATE_SCALARS}
+        data.update({name: dict(getattr(self, name)) for name in _STATE_DICTS})
+        data.update({name: list(getattr(self, name)) for name in _STATE_LISTS})
+        data.update({name: sorted(getattr(self, name)) for name in _STATE_SETS})
+        data["cdrs"] = [dict(c) for c in self.cdrs]
+        data["v"] = STATE_VERSION
+        return data
+
+    def merge(self, state: Mapping[str, Any], *, ended: bool = False) -> None:
+        """Take what a saved :meth:`state` of this call knew and this one does not (a call
+        picked up again after a restart: its routing, customer, start, who answered...).
+        What this one learnt itself wins; lists and sets are joined. With ``ended``, also
+        the end and hangup cause (a call that ended while nobody followed it). Raises
+        ValueError for a state that is not one of this version."""
+        if state.get("v") != STATE_VERSION or state.get("linkedid") != self.linkedid:
+            raise ValueError("not a saved state of this call")
+        old = {k: v for k, v in state.items() if v is not None}
+        for name in ("vars", "steps", "timing", "local_pairs"):
+            setattr(self, name, {**_str_dict(old.get(name, {})), **getattr(self, name)})
+        self.rung = _join_lists(_str_list(old.get("rung", [])), self.rung)
+        self.dial_statuses = _str_list(old.get("dial_statuses", [])) + self.dial_statuses
+        cdrs = old.get("cdrs", [])
+        if not isinstance(cdrs, list):
+            raise ValueError("cdrs is not a list")
+        self.cdrs = [_str_dict(c) for c in cdrs] + self.cdrs
+        for name in _STATE_SETS:
+            getattr(self, name).update(_str_list(old.get(name, [])))
+        for name in ("abandoned", "joined_queue", "incomplete"):
+            setattr(self, name, bool(getattr(self, name) or old.get(name)))
+        if self.answered_by is None and old.get("answered_by"):
+            self.answered_by = _opt_str(old.get("answered_by"))
+            self.answer_dest = _opt_str(old.get("answer_dest"))
+            self.answer_time = _opt_float(old.get("answer_time"))
+        for name in ("abandon_hold", "caller_name", "caller_num", "exten", "first_uid",
+                     "hold_time", "queue", "recording", "talk_time", "hangup_code",
+                     "hangup_text"):
+            if getattr(self, name) is None:
+                setattr(self, name, _opt_str(old.get(name)))
+        if self.voicemail is None and old.get("voicemail"):
+            self.voicemail = _opt_str(old.get("voicemail"))
+            self.voicemail_time = _opt_float(old.get("voicemail_time"))
+        if self.first_seen is None:
+            self.first_seen = _opt_float(old.get("first_seen"))
+        start = _opt_float(old.get("start_time"))
+        if start is not None:
+            self.start_time = min(self.start_time, start)
+        if ended and self.end_time is None:
+            self.end_time = _opt_float(old.get("end_time"))
 
     def cdrs_in(self, partners: bool = False) -> bool:
         """True when every channel has a Cdr of its own or is the destination of one; with
@@ -176,6 +240,48 @@ class _Call:
         partner = name[:-1] + ("2" if name.endswith(";1") else "1")
         halves = {uid} | {u for u, n in self.names.items() if n == partner}
         return not halves & self.dest_uids
+
+
+_STATE_SCALARS = (
+    "linkedid", "abandon_hold", "abandoned", "answer_dest", "answer_time", "answered_by",
+    "caller_name", "caller_num", "end_time", "exten", "first_seen", "first_uid",
+    "hangup_code", "hangup_text", "hold_time", "incomplete", "joined_queue", "queue",
+    "recording", "start_time", "talk_time", "voicemail", "voicemail_time",
+)
+_STATE_DICTS = ("vars", "steps", "timing", "local_pairs")
+_STATE_LISTS = ("rung", "dial_statuses")
+_STATE_SETS = ("dialers", "dest_uids", "cdr_uids", "cdr_dests")
+
+
+def _opt_str(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(f"{value!r} is not a string")
+
+
+def _opt_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"{value!r} is not a number")
+
+
+def _str_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("not a list of strings")
+    return list(value)
+
+
+def _str_dict(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError("not a mapping of strings")
+    return dict(value)
+
+
+def _join_lists(first: list[str], then: list[str]) -> list[str]:
+    return first + [x for x in then if x not in first]
 
 
 class CallTracker:
@@ -214,6 +320,15 @@ class CallTracker:
         self._ready: dict[str, _Call] = {}
         self._done: OrderedDict[str, None] = OrderedDict()
         self._adopted: list[str] = []
+        #: calls changed since the last checkpoint (see :meth:`checkpoints`)
+        self._dirty: set[str] = set()
+        #: saved states of an earlier run's calls, waiting for the AMI view (resync)
+        self._parked: dict[str, dict[str, Any]] = {}
+        #: ... and those of them Asterisk no longer shows (ended while nobody followed)
+        self._parked_gone: dict[str, dict[str, Any]] = {}
+        #: earlier runs' calls picked up again (adopted with what they knew)
+        self.parked_adopted = 0
+        self.resyncs = 0
         self.records_emitted = 0
         self._skew_warned = False
         self._last_skew = 0.0
@@ -268,6 +383,8 @@ class CallTracker:
                 self._caller(call, h)
             if handler is not None:
                 handler(call, h, uid)
+            if name in CHECKPOINT_EVENTS:
+                self._dirty.add(call.linkedid)
             return
         other = self._other_handlers.get(name)
         if other is not None:
@@ -298,8 +415,15 @@ class CallTracker:
                 self._finalise(lid)
         return self.records_emitted - before
 
-    def close(self) -> int:
-        """Finalise every call, open ones as incomplete (shutdown: no record is lost)."""
+    def close(self, parked: Collection[str] = ()) -> int:
+        """Shutdown: finalise every call but those in ``parked`` (saved for the next run,
+        :mod:`ami.parking`), which are dropped without a record; calls still up and not
+        parked are finalised as incomplete (no record is lost). Returns the records
+        emitted."""
+        for lid in parked:
+            call = self._calls.get(lid)
+            if call is not None and call.live:
+                self._forget(lid)
         for call in self._calls.values():
             if call.live:
                 call.incomplete = True
@@ -308,6 +432,95 @@ class CallTracker:
             self._finalise(lid)
             count += 1
         return count
+
+    # --- checkpoints and parked calls (ami.parking) ---------------------------------------
+    def checkpoints(self) -> dict[str, dict[str, Any]]:
+        """The state (:meth:`_Call.state`) of every open call changed in a way its record
+        would show (routed, rung, answered, queue join/leave, hangup) since the last
+        call; cheap on the event path: an event only marks its call."""
+        dirty, self._dirty = self._dirty, set()
+        return {lid: call.state() for lid in dirty if (call := self._calls.get(lid))}
+
+    def touch(self, linkedids: Iterable[str]) -> None:
+        """Mark calls for the next :meth:`checkpoints` again (their last one was not saved)."""
+        self._dirty.update(lid for lid in linkedids if lid in self._calls)
+
+    def open_states(self) -> dict[str, dict[str, Any]]:
+        """The state of every call still up (shutdown: what is parked)."""
+        return {lid: call.state() for lid, call in self._calls.items() if call.live}
+
+    def expect_parked(self, states: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """Take the saved states of an earlier run's calls. A call already followed again
+        is given what its state knew at once; the others wait for the AMI view: a call
+        Asterisk shows is picked up with its state, one it no longer shows ended while
+        nobody followed it (:meth:`take_parked_gone`). Returns the Linkedids of calls
+        whose records this run has already emitted (their states are spent)."""
+        spent: list[str] = []
+        for lid, state in states.items():
+            call = self._calls.get(lid)
+            if call is not None:
+                self._restore(call, state)
+                self._dirty.add(lid)
+            elif lid in self._done:
+                self.parked_adopted += 1
+                spent.append(lid)
+            elif self.resyncs:
+                self._parked_gone[lid] = dict(state)
+            else:
+                self._parked[lid] = dict(state)
+        return spent
+
+    def take_parked_gone(self) -> dict[str, dict[str, Any]]:
+        """The saved states of earlier calls that the last resync did not find up."""
+        gone, self._parked_gone = self._parked_gone, {}
+        return gone
+
+    def post_parked(self, linkedid: str, state: Mapping[str, Any],
+                    last_seen: float | None = None) -> bool:
+        """Emit the record of an earlier run's call that ended while nobody followed it,
+        from its saved state, flagged incomplete; its end is the one saved (it had hung
+        up) or else the last moment it was known to be up (``last_seen``, or the
+        checkpoint's own time). False when this run follows or already emitted it."""
+        if linkedid in self._calls or linkedid in self._done:
+            return False
+        call = _Call(linkedid, self.clock())
+        try:
+            call.merge(state, ended=True)
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.error("the saved state of call %s is unreadable (%s): posting what is known",
+                      linkedid, exc)
+        call.incomplete = True
+        if call.end_time is None:
+            saved = _opt_float(state.get("saved_at"))
+            seen = max((t for t in (saved, last_seen) if t is not None), default=None)
+            call.end_time = seen if seen is None else max(seen, call.start_time)
+            call.unseen_end = True
+        self._calls[linkedid] = call
+        self._finalise(linkedid)
+        return True
+
+    def _restore(self, call: _Call, state: Mapping[str, Any]) -> None:
+        """``call`` (picked up again) given what its saved ``state`` knew; a state that
+        cannot be read changes nothing (logged)."""
+        scratch = _Call(call.linkedid, call.start_time)
+        try:
+            scratch.merge(state)
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.error("the saved state of call %s is unreadable (%s): it is followed "
+                      "without it", call.linkedid, exc)
+            return
+        call.merge(scratch.state())
+        self.parked_adopted += 1
+
+    def _forget(self, lid: str) -> None:
+        """Drop an open call without a record (it is parked for the next run)."""
+        call = self._calls.pop(lid, None)
+        self._ready.pop(lid, None)
+        self._closed.pop(lid, None)
+        self._dirty.discard(lid)
+        if call is not None:
+            for uid in call.names:
+                self._uid_lid.pop(uid, None)
 
     def mark_disconnected(self) -> list[str]:
         """The AMI link dropped: every open call may miss events. Returns their Linkedids."""
@@ -362,6 +575,10 @@ class CallTracker:
         self._apply_queue_status(queue_status)
         affected += self._adopted
         self._adopted.clear()
+        # an earlier run's call that Asterisk no longer shows ended while nobody followed it
+        self._parked_gone.update(self._parked)
+        self._parked.clear()
+        self.resyncs += 1
         return sorted(set(affected))
 
     # --- channels -------------------------------------------------------------------------
@@ -389,6 +606,7 @@ class CallTracker:
                 # a channel first seen mid-life: its earlier events were missed
                 call.incomplete = True
                 self._adopted.append(lid)
+            self._dirty.add(lid)
             self._join(call, uid, h)
             if call.first_uid is None or uid == lid:
                 call.first_uid = uid
@@ -408,6 +626,9 @@ class CallTracker:
             self.evicted += 1
             self._finalise(oldest)
         call = _Call(lid, now)
+        parked = self._parked.pop(lid, None)
+        if parked is not None:
+            self._restore(call, parked)
         self._calls[lid] = call
         self._closed.pop(lid, None)
         return call
@@ -417,6 +638,7 @@ class CallTracker:
         old = self._calls.get(old_lid)
         new = self._calls.get(new_lid) or self._new_call(new_lid, self._event_time(h))
         self._join(new, uid, h)
+        self._dirty.add(new_lid)
         if new.first_uid is None:
             new.first_uid = uid
         if old is not None:
@@ -469,6 +691,7 @@ class CallTracker:
             box = (h.get("AppData") or "").split(",", 1)[0].split("&", 1)[0]
             call.voicemail = box or None
             call.voicemail_time = self._event_time(h)
+            self._dirty.add(call.linkedid)
 
     def _on_callerid(self, call: _Call, h: dict[str, str], uid: str) -> None:
         return None  # caller id is read for the customer leg in handle()
@@ -482,6 +705,7 @@ class CallTracker:
         var = h.get("Variable", "").lstrip("_")
         value = h.get("Value", "")
         if var in ROUTE_VARS:
+            self._dirty.add(call.linkedid)
             if value:
                 call.vars[var] = value
             else:
@@ -490,6 +714,7 @@ class CallTracker:
             if value and uid in call.dialers:
                 call.timing[var] = value
         elif var in STEP_VARS:
+            self._dirty.add(call.linkedid)
             if value:
                 call.steps[var] = value
             if var == "QUEUESTATUS" and value:
@@ -497,6 +722,7 @@ class CallTracker:
                 # it was the queue giving up (TIMEOUT), not the caller hanging up.
                 call.abandoned = False
         elif var == "MIXMONITOR_FILENAME" and value:
+            self._dirty.add(call.linkedid)
             call.recording = value
         elif var == "DIALSTATUS" and value and uid not in call.dest_uids:
             # Dial()'s result on the caller's side. A Dial that could create no channel
@@ -630,6 +856,7 @@ class CallTracker:
         call = self._calls.pop(lid, None)
         self._ready.pop(lid, None)
         self._closed.pop(lid, None)
+        self._dirty.discard(lid)
         if call is None or lid in self._done:
             return
         self._done[lid] = None
@@ -704,6 +931,8 @@ class CallTracker:
         c_end = max((t for c in call.cdrs if (t := cdr(c.get("EndTime")))), default=None)
         c_answer = cdr(answered.get("AnswerTime")) if answered else None
         c_pickup = cdr(mailbox.get("AnswerTime")) if mailbox else None
+        if call.unseen_end and call.end_time is not None:
+            c_end = event(call.end_time)  # the Cdrs known are of legs that ended before
         if skew == 0.0 and call.first_seen is not None:
             return _Times(event(call.first_seen), event(call.answer_time) or c_answer,
                           event(call.end_time) or c_end, event(call.voicemail_time) or c_pickup)

@@ -2,8 +2,13 @@
 
 ``serve`` runs until SIGTERM/SIGINT and then shuts down in order: stop taking new AGI
 sessions and finish those in flight, stop AMI (flushing finished calls into the
-outbox), stop delivery (unfinished records stay in the outbox for the next run).
-SIGHUP reloads the rules file.
+outbox; calls still up are *parked* in Redis, not posted, :mod:`ami.parking`), stop
+delivery (unfinished records stay in the outbox for the next run). The next start picks
+the parked calls up again from Asterisk's ``CoreShowChannels`` and posts their real
+records when they end; one that ended meanwhile gets one record from its parked state,
+flagged incomplete. Open calls are also checkpointed as they go, so a kill leaves the
+same behind. When Redis cannot take them at shutdown, calls still up are posted as
+incomplete. SIGHUP reloads the rules file.
 """
 
 from __future__ import annotations
@@ -410,6 +415,7 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
     of the lookups of the call path.
     """
     from ami.client import AmiClient
+    from ami.parking import CallParking
     from ami.tracker import CallTracker
     from router.records.delivery import DeliveryWorker
     from router.records.outbox import Outbox, connect_redis
@@ -467,17 +473,35 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
             cdr_grace_s=settings.ami.cdr_grace_s, max_open_calls=settings.ami.max_open_calls,
             cdr_tz=ZoneInfo(zone) if zone else None,
         )
+        # the calls an earlier run left up: read before AMI connects, decided after its
+        # resync (picked up again, or posted if they ended meanwhile); checkpoints after
+        parking = CallParking(
+            redis, outbox.keys, CallParking.scope_of(settings.ami.host, settings.ami.port),
+            tracker, keyring_from_settings(settings), settle_s=settings.ami.cdr_grace_s + 3.0,
+            ttl_s=settings.outbox.dedupe_ttl_s, timeout_s=settings.outbox.redis_timeout_s)
+        pending.done = parking.released
+        await parking.load()
         ami = AmiClient(settings.ami, tracker=tracker)
+        ami.resync_listeners.append(parking.on_resync)
         if web_parts is not None:
             ami.listeners.append(web_parts.live.handle)
             ami.resync_listeners.append(web_parts.live.resync)
         await ami.start()
         bg.ami = ami
+        parking_stop = asyncio.Event()
+        parking_task = asyncio.create_task(parking.run(parking_stop), name="call-parking")
+        parking_task.add_done_callback(_report_failure)
 
         async def stop_ami() -> None:
             await ami.stop()
-            tracker.close()  # finished calls, and those still up (as incomplete): none lost
+            parking_stop.set()
+            await asyncio.gather(parking_task, return_exceptions=True)
+            # calls still up are parked for the next start, not posted as guesses (whose
+            # real record would then be dropped as a duplicate); if Redis cannot take
+            # them they are posted as incomplete: none lost
+            tracker.close(await parking.park())
             await pending.drain()
+            await parking.flush()
 
         stack.push_async_callback(stop_ami)
 
@@ -492,12 +516,15 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
 class RecordQueue:
     """Hands call records from the (synchronous) tracker to the (async) outbox, after
     ``complete`` (customer, recording link), keeping every task referenced until it is
-    done; shutdown waits for them all."""
+    done; shutdown waits for them all. ``done`` is told each record's Linkedid once it
+    is stored (the call's parked state goes, :mod:`ami.parking`)."""
 
     def __init__(self, enqueue: Callable[[Any], Awaitable[object]],
-                 complete: Callable[[Any], Awaitable[Any]] | None = None) -> None:
+                 complete: Callable[[Any], Awaitable[Any]] | None = None,
+                 done: Callable[[str], None] | None = None) -> None:
         self.enqueue = enqueue
         self.complete = complete
+        self.done = done
         self._tasks: set[asyncio.Task[None]] = set()
 
     def put(self, record: Any) -> None:
@@ -520,6 +547,10 @@ class RecordQueue:
             dump = record.model_dump(mode="json") if hasattr(record, "model_dump") else record
             log.critical("call record %s could not be stored: %s",
                          getattr(record, "record_key", "?"), mask_record(dump), exc_info=True)
+            return
+        linkedid = getattr(record, "linkedid", None)
+        if self.done is not None and isinstance(linkedid, str):
+            self.done(linkedid)
 
     async def drain(self) -> None:
         """Wait for every scheduled enqueue."""

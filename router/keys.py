@@ -112,6 +112,20 @@ class Keys:
         updates`)."""
         return f"{self.prefix}outbox:died:{record_key}"
 
+    # --- calls in progress across a restart (ami.parking) ---------------------------------
+    def parked_calls(self, scope: str) -> str:
+        """Hash with TTL: Linkedid -> (encrypted JSON) the saved state of a call in progress
+        on the Asterisk ``scope`` (its AMI address), checkpointed as it goes and parked at
+        shutdown, removed once its record is stored; the next start picks the call up
+        again or, when it ended meanwhile, posts the record from it."""
+        return f"{self.prefix}parked:{scope}"
+
+    def parked_alive(self, scope: str) -> str:
+        """String with TTL: epoch seconds when an instance following the Asterisk ``scope``
+        last saved its calls (every second while it runs): a parked call that ended while
+        nobody followed it was up until at least then."""
+        return f"{self.prefix}parked-alive:{scope}"
+
     def ratelimit(self, crm: str) -> str:
         """Key for the client-side rate limit towards one CRM."""
         return f"{self.prefix}ratelimit:{crm}"

@@ -104,6 +104,13 @@ AMI_INCOMPLETE_CALLS = Counter(
     "Calls whose record may be incomplete because events were missed during a reconnect",
     registry=REGISTRY,
 )
+PARKED_CALLS = Counter(
+    "callroute_parked_calls",
+    "Calls in progress at a restart by outcome: parked at shutdown, fallback (could not be "
+    "parked: posted as incomplete), adopted (picked up again at start), posted (ended "
+    "while callroute was down: posted from the parked state)",
+    ["outcome"], registry=REGISTRY,
+)
 AMI_CONNECTED = Gauge("callroute_ami_connected", "1 while logged in to AMI", registry=REGISTRY)
 
 # --- outbox / delivery -------------------------------------------------------------------
