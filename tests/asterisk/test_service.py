@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,7 +15,7 @@ import pytest_asyncio
 
 from tests.asterisk.harness import CALLROUTE_SECRET, CONF, Observer
 from tests.asterisk.lab import Lab, open_lab
-from tests.asterisk.truth import TOLERANCE_S, _time, truth_of
+from tests.asterisk.truth import TOLERANCE_S, _time, compare, truth_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -108,6 +109,75 @@ async def test_killed_mid_call_the_record_is_posted_once(lab: Lab) -> None:
             assert want is not None, field
             assert abs((got - want).total_seconds()) <= TOLERANCE_S, field
         assert lab.objects("leads", view.linkedid) == []
+    finally:
+        await lab.end_process(signal.SIGTERM)
+
+
+async def test_stopped_while_the_caller_waits_the_real_record_is_posted_once(lab: Lab) -> None:
+    """callroute is stopped (SIGTERM, a rolling upgrade) while the caller waits in the
+    queue and started again; an agent answers meanwhile: the call was parked, not posted
+    as a guess, and the restarted process posts exactly one record, the real one, as
+    Asterisk shows it (answered, by whom, when, the route decided before the stop), and
+    no call-back task."""
+    await lab.spawn()
+    view = await lab.observer.originate("4008001000", '"Li Lei" <+8613800138000>',
+                                        hold_s=20, talk_s=2, variables={"__RING_S": "8"})
+    await lab.observer.wait(lambda: bool(view.named("QueueCallerJoin")), 20)
+    assert await lab.end_process(signal.SIGTERM) == 0
+    stopping = lab.proc_logs[-1].read_text()
+    assert "shutdown: 1 call(s) in progress parked" in stopping, stopping[-3000:]
+    assert lab.objects("activities", view.linkedid) == []
+    await lab.spawn()
+    try:
+        await lab.observer.wait_ended([view], timeout=40)
+        record = await lab.record(view)
+        await asyncio.sleep(1.0)  # nothing else comes for this call
+        assert len(lab.objects("activities", view.linkedid)) == 1
+        truth = truth_of(lab.asterisk, view, lab.zone)
+        assert truth.outcome == "answered"
+        assert truth.answered_by == "Local/7101@agents"
+        assert compare(record, truth) == [], view.dump()
+        assert record["customer_id"] == "C-2001"
+        assert record["incomplete"] is True  # events of the restart's gap may be missing
+        assert lab.objects("tasks", view.linkedid) == []
+        assert "1 found, 1 still up" in lab.proc_logs[-1].read_text()
+    finally:
+        await lab.end_process(signal.SIGTERM)
+
+
+async def test_killed_and_the_call_ends_meanwhile_its_record_is_posted_once(lab: Lab) -> None:
+    """callroute is killed (SIGKILL) while an agent talks to a customer, and the call ends
+    before it is started again: the restarted process posts one record for it from the
+    call's last checkpoint, flagged incomplete, with the customer, the route, the agent
+    who answered and the start Asterisk shows; it ends no earlier than the kill."""
+    await lab.spawn()
+    view = await lab.observer.originate("4008001000", '"Li Lei" <+8613800138000>',
+                                        hold_s=20, talk_s=4)
+    await lab.observer.wait(lambda: any(m.get("DialStatus") == "ANSWER"
+                                        for m in view.named("DialEnd")), 10)
+    await asyncio.sleep(1.5)  # a checkpoint is written about every second
+    killed_at = time.time()
+    assert await lab.end_process(signal.SIGKILL) == -signal.SIGKILL
+    await lab.observer.wait_ended([view], timeout=30)
+    await lab.spawn()
+    try:
+        record = await lab.record(view, timeout=30)
+        await asyncio.sleep(1.0)
+        assert len(lab.objects("activities", view.linkedid)) == 1
+        truth = truth_of(lab.asterisk, view, lab.zone)
+        assert record["incomplete"] is True
+        assert record["customer_id"] == "C-2001"
+        assert record["caller"] == "+8613800138000"
+        assert (record["rule"], record["reason"]) == ("vip-owner", "rule")
+        assert record["outcome"] == "answered" == truth.outcome
+        assert record["answered_by"] == "Local/7003@agents" == truth.answered_by
+        started, ended = _time(record["started_at"]), _time(record["ended_at"])
+        assert started is not None
+        assert ended is not None
+        assert abs((started - truth.start).total_seconds()) <= TOLERANCE_S
+        assert killed_at - TOLERANCE_S <= ended.timestamp() <= truth.end.timestamp() + \
+            TOLERANCE_S
+        assert "1 ended meanwhile (posted as incomplete)" in lab.proc_logs[-1].read_text()
     finally:
         await lab.end_process(signal.SIGTERM)
 
