@@ -1,1 +1,2 @@
-"""The AMI side of callroute: protocol (no I/O), client, call tracker, call records."""
+"""The AMI side of callroute: protocol (no I/O), client, call tracker, call records, and
+the calls in progress kept across a restart (parking)."""

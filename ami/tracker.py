@@ -19,6 +19,18 @@ the tracker as ``VarSet`` events of the variables the FastAGI side sets (``ROUTE
 tells rejected calls); ``Newexten`` of ``VoiceMail`` and the ``CALLROUTE_VM_SECONDS`` the
 dialplan sets after it tell a voicemail and the message's length.
 
+Calls in progress across a restart (:mod:`ami.parking` keeps them in Redis): a call's
+state (:meth:`_Call.state`, what its record would be built from) is saved when an event
+that its record shows (routed, rung, answered, queue join/leave, hangup) marked it for
+:meth:`CallTracker.checkpoints`, and for every call still up at shutdown, when
+:meth:`CallTracker.close` drops those parked instead of posting a guess (their real
+records would be dropped by the outbox as duplicates). A later tracker is given the
+states (:meth:`CallTracker.expect_parked`) before its first resync: a call Asterisk still
+shows is picked up with what its state knew (:meth:`_Call.merge`: the routing decision,
+the customer, the start, who answered; still flagged incomplete, as any adopted call),
+and one it no longer shows ended while nobody followed it: its record is built from the
+state (:meth:`CallTracker.post_parked`), incomplete.
+
 Times: event times (the ``Timestamp`` header, else this process's clock when the event
 arrived) are used when the call's first channel was seen being created within a couple
 of seconds of its Uniqueid's epoch (the two clocks agree); otherwise the Cdr times, dated
@@ -290,6 +302,9 @@ class CallTracker:
     Feed every event to :meth:`handle`; call :meth:`flush` periodically (and at the
     end of a replay); after a reconnect call :meth:`mark_disconnected` (when the link
     drops) and :meth:`resync` (with ``CoreShowChannels``/``QueueStatus`` results).
+    Across a restart: :meth:`checkpoints`/:meth:`open_states` and :meth:`close` with the
+    parked calls on the way out, :meth:`expect_parked`, :meth:`take_parked_gone` and
+    :meth:`post_parked` at the next start (driven by :class:`ami.parking.CallParking`).
     """
 
     def __init__(

@@ -362,3 +362,25 @@ async def test_api_outbox_while_redis_is_down(own_redis: RedisServer, tmp_path: 
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
+
+
+async def test_the_record_queue_tells_a_stored_record_not_a_lost_one() -> None:
+    """The record queue tells ``done`` a record's Linkedid once it is stored (its call's
+    parked state may go), never when storing failed (the state stays for the next start,
+    which posts the call from it)."""
+    from router.app import RecordQueue
+
+    stored: list[str] = []
+    told: list[str] = []
+
+    async def enqueue(record: CallRecord) -> str:
+        if record.linkedid == "2.2":
+            raise RuntimeError("outbox and spool down")
+        stored.append(record.linkedid)
+        return "enqueued"
+
+    queue = RecordQueue(enqueue, done=told.append)
+    for lid in ("1.1", "2.2"):
+        queue.put(CallRecord(record_key=record_key_for(lid), linkedid=lid, outcome="answered"))
+    await queue.drain()
+    assert (stored, told) == (["1.1"], ["1.1"])

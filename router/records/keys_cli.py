@@ -3,14 +3,17 @@
 - ``generate``: print a fresh ``<id>:<base64>`` key line to put first in
   ``encryption.keys`` (or its ``keys_file``).
 - ``status``: which key ids the stored values use: outbox stream, retry set, dead
-  letters, kept delivered records, spool files, cached customers (a ``SCAN``).
+  letters, kept delivered records, spool files, cached customers and the saved states
+  of calls in progress (``ami.parking``; both a ``SCAN``).
 - ``rotate``: re-encrypt the outbox with the current key: stream entries not being
   delivered right now (each one atomically re-added and the old one deleted, in one Lua
   script), the retry set, the dead letters and the spool files. Kept delivered records
   (``outbox:sent``, ordered by delivery time for ``outbox replay --since``) and cached
   customers are not rewritten: they roll out by themselves (``sent_keep`` newer
-  deliveries; ``positive_ttl_s + stale_max_age_s``), and ``status`` shows when the old key
-  can go. The rotation is written to the audit trail.
+  deliveries; ``positive_ttl_s + stale_max_age_s``), nor are the states of calls in
+  progress (rewritten with the current key as the calls go, removed when they end; one
+  parked at a stop is read at the next start), and ``status`` shows when the old key can
+  go. The rotation is written to the audit trail.
 """
 
 from __future__ import annotations
@@ -157,6 +160,11 @@ async def status(redis: Redis, keys: Keys, outbox: Outbox) -> dict[str, dict[str
         if value is not None:
             cached[key_id_of(value) or PLAIN] += 1
     places["cache"] = cached
+    parked: Counter[str] = Counter()
+    async for key in redis.scan_iter(match=keys.parked_calls("*"), count=SCAN_CHUNK):
+        values: Any = await redis.hvals(key)
+        parked.update(key_id_of(v) or PLAIN for v in values)
+    places["parked"] = parked
     return {name: dict(c) for name, c in places.items()}
 
 

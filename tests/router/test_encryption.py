@@ -219,9 +219,11 @@ async def test_keys_rotate_reencrypts_the_outbox_and_the_spool(h: Harness, crm: 
     h.outbox.crypto = h.spool.crypto = new
     done = await keys_cli.rotate(h.redis, h.keys, h.settings.group, h.outbox)
     assert done == {"stream": 3, "dead": 1, "retry": 1, "spool": 1}
+    await h.redis.hset(h.keys.parked_calls("pbx:5038"), "1.1", old.seal("{}", "x"))
     status = await keys_cli.status(h.redis, h.keys, h.outbox)
     for place in ("stream", "dead", "retry", "spool"):
         assert set(status[place]) == {"k2"}, (place, status)
+    assert status["parked"] == {"k1": 1}  # a call's state: rewritten as the call goes
     assert await keys_cli.rotate(h.redis, h.keys, h.settings.group, h.outbox) == {}
     await h.outbox.drain_spool()
     worker = h.worker()
@@ -290,6 +292,7 @@ async def _fill(server: RedisServer, spool_dir: Path, crm: FakeCrm, crypto: KeyR
     await store.save(Token(ACCESS_TOKEN, time.time() + 3600), REFRESH_TOKEN, time.time())
     assert await store.load() == (Token(ACCESS_TOKEN, pytest.approx(time.time() + 3600, abs=5)),
                                   REFRESH_TOKEN)
+    await _fill_parked(client, crypto)
     await cache.aclose()
     h = Harness(server.url, crm, spool_dir)
     h.outbox.crypto = h.spool.crypto = crypto
@@ -313,6 +316,22 @@ async def _fill(server: RedisServer, spool_dir: Path, crm: FakeCrm, crypto: KeyR
         await _fill_pages(h, crypto)
     finally:
         await h.close()
+
+
+async def _fill_parked(client: Any, crypto: KeyRing) -> None:
+    """A call in progress checkpointed for a restart (ami.parking): its caller's number
+    and name are in its saved state."""
+    from ami.parking import CallParking
+    from ami.protocol import Message
+    from ami.tracker import CallTracker
+
+    tracker = CallTracker(lambda _record: None)
+    tracker.handle(Message({"Event": "Newchannel", "Uniqueid": "1.1", "Linkedid": "1.1",
+                            "Channel": "PJSIP/trunk-1", "CallerIDNum": "13800138000",
+                            "CallerIDName": "Li Lei", "Exten": "4008001000"}))
+    parking = CallParking(client, KEYS, "pbx:5038", tracker, crypto)
+    await parking.tick()
+    assert await client.hlen(KEYS.parked_calls("pbx:5038")) == 1
 
 
 async def _fill_pages(h: Harness, crypto: KeyRing) -> None:
