@@ -39,6 +39,7 @@ by :class:`ami.clock.CdrClock` (Asterisk writes them in its local time, with no 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -449,11 +450,16 @@ class CallTracker:
         return count
 
     # --- checkpoints and parked calls (ami.parking) ---------------------------------------
-    def checkpoints(self) -> dict[str, dict[str, Any]]:
+    def checkpoints(self, limit: int | None = None) -> dict[str, dict[str, Any]]:
         """The state (:meth:`_Call.state`) of every open call changed in a way its record
         would show (routed, rung, answered, queue join/leave, hangup) since the last
-        call; cheap on the event path: an event only marks its call."""
-        dirty, self._dirty = self._dirty, set()
+        call, at most ``limit`` of them (the others stay marked for the next); cheap on
+        the event path: an event only marks its call."""
+        if limit is None or len(self._dirty) <= limit:
+            dirty, self._dirty = self._dirty, set()
+        else:
+            dirty = set(itertools.islice(self._dirty, limit))
+            self._dirty -= dirty
         return {lid: call.state() for lid in dirty if (call := self._calls.get(lid))}
 
     def touch(self, linkedids: Iterable[str]) -> None:

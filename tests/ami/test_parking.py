@@ -219,6 +219,13 @@ def test_checkpoints_name_calls_changed_in_a_way_their_record_shows(
     assert list(tracker.checkpoints()) == [CALL_2]
     tracker.touch([CALL_2, "nosuch.1"])
     assert list(tracker.checkpoints()) == [CALL_2]
+    tracker.touch([CALL_2, "1795338363.4"])
+    for lid in ("7.1", "8.1"):
+        tracker.handle(Message({"Event": "Newchannel", "Uniqueid": lid, "Linkedid": lid,
+                                "Channel": f"PJSIP/t-{lid}"}))
+    taken = [*tracker.checkpoints(limit=2), *tracker.checkpoints(limit=2)]
+    assert sorted(taken) == [CALL_2, "7.1", "8.1"]  # the rest wait for the next round
+    assert tracker.checkpoints() == {}
     tracker.handle_all(basic[cut:])
     tracker.flush()
     tracker.touch([CALL_2])
