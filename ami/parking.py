@@ -274,8 +274,9 @@ class CallParking:
                             "failed): posted now as incomplete", len(states))
                 return set()
             PARKED_CALLS.labels("parked").inc(len(states))
-            log.info("shutdown: %d call(s) in progress parked for the next start: %s",
-                     len(states), ", ".join(sorted(states)))
+            shown = sorted(states)[:20]
+            log.info("shutdown: %d call(s) in progress parked for the next start: %s%s",
+                     len(states), ", ".join(shown), ", ..." if len(states) > 20 else "")
             return set(states)
 
     async def flush(self) -> None:
