@@ -750,6 +750,7 @@ class CallTracker:
             # (CHANUNAVAIL: no such device or context) sends no DialBegin/DialEnd, only
             # this; after a DialEnd it repeats the attempt's overall status.
             call.dial_statuses.append(value)
+            self._dirty.add(call.linkedid)
 
     def _on_dial_begin(self, call: _Call, h: dict[str, str], uid: str) -> None:
         if uid in call.dest_uids:
