@@ -45,7 +45,14 @@ after ``max_attempts``, go to the ``outbox:dead`` stream with the reason (``reje
 ``max_attempts``, ``unconfirmed``, ...), the attempt count and the last error (with what
 the CRM said, masked); ``outbox:died:<key>`` names the dead letter (for the record's
 updates). Entries of a crashed worker are reclaimed with XAUTOCLAIM
-after ``claim_idle_s``.
+after ``claim_idle_s``. A delivery that lasts longer (a slow CRM, several steps with
+their retries, a rate-limit wait) keeps its claim: every third of ``claim_idle_s`` its
+worker claims its in-flight entries again (one XCLAIM ... JUSTID script per worker,
+:meth:`DeliveryWorker.keep_claims`), so no other instance takes one while it is being
+sent. Should a worker lose one all the same (its event loop or Redis stalled for
+longer than that), the scripts that finish an entry (ack, retry, dead-letter) act only
+while this consumer holds it (XPENDING, in the script): the worker that lost it stops
+before its next step, logs one line and leaves it to the worker holding it.
 
 ``callroute serve`` runs one; ``callroute deliver`` runs one alone (more delivery beside
 the service); or embed :class:`DeliveryWorker` and call :meth:`DeliveryWorker.run`.
@@ -68,6 +75,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from router.crm.base import (
@@ -99,7 +107,7 @@ from router.settings import OutboxSettings, Settings
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["delivered", "duplicate", "retry", "dead", "pending", "deferred"]
+Outcome = Literal["delivered", "duplicate", "retry", "dead", "pending", "deferred", "lost"]
 STEPS = ("call", "lead", "task")
 MAX_ERROR_CHARS = 500
 #: The longest an update waits between two looks at its original still on its way.
@@ -108,40 +116,71 @@ DEFER_MAX_S = 30.0
 #: drains within seconds of Redis being reachable again).
 ORPHAN_WAIT_MIN_S = 600.0
 
-# KEYS: stream, delivered, sent; ARGV: group, id, ttl ms, key, record, keep, attempt, enq
-_DONE_LUA = """
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
-local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-if n == 1 and tonumber(ARGV[6]) > 0 then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'key', ARGV[4], 'record', ARGV[5],
-             'attempt', ARGV[7], 'enq', ARGV[8])
-end
-return n
+#: Lua: whether this consumer (``ARGV[2]``) still holds entry ``ARGV[1]`` of group
+#: ``ARGV[3]`` in stream ``KEYS[1]``; otherwise the script returns who does ('' for nobody:
+#: acked already) and changes nothing. A delivery that outlasted ``claim_idle_s`` without
+#: its heartbeat (a stalled event loop, Redis unreachable) may have been reclaimed by
+#: another worker: that worker now finishes the entry, never both.
+_OWNED_LUA = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[3], ARGV[1], ARGV[1], 1)
+if #p == 0 then return '' end
+if p[1][2] ~= ARGV[2] then return p[1][2] end
 """
 
-# KEYS: stream, retry zset; ARGV: group, id, due ms, member
-_RETRY_LUA = """
-local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if n == 1 then
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+# KEYS: stream, delivered, sent; ARGV: id, consumer, group, ttl ms, key, record, keep,
+# attempt, enq
+_DONE_LUA = _OWNED_LUA + """
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
+redis.call('XACK', KEYS[1], ARGV[3], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+if tonumber(ARGV[7]) > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'key', ARGV[5], 'record', ARGV[6],
+             'attempt', ARGV[8], 'enq', ARGV[9])
 end
-return n
+return 1
 """
 
-# KEYS: stream, dead, died marker; ARGV: group, id, key, record, attempt, enq, reason,
-# error, now ms, marker ttl ms
-_DEAD_LUA = """
-local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if n == 1 then
-  redis.call('XDEL', KEYS[1], ARGV[2])
-  local id = redis.call('XADD', KEYS[2], '*', 'key', ARGV[3], 'record', ARGV[4],
-                        'attempt', ARGV[5], 'enq', ARGV[6], 'reason', ARGV[7],
-                        'error', ARGV[8], 'dead_at', ARGV[9])
-  redis.call('SET', KEYS[3], id, 'PX', ARGV[10])
+# KEYS: stream, retry zset; ARGV: id, consumer, group, due ms, member
+_RETRY_LUA = _OWNED_LUA + """
+redis.call('XACK', KEYS[1], ARGV[3], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+return 1
+"""
+
+# KEYS: stream, dead, died marker; ARGV: id, consumer, group, key, record, attempt, enq,
+# reason, error, now ms, marker ttl ms
+_DEAD_LUA = _OWNED_LUA + """
+redis.call('XACK', KEYS[1], ARGV[3], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+local id = redis.call('XADD', KEYS[2], '*', 'key', ARGV[4], 'record', ARGV[5],
+                      'attempt', ARGV[6], 'enq', ARGV[7], 'reason', ARGV[8],
+                      'error', ARGV[9], 'dead_at', ARGV[10])
+redis.call('SET', KEYS[3], id, 'PX', ARGV[11])
+return 1
+"""
+
+# KEYS: stream; ARGV: group, consumer, ids. The heartbeat of a worker's deliveries: each
+# id this consumer still holds is claimed again (XCLAIM JUSTID: its idle time restarts,
+# its delivery count stays), so no other worker's XAUTOCLAIM takes it while it is being
+# sent; an id held by another consumer (or acked) is left alone and returned, followed
+# by its holder ('' for none).
+_HEARTBEAT_LUA = """
+local held, lost = {KEYS[1], ARGV[1], ARGV[2], '0'}, {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p > 0 and p[1][2] == ARGV[2] then
+    held[#held + 1] = ARGV[i]
+  else
+    lost[#lost + 1] = ARGV[i]
+    lost[#lost + 1] = (#p > 0) and p[1][2] or ''
+  end
 end
-return n
+if #held > 4 then
+  held[#held + 1] = 'JUSTID'
+  redis.call('XCLAIM', unpack(held))
+end
+return lost
 """
 
 # KEYS: retry zset, stream; ARGV: now ms, limit. Moves due entries back into the stream.
@@ -158,6 +197,16 @@ for _, m in ipairs(items) do
 end
 return #items
 """
+
+
+class _ClaimLost(Exception):
+    """This worker no longer holds the entry it is delivering (another worker reclaimed
+    it): it stops, acking and moving nothing."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        #: the consumer holding the entry now ('' when it is no longer pending)
+        self.holder = holder
 
 
 @dataclass(frozen=True)
@@ -306,9 +355,14 @@ class DeliveryWorker:
         self._retry = redis.register_script(_RETRY_LUA)
         self._dead = redis.register_script(_DEAD_LUA)
         self._promote = redis.register_script(_PROMOTE_LUA)
+        self._heartbeat = redis.register_script(_HEARTBEAT_LUA)
         #: this worker's deliveries running now, by stream entry id
         self._inflight: dict[str, asyncio.Task[Outcome]] = {}
-        #: Outcomes of this worker's deliveries (delivered, duplicate, retry, dead, pending).
+        #: ids among those that another worker holds now (the heartbeat found them
+        #: lost), with that worker's consumer name
+        self._lost: dict[str, str] = {}
+        #: Outcomes of this worker's deliveries (delivered, duplicate, retry, dead, pending,
+        #: deferred, lost: reclaimed by another worker meanwhile).
         self.stats: Counter[str] = Counter()
         self._group_ready = False
         self._recovered = False
@@ -333,6 +387,12 @@ class DeliveryWorker:
                 # Not acked: the entry stays pending and is reclaimed after claim_idle_s.
                 log.warning("Redis failed while delivering %s (left pending): %s", entry.key, exc)
                 outcome = "pending"
+            except _ClaimLost as lost:
+                log.warning("record %s: entry %s was reclaimed by %s while this worker (%s) "
+                            "was delivering it: stopped here, left to that worker",
+                            entry.key, entry.id, lost.holder or "another worker (acked)",
+                            self.consumer)
+                outcome = "lost"
         self.stats[outcome] += 1
         return outcome
 
@@ -367,8 +427,11 @@ class DeliveryWorker:
                         else StepResult.from_marker(step, marker)
                     LEDGER_STEPS.labels("skipped").inc()
                 elif self.steps.wants(step, record, previous, wanted):
+                    self._still_held(entry)
                     previous[step] = await self._send(step, record, entry.key, previous,
                                                       wanted, ledger)
+        except _ClaimLost:
+            raise
         except CrmError as exc:
             return await self._failed(entry, exc)
         except Exception as exc:  # a connector bug must not lose the record: retried
@@ -411,8 +474,11 @@ class DeliveryWorker:
                                            f"no CRM id of step {step!r} of {original}")
         try:
             await self.limiter.acquire()
+            self._still_held(entry)
             result = await sink.run_update(step, as_original(record), done.remote_id,
                                            entry.key)
+        except _ClaimLost:
+            raise
         except CrmError as exc:
             return await self._failed(entry, exc)
         except Exception as exc:  # a connector bug must not lose the update: retried
@@ -438,10 +504,9 @@ class DeliveryWorker:
         note = f"waiting for its original {original} ({where})"
         delay = defer_delay(waited, self.settings.backoff_base_s,
                             min(DEFER_MAX_S, self.settings.backoff_max_s), self.rng)
-        await self._retry(
-            keys=[self.keys.outbox_stream, self.keys.outbox_retry],
-            args=[self.group, entry.id, now_ms() + int(delay * 1000),
-                  entry.retry_member(entry.attempt, note)],
+        await self._settle(
+            self._retry, entry, [self.keys.outbox_stream, self.keys.outbox_retry],
+            [now_ms() + int(delay * 1000), entry.retry_member(entry.attempt, note)],
         )
         RECORDS.labels("deferred").inc()
         level = logging.DEBUG if entry.error == note else logging.INFO
@@ -517,15 +582,28 @@ class DeliveryWorker:
 
     async def _finish(self, entry: Entry, *, duplicate: bool) -> None:
         """Delivered: marker + XACK + XDEL (+ keep in outbox:sent), atomically."""
-        await self._done(
-            keys=[self.keys.outbox_stream, self.keys.delivered(entry.key), self.keys.outbox_sent],
-            args=[self.group, entry.id, int(self.settings.delivered_ttl_s * 1000), entry.key,
-                  entry.record, 0 if duplicate else self.settings.sent_keep,
-                  entry.attempt + 1, entry.enq],
+        await self._settle(
+            self._done, entry,
+            [self.keys.outbox_stream, self.keys.delivered(entry.key), self.keys.outbox_sent],
+            [int(self.settings.delivered_ttl_s * 1000), entry.key, entry.record,
+             0 if duplicate else self.settings.sent_keep, entry.attempt + 1, entry.enq],
         )
         RECORDS.labels("duplicate" if duplicate else "delivered").inc()
         if duplicate:
             log.info("record %s was already delivered: acked without sending", entry.key)
+
+    async def _settle(self, script: AsyncScript, entry: Entry, keys: list[str],
+                      args: list[Any]) -> None:
+        """Run one of the scripts that finish an entry (ack, retry, dead-letter), which
+        acts only while this consumer holds the entry; raises _ClaimLost otherwise."""
+        done: Any = await script(keys=keys, args=[entry.id, self.consumer, self.group, *args])
+        if done != 1:
+            raise _ClaimLost(done.decode() if isinstance(done, bytes) else str(done or ""))
+
+    def _still_held(self, entry: Entry) -> None:
+        """Raise _ClaimLost before a step when the heartbeat found the entry another's."""
+        if entry.id in self._lost:
+            raise _ClaimLost(self._lost[entry.id])
 
     async def _failed(self, entry: Entry, exc: Exception) -> Outcome:
         attempt = entry.attempt + 1
@@ -546,21 +624,20 @@ class DeliveryWorker:
             retry_after,
         )
         due = now_ms() + int(delay * 1000) + (1 if retry_after else 0)
-        await self._retry(
-            keys=[self.keys.outbox_stream, self.keys.outbox_retry],
-            args=[self.group, entry.id, due, entry.retry_member(attempt, error)],
-        )
+        await self._settle(self._retry, entry,
+                           [self.keys.outbox_stream, self.keys.outbox_retry],
+                           [due, entry.retry_member(attempt, error)])
         RECORDS.labels("retry").inc()
         log.warning("record %s attempt %d failed (%s): retry in %.2fs",
                     entry.key, attempt, error, delay)
         return "retry"
 
     async def _dead_letter(self, entry: Entry, attempt: int, reason: str, error: str) -> Outcome:
-        await self._dead(
-            keys=[self.keys.outbox_stream, self.keys.outbox_dead,
-                  self.keys.outbox_died(entry.key)],
-            args=[self.group, entry.id, entry.key, entry.record, attempt, entry.enq, reason,
-                  error, now_ms(), int(self.settings.dedupe_ttl_s * 1000)],
+        await self._settle(
+            self._dead, entry,
+            [self.keys.outbox_stream, self.keys.outbox_dead, self.keys.outbox_died(entry.key)],
+            [entry.key, entry.record, attempt, entry.enq, reason, error, now_ms(),
+             int(self.settings.dedupe_ttl_s * 1000)],
         )
         RECORDS.labels("dead").inc()
         log.error("record %s dead-lettered after %d attempt(s): %s (%s)",
@@ -614,8 +691,10 @@ class DeliveryWorker:
     def _spawn(self, entries: list[Entry]) -> None:
         for entry in entries:
             if entry.id in self._inflight:
-                # XAUTOCLAIM handed back an entry this worker is still delivering (slower
-                # than claim_idle_s): a second delivery would send its steps again
+                # XAUTOCLAIM handed back an entry this worker is still delivering (its
+                # heartbeat late, or the entry lost to a worker that stopped since): it
+                # holds it again, and a second delivery would send its steps again
+                self._lost.pop(entry.id, None)
                 continue
             task = asyncio.create_task(self.deliver(entry))
             self._inflight[entry.id] = task
@@ -623,6 +702,36 @@ class DeliveryWorker:
 
     def _delivered(self, entry_id: str, _task: asyncio.Task[Outcome]) -> None:
         del self._inflight[entry_id]
+        self._lost.pop(entry_id, None)
+
+    async def keep_claims(self) -> dict[str, str]:
+        """The heartbeat: claim the entries this worker is delivering again (one script
+        call), so that no other worker's :meth:`claim_stale` takes one however long its
+        delivery lasts. Returns those another worker holds now (with its name; '' when
+        none does), which stop before their next step."""
+        ids = list(self._inflight)
+        if not ids:
+            return {}
+        reply: Any = await self._heartbeat(keys=[self.keys.outbox_stream],
+                                           args=[self.group, self.consumer, *ids])
+        text = [v.decode() if isinstance(v, bytes) else str(v) for v in reply or []]
+        lost = {eid: holder for eid, holder in zip(text[::2], text[1::2], strict=True)
+                if eid in self._inflight}
+        self._lost = lost  # the others are this worker's (again)
+        return lost
+
+    async def _heartbeats(self) -> None:
+        """Run :meth:`keep_claims` every third of ``claim_idle_s`` (while deliveries
+        run), until cancelled; a Redis failure waits for the next beat."""
+        interval = self.settings.claim_idle_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.keep_claims()
+            except (RedisError, OSError) as exc:
+                log.debug("could not renew the claims of this worker's deliveries: %s", exc)
+            except Exception:  # a bug must not end the heartbeat for good: next beat
+                log.exception("renewing the claims of this worker's deliveries failed")
 
     async def _prepare(self) -> None:
         await ensure_group(self.redis, self.keys, self.group)
@@ -657,6 +766,7 @@ class DeliveryWorker:
         stop = stop or asyncio.Event()
         state = {"claimed": 0.0, "depth": 0.0}
         pause = 0.05
+        heartbeat = asyncio.create_task(self._heartbeats(), name="delivery-heartbeat")
         try:
             while not stop.is_set():
                 try:
@@ -671,7 +781,11 @@ class DeliveryWorker:
                     pause = min(pause * 2, 2.0)
                     self._group_ready = False  # re-check the group once Redis answers
         finally:
-            await self._drain_inflight(grace_s)
+            try:
+                await self._drain_inflight(grace_s)
+            finally:
+                heartbeat.cancel()
+                await asyncio.gather(heartbeat, return_exceptions=True)
 
     async def _drain_inflight(self, grace_s: float) -> None:
         if not self._inflight:

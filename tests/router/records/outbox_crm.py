@@ -3,8 +3,9 @@
 :class:`FakeCrm` honours ``Idempotency-Key`` on POST /api/activities, /api/leads and
 /api/tasks (the same key twice creates one object and answers ``duplicate: true``),
 logs every request it receives, and injects faults on demand: HTTP errors (with
-headers, e.g. 429 + Retry-After) for the next N requests, and a stall on chosen keys
-(the object is created, then the answer is held until released).
+headers, e.g. 429 + Retry-After) for the next N requests, a stall on chosen keys
+(the object is created, then the answer is held until released), and a slow answer
+(``delay_s`` after creating, for every request).
 :class:`HttpSink` maps HTTP outcomes to :mod:`router.errors` like a real connector.
 """
 
@@ -57,6 +58,7 @@ class FakeCrm:
     faults: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     kind_faults: dict[str, list[int]] = field(default_factory=dict)
     stall_keys: set[str] = field(default_factory=set)
+    delay_s: float = 0.0
     stalled: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -98,6 +100,8 @@ class FakeCrm:
         duplicate = (kind, key) in self.created
         if not duplicate:
             self.created[(kind, key)] = f"{kind}-{next(self._ids)}"
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if key in self.stall_keys:
             self.stalled.set()
             await self.release.wait()
