@@ -18,7 +18,7 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -60,6 +60,8 @@ from router.settings import Settings
 
 if TYPE_CHECKING:
     from ami.client import AmiClient
+    from router.records.delivery import DeliveryWorker
+    from router.records.outbox import Outbox
     from router.web.assemble import WebParts
 
 log = logging.getLogger(__name__)
@@ -134,31 +136,60 @@ async def run_sync_once(settings: Settings, *, progress: bool) -> SyncReport:
         await link.aclose()
 
 
+class Delivery:
+    """What delivers the outbox's call records: the outbox's Redis client, the outbox (its
+    spool drainer), a connector of its own posting the records (an HTTP pool of its own,
+    so slow posts never queue in front of the call path's lookups) and the delivery
+    worker. :func:`open_delivery` builds it, for ``serve`` and ``callroute deliver``."""
+
+    def __init__(self, redis: Any, outbox: Outbox, worker: DeliveryWorker) -> None:
+        self.redis = redis
+        self.outbox = outbox
+        self.worker = worker
+
+    def runs(self, stop: asyncio.Event) -> list[Coroutine[Any, Any, None]]:
+        """The delivery worker and the spool drainer, each running until ``stop``."""
+        return [self.worker.run(stop), self.outbox.run_drainer(stop)]
+
+
+@asynccontextmanager
+async def open_delivery(settings: Settings, link: CrmLink) -> AsyncIterator[Delivery]:
+    """The outbox's delivery as configured (:class:`Delivery`); its connector and Redis
+    client are closed on the way out, in that order."""
+    from router.records.delivery import DeliveryWorker
+    from router.records.outbox import Outbox, connect_redis
+
+    redis = connect_redis(settings)
+    try:
+        sink = link.connector()
+        try:
+            outbox = Outbox.from_settings(settings, redis)
+            yield Delivery(redis, outbox, DeliveryWorker.from_settings(settings, redis, sink))
+        finally:
+            await sink.aclose()
+    finally:
+        await redis.aclose()
+
 
 async def deliver(settings: Settings, stop: asyncio.Event | None = None) -> int:
     """``callroute deliver``: one delivery worker and the spool drainer alone, posting the
     outbox's call records with the configured connector until ``stop`` (or SIGTERM)."""
-    from router.records.delivery import DeliveryWorker
-    from router.records.outbox import Outbox, connect_redis
-
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    redis = connect_redis(settings)
     link = CrmLink(settings)
-    sink = link.connector()
-    outbox = Outbox.from_settings(settings, redis)
-    worker = DeliveryWorker.from_settings(settings, redis, sink)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.gather(worker.run(stop), outbox.run_drainer(stop))
+        async with open_delivery(settings, link) as delivery:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                await asyncio.gather(*delivery.runs(stop))
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await sink.aclose()
         await link.aclose()
-        await redis.aclose()
     return 0
+
 
 def _explainer(router: Router) -> Callable[[str, str | None, datetime | None],
                                            Awaitable[dict[str, Any]]]:
@@ -411,28 +442,23 @@ async def _start_records(settings: Settings, presence: Presence, stack: AsyncExi
                          links: RecordingLinks | None = None) -> _Background:
     """AMI tracking → outbox → delivery, each stopped in that order on exit.
 
-    Posting uses a connector (HTTP pool) of its own, so slow posts never queue in front
-    of the lookups of the call path.
+    Posting uses a connector (HTTP pool) of its own (:func:`open_delivery`), so slow
+    posts never queue in front of the lookups of the call path.
     """
     from ami.client import AmiClient
     from ami.parking import CallParking
     from ami.tracker import CallTracker
-    from router.records.delivery import DeliveryWorker
-    from router.records.outbox import Outbox, connect_redis
 
     bg = _Background()
     if not settings.outbox.enabled:
         return bg
-    redis = connect_redis(settings)
-    stack.push_async_callback(redis.aclose)
-    bg.redis = redis
-    sink = link.connector()
-    stack.push_async_callback(sink.aclose)
-    outbox = Outbox.from_settings(settings, redis)
-    worker = DeliveryWorker.from_settings(settings, redis, sink)
+    delivery = await stack.enter_async_context(open_delivery(settings, link))
+    redis = bg.redis = delivery.redis
+    outbox = delivery.outbox
     delivery_stop = asyncio.Event()
-    tasks = [asyncio.create_task(worker.run(delivery_stop), name="delivery"),
-             asyncio.create_task(outbox.run_drainer(delivery_stop), name="spool-drainer")]
+    tasks = [asyncio.create_task(run, name=name)
+             for run, name in zip(delivery.runs(delivery_stop), ("delivery", "spool-drainer"),
+                                  strict=True)]
     for task in tasks:
         task.add_done_callback(_report_failure)
 
