@@ -13,7 +13,13 @@
   deliveries; ``positive_ttl_s + stale_max_age_s``), nor are the states of calls in
   progress (rewritten with the current key as the calls go, removed when they end; one
   parked at a stop is read at the next start), and ``status`` shows when the old key can
-  go. The rotation is written to the audit trail.
+  go. The rotation is written to the audit trail. A value it cannot re-encrypt (its key
+  no longer configured, or corrupt) is left as it is and the rotation goes on with the
+  others; they are listed at the end by place and id (stream id, record key, spool file
+  name) with the reason, never their content, and the command exits 3.
+
+Exit statuses: 0 done; 1 no encryption key configured; 2 Redis unavailable; 3 (rotate)
+some values could not be re-encrypted.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import asyncio
 import json
 from collections import Counter
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -30,7 +37,7 @@ from redis.exceptions import RedisError, ResponseError
 from router.audit import AuditEntry, cli_actor, state_hash
 from router.audit import from_settings as audit_from_settings
 from router.crypto import KeyRing, generate_key_line, key_id_of, keyring_from_settings
-from router.errors import CryptoError
+from router.errors import CryptoError, OutboxError
 from router.keys import Keys, keys_from_settings
 from router.log import mask_url
 from router.records.outbox import Outbox, connect_redis, ensure_group
@@ -38,6 +45,18 @@ from router.settings import Settings, config_option
 
 SCAN_CHUNK = 500
 PLAIN = "(plain)"
+#: what ``status`` counts a value under that it cannot read (a retry member not JSON)
+UNREADABLE = "(unreadable)"
+#: ``keys rotate``'s exit status when some values could not be re-encrypted
+EXIT_NOT_REENCRYPTED = 3
+
+ROTATE_EPILOG = """\
+A value that cannot be re-encrypted (encrypted with a key no longer in encryption.keys,
+or corrupt) is left as it is and the others are still rotated; each is listed at the
+end with where it is and its id (stream entry id, record key or spool file name), never
+its content. Exit status: 0: done; 1: no encryption key configured; 2: Redis unavailable;
+3: some values could not be re-encrypted (listed).
+"""
 
 # KEYS: stream, and for the dead letters the record's died marker; ARGV: group ('' for
 # none), id, new record. Re-adds the entry with the new record unless a consumer holds it
@@ -73,6 +92,26 @@ return 1
 """
 
 
+@dataclass(frozen=True)
+class NotReencrypted:
+    """A value ``rotate`` left as it was: where, its id, its record's key and why (the
+    reason names key ids at most: never the value's content)."""
+
+    place: str
+    id: str
+    key: str
+    error: str
+
+
+def _reason(exc: Exception) -> str:
+    """Why a value could not be re-encrypted, without any of its content."""
+    if isinstance(exc, CryptoError | OutboxError):
+        return str(exc)  # key ids, a file name: no plaintext
+    if isinstance(exc, UnicodeError):
+        return "not UTF-8 text"
+    return f"unreadable ({type(exc).__name__})"
+
+
 def _reseal(crypto: KeyRing, value: str, context: str) -> str | None:
     """``value`` under the current key, or None when it already is (or stays plain)."""
     if key_id_of(value) == crypto.current:
@@ -91,9 +130,13 @@ async def _stream(redis: Redis, key: str) -> list[tuple[str, dict[str, str]]]:
         start = "(" + chunk[-1][0]
 
 
-async def rotate(redis: Redis, keys: Keys, group: str, outbox: Outbox) -> dict[str, int]:
+async def rotate(redis: Redis, keys: Keys, group: str, outbox: Outbox,
+                 failed: list[NotReencrypted] | None = None) -> dict[str, int]:
     """Re-encrypt the outbox and the spool with the current key; counts per place
-    (``skipped_in_flight``: entries being delivered now, to be run again later)."""
+    (``skipped_in_flight``: entries being delivered now, to be run again later). A value
+    that cannot be (its key dropped, corrupt) is left as it is and appended to
+    ``failed``; the others are still done."""
+    failed = [] if failed is None else failed
     crypto = outbox.crypto
     if not crypto.enabled:
         raise CryptoError("no encryption key is configured (encryption.keys): nothing to "
@@ -106,7 +149,11 @@ async def rotate(redis: Redis, keys: Keys, group: str, outbox: Outbox) -> dict[s
                               (keys.outbox_dead, "", "dead")):
         for eid, fields in await _stream(redis, stream):
             record_key = fields.get("key", "")
-            new = _reseal(crypto, fields.get("record", ""), record_key)
+            try:
+                new = _reseal(crypto, fields.get("record", ""), record_key)
+            except (CryptoError, ValueError) as exc:
+                failed.append(NotReencrypted(name, eid, record_key, _reason(exc)))
+                continue
             if new is None:
                 continue
             # a dead letter's new id is what its record's died marker must name (the
@@ -120,9 +167,17 @@ async def rotate(redis: Redis, keys: Keys, group: str, outbox: Outbox) -> dict[s
     for member in members:
         try:
             fields = json.loads(member)
-        except ValueError:
+            if not isinstance(fields, dict):
+                raise ValueError("a retry member is not a JSON object")
+        except ValueError as exc:
+            failed.append(NotReencrypted("retry", "(unreadable member)", "", _reason(exc)))
             continue
-        new = _reseal(crypto, fields.get("record", ""), fields.get("key", ""))
+        record_key = str(fields.get("key", ""))
+        try:
+            new = _reseal(crypto, str(fields.get("record", "")), record_key)
+        except (CryptoError, ValueError) as exc:
+            failed.append(NotReencrypted("retry", record_key, record_key, _reason(exc)))
+            continue
         if new is None:
             continue
         fresh = json.dumps({**fields, "record": new}, separators=(",", ":"))
@@ -130,8 +185,11 @@ async def rotate(redis: Redis, keys: Keys, group: str, outbox: Outbox) -> dict[s
             done["retry"] += 1
     spool = outbox.spool
     for path in await asyncio.to_thread(spool.files):
-        if await asyncio.to_thread(spool.rewrite, path):
-            done["spool"] += 1
+        try:
+            if await asyncio.to_thread(spool.rewrite, path):
+                done["spool"] += 1
+        except (CryptoError, OutboxError, ValueError) as exc:
+            failed.append(NotReencrypted("spool", path.name, "", _reason(exc)))
     return dict(done)
 
 
@@ -143,8 +201,7 @@ async def status(redis: Redis, keys: Keys, outbox: Outbox) -> dict[str, dict[str
         places[name] = Counter(key_id_of(f.get("record", "")) or PLAIN
                                for _, f in await _stream(redis, stream))
     members: Any = await redis.zrange(keys.outbox_retry, 0, -1)
-    places["retry"] = Counter(key_id_of(json.loads(m).get("record", "")) or PLAIN
-                              for m in members)
+    places["retry"] = Counter(_retry_key_id(m) for m in members)
     spool = outbox.spool
     spooled: Counter[str] = Counter()
     for path in await asyncio.to_thread(spool.files):
@@ -168,6 +225,18 @@ async def status(redis: Redis, keys: Keys, outbox: Outbox) -> dict[str, dict[str
     return {name: dict(c) for name, c in places.items()}
 
 
+def _retry_key_id(member: str) -> str:
+    """The key id of a retry member's record (PLAIN, or UNREADABLE for a bad member)."""
+    try:
+        fields = json.loads(member)
+        record = fields.get("record", "") if isinstance(fields, dict) else None
+    except ValueError:
+        record = None
+    if not isinstance(record, str):
+        return UNREADABLE
+    return key_id_of(record) or PLAIN
+
+
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``keys generate|status|rotate`` to the ``callroute`` parser."""
     parser = subparsers.add_parser("keys", help="encryption keys at rest")
@@ -178,7 +247,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(security_handler=_generate)
     for name, what in (("status", "which key each stored value uses"),
                        ("rotate", "re-encrypt the outbox and the spool with the current key")):
-        p = sub.add_parser(name, help=what)
+        p = sub.add_parser(name, help=what, description=what,
+                           epilog=ROTATE_EPILOG if name == "rotate" else None)
         config_option(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(security_handler=_run(name))
@@ -192,6 +262,7 @@ def _generate(_settings: Settings, args: argparse.Namespace) -> int:
 def _run(name: str) -> Any:
     def handler(settings: Settings, args: argparse.Namespace) -> int:
         async def main() -> int:
+            failed: list[NotReencrypted] = []
             redis = connect_redis(settings)
             outbox = Outbox.from_settings(settings, redis)
             keys = keys_from_settings(settings)
@@ -201,7 +272,7 @@ def _run(name: str) -> Any:
                     ring = keyring_from_settings(settings)
                     data = {"current": ring.current, "configured": ring.key_ids, **data}
                 else:
-                    data = await rotate(redis, keys, settings.outbox.group, outbox)
+                    data = await rotate(redis, keys, settings.outbox.group, outbox, failed)
                     who, role, source = cli_actor()
                     audit = audit_from_settings(settings, redis)
                     await audit.write(AuditEntry(
@@ -218,6 +289,8 @@ def _run(name: str) -> Any:
             finally:
                 await redis.aclose()
             if args.json:
+                if failed:  # what rotate left as it was, beside its counts
+                    data = {**data, "not_reencrypted": [asdict(f) for f in failed]}
                 print(json.dumps(data, indent=2))
             elif name == "status":
                 print(f"current key: {data.pop('current') or '(none: encryption is off)'}")
@@ -228,7 +301,12 @@ def _run(name: str) -> Any:
             else:
                 print("re-encrypted: " + (", ".join(f"{k} {v}" for k, v in sorted(data.items()))
                                           or "nothing (all under the current key)"))
-            return 0
+                if failed:
+                    print(f"could not re-encrypt {len(failed)} value(s), left as they are:")
+                    for f in failed:
+                        record = f" (record {f.key})" if f.key and f.key != f.id else ""
+                        print(f"  {f.place} {f.id}{record}: {f.error}")
+            return EXIT_NOT_REENCRYPTED if failed else 0
 
         return asyncio.run(main())
 
