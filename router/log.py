@@ -15,7 +15,9 @@ Masking works at two depths, on by default:
    :func:`mask_number` (``+8613800138000`` -> ``+86138****8000``), :func:`mask_name`
    (``Li Lei`` -> ``L.L.``), :func:`mask_url` (credentials and secret query
    parameters -> ``***``), :func:`mask_record` (a call record or customer: the known
-   fields of numbers, names and URLs).
+   fields of numbers, names and URLs); :func:`mask_stored` for error text kept in
+   Redis (a dead letter's): a record's own numbers and names wherever they appear;
+   within :func:`bind_personal` (a record being delivered) every log line masks them too.
 2. Every log record, whoever logs it (aiohttp, redis, a traceback), is masked when it
    is created (a log record factory, so every handler gets the masked text):
    :func:`mask_text` replaces phone-shaped digit runs (``+`` or ``%2B`` and 7-15
@@ -163,6 +165,10 @@ def mask_name(value: str | None) -> str:
         return value or ""
     if _show_personal_data:
         return value
+    return _initials(value)
+
+
+def _initials(value: str) -> str:
     parts = []
     for word in _WORD.findall(value):
         if _CJK.match(word):
@@ -199,6 +205,110 @@ def mask_text(text: str) -> str:
     if _show_personal_data or _SEVEN_DIGITS.search(text) is None:
         return text
     return _PHONE.sub(_phone_sub, text)
+
+
+#: A number as written in free text: digits with separators between them.
+_WRITTEN_NUMBER = re.compile(r"\d[\d\s().\-/]*\d")
+#: A number's digits without separators.
+_DIGIT_RUN = re.compile(r"\d{7,}")
+#: How many last digits of a record's number identify it in a text (its national form).
+_MIN_TAIL = 7
+
+
+class KnownValues:
+    """Masks one record's own numbers and names wherever they appear in a text: a
+    number in any spelling (E.164, national, spaced, bracketed: digits ending with the
+    same 7 digits as the record's), a name in any case (as a whole word, but for CJK
+    written without spaces). For what a CRM echoes back of what it was sent. Free to
+    make: the record is read, and its names' pattern compiled, on first use."""
+
+    def __init__(self, record: Mapping[str, Any]) -> None:
+        self._record: Mapping[str, Any] | None = record
+        self._tails: set[str] = set()
+        self._names: list[str] = []
+        self._pattern: re.Pattern[str] | None = None
+
+    def __call__(self, text: str) -> str:
+        """``text`` with the record's numbers and names masked."""
+        if self._record is not None:
+            numbers, names = _personal_values(self._record)
+            self._record = None
+            self._tails = {"".join(c for c in n if c.isdigit())[-_MIN_TAIL:]
+                           for n in numbers}
+            self._names = sorted(names, key=len, reverse=True)
+        if self._tails:
+            text = _WRITTEN_NUMBER.sub(self._number, text)
+            text = _DIGIT_RUN.sub(self._number, text)  # one ending a longer written run
+        if self._names:
+            if self._pattern is None:
+                words = []
+                for name in self._names:
+                    before = "" if _CJK.match(name[0]) else r"(?<!\w)"
+                    after = "" if _CJK.match(name[-1]) else r"(?!\w)"
+                    words.append(before + re.escape(name) + after)
+                self._pattern = re.compile("|".join(words), re.IGNORECASE)
+            text = self._pattern.sub(lambda m: _initials(m.group(0)), text)
+        return text
+
+    def _number(self, match: re.Match[str]) -> str:
+        written = match.group(0)
+        digits = "".join(c for c in written if c.isdigit())
+        if len(digits) >= _MIN_TAIL and digits[-_MIN_TAIL:] in self._tails:
+            return _mask_typed(written)
+        return written
+
+
+#: The record whose own numbers and names every log line masks too (bind_personal).
+_known: ContextVar[KnownValues | None] = ContextVar("known_values", default=None)
+
+
+@contextlib.contextmanager
+def bind_personal(record: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block, every log line also masks ``record``'s own numbers and names
+    (:class:`KnownValues`), whoever logs it: a CRM connector logging an error body that
+    echoes the caller back, say, while the record is delivered."""
+    token = _known.set(KnownValues(record))
+    try:
+        yield
+    finally:
+        _known.reset(token)
+
+
+def mask_stored(text: str, record: Mapping[str, Any] | None = None) -> str:
+    """Text kept in Redis that others read later (a dead letter's or a retry's last
+    error, as ``outbox list`` shows it): ``record``'s own numbers and names masked
+    wherever they appear in it (:class:`KnownValues`), then every other phone-shaped
+    number and URL credentials, as in log lines. Always masked: ``log_personal_data``
+    is about logs, not stored data."""
+    if record is not None:
+        text = KnownValues(record)(text)
+    return _PHONE.sub(_phone_sub, mask_url(text))
+
+
+def _personal_values(data: Any, key: str = "") -> tuple[set[str], set[str]]:
+    """The numbers and names among the known fields of a record (nested ones too)."""
+    numbers: set[str] = set()
+    names: set[str] = set()
+    if isinstance(data, Mapping):
+        for k, v in data.items():
+            more_numbers, more_names = _personal_values(v, str(k).lower())
+            numbers |= more_numbers
+            names |= more_names
+    elif isinstance(data, list | tuple):
+        for v in data:
+            more_numbers, more_names = _personal_values(v, key)
+            numbers |= more_numbers
+            names |= more_names
+    elif isinstance(data, str):
+        quoted = _CALLERID.search(data)  # "Li Lei" <13800138000>
+        if quoted is not None and quoted.group(1).strip():
+            names.add(quoted.group(1).strip())
+            numbers.add(data[quoted.end():])
+        elif key in NAME_FIELDS and len(data.strip()) >= 2:
+            names.add(data.strip())
+        elif key in NUMBER_FIELDS:
+            numbers.add(data)
+    return ({n for n in numbers if sum(c.isdigit() for c in n) >= _MIN_TAIL}, names)
 
 
 def _phone_sub(match: re.Match[str]) -> str:
@@ -242,10 +352,15 @@ def _masking_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
     except Exception:
         return record  # logging reports the bad format string itself, unmasked args aside
     masked = mask_text(message)
+    known = _known.get()
+    if known is not None:
+        masked = known(masked)
     if masked is not message:
         record.msg, record.args = masked, None
     if record.exc_info and record.exc_info[0] is not None:
         record.exc_text = mask_text(_formatter.formatException(record.exc_info))
+        if known is not None:
+            record.exc_text = known(record.exc_text)
     if record.stack_info:
         record.stack_info = mask_text(record.stack_info)
     return record

@@ -43,8 +43,9 @@ script, safe to run from several instances), so attempts survive restarts and a
 waiting record never blocks the others. Non-retryable errors, and retryable ones
 after ``max_attempts``, go to the ``outbox:dead`` stream with the reason (``rejected``,
 ``max_attempts``, ``unconfirmed``, ...), the attempt count and the last error (with what
-the CRM said, masked); ``outbox:died:<key>`` names the dead letter (for the record's
-updates). Entries of a crashed worker are reclaimed with XAUTOCLAIM
+the CRM said; phone numbers, and the record's numbers and names wherever the CRM echoed
+them, masked: :func:`router.log.mask_stored`); ``outbox:died:<key>`` names the dead
+letter (for the record's updates). Entries of a crashed worker are reclaimed with XAUTOCLAIM
 after ``claim_idle_s``. A delivery that lasts longer (a slow CRM, several steps with
 their retries, a rate-limit wait) keeps its claim: every third of ``claim_idle_s`` its
 worker claims its in-flight entries again (one XCLAIM ... JUSTID script per worker,
@@ -90,7 +91,7 @@ from router.crm.base import (
 from router.crypto import KeyRing, keyring_from_settings
 from router.errors import CrmError, CrmRateLimited, CrmUnconfirmed, CryptoError
 from router.keys import Keys, keys_from_settings
-from router.log import bind_call
+from router.log import bind_call, bind_personal, mask_stored
 from router.metrics import LEDGER_STEPS, OUTBOX_DEPTH, RECORDS
 from router.records.ledger import Ledger, LedgerState, StepEntry
 from router.records.outbox import ensure_group, now_ms
@@ -405,8 +406,15 @@ class DeliveryWorker:
             return await self._dead_letter(entry, entry.attempt, "undecryptable", str(exc))
         except ValueError as exc:
             return await self._dead_letter(entry, entry.attempt, "bad_entry", str(exc))
-        if update_of(record) is not None:
-            return await self._deliver_update(entry, record)
+        # whatever is logged meanwhile (a connector logging the CRM's error body that
+        # echoes the caller back) masks the record's numbers and names
+        with bind_personal(record):
+            if update_of(record) is not None:
+                return await self._deliver_update(entry, record)
+            return await self._deliver_steps(entry, record)
+
+    async def _deliver_steps(self, entry: Entry, record: Mapping[str, Any]) -> Outcome:
+        """A call record: each step it wants that its ledger does not hold, in order."""
         wanted = plan(record, self.settings)
         steps = self.steps.step_names()
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -433,10 +441,10 @@ class DeliveryWorker:
         except _ClaimLost:
             raise
         except CrmError as exc:
-            return await self._failed(entry, exc)
+            return await self._failed(entry, exc, record)
         except Exception as exc:  # a connector bug must not lose the record: retried
             log.exception("unexpected error delivering %s", entry.key)
-            return await self._failed(entry, exc)
+            return await self._failed(entry, exc, record)
         await self._finish(entry, duplicate=False)
         return "delivered"
 
@@ -480,10 +488,10 @@ class DeliveryWorker:
         except _ClaimLost:
             raise
         except CrmError as exc:
-            return await self._failed(entry, exc)
+            return await self._failed(entry, exc, record)
         except Exception as exc:  # a connector bug must not lose the update: retried
             log.exception("unexpected error delivering %s", entry.key)
-            return await self._failed(entry, exc)
+            return await self._failed(entry, exc, record)
         await self.ledger.done(entry.key, MARKER_STEP,
                                StepEntry(result, entry.key, now_ms(), "created"))
         await self._finish(entry, duplicate=False)
@@ -605,10 +613,12 @@ class DeliveryWorker:
         if entry.id in self._lost:
             raise _ClaimLost(self._lost[entry.id])
 
-    async def _failed(self, entry: Entry, exc: Exception) -> Outcome:
+    async def _failed(self, entry: Entry, exc: Exception, record: Mapping[str, Any]) -> Outcome:
         attempt = entry.attempt + 1
         kind = exc.kind if isinstance(exc, CrmError) else "internal"
-        error = f"{kind}: {exc}"[:MAX_ERROR_CHARS]
+        # kept in the retry set and the dead letters, shown by outbox list and the admin
+        # API: the record's numbers and names masked even where the CRM echoed them
+        error = mask_stored(f"{kind}: {exc}", record)[:MAX_ERROR_CHARS]
         retryable = exc.retryable if isinstance(exc, CrmError) else True
         if isinstance(exc, CrmUnconfirmed):
             return await self._dead_letter(entry, attempt, "unconfirmed", error)
@@ -633,6 +643,7 @@ class DeliveryWorker:
         return "retry"
 
     async def _dead_letter(self, entry: Entry, attempt: int, reason: str, error: str) -> Outcome:
+        error = mask_stored(error)
         await self._settle(
             self._dead, entry,
             [self.keys.outbox_stream, self.keys.outbox_dead, self.keys.outbox_died(entry.key)],

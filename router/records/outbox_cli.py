@@ -39,7 +39,7 @@ from router.audit import AuditEntry, cli_actor, state_hash
 from router.audit import from_settings as audit_from_settings
 from router.errors import ConfigError
 from router.keys import Keys, keys_from_settings
-from router.log import mask_url
+from router.log import mask_stored, mask_url
 from router.records.ledger import LedgerState
 from router.records.outbox import Outbox, connect_redis, now_ms
 from router.records.spool import Spool
@@ -144,7 +144,9 @@ def _row(eid: str, f: dict[str, Any], state: str, now: int, **extra: Any) -> dic
     except (TypeError, ValueError):
         enq, attempts = 0, 0
     row = {"key": f.get("key", ""), "state": state, "id": eid or None,
-           "age_s": _age_s(enq, now), "attempts": attempts, "last_error": f.get("error") or None}
+           "age_s": _age_s(enq, now), "attempts": attempts,
+           # stored masked; an entry stored before that had its numbers in clear
+           "last_error": mask_stored(str(f.get("error") or "")) or None}
     row.update(extra)
     return row
 

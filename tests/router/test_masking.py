@@ -156,3 +156,44 @@ def test_the_suite_wide_tap_flags_an_unmasked_line(show_personal_data: None) -> 
         logger.removeHandler(tap)
     assert len(tap.leaks()) == 1
     assert "+8613800138000" in tap.leaks()[0]
+
+
+RECORD = {"caller": "+14155550100", "caller_name": "Li Lei",
+          "cdrs": [{"clid": '"Han Meimei" <13900139000>'}]}
+
+
+@pytest.mark.parametrize(("text", "masked"), [
+    ("exists for LI LEI", "exists for L.L."),
+    ("phone (415) 555-0100, 4155550100 or +1 415 555 0100",
+     "phone (41*) ***-0100, 41****0100 or +1 41* *** 0100"),
+    ("Han Meimei 139 0013 9000", "H.M. 139 **** 9000"),
+    ("Limit for li; Lei Li", "Limit for li; Lei Li"),
+    ("KeyError('+8613800138000') at http://u:p@crm/x?token=abc",
+     "KeyError('+86138****8000') at http://***@crm/x?token=***"),
+])
+def test_stored_error_text_masks_the_record_s_own_numbers_and_names(
+    text: str, masked: str, show_personal_data: None
+) -> None:
+    """mask_stored masks a record's numbers in any spelling (national, spaced,
+    bracketed), its names (callerid names too) in any case as whole names, and any other
+    phone-shaped number, even with the logs' debugging switch on (stored, not logged)."""
+    assert log.mask_stored(text, RECORD) == masked
+
+
+def test_log_lines_within_bind_personal_mask_the_record_s_values(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """Within bind_personal, every log line masks the record's name and numbers (an
+    error body echoing them), a traceback's too; outside, names are left alone."""
+    caplog.set_level(logging.INFO)
+    logger = logging.getLogger("tests.masking")
+    with log.bind_personal(RECORD):
+        logger.warning("CRM said: %s", "415 555 0100 exists for Li Lei")
+        try:
+            raise ValueError("li lei")
+        except ValueError:
+            logger.exception("failed")
+    logger.warning("outside: %s", "Lei")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["CRM said: 41* *** 0100 exists for L.L.", "failed", "outside: Lei"]
+    assert "ValueError: l.l." in caplog.text
