@@ -166,7 +166,13 @@ class Wrapup:
         if not (given or online):
             token = await self._claim(key, wait=True)  # not while a release of it runs
             try:
-                return await self._send(data)
+                # one given since the look above was answered "saved" (under this lock,
+                # which any other send of the record takes too): the record takes it
+                merged = await self._given(key, data)
+                result = await self._send(data)
+                if merged is not None:
+                    await self._unclaim_given(given_key, merged)
+                return result
             finally:
                 if token is not None:
                     await self._unclaim(key, token)
@@ -175,9 +181,9 @@ class Wrapup:
             await self._awaits(data)
             given = await self.redis.exists(given_key)  # given while we were holding it
         if given:
-            result = await self._release_held(key, wait=True)
-            if result is not None:
-                return result
+            released = await self._release_held(key, wait=True)
+            if released is not None:
+                return released
         return "held"
 
     async def _given(self, key: str, data: dict[str, Any]) -> str | None:

@@ -399,3 +399,44 @@ async def test_a_late_disposition_outliving_the_outbox_dedupe_is_still_an_update
     assert await wrap.dispose("call:6.2", "7001", "sale", "") == "updated"
     assert [r["record_key"] for r in outbox.sent] == ["call:6.2", "call:6.2:disposition"]
     assert await redis.exists(KEYS.web_disposition("call:6.2", "7001")) == 0
+
+
+class _ClaimsAfter(Wrapup):
+    """A Wrapup whose next release-lock claim first lets ``before`` run: what another
+    instance does between this one's look at Redis and its claim of the call."""
+
+    before: Any = None
+
+    async def _claim(self, key: str, *, wait: bool) -> str | None:
+        before, self.before = self.before, None
+        if before is not None:
+            await before()
+        return await super()._claim(key, wait=wait)
+
+
+@pytest.mark.parametrize("late_s", [0.0, 3600.0])
+async def test_a_disposition_saved_as_the_record_comes_with_no_page_open_goes_with_it(
+    redis: aioredis.Redis, redis_url: str, late_s: float,
+) -> None:
+    """The agent's page is not open as the record comes (it was just closed), so the
+    record goes at once; the agent's disposition is saved on another instance between
+    this one's look for a disposition (none yet) and its send. It was answered "saved",
+    so the record takes it: it goes once, with it, and nothing is left behind."""
+    outbox = Outbox(redis)
+    other = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    here = _ClaimsAfter(redis, KEYS, outbox.enqueue, 60, late_s=late_s)
+    there = Wrapup(other, KEYS, outbox.enqueue, 60, late_s=late_s)
+    told: list[str] = []
+
+    async def agent_saves() -> None:
+        told.append(await there.dispose("call:7.1", "7001", "sale", "note", rung=True))
+
+    here.before = agent_saves
+    try:
+        assert await here.put(record("7.1")) == "enqueued"
+    finally:
+        await other.aclose()
+    assert told == ["saved"]
+    assert [(r["record_key"], r.get("disposition"), r.get("disposition_note"))
+            for r in outbox.sent] == [("call:7.1", "sale", "note")]
+    assert await redis.keys("t:web:*") == []
