@@ -251,11 +251,22 @@ class KnownValues:
         return text
 
     def _number(self, match: re.Match[str]) -> str:
+        """A written run of digits with the record's numbers in it masked: each part of
+        it that ends (at the end of a group of digits) with one's last digits, so one
+        followed by another number ('415 555 0100 2 matches') is masked too."""
         written = match.group(0)
-        digits = "".join(c for c in written if c.isdigit())
-        if len(digits) >= _MIN_TAIL and digits[-_MIN_TAIL:] in self._tails:
-            return _mask_typed(written)
-        return written
+        out: list[str] = []
+        start, digits = 0, ""
+        for i, c in enumerate(written):
+            if not c.isdigit():
+                continue
+            digits += c
+            ends_group = i + 1 == len(written) or not written[i + 1].isdigit()
+            if ends_group and len(digits) >= _MIN_TAIL and digits[-_MIN_TAIL:] in self._tails:
+                out.append(_mask_typed(written[start:i + 1]))
+                start, digits = i + 1, ""
+        out.append(written[start:])
+        return "".join(out)
 
 
 #: The record whose own numbers and names every log line masks too (bind_personal).

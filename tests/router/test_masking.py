@@ -170,6 +170,11 @@ RECORD = {"caller": "+14155550100", "caller_name": "Li Lei",
     ("Limit for li; Lei Li", "Limit for li; Lei Li"),
     ("KeyError('+8613800138000') at http://u:p@crm/x?token=abc",
      "KeyError('+86138****8000') at http://***@crm/x?token=***"),
+    # written with separators and followed by another number: the record's is masked
+    # all the same, the other left as it is
+    ("phone 415 555 0100 2 matches", "phone 41* *** 0100 2 matches"),
+    ("+1 415-555-0100 / 12 / 2026-12-01 139-0013-9000-7",
+     "+1 41*-***-0100 / 12 / 2026-12-01 139-****-9000-7"),
 ])
 def test_stored_error_text_masks_the_record_s_own_numbers_and_names(
     text: str, masked: str, show_personal_data: None
