@@ -177,8 +177,9 @@ class LookupStep(RequestSpec):
     (``max_candidates`` at a time, in parallel), with that record as ``item``
     (``/contacts/{item.id}``) and every earlier step's record of the same candidate as
     ``steps.<name>``. A candidate a later step drops (no record, not the caller's
-    numbers, its request failed, its record does not fit the field map) is replaced by
-    the next record of the search.
+    numbers, its request refused for good, its record does not fit the field map) is
+    replaced by the next record of the search; a request of its that may succeed later
+    (timeout, 5xx, rate limit) fails the lookup.
 
     ``results``: dotted path to the records in the answer (a list, or one object); default
     ``results`` for the first step and the whole answer for later ones. A status in

@@ -4,8 +4,9 @@ For a caller, the lookups are tried in order and the first that keeps a record w
 (exact E.164 search, then last digits, then leads...). Within a lookup, the first step
 searches; the later steps run for each record kept so far (``max_candidates`` at a
 time, in parallel), e.g. to fetch the whole record by the id the search returned. A
-candidate that does not fit (no record, not the caller's numbers, its own request
-failed) is skipped and the next one tried. A step with
+candidate that does not fit (no record, not the caller's numbers, the CRM refused its
+own request for good) is skipped and the next one tried; one whose request failed in a
+way that may pass (timeout, 5xx, rate limit) fails the lookup. A step with
 ``numbers`` keeps only the records whose stored numbers normalise to the caller's
 (:func:`router.crm.numbers.stored_matches`). The records left are mapped to customers
 (the lookup's ``kind`` on each); the connector picks one by the lookup's ``multiple``.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from router.crm.compiled import LookupPlan, LookupStepPlan, Plan
@@ -61,11 +62,14 @@ class LookupRunner:
 
         With later steps, the candidates are followed ``max_candidates`` at a time; one
         that does not fit (a later step finds no record for it, its numbers are not the
-        caller's, a request of its own fails, its record does not fit the field map) is
-        skipped and the next one followed instead, until ``max_candidates`` are kept or
-        :data:`TRIED_PER_KEPT` x ``max_candidates`` were tried. When none is kept and
-        one failed, the lookup fails with that error (never "unknown caller" because a
-        request failed).
+        caller's, the CRM refuses its request for good, its record does not fit the
+        field map) is skipped and the next one followed instead, until
+        ``max_candidates`` are kept or :data:`TRIED_PER_KEPT` x ``max_candidates`` were
+        tried. A failure that may pass (no answer in time, 5xx, a rate limit: the
+        error's ``retryable``) of a candidate before the last one kept fails the lookup:
+        that candidate may be the caller's (or rank first), and the others would be
+        answered and cached in its place. When none is kept and one failed, the lookup
+        fails with that error (never "unknown caller" because a request failed).
         """
         base: dict[str, Any] = {**self.plan.base, **number_context(number, lookup.names),
                                 "item": None, "steps": {}}
@@ -79,9 +83,9 @@ class LookupRunner:
         if len(lookup.steps) > 1:
             customers = await self._follow_all(lookup, chains, base, region, failed)
         else:
-            mapped = [await self._mapped(lookup, chain, base, i, failed)
-                      for i, chain in enumerate(chains)]
-            customers = [c for c in mapped if c is not None]
+            outcomes = [await self._mapped(lookup, chain, base, i)
+                        for i, chain in enumerate(chains)]
+            customers = _keep(outcomes, len(outcomes), failed)
         if failed:
             if not customers:
                 raise failed[0]
@@ -92,9 +96,10 @@ class LookupRunner:
     async def _follow_all(self, lookup: LookupPlan, chains: list[Chain],
                           base: Mapping[str, Any], region: str, failed: list[CrmError]
                           ) -> list[Customer]:
-        """The customers of the candidates every later step keeps, followed
-        ``max_candidates`` at a time (in parallel), each one dropped replaced by the
-        next; failures go to ``failed``."""
+        """The customers of the first ``max_candidates`` candidates every later step
+        keeps, followed a full batch of ``max_candidates`` at a time (in parallel: at
+        most :data:`TRIED_PER_KEPT` rounds, however many are dropped; candidates past
+        the last one kept are ignored); failures skipped go to ``failed``."""
         limit = lookup.max_candidates
         pending = list(enumerate(chains[:limit * TRIED_PER_KEPT]))
         if len(chains) > limit:
@@ -102,18 +107,16 @@ class LookupRunner:
                      "(at most %d)", lookup.name, len(chains), limit, len(pending))
         kept: list[Customer] = []
         while pending and len(kept) < limit:
-            room = limit - len(kept)
-            batch, pending = pending[:room], pending[room:]
+            batch, pending = pending[:limit], pending[limit:]
             outcomes = await asyncio.gather(
-                *(self._follow(lookup, base, chain, region, index, failed)
-                  for index, chain in batch))
-            kept += [c for c in outcomes if c is not None]
+                *(self._follow(lookup, base, chain, region, index) for index, chain in batch))
+            kept += _keep(outcomes, limit - len(kept), failed)
         return kept
 
     async def _follow(self, lookup: LookupPlan, base: Mapping[str, Any], chain: Chain,
-                      region: str, index: int, failed: list[CrmError]) -> Customer | None:
+                      region: str, index: int) -> Customer | CrmError | None:
         """One candidate through the later steps, mapped; None when a step finds no
-        record for it, keeps none of its numbers, or fails (the error into ``failed``)."""
+        record for it or keeps none of its numbers; the error when one failed."""
         try:
             for step in lookup.steps[1:]:
                 record = await self._one(lookup, step, base, chain)
@@ -123,19 +126,17 @@ class LookupRunner:
                 if not self._matching(lookup, step, [chain], base, region):
                     return None
         except CrmError as exc:
-            failed.append(exc)
-            return None
-        return await self._mapped(lookup, chain, base, index, failed)
+            return exc
+        return await self._mapped(lookup, chain, base, index)
 
     async def _mapped(self, lookup: LookupPlan, chain: Chain, base: Mapping[str, Any],
-                      index: int, failed: list[CrmError]) -> Customer | None:
-        """The candidate's customer; None when its record does not fit the field map
-        (the error into ``failed``)."""
+                      index: int) -> Customer | CrmError:
+        """The candidate's customer, or the error when its record does not fit the field
+        map (or a reference it reads failed)."""
         try:
             return await self._customer(lookup, chain, base, index)
         except CrmError as exc:
-            failed.append(exc)
-            return None
+            return exc
 
     # --- a record by its id (webhooks) -------------------------------------------------
 
@@ -222,6 +223,24 @@ class LookupRunner:
             CRM_ERRORS.labels("lookup", exc.kind).inc()
             raise CrmMappingError(
                 f"crm.lookups ({lookup.name}).fields (record {index}): {exc}") from exc
+
+
+def _keep(outcomes: Sequence[Customer | CrmError | None], room: int,
+          failed: list[CrmError]) -> list[Customer]:
+    """The customers of ``outcomes`` (candidates in the CRM's order), at most ``room``;
+    the failures before the last one kept go to ``failed``, or, when one may pass
+    (``retryable``), are raised: the candidate it hid may be the caller's."""
+    kept: list[Customer] = []
+    for outcome in outcomes:
+        if len(kept) >= room:
+            break
+        if isinstance(outcome, CrmError):
+            if outcome.retryable:
+                raise outcome
+            failed.append(outcome)
+        elif outcome is not None:
+            kept.append(outcome)
+    return kept
 
 
 def _nested(path: str, value: str) -> dict[str, Any]:

@@ -5,19 +5,21 @@ against scripted servers and the sample CRM on loopback."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 
 from router.crm.base import StepResult
 from router.crm.config import CrmSettings
 from router.crm.numbers import forms, stored_e164, stored_matches
 from router.crm.rest import RestConnector
-from router.errors import CrmClientError, CrmError, CrmMappingError, CrmServerError
+from router.errors import CrmClientError, CrmError, CrmMappingError
 from router.phone import normalize
-from tests.crm_server import running_crm, scripted_server
+from tests.crm_server import running_crm, scripted_server, serving
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
@@ -122,7 +124,8 @@ async def test_later_steps_run_for_at_most_max_candidates_in_parallel() -> None:
 
 async def test_a_candidate_that_does_not_fit_is_skipped_and_the_next_one_tried() -> None:
     """A broad search with six hits, two candidates at a time: the first one's fetch
-    fails (500), the second has no record (404), the third's record holds another
+    is refused (403: that record is not readable), the second has no record (404), the
+    third's record holds another
     number, the fourth's does not fit the field map (no id); each is skipped and the
     next one fetched instead, so the fifth and sixth are the customers (not a failed
     lookup, not a record that is not the caller's), and nothing more is fetched."""
@@ -131,7 +134,7 @@ async def test_a_candidate_that_does_not_fit_is_skipped_and_the_next_one_tried()
             return 200, [{"id": str(i)} for i in range(1, 8)], {}
         rid = req["path"].rsplit("/", 1)[1]
         if rid == "1":
-            return 500, {"error": "boom"}, {}
+            return 403, {"error": "forbidden"}, {}
         if rid == "2":
             return 404, {"error": "gone"}, {}
         phone = "+8613900139000" if rid == "3" else "+8613800138000"
@@ -154,24 +157,102 @@ async def test_a_candidate_that_does_not_fit_is_skipped_and_the_next_one_tried()
 
 
 async def test_a_lookup_whose_every_candidate_failed_fails() -> None:
-    """When no candidate is kept and one of them failed (the CRM answers 500 to every
-    fetch), the lookup fails with that error: "unknown caller" would be cached for a
+    """When no candidate is kept and one of them failed (the CRM refuses every fetch:
+    403), the lookup fails with that error: "unknown caller" would be cached for a
     caller the CRM knows. The candidates tried are bounded (4 x max_candidates)."""
     def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
         if req["path"] == "/search":
             return 200, [{"id": str(i)} for i in range(50)], {}
-        return 500, {"error": "boom"}, {}
+        return 403, {"error": "forbidden"}, {}
 
     async with scripted_server(reply) as server:
         conn = RestConnector(settings(server.url, lookups=[{
             "max_candidates": 2,
             "steps": [{"url": "/search", "results": ""}, {"url": "/r/{item.id}"}]}]))
         try:
-            with pytest.raises(CrmServerError):
+            with pytest.raises(CrmClientError):
                 await conn.find_all(caller("13800138000"))
         finally:
             await conn.aclose()
     assert len(server.seen) == 1 + 8
+
+
+@pytest.mark.parametrize("failure", ["500", "timeout", "ref"])
+async def test_a_transient_failure_of_one_candidate_fails_the_lookup(failure: str) -> None:
+    """Two records have the caller's number: the VIP's fetch fails for a while (500, no
+    answer in time, or its owner's reference read answers 500), the other's works. The
+    lookup fails (nothing cached, retried by the next call) instead of answering the
+    other, standard, record as the caller: a failure that may pass must not choose the
+    customer."""
+    async def fetch(request: web.Request) -> web.Response:
+        rid = request.match_info["rid"]
+        if rid == "vip" and failure == "500":
+            return web.json_response({"error": "boom"}, status=500)
+        if rid == "vip" and failure == "timeout":
+            await asyncio.sleep(2)
+        return web.json_response({"id": rid, "phone": "+8613800138000", "owner": rid,
+                                  "tier": "vip" if rid == "vip" else "standard"})
+
+    async def search(_: web.Request) -> web.Response:
+        return web.json_response([{"id": "vip"}, {"id": "std"}])
+
+    async def owner(request: web.Request) -> web.Response:
+        if request.match_info["oid"] == "vip" and failure == "ref":
+            return web.json_response({"error": "boom"}, status=500)
+        return web.json_response({"name": "Owner " + request.match_info["oid"]})
+
+    app = web.Application()
+    app.router.add_get("/search", search)
+    app.router.add_get("/r/{rid}", fetch)
+    app.router.add_get("/owners/{oid}", owner)
+    fields = {"id": "id", "tier": "tier"}
+    if failure == "ref":
+        fields["owner"] = "{record.owner | ref('owners')}"
+    async with serving(app) as url:
+        conn = RestConnector(settings(
+            url, timeout_s=0.5,
+            refs={"owners": {"url": "/owners/{key}", "value": "name"}},
+            lookups=[{"steps": [{"url": "/search", "results": ""},
+                                {"url": "/r/{item.id}", "numbers": ["phone"]}],
+                      "fields": fields}]))
+        try:
+            with pytest.raises(CrmError) as failed:
+                await conn.find_by_number(caller("13800138000"))
+        finally:
+            await conn.aclose()
+    assert failed.value.retryable
+
+
+async def test_candidates_are_followed_in_a_bounded_number_of_rounds() -> None:
+    """Twenty hits, five at a time, the first four the caller's and the others not: the
+    later candidates are fetched a full batch at a time (at most four rounds of one
+    fetch's latency, not one round per place left: sixteen), and the customers are
+    still the first five that fit, in the CRM's order."""
+    async def fetch(request: web.Request) -> web.Response:
+        rid = int(request.match_info["rid"])
+        await asyncio.sleep(0.25)
+        phone = "+8613800138000" if rid < 4 or rid == 17 else "+8613900139000"
+        return web.json_response({"id": str(rid), "phone": phone})
+
+    async def search(_: web.Request) -> web.Response:
+        return web.json_response([{"id": str(i)} for i in range(20)])
+
+    app = web.Application()
+    app.router.add_get("/search", search)
+    app.router.add_get("/r/{rid}", fetch)
+    async with serving(app) as url:
+        conn = RestConnector(settings(url, lookups=[{
+            "max_candidates": 5, "multiple": "first",
+            "steps": [{"url": "/search", "results": ""},
+                      {"url": "/r/{item.id}", "numbers": ["phone"]}]}]))
+        try:
+            started = time.monotonic()
+            found = await conn.find_all(caller("13800138000"))
+            elapsed = time.monotonic() - started
+        finally:
+            await conn.aclose()
+    assert [c.id for c in found] == ["0", "1", "2", "3", "17"]
+    assert elapsed < 2.5, f"{elapsed:.2f} s: one round per place left"
 
 
 async def test_ordered_lookups_stop_at_the_first_that_keeps_a_record() -> None:
