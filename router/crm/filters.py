@@ -60,14 +60,71 @@ def _check_format(fmt: str) -> None:
                                     f"(at most {MAX_FORMAT_WIDTH})")
 
 
+def text_size(value: Any, cap: int = 16 * MAX_TEXT) -> int:
+    """About how many characters ``value`` makes as text (lists and objects as JSON), a
+    value held in several places counted in each; the count stops soon after ``cap``
+    (the work is bounded by ``cap``, not by the value: ``[x] * n`` holds x n times)."""
+    total = 0
+    stack = [value]
+    while stack and total <= cap:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item) + 2
+        elif isinstance(item, list | tuple):
+            total += 2 + len(item)
+            stack.extend(item)
+        elif isinstance(item, dict):
+            total += 2 + 2 * len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif _is_int(item):
+            total += item.bit_length() // 3 + 2
+        else:
+            total += 24  # a float, true, none, a date
+    return total
+
+
+_FORMAT_ARG = re.compile(
+    r"%(?:\(([^)]*)\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d*))?[hlL]?(.?)", re.DOTALL)
+
+
+def _format_size(fmt: str, values: Any) -> int:
+    """At most how many characters ``fmt % values`` makes: the format's text, and for
+    each conversion its width and precision and the value it reads (ten times over for
+    a repr, or a list or object, whose characters may be escaped)."""
+    total = len(fmt)
+    index = 0
+    for match in _FORMAT_ARG.finditer(fmt):
+        key, width, precision, conversion = match.groups()
+        if conversion == "%":
+            continue
+        total += int(width or 0) + int(precision or 0) + 400  # a float's digits
+        if key is not None and isinstance(values, dict):
+            value = values.get(key, values)  # a key it lacks fails in Python
+        elif isinstance(values, tuple):
+            value = values[index] if index < len(values) else None
+            index += 1
+        else:
+            value = values
+        size = len(value) if isinstance(value, str) else text_size(value)
+        total += size * (10 if conversion in "ra" or not isinstance(value, str) else 1)
+        if total > 16 * MAX_TEXT:
+            break
+    return total
+
+
 def bounded_binop(operator: str, left: Any, right: Any) -> Any:
     """``left <operator> right`` for ``*``, ``**`` and ``%``, refused with
     :class:`BoundExceeded` when the result would be over a bound (``"x" * 10**9``,
-    ``10**10**9``, ``'%0999999999d' % 1``); every other value is left to Python."""
+    ``[record.items] * 1000``, ``10**10**9``, ``'%0999999999d' % 1``,
+    ``('%(a)s' * 10**5) % record``); every other value is left to Python."""
     if operator == "*":
         for seq, times in ((left, right), (right, left)):
             if isinstance(seq, str | list | tuple) and _is_int(times):
                 size = len(seq) * max(times, 0)
+                if size <= MAX_TEXT and times > 1 and not isinstance(seq, str):
+                    # the items are repeated too: a list of lists repeated is their text
+                    size = text_size(seq, MAX_TEXT // times + 1) * times
                 if size > MAX_TEXT:
                     raise BoundExceeded(f"'*' would make {_count(size)} characters or items "
                                         f"(at most {MAX_TEXT})")
@@ -83,12 +140,19 @@ def bounded_binop(operator: str, left: Any, right: Any) -> Any:
     if operator == "%":
         if isinstance(left, str):
             _check_format(left)
+            size = _format_size(left, right)
+            if size > MAX_TEXT and size > len(left) + 10 * text_size(right):
+                # a value read by several conversions ('%(a)s' * 1000 % record)
+                raise BoundExceeded(f"'%' would make {_count(size)} characters "
+                                    f"(at most {MAX_TEXT})")
         return left % right
     raise ValueError(f"operator {operator!r} is not bounded here")
 
 
-def _check_growth(size: int, what: str) -> None:
-    if size > MAX_TEXT:
+def _check_growth(size: int, what: str, given: int = 0) -> None:
+    """Refuse a result of ``size`` over :data:`MAX_TEXT` (and larger than the ``given``
+    input it is made from: a long text escaped is not a growth to refuse)."""
+    if size > MAX_TEXT and size > given:
         raise BoundExceeded(f"{what} would make {_count(size)} characters (at most {MAX_TEXT})")
 
 
@@ -282,14 +346,19 @@ def f_html(value: Any) -> Any:
 
 
 def f_escape(value: Any, chars: str, escape: str = "\\") -> Any:
-    """Put ``escape`` (a backslash) before each of ``chars`` (Zoho criteria: ``(),``)."""
+    """Put ``escape`` (a backslash) before each of ``chars`` (Zoho criteria: ``(),``),
+    once: the escape itself is doubled first, then each character escaped in one pass
+    (a character listed twice, or one the escape holds, is not escaped again)."""
     if is_missing(value):
         return None
-    text = to_text(value).replace(escape, escape + escape)
-    for ch in chars:
-        if ch != escape:
-            text = text.replace(ch, escape + ch)
-    return text
+    text, escape = to_text(value), to_text(escape)
+    wanted = {ch for ch in to_text(chars) if ch != escape}
+    if escape:
+        _check_growth(len(text) + text.count(escape) * len(escape), "escape", len(text))
+        text = text.replace(escape, escape + escape)
+        hits = sum(1 for ch in text if ch in wanted)
+        _check_growth(len(text) + hits * len(escape), "escape", len(text))
+    return text.translate({ord(ch): escape + ch for ch in wanted})
 
 
 def f_default(value: Any, fallback: Any = "") -> Any:
@@ -372,7 +441,10 @@ def f_translate(ctx: Context, value: Any, table: Any, *default: Any) -> Any:
         return default[0] if default else item
 
     if isinstance(value, list | tuple):
-        return [one(v) for v in value]
+        mapped = [one(v) for v in value]
+        # a long value mapped from many short ones: ['a'] * 1000 | translate({'a': text})
+        _check_growth(text_size(mapped), "translate", text_size(value))
+        return mapped
     return one(value)
 
 

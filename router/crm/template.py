@@ -53,6 +53,7 @@ from router.crm.filters import (
     BoundExceeded,
     Runtime,
     bounded_binop,
+    f_escape,
     f_join,
     f_replace,
     to_text,
@@ -294,6 +295,11 @@ _OTHER_BINOPS: Final[dict[type[nodes.BinExpr], Callable[[Any, Any], Any]]] = {
     nodes.Div: lambda a, b: a / b, nodes.FloorDiv: lambda a, b: a // b}
 
 
+#: Filters a literal may make long with, run by :func:`_constant` (bounded).
+_GROWING_FILTERS: Final[dict[str, Callable[..., Any]]] = {
+    "replace": f_replace, "join": f_join, "escape": f_escape}
+
+
 def _constant(node: nodes.Node) -> Any:
     """The value of a literal expression, with ``*``, ``**``, ``%``, ``replace`` and
     ``join`` bounded (:class:`BoundExceeded`); :class:`_NotConstant` otherwise."""
@@ -301,6 +307,11 @@ def _constant(node: nodes.Node) -> Any:
         return node.value
     if isinstance(node, nodes.List | nodes.Tuple):
         return [_constant(item) for item in node.items]
+    if isinstance(node, nodes.Dict):
+        try:
+            return {_constant(pair.key): _constant(pair.value) for pair in node.items}
+        except TypeError:  # an unhashable key: reported when evaluated
+            raise _NotConstant from None
     if isinstance(node, nodes.Neg):
         return -_constant(node.node)
     if isinstance(node, nodes.Pos):
@@ -316,12 +327,11 @@ def _constant(node: nodes.Node) -> Any:
             raise
         except (TypeError, ValueError, ArithmeticError):
             raise _NotConstant from None  # a plain mistake: reported when evaluated
-    if isinstance(node, nodes.Filter) and node.name in ("replace", "join") \
+    if isinstance(node, nodes.Filter) and node.name in _GROWING_FILTERS \
             and node.node is not None and not node.kwargs:
         args = [_constant(a) for a in node.args]
         try:
-            return (f_replace if node.name == "replace" else f_join)(_constant(node.node),
-                                                                     *args)
+            return _GROWING_FILTERS[node.name](_constant(node.node), *args)
         except BoundExceeded:
             raise
         except (TypeError, ValueError):

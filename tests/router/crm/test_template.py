@@ -212,6 +212,12 @@ def test_mistakes_are_named(template: str, message: str) -> None:
         ("{'%*d' % (5, 1)}", "'%' with a width or precision '*'"),
         ("{'a' | replace('', 'y' * 1000000)}", "replace would make 2000001 characters"),
         ("{[1, 2, 3] | join('-' * 600000)}", "join's separators would make 1200000"),
+        ("{(['y' * 1000] * 50000) | join}", "'*' would make 5.0e+07 characters or items"),
+        ("{[['y' * 100] * 1000] * 100}", "'*' would make 100"),
+        ("{('%(a)s' * 100000) % {'a': 'y' * 1000}}", "'%' would make 1.6e+07 characters"),
+        ("{('%s' * 1000) % (('y' * 1000,) * 1000)}", "'*' would make 100"),
+        ("{('%1000s' * 1100) % ((1,) * 1100)}", "'%' would make "),
+        ("{('a' * 1000) | escape('a', 'b' * 2000)}", "escape would make 2001000 characters"),
         ("{record.s.center(10**9)}", "a method call is not part of the template language"),
         ("{'{:>999999999}'.format(1)}", "a method call is not part of the template language"),
     ],
@@ -238,6 +244,15 @@ def test_a_literal_operation_over_a_bound_fails_the_check(template: str, message
          "replace would make 1002000 characters"),
         ("{record.items | join(record.sep)}", {"items": list(range(1002)), "sep": "-" * 1000},
          "join's separators would make 1001000"),
+        ("{record.fmt % record}", {"fmt": "%(a)s" * 2000, "a": "y" * 1000},
+         "'%' would make "),
+        ("{record.items | translate({'a': 'y' * 1000}) | join}", {"items": ["a"] * 2000},
+         "translate would make "),
+        ("{record.s | escape(record.c, record.e)}", {"s": "a" * 1000, "c": "a",
+                                                    "e": "b" * 2000},
+         "escape would make 2001000 characters"),
+        ("{[record.items] * 100}", {"items": ["y" * 100] * 1000},
+         "'*' would make 100"),
     ],
 )
 def test_an_operation_over_a_bound_at_run_time_is_an_error_naming_the_field(
@@ -263,6 +278,22 @@ def test_arithmetic_and_formats_within_the_bounds_still_work() -> None:
     assert value("{'%(a)s-%(b)s' % record}", record={"a": 1, "b": 2}) == "1-2"
     assert value("{record.s | replace('a', 'bb')}", record={"s": "aXa"}) == "bbXbb"
     assert value("{last(3)}", last=lambda n: "123"[-n:]) == "123"
+    assert value("{'%(name)s' % record}", record={"name": "Ann", "notes": "x" * 2_000_000}
+                 ) == "Ann"
+    assert value("{'%s' % record.s}", record={"s": "x" * 2_000_000}) == "x" * 2_000_000
+    assert value("{record.tags | translate({'a': 'A'}) | join(',')}",
+                 record={"tags": ["a", "b"]}) == "A,b"
+    assert value("{record.s | escape('(),')}", record={"s": "(0)20 7183, 8751"}
+                 ) == "\\(0\\)20 7183\\, 8751"
+
+
+def test_escape_puts_the_escape_once_before_each_character() -> None:
+    """escape escapes each character of the text once, however often ``chars`` repeats
+    it or the escape holds it: a repeated or self-escaping list used to compound, each
+    pass escaping the last one's escapes (3**12 times the text for twelve 'a's and 'aa'),
+    and a literal one hung ``callroute check`` in Jinja's constant folding."""
+    assert value("{record.s | escape('aaaaaaaaaaaa', 'aa')}", record={"s": "a"}) == "aaa"
+    assert value("{record.s | escape('((', '#')}", record={"s": "(#"}) == "#(##"
 
 
 def test_check_refuses_a_literal_over_a_bound_naming_the_field(tmp_path: Path) -> None:
