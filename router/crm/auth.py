@@ -201,7 +201,8 @@ class Token:
             issued = doc.get("i")
             token = cls(str(doc["a"]), float(doc["e"]), doc.get("b") or None,
                         float(issued) if issued is not None else None)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError,
+                RecursionError):
             return None
         if not math.isfinite(token.expires_at) or (
                 token.issued_at is not None and not math.isfinite(token.issued_at)):
@@ -486,6 +487,8 @@ class OAuth2Client:
             access = doc["access_token"]
         except (ValueError, KeyError, TypeError) as exc:
             raise CrmBadResponse("oauth2 token endpoint: no access_token in the answer") from exc
+        except RecursionError:
+            raise CrmBadResponse("oauth2 token endpoint: answer nested too deeply") from None
         if not isinstance(access, str) or not access:
             raise CrmBadResponse("oauth2 token endpoint: access_token is not a string")
         lifetime = self._lifetime(doc.get("expires_in"))
@@ -508,6 +511,8 @@ class OAuth2Client:
         if given is not None and not isinstance(given, bool):
             try:
                 seconds = float(given)
+            except OverflowError:  # an integer past a float's range: as long or short
+                seconds = math.inf if given > 0 else -math.inf
             except (TypeError, ValueError):
                 seconds = None
         if seconds is None or math.isnan(seconds):

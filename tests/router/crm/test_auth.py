@@ -17,7 +17,7 @@ from pydantic import SecretStr, ValidationError
 from router.crm.auth import OAuth2Client, Token, TokenStore
 from router.crm.config import CrmSettings
 from router.crm.http import CrmHttp
-from router.errors import CrmClientError, CrmRedirected
+from router.errors import CrmBadResponse, CrmClientError, CrmRedirected
 from router.keys import Keys
 from router.settings import load_settings
 from tests.crm_server import closed_port, scripted_server
@@ -129,6 +129,8 @@ async def test_refresh_before_expiry_runs_in_the_background() -> None:
     (True, 3600.0),
     (10**12, 86400.0),              # years: one day
     ("Infinity", 86400.0),
+    pytest.param(10**400, 86400.0, id="10**400"),  # an integer too large for a float
+    pytest.param(-(10**400), 60.0, id="-10**400"),
 ])
 async def test_a_token_lifetime_is_kept_between_a_minute_and_a_day(
         expires_in: Any, kept: float) -> None:
@@ -143,6 +145,29 @@ async def test_a_token_lifetime_is_kept_between_a_minute_and_a_day(
             assert http.oauth is not None
             assert http.oauth.token is not None
             assert http.oauth.token.expires_at - clock.now == pytest.approx(kept, abs=1)
+        finally:
+            await http.aclose()
+
+
+@pytest.mark.parametrize("answer", [
+    pytest.param("[" * 100_000 + "]" * 100_000, id="nested"),
+    pytest.param('{"access_token": "at-1", "expires_in": 1' + "0" * 5000 + "}", id="huge-int"),
+])
+async def test_an_unparseable_token_answer_is_a_bad_response(answer: str) -> None:
+    """A token endpoint answering JSON nested too deeply, or an integer of over 4300
+    digits, fails the request as CrmBadResponse (a CRM error, counted and retried as
+    one), not as a bare RecursionError or ValueError out of the connector."""
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        return (200, answer, {}) if req["path"] == "/oauth/token" else (200, {}, {})
+
+    async with scripted_server(reply) as server:
+        http = CrmHttp(CrmSettings.model_validate({
+            "name": "loop", "base_url": server.url, "auth": {"type": "oauth2", "oauth2": {
+                "token_url": "/oauth/token", "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET}}}))
+        try:
+            with pytest.raises(CrmBadResponse, match="oauth2 token endpoint"):
+                await ping(http)
         finally:
             await http.aclose()
 
@@ -176,6 +201,7 @@ def test_a_stored_token_that_never_expires_is_not_read() -> None:
     reads as absent: the next request refreshes it instead of sending it forever."""
     assert Token.from_json('{"a":"at-1","e":Infinity,"b":null}') is None
     assert Token.from_json('{"a":"at-1","e":NaN,"b":null}') is None
+    assert Token.from_json('{"a":"at-1","e":1' + "0" * 400 + ',"b":null}') is None
     assert Token.from_json('{"a":"at-1","e":100.0,"b":null,"i":40.0}') == Token(
         "at-1", 100.0, None, 40.0)
     assert Token("at-1", 100.0, None, 40.0).refresh_margin(60) == 30
