@@ -597,7 +597,7 @@ def _number(value: Any, fail: Fail) -> float | None:
         raise fail("is a bool, not a number")
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past a float's
         raise fail(f"is {type(value).__name__} {str(value)[:40]!r}, not a number") from None
 
 
@@ -610,7 +610,7 @@ def _count(value: Any, fail: Fail) -> int:
         raise fail("is a bool, not a count")
     try:
         return int(float(value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999, 10**400
         raise fail(f"is {type(value).__name__} {str(value)[:40]!r}, not a count") from None
 
 

@@ -85,10 +85,13 @@ def parse_datetime(value: Any) -> datetime | None:
     if isinstance(value, bool):
         raise ValueError(f"not a date-time: {value!r}")
     if isinstance(value, int | float):
-        seconds = float(value) / 1000.0 if abs(value) > 1e11 else float(value)
-        if not math.isfinite(seconds):
-            raise ValueError(f"not a date-time: {value!r}")
-        return datetime.fromtimestamp(seconds, UTC)
+        try:
+            seconds = float(value) / 1000.0 if abs(value) > 1e11 else float(value)
+            if math.isfinite(seconds):
+                return datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError):  # past a float's or a date's range
+            pass
+        raise ValueError(f"not a date-time: {str(value)[:40]!r}")
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     if isinstance(value, str):

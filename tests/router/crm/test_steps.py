@@ -255,6 +255,33 @@ async def test_candidates_are_followed_in_a_bounded_number_of_rounds() -> None:
     assert elapsed < 2.5, f"{elapsed:.2f} s: one round per place left"
 
 
+@pytest.mark.parametrize(("field", "raw"), [
+    pytest.param("value", "1" + "0" * 400, id="value-10**400"),
+    pytest.param("open_tickets", '"1e999"', id="tickets-1e999"),
+    pytest.param("open_tickets", "1" + "0" * 400, id="tickets-10**400"),
+    pytest.param("updated_at", "1" + "0" * 20, id="updated-10**20"),
+    pytest.param("updated_at", "1" + "0" * 400, id="updated-10**400"),
+    pytest.param("updated_at", '"1' + "0" * 20 + '"', id="updated-text-10**20"),
+])
+async def test_a_number_out_of_range_in_a_record_is_a_mapping_error(field: str, raw: str
+                                                                    ) -> None:
+    """A record whose number is out of any range (an integer of hundreds of digits, a
+    count of 1e999, a date-time 10**20 seconds away) does not fit the field map: a
+    CrmMappingError naming the field, not an OverflowError or OSError out of the
+    connector (counted as a connector bug, the changes feed stopped)."""
+    body = '{"results": [{"id": "1", "%s": %s}]}' % (field, raw)  # noqa: UP031
+
+    async with scripted_server(lambda _r: (200, body, {})) as server:
+        conn = RestConnector(settings(server.url, lookups=[{
+            "steps": [{"url": "/search"}],
+            "fields": {"id": "id", field: field}}]))
+        try:
+            with pytest.raises(CrmMappingError, match=field):
+                await conn.find_by_number(caller("13800138000"))
+        finally:
+            await conn.aclose()
+
+
 async def test_ordered_lookups_stop_at_the_first_that_keeps_a_record() -> None:
     """Lookups run in order; the secondary object's kind is the customer's kind; an
     error in a lookup fails the whole lookup (never "unknown" by mistake)."""
