@@ -80,11 +80,17 @@ def audit_pin(name: str, version: str, base: str = PYPI) -> tuple[list[str], str
         data = project_json(name, base)
     except (OSError, ValueError) as exc:  # URLError/HTTPError are OSErrors
         return [], f"not audited: {name} {version}: PyPI did not answer ({exc})"
-    latest = str(data.get("info", {}).get("version", ""))
+    info = data.get("info") if isinstance(data, dict) else None
+    latest = str(info.get("version") or "") if isinstance(info, dict) else ""
     if latest != version:
         return [], (f"not audited: {name} {version}: PyPI's advisories are for its latest "
                     f"release ({latest or 'unknown'}) and the release endpoint is unreachable")
-    vulns = [v for v in data.get("vulnerabilities") or [] if not v.get("withdrawn")]
+    listed = data.get("vulnerabilities")
+    if not isinstance(listed, list):  # a mirror's copy of the endpoint: it says nothing
+        return [], (f"not audited: {name} {version}: PyPI's answer carries no advisories "
+                    "list (a mirror or proxy's copy of the project endpoint?)")
+    vulns = [v if isinstance(v, dict) else {"id": str(v)[:80]} for v in listed]
+    vulns = [v for v in vulns if not v.get("withdrawn")]
     return [advisory_line(name, version, v) for v in vulns], None
 
 

@@ -41,6 +41,10 @@ PROJECTS: dict[str, dict[str, Any]] = {
         {"id": "PYSEC-0000-1", "fixed_in": ["0.19.3"], "withdrawn": "2026-01-01T00:00:00"},
     ]},
     "redis": {"info": {"version": "8.1.0"}, "vulnerabilities": []},
+    # a mirror's or proxy's copy of the project endpoint without the advisories
+    "mirrored": {"info": {"version": "1.0"}},
+    "nulled": {"info": {"version": "1.0"}, "vulnerabilities": None},
+    "odd": {"info": None},
 }
 
 
@@ -115,6 +119,24 @@ async def test_an_older_pin_is_named_not_audited(
     assert "not audited: nosuch 1.0: PyPI did not answer" in out
     assert "not audited: broken 2.0: PyPI did not answer" in out
     assert "audited 1 of 4 pinned dependencies" in out
+
+
+async def test_an_answer_without_the_advisories_is_not_audited(
+        pypi: tuple[str, list[str]], capsys: pytest.CaptureFixture[str]) -> None:
+    """A project answer that does not carry PyPI's ``vulnerabilities`` list (a mirror or
+    a proxy serving its own copy of the endpoint, or null) says nothing about
+    advisories: the pin is named as not audited, never counted as clean; an answer of
+    another shape is named too, not a traceback."""
+    base, _ = pypi
+    pins = [("mirrored", "1.0"), ("nulled", "1.0"), ("odd", "1.0"), ("redis", "8.1.0")]
+    status, found = await run_fallback(base, pins)
+    assert status == audit.PARTLY_AUDITED
+    assert found.audited == 1
+    out = capsys.readouterr().out
+    assert "not audited: mirrored 1.0: PyPI's answer carries no advisories list" in out
+    assert "not audited: nulled 1.0: PyPI's answer carries no advisories list" in out
+    assert "not audited: odd 1.0: PyPI's advisories are for its latest release (unknown)" \
+        in out
 
 
 async def test_nothing_answers_is_not_clean(capsys: pytest.CaptureFixture[str]) -> None:
