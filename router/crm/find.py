@@ -22,6 +22,9 @@ idempotency key into the object (an external-id field, a tag, a marker such as
 
 callroute never trusts a broad search: each object must carry the key at ``match.path``
 (equal to, or containing, the rendered text); the first that does is the step's object.
+Contained means as a whole: a key followed by a character a key may go on with (a digit,
+``.``, ``:``...) is the start of another (``call:1700000000.12`` in a neighbour's
+``call:1700000000.123``, or in this call's ``...12:lead``), not this one.
 Without a ``match``, an object must carry the key the step writes (its
 ``idempotency_key``, or the record's key when the record itself is posted) in one of
 its values: an answer whose results do not carry it (a search that ignored a filter, a
@@ -30,7 +33,8 @@ neighbour's object) is "not found", never taken for the step's object.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import string
+from typing import TYPE_CHECKING, Any, Final
 
 from router.crm.lookups import results
 from router.crm.mapping import MISSING, get_path
@@ -75,12 +79,34 @@ async def find_object(
     return None
 
 
+#: Characters a key may go on with (a Linkedid's digits, ``:<step>``): ``wanted`` found
+#: followed by one is the start of another key, not this one (``call:1700000000.12`` in
+#: a neighbour's ``call:1700000000.123`` or this call's ``call:1700000000.12:lead``).
+_KEY_CHARS: Final = frozenset(string.ascii_letters + string.digits + "._:-")
+
+
+def _contains(text: str, wanted: str) -> bool:
+    """Whether ``text`` holds ``wanted`` as a whole: not followed by a character that
+    would make it the start of a longer key."""
+    if not wanted:
+        return False
+    if wanted[-1] not in _KEY_CHARS:
+        return wanted in text
+    start = text.find(wanted)
+    while start != -1:
+        end = start + len(wanted)
+        if end == len(text) or text[end] not in _KEY_CHARS:
+            return True
+        start = text.find(wanted, start + 1)
+    return False
+
+
 def _matches(value: Any, wanted: str, equals: bool) -> bool:
     """Whether ``value`` (what an object holds at ``match.path``) carries ``wanted``."""
     if value is MISSING or value is None or not wanted:
         return False
     text = str(value)
-    return text == wanted if equals else wanted in text
+    return text == wanted if equals else _contains(text, wanted)
 
 
 def _carries(value: Any, wanted: str, depth: int = 0) -> bool:
@@ -89,7 +115,7 @@ def _carries(value: Any, wanted: str, depth: int = 0) -> bool:
     if not wanted or depth > 32:
         return False
     if isinstance(value, str):
-        return wanted in value
+        return _contains(value, wanted)
     if isinstance(value, dict):
         return any(_carries(v, wanted, depth + 1) for v in value.values())
     if isinstance(value, list):

@@ -565,6 +565,40 @@ async def test_a_find_whose_results_do_not_carry_the_key_finds_nothing(match: bo
     assert [r["query"] for r in server.seen] == [{"q": "call:5"}] * 2
 
 
+@pytest.mark.parametrize("match", [False, True])
+async def test_a_find_does_not_take_a_neighbour_whose_key_extends_the_steps(match: bool
+                                                                            ) -> None:
+    """The call of Linkedid 1700000000.12 is looked for among the calls of its second; a
+    neighbour's, 1700000000.123 (or this call's lead, key ...12:lead), holds the key as
+    the start of its own: it is not this step's object (the call would never be posted),
+    with or without a match; the step's own object, the key followed by ')' or by
+    nothing, is found."""
+    hits: list[dict[str, Any]] = [
+        {"id": "N1", "note": "callroute call:1700000000.123)"},
+        {"id": "N2", "note": "callroute call:1700000000.12:lead)"},
+        {"id": "N3", "note": "callroute call:1700000000.12-b"}]
+
+    def reply(req: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        return 200, {"results": hits}, {}
+
+    find: dict[str, Any] = {"url": "/calls/search"}
+    if match:
+        find["match"] = {"path": "note", "contains": "callroute {idempotency_key}"}
+    key = "call:1700000000.12"
+    async with scripted_server(reply) as server:
+        conn = RestConnector(settings(server.url, records=[{
+            "name": "call", "url": "/calls",
+            "body": {"note": "callroute {idempotency_key})"}, "find": find}]))
+        try:
+            assert await conn.find_created("call", missed(key), key, {}, ["call"]) is None
+            hits.append({"id": "X1", "note": "<p>callroute call:1700000000.12</p>"})
+            found = await conn.find_created("call", missed(key), key, {}, ["call"])
+        finally:
+            await conn.aclose()
+    assert found is not None
+    assert found.remote_id == "X1"
+
+
 async def test_a_find_without_match_of_a_posted_record_looks_for_the_record_key() -> None:
     """A step that posts the record itself (no body) writes its record_key: a find
     without a match takes only an object holding that key."""
