@@ -91,6 +91,9 @@ class OdooFake(FakeCrm):
 
     def __init__(self) -> None:
         super().__init__()
+        #: False: Odoo 19 (Odoo Online since saas-18.2), where res.partner and crm.lead
+        #: have no ``mobile`` field any more (reading it is "Invalid field")
+        self.mobile_field = True
         self._seq = itertools.count(7)
         self.rows: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in FIELDS}
         self.owner_ids = {key: str(5 + i) for i, key in enumerate(OWNERS)}
@@ -133,6 +136,10 @@ class OdooFake(FakeCrm):
             "user_id": False, "write_date": "2025-02-21 08:00:00", "category_id": [],
             "lang": "en_US", "x_customer_tier": False, "x_annual_value": 0.0,
             "email": False, "country_id": False}))
+
+    def _fields(self, model: str) -> set[str]:
+        """The fields of ``model`` a read may name (no ``mobile`` on Odoo 19)."""
+        return FIELDS[model] if self.mobile_field else FIELDS[model] - {"mobile"}
 
     def _insert(self, model: str, row: dict[str, Any]) -> int:
         oid = next(self._seq)
@@ -194,9 +201,9 @@ class OdooFake(FakeCrm):
         expect(len(args) <= 1 and set(kwargs) <= {"fields", "limit", "offset", "order",
                                                   "domain"}, "search_read(domain, fields...)")
         domain = args[0] if args else kwargs.get("domain", [])
-        fields = kwargs.get("fields") or sorted(FIELDS[model])
+        fields = kwargs.get("fields") or sorted(self._fields(model))
         for name in fields:
-            expect(name in FIELDS[model], f"Invalid field {name!r} on model {model!r}")
+            expect(name in self._fields(model), f"Invalid field {name!r} on model {model!r}")
         rows = [r for r in self.rows[model].values() if _domain(model, domain, r)]
         if kwargs.get("order"):
             key = str(kwargs["order"]).split()[0]
@@ -277,9 +284,9 @@ class OdooFake(FakeCrm):
         expect(len(args) in (1, 2) and set(kwargs) <= {"fields", "load"},
                "read([ids], fields=[...])")
         fields = kwargs.get("fields") or (args[1] if len(args) == 2 else None) \
-            or sorted(FIELDS[model])
+            or sorted(self._fields(model))
         for name in fields:
-            expect(name in FIELDS[model], f"Invalid field {name!r} on model {model!r}")
+            expect(name in self._fields(model), f"Invalid field {name!r} on model {model!r}")
         return [{k: r.get(k, False) for k in ["id", *fields]}
                 for r in self._records(model, args[0])]
 

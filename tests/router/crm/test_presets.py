@@ -430,6 +430,30 @@ async def test_odoo_finds_a_partner_by_mobile_as_well_as_by_phone(
         await fake.stop()
 
 
+async def test_odoo_preset_works_on_an_odoo_without_mobile_fields() -> None:
+    """Odoo 19 (and Odoo Online since saas-18.2) dropped the ``mobile`` field of
+    res.partner and crm.lead, and a read naming it fails ("Invalid field"): the preset
+    reads no such field, so its lookups (partner and lead) and its changed feed work
+    there as on Odoo 16-18, where a partner's mobile is still matched (through
+    phone_sanitized, the mobile's E.164)."""
+    module = importlib.import_module("tests.crm_fakes.odoo")
+    fake = module.make()
+    fake.mobile_field = False
+    await fake.start()
+    conn = RestConnector(CrmSettings.model_validate(module.config(fake)), region="CN")
+    try:
+        assert (await conn.find_by_number(caller(LI))) is not None
+        lead = await conn.find_by_number(caller(WANG))
+        assert lead is not None
+        assert lead.kind == "lead"
+        page = await conn.changed_since(None)
+        assert page.entries
+        assert fake.violations == []
+    finally:
+        await conn.aclose()
+        await fake.stop()
+
+
 SYNC_VENDORS = [v for v in VENDORS if v != "pipedrive"]  # its preset has no changed feed
 
 
