@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -47,15 +48,18 @@ class Findings:
     unaudited: list[str] = field(default_factory=list)  # one line per pin
 
 
-def freeze(venv: Path) -> list[tuple[str, str]]:
-    """The virtualenv's exact versions, written to LOCK; returns ``(name, version)`` pairs."""
+def freeze(venv: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """The virtualenv's exact versions, written to LOCK: ``(name, version)`` pairs, and the
+    requirements installed from a URL or path (no release PyPI has advisories for)."""
     frozen = subprocess.run(  # noqa: S603 (a fixed argv: our own virtualenv's pip)
         [str(venv / "bin" / "python"), "-m", "pip", "freeze", "--exclude-editable"],
         check=True, capture_output=True, text=True).stdout
-    pins = sorted(line for line in frozen.splitlines() if "==" in line)
+    lines = [ln.strip() for ln in frozen.splitlines() if ln.strip() and not ln.startswith("#")]
+    pins = sorted(line for line in lines if "==" in line)
+    unpinned = [line for line in lines if "==" not in line]  # name @ URL, or a path
     LOCK.write_text("# exact versions of ./dev test's virtualenv, audited by .ci/audit.py\n"
                     + "\n".join(pins) + "\n")
-    return [(name, version) for name, _, version in (p.partition("==") for p in pins)]
+    return [(name, version) for name, _, version in (p.partition("==") for p in pins)], unpinned
 
 
 def advisory_line(name: str, version: str, vuln: dict[str, Any]) -> str:
@@ -140,14 +144,15 @@ def pip_audit(auditor: Path) -> dict[str, Any] | None:
     return report
 
 
-def main() -> int:
-    venv = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / ".venv"
-    auditor = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / ".venv-audit"
-    pins = freeze(venv)
-    report = pip_audit(auditor)
-    if report is None:
-        return VULNERABLE
-    deps = report.get("dependencies", [])
+def canonical(name: str) -> str:
+    """A project name as PyPI compares them (PEP 503): ``PyYAML`` and ``pyyaml`` are one."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def judge(report: dict[str, Any], pins: list[tuple[str, str]]) -> int:
+    """Print what pip-audit's report says of ``pins``; return the exit status. A pin the
+    report does not mention (or an empty report) is named as not audited, never clean."""
+    deps = report.get("dependencies") or []
     skipped = [d for d in deps if d.get("skip_reason")]
     if deps and len(skipped) == len(deps):
         print(f"pip-audit could not look up any of the {len(deps)} dependencies (first "
@@ -155,14 +160,31 @@ def main() -> int:
         return verdict(audit_latest(pins), len(pins))
     vulnerable = [advisory_line(d["name"], d["version"], v)
                   for d in deps for v in d.get("vulns") or []]
+    answered = {canonical(str(d.get("name", ""))) for d in deps}
+    unanswered = [(n, v) for n, v in pins if canonical(n) not in answered]
     for line in vulnerable:
         print(line)
     for dep in skipped:
         print(f"not audited: {dep['name']} {dep.get('version', '')}: {dep['skip_reason']}")
-    if vulnerable or skipped:
+    for name, version in unanswered:
+        print(f"not audited: {name} {version}: pip-audit's report does not mention it")
+    if vulnerable or skipped or unanswered:
         return VULNERABLE
     print(f"pip-audit: {len(deps)} pinned dependencies, no known vulnerability")
     return OK
+
+
+def main() -> int:
+    venv = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / ".venv"
+    auditor = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / ".venv-audit"
+    pins, unpinned = freeze(venv)
+    report = pip_audit(auditor)
+    if report is None:
+        return VULNERABLE
+    status = judge(report, pins)
+    for line in unpinned:
+        print(f"not audited: {line}: installed from a URL or path, not a PyPI release")
+    return PARTLY_AUDITED if status == OK and unpinned else status
 
 
 if __name__ == "__main__":

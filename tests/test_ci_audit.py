@@ -151,3 +151,42 @@ def test_only_https_or_loopback_is_fetched() -> None:
     """The fallback fetches PyPI over HTTPS (or a loopback test server), nothing else."""
     with pytest.raises(ValueError, match="refusing"):
         audit.project_json("redis", base="file:///etc")
+
+
+def test_a_pin_pip_audit_does_not_mention_is_not_clean(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """pip-audit's own report (its sources reachable): an advisory fails; a pin the report
+    does not mention, or an empty report, is named as not audited and fails too (exit 1);
+    names compare as PyPI compares them (PyYAML is pyyaml)."""
+    pins = [("PyYAML", "6.0.4"), ("typing_extensions", "4.16.0")]
+    clean = {"dependencies": [{"name": "pyyaml", "version": "6.0.4", "vulns": []},
+                              {"name": "typing-extensions", "version": "4.16.0", "vulns": []}]}
+    assert audit.judge(clean, pins) == audit.OK
+    assert "2 pinned dependencies, no known vulnerability" in capsys.readouterr().out
+    assert audit.judge({"dependencies": []}, pins) == audit.VULNERABLE
+    out = capsys.readouterr().out
+    assert "not audited: PyYAML 6.0.4: pip-audit's report does not mention it" in out
+    assert "no known vulnerability" not in out
+    one = {"dependencies": [{"name": "pyyaml", "version": "6.0.4", "vulns": [
+        {"id": "GHSA-x", "fix_versions": ["6.0.5"]}]}]}
+    assert audit.judge(one, pins) == audit.VULNERABLE
+    out = capsys.readouterr().out
+    assert "VULNERABLE pyyaml 6.0.4: GHSA-x (fixed in 6.0.5)" in out
+    assert "not audited: typing_extensions 4.16.0" in out
+
+
+def test_freeze_names_what_is_not_a_release(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock holds the exact releases pip freeze lists; a requirement installed from a
+    URL or a path (no release PyPI has advisories for) is returned apart, to be named."""
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\nprintf '%s\\n' 'redis==8.1.0' 'Jinja2==3.1.6' "
+                      "'# a comment' 'mylib @ file:///src/mylib' ''\n")
+    python.chmod(0o755)
+    monkeypatch.setattr(audit, "LOCK", tmp_path / "requirements.lock")
+    pins, unpinned = audit.freeze(tmp_path / "venv")
+    assert pins == [("Jinja2", "3.1.6"), ("redis", "8.1.0")]
+    assert unpinned == ["mylib @ file:///src/mylib"]
+    assert (tmp_path / "requirements.lock").read_text().splitlines()[1:] == [
+        "Jinja2==3.1.6", "redis==8.1.0"]
