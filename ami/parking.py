@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -47,6 +48,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.client import NEVER_DECODE
 from redis.exceptions import RedisError
 
 from ami.tracker import CallTracker
@@ -110,35 +112,56 @@ class CallParking:
 
     def open(self, linkedid: str, raw: str | bytes) -> dict[str, Any]:
         """The state sealed as ``raw``; ValueError when it does not open or is no object."""
-        text = raw.decode() if isinstance(raw, bytes) else raw
+        try:
+            text = raw.decode() if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            raise ValueError("is not UTF-8 text") from exc
         try:
             data = json.loads(self.crypto.open(text, self._context(linkedid)))
         except CryptoError as exc:
             raise ValueError(f"does not decrypt: {exc}") from exc
+        except RecursionError as exc:
+            raise ValueError("is JSON nested too deeply") from exc
         if not isinstance(data, dict):
             raise ValueError("is not a JSON object")
         return data
+
+    async def _raw(self, *args: Any) -> Any:
+        """A Redis command whose reply is left as bytes (a stored value that is no UTF-8
+        text is then one unreadable state, not a failed read)."""
+        return await self.redis.execute_command(  # type: ignore[no-untyped-call]
+            *args, **{NEVER_DECODE: True})
 
     # --- start -----------------------------------------------------------------------------
     async def load(self) -> bool:
         """Read the earlier run's states and hand them to the tracker; False (retried by
         :meth:`run`) when Redis cannot be read."""
+        states: dict[str, dict[str, Any]] = {}
+        cursor = 0
         try:
+            while True:
+                # HSCAN, in chunks (opened between two reads: the event loop runs other
+                # tasks meanwhile), undecoded: a value that is no text is logged, not a
+                # crash of the read
+                async with asyncio.timeout(self.timeout_s):
+                    cursor, raw = await self._raw("HSCAN", self.key, cursor, "COUNT",
+                                                  MAX_PER_TICK)
+                for field, value in raw.items():
+                    lid = field.decode(errors="replace")
+                    try:
+                        states[lid] = self.open(lid, value)
+                    except ValueError as exc:
+                        # kept: it may open once the right key is configured again
+                        log.error("the parked state of call %s %s: left in Redis", lid, exc)
+                if not cursor:
+                    break
+                await asyncio.sleep(0)
             async with asyncio.timeout(self.timeout_s):
-                raw: Mapping[Any, Any] = await self.redis.hgetall(self.key)
-                alive = await self.redis.get(self.alive_key)
+                alive = await self._raw("GET", self.alive_key)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("the calls parked by the previous run cannot be read yet", exc)
             return False
         self._recovered()
-        states: dict[str, dict[str, Any]] = {}
-        for field, value in raw.items():
-            lid = field.decode() if isinstance(field, bytes) else str(field)
-            try:
-                states[lid] = self.open(lid, value)
-            except ValueError as exc:
-                # kept: it may open once the right key is configured again
-                log.error("the parked state of call %s %s: left in Redis", lid, exc)
         try:
             self._last_alive = float(alive) if alive else None
         except (TypeError, ValueError):
@@ -166,10 +189,10 @@ class CallParking:
     async def _decide(self) -> None:
         """Post the records of the earlier run's calls that ended meanwhile, from the
         states still in Redis (another instance may have stored their real records)."""
-        lids = list(self._gone)
+        lids = list(itertools.islice(self._gone, MAX_PER_TICK))  # the others: next round
         try:
             async with asyncio.timeout(self.timeout_s):
-                values: list[Any] = await self.redis.hmget(self.key, lids)
+                values: list[Any] = await self._raw("HMGET", self.key, *lids)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("the calls parked by the previous run cannot be decided yet", exc)
             return
@@ -181,7 +204,8 @@ class CallParking:
                 if self.tracker.post_parked(lid, state, self._last_alive):
                     self._posted += 1
                     PARKED_CALLS.labels("posted").inc()
-        self._due = None
+        if not self._gone:
+            self._due = None
         self._report()
 
     def _report(self) -> None:
@@ -205,7 +229,12 @@ class CallParking:
         """Checkpoint every ``interval_s`` until ``stop`` (and decide the earlier run's
         calls when due)."""
         while not stop.is_set():
-            await self.tick()
+            try:
+                await self.tick()
+            except Exception:
+                # a bug or stored data not foreseen must not end the checkpoints for good
+                log.exception("a call checkpoint round failed: retried in %.0f s",
+                              self.interval_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval_s)
 

@@ -269,7 +269,8 @@ _STATE_SETS = ("dialers", "dest_uids", "cdr_uids", "cdr_dests")
 def _opt_str(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
-    raise ValueError(f"{value!r} is not a string")
+    # the value is not named: it may be a caller's number or name (logged)
+    raise ValueError(f"a value of type {type(value).__name__} where a string was expected")
 
 
 def _opt_float(value: Any) -> float | None:
@@ -277,7 +278,7 @@ def _opt_float(value: Any) -> float | None:
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    raise ValueError(f"{value!r} is not a number")
+    raise ValueError(f"a value of type {type(value).__name__} where a number was expected")
 
 
 def _str_list(value: Any) -> list[str]:
@@ -512,7 +513,10 @@ class CallTracker:
                       linkedid, exc)
         call.incomplete = True
         if call.end_time is None:
-            saved = _opt_float(state.get("saved_at"))
+            try:
+                saved = _opt_float(state.get("saved_at"))
+            except ValueError:
+                saved = None
             seen = max((t for t in (saved, last_seen) if t is not None), default=None)
             call.end_time = seen if seen is None else max(seen, call.start_time)
             call.unseen_end = True

@@ -4,8 +4,10 @@ real Redis by :class:`ami.parking.CallParking`."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -500,3 +502,133 @@ async def test_redis_down_at_start_decides_the_parked_calls_once_it_is_back(
         assert record_of(records, CALL_2).route_target == "Local/7009@agents"
     finally:
         await client.aclose()
+
+
+# --- bad stored data, bounded rounds -------------------------------------------------------
+
+async def test_states_that_do_not_decode_or_have_wrong_types_are_logged_never_a_crash(
+        redis: Redis, redis_url: str, basic: list[Message],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Bytes that are no UTF-8, JSON nested too deeply and a state whose times and
+    caller are of the wrong types: load and the decision after the resync log them
+    (naming the call, never the caller's number) and go on; the undecodable ones are left
+    in Redis, the wrong-typed one is posted with what is known, and checkpoints go on."""
+    raw: Redis = Redis.from_url(redis_url)  # no decoding: to write bytes that are no text
+    try:
+        await raw.hset(KEYS.parked_calls(SCOPE), "1.1", b"\xff\xfe not text")
+        await raw.hset(KEYS.parked_calls(SCOPE), "2.2", "[" * 100_000 + "]" * 100_000)
+    finally:
+        await raw.aclose()
+    tracker = tracker_into([])
+    tracker.handle_all(basic[:cut_at(basic, "AgentConnect", CALL_2)])
+    state = {**tracker.open_states()[CALL_2], "caller_num": 13900139000,
+             "saved_at": "yesterday"}
+    records: list[CallRecord] = []
+    second = tracker_into(records)
+    clock = Clock()
+    parking = parking_of(redis, second, clock)
+    await redis.hset(KEYS.parked_calls(SCOPE), CALL_2, parking.seal(CALL_2, state))
+    with caplog.at_level(logging.ERROR):
+        assert await parking.load()
+        second.resync([])
+        parking.on_resync()
+        clock.now += 10
+        await parking.tick()
+    assert "the parked state of call 1.1" in caplog.text
+    assert "the parked state of call 2.2" in caplog.text
+    assert f"the saved state of call {CALL_2} is unreadable" in caplog.text
+    assert "13900139000" not in caplog.text
+    record = record_of(records, CALL_2)
+    assert (record.incomplete, record.did) == (True, "4008001000")
+    assert sorted(await redis.hkeys(KEYS.parked_calls(SCOPE))) == ["1.1", CALL_2, "2.2"]
+    parking.released(CALL_2)
+    second.handle(Message({"Event": "Newchannel", "Uniqueid": "9.9", "Linkedid": "9.9",
+                           "Channel": "PJSIP/t-9"}))
+    await parking.tick()
+    assert sorted(await redis.hkeys(KEYS.parked_calls(SCOPE))) == ["1.1", "2.2", "9.9"]
+
+
+async def test_the_earlier_run_s_calls_are_read_and_posted_a_bounded_number_at_a_time(
+        redis: Redis, basic: list[Message], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many calls of the earlier run: they are read in chunks (other tasks run between
+    them) and those that ended meanwhile are posted at most MAX_PER_TICK a round, so
+    neither the start nor a round holds the event loop for all of them at once."""
+    monkeypatch.setattr("ami.parking.MAX_PER_TICK", 2)
+    state = first_of(basic, "1795338393.10")
+    writer = parking_of(redis, tracker_into([]))
+    lids = [f"1795338393.{n}" for n in range(600)]
+    await redis.hset(KEYS.parked_calls(SCOPE), mapping={
+        lid: writer.seal(lid, {**state, "linkedid": lid, "first_uid": lid}) for lid in lids})
+    records: list[CallRecord] = []
+    tracker = tracker_into(records)
+    clock = Clock()
+    parking = parking_of(redis, tracker, clock)
+    turns = 0
+    done = False
+
+    async def other_task() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    opened_at: list[int] = []
+    real_open = parking.open
+
+    def open_counting(lid: str, raw: str | bytes) -> dict[str, Any]:
+        opened_at.append(turns)
+        return real_open(lid, raw)
+
+    parking.open = open_counting  # type: ignore[method-assign]
+    task = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
+    try:
+        assert await parking.load()
+    finally:
+        done = True
+        await task
+    assert len(opened_at) == 600
+    # the load let the loop run other tasks between its chunks of states
+    assert max(Counter(opened_at).values()) <= 200
+    tracker.resync([])
+    parking.on_resync()
+    clock.now += 10
+    await parking.tick()
+    assert len(records) == 2
+    await parking.tick()
+    assert len(records) == 4
+    for _ in range(298):
+        await parking.tick()
+    assert sorted(r.linkedid for r in records) == sorted(lids)
+
+
+async def test_a_failing_round_does_not_stop_the_checkpoints(
+        redis: Redis, basic: list[Message], caplog: pytest.LogCaptureFixture) -> None:
+    """A round that fails unexpectedly is logged, and the loop goes on: the next round
+    saves the calls."""
+    tracker = tracker_into([])
+    parking = parking_of(redis, tracker)
+    parking.interval_s = 0.01
+    tracker.handle_all(basic[:cut_at(basic, "QueueCallerJoin", CALL_2)])
+    real = tracker.checkpoints
+    calls = 0
+
+    def failing_once(limit: int | None = None) -> dict[str, dict[str, Any]]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return real(limit)
+
+    tracker.checkpoints = failing_once  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    with caplog.at_level(logging.ERROR, logger="ami.parking"):
+        task = asyncio.create_task(parking.run(stop))
+        for _ in range(200):
+            if await stored(redis):
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+    assert list(await stored(redis)) == [CALL_2]
+    assert "call checkpoint round failed" in caplog.text
