@@ -245,14 +245,18 @@ class _Call:
         return bool(uids) and covered.issuperset(self.names)
 
     def _never_called(self, uid: str, name: str) -> bool:
-        """A Local channel no Dial or Queue ever called (neither half a dial destination):
+        """A Local channel no Dial or Queue ever called (neither half a dial destination,
+        and no LocalBridge for it: Asterisk sends one for every Local channel it calls):
         made for a Dial that could not call it (no such extension or context), it gets no
-        Cdr from Asterisk."""
-        if not name.startswith("Local/") or uid == self.first_uid:
+        Cdr from Asterisk. Never said of a call that may have missed events (a reconnect,
+        a call picked up mid-way): its channels may have been called unseen."""
+        if (not name.startswith("Local/") or uid == self.first_uid or self.incomplete
+                or self.suspect):
             return False
         partner = name[:-1] + ("2" if name.endswith(";1") else "1")
         halves = {uid} | {u for u, n in self.names.items() if n == partner}
-        return not halves & self.dest_uids
+        bridged = set(self.local_pairs) | set(self.local_pairs.values())
+        return not halves & (self.dest_uids | bridged)
 
 
 _STATE_SCALARS = (

@@ -170,3 +170,73 @@ def test_called_local_channel_still_waits_for_its_cdr() -> None:
     ])
     assert tracker.flush(100.25) == 0
     assert tracker.flush(102.1) == 1
+
+
+def cdr(uid: str, channel: str, dest: str = "") -> Message:
+    return Message({"Event": "Cdr", "UniqueID": uid, "Channel": channel,
+                    "DestinationChannel": dest, "StartTime": "2026-12-01 11:12:14",
+                    "EndTime": "2026-12-01 11:12:20", "Disposition": "ANSWERED"})
+
+
+def test_a_local_channel_dialled_by_an_agent_leg_waits_for_its_cdrs() -> None:
+    """A user's dialplan behind the agent's Local channel dials another Local channel
+    (its DialBegin comes from the agent's leg, not the caller's): that channel was
+    called (its LocalBridge says so) and gets Cdrs, so the caller's Cdr alone does not
+    finalise the call; it is finalised with every leg's Cdr once they are in."""
+    records: list[CallRecord] = []
+    tracker = settling(records)
+    a1, a2 = "Local/7001@agents-00000001;1", "Local/7001@agents-00000001;2"
+    b1, b2 = "Local/7001@devices-00000002;1", "Local/7001@devices-00000002;2"
+    tracker.handle_all([
+        ev("Newchannel", CallerIDNum="+8613800138000"),
+        ev("Newchannel", "1796122613.4", Channel=a1),
+        ev("Newchannel", "1796122613.5", Channel=a2),
+        Message({"Event": "LocalBridge", "LocalOneUniqueid": "1796122613.4",
+                 "LocalTwoUniqueid": "1796122613.5", "LocalOneLinkedid": LID}),
+        ev("DialBegin", DestUniqueid="1796122613.4", DestChannel=a1),
+        ev("Newchannel", "1796122613.6", Channel=b1),
+        ev("Newchannel", "1796122613.7", Channel=b2),
+        Message({"Event": "LocalBridge", "LocalOneUniqueid": "1796122613.6",
+                 "LocalTwoUniqueid": "1796122613.7", "LocalOneLinkedid": LID}),
+        ev("DialBegin", "1796122613.5", Channel=a2, DestUniqueid="1796122613.6",
+           DestChannel=b1),
+        ev("DialEnd", "1796122613.5", Channel=a2, DestUniqueid="1796122613.6",
+           DestChannel=b1, DialStatus="ANSWER"),
+        ev("DialEnd", DestUniqueid="1796122613.4", DestChannel=a1, DialStatus="ANSWER"),
+        ev("Hangup", "1796122613.7", Channel=b2, Cause="16"),
+        ev("Hangup", "1796122613.6", Channel=b1, Cause="16"),
+        ev("Hangup", "1796122613.5", Channel=a2, Cause="16"),
+        ev("Hangup", "1796122613.4", Channel=a1, Cause="16"),
+        ev("Hangup", Cause="16"),
+        cdr(LID, CALLER, a1),
+    ])
+    assert tracker.flush(100.25) == 0
+    tracker.handle_all([cdr("1796122613.5", a2, b1), cdr("1796122613.7", b2)])
+    assert tracker.flush(100.3) == 1
+    assert [c["UniqueID"] for c in records[0].cdrs] == [LID, "1796122613.5", "1796122613.7"]
+
+
+def test_a_local_channel_learnt_after_a_reconnect_waits_for_its_cdrs() -> None:
+    """The AMI link dropped while a Local agent channel was dialled (its DialBegin and
+    LocalBridge missed); the resync finds it up: it was called, and its Cdr is waited
+    for, not taken for a never-called channel's."""
+    records: list[CallRecord] = []
+    tracker = settling(records)
+    l1, l2 = "Local/7101@agents-00000003;1", "Local/7101@agents-00000003;2"
+    tracker.handle(ev("Newchannel", CallerIDNum="+8613800138000"))
+    tracker.mark_disconnected()
+    tracker.resync([Message({"Event": "CoreShowChannel", "Uniqueid": uid, "Linkedid": LID,
+                             "Channel": name})
+                    for uid, name in ((LID, CALLER), ("1796122613.4", l1),
+                                      ("1796122613.5", l2))])
+    tracker.handle_all([
+        ev("Hangup", "1796122613.5", Channel=l2, Cause="16"),
+        ev("Hangup", "1796122613.4", Channel=l1, Cause="16"),
+        ev("Hangup", Cause="16"),
+        cdr(LID, CALLER),
+    ])
+    assert tracker.flush(100.25) == 0
+    tracker.handle(cdr("1796122613.5", l2, "PJSIP/7101-00000004"))
+    tracker.handle(cdr(LID, CALLER, l1))
+    assert tracker.flush(100.3) == 1
+    assert len(records[0].cdrs) == 3
