@@ -10,13 +10,14 @@
   script), the retry set, the dead letters and the spool files. Kept delivered records
   (``outbox:sent``, ordered by delivery time for ``outbox replay --since``) and cached
   customers are not rewritten: they roll out by themselves (``sent_keep`` newer
-  deliveries; ``positive_ttl_s + stale_max_age_s``), nor are the states of calls in
-  progress (rewritten with the current key as the calls go, removed when they end; one
-  parked at a stop is read at the next start), and ``status`` shows when the old key can
-  go. The rotation is written to the audit trail. A value it cannot re-encrypt (its key
-  no longer configured, or corrupt) is left as it is and the rotation goes on with the
-  others; they are listed at the end by place and id (stream id, record key, spool file
-  name) with the reason, never their content, and the command exits 3.
+  deliveries; ``positive_ttl_s + stale_max_age_s``), and ``status`` shows when the old
+  key can go. The saved states of calls in progress (``ami.parking``) are re-sealed too
+  (a call up for hours, one parked at a stop or left by a killed run is rewritten by no
+  one else until the next start), each only if unchanged meanwhile. The rotation is
+  written to the audit trail. A value it cannot re-encrypt (its key no longer
+  configured, or corrupt) is left as it is and the rotation goes on with the others;
+  they are listed at the end by place and id (stream id, record key, spool file name,
+  a call's Linkedid) with the reason, never their content, and the command exits 3.
 
 Exit statuses: 0 done; 1 no encryption key configured; 2 Redis unavailable; 3 (rotate)
 some values could not be re-encrypted.
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.client import NEVER_DECODE
 from redis.exceptions import RedisError, ResponseError
 
 from router.audit import AuditEntry, cli_actor, state_hash
@@ -88,6 +90,14 @@ local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], score, ARGV[2])
+return 1
+"""
+
+# KEYS: a hash of calls in progress; ARGV: field, old value, new value. Swaps a state only
+# if it is still the one read (a checkpoint or the call's removal since wins).
+_REHASH_LUA = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
 
@@ -190,7 +200,36 @@ async def rotate(redis: Redis, keys: Keys, group: str, outbox: Outbox,
                 done["spool"] += 1
         except (CryptoError, OutboxError, ValueError) as exc:
             failed.append(NotReencrypted("spool", path.name, "", _reason(exc)))
-    return dict(done)
+    done["parked"] += await _rotate_parked(redis, keys, crypto, failed)
+    return {name: n for name, n in done.items() if n}
+
+
+async def _rotate_parked(redis: Redis, keys: Keys, crypto: KeyRing,
+                         failed: list[NotReencrypted]) -> int:
+    """Re-seal the saved states of calls in progress (``ami.parking``: one hash per
+    Asterisk, each state sealed for its hash and field); a state changed or removed
+    meanwhile is left to its run. Returns how many were re-sealed."""
+    rehash = redis.register_script(_REHASH_LUA)
+    count = 0
+    async for key in redis.scan_iter(match=keys.parked_calls("*"), count=SCAN_CHUNK):
+        cursor = 0
+        while True:
+            # undecoded: a value that is no text is one failure, not the end of the run
+            cursor, chunk = await redis.execute_command(  # type: ignore[no-untyped-call]
+                "HSCAN", key, cursor, "COUNT", SCAN_CHUNK, **{NEVER_DECODE: True})
+            for raw_field, raw in chunk.items():
+                field = raw_field.decode(errors="replace")
+                try:
+                    value = raw.decode()
+                    new = _reseal(crypto, value, f"{key}:{field}")
+                except (CryptoError, ValueError) as exc:
+                    failed.append(NotReencrypted("parked", field, "", _reason(exc)))
+                    continue
+                if new is not None and await rehash(keys=[key], args=[raw_field, value, new]):
+                    count += 1
+            if not int(cursor):
+                break
+    return count
 
 
 async def status(redis: Redis, keys: Keys, outbox: Outbox) -> dict[str, dict[str, int]]:
@@ -246,7 +285,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     config_option(p)
     p.set_defaults(security_handler=_generate)
     for name, what in (("status", "which key each stored value uses"),
-                       ("rotate", "re-encrypt the outbox and the spool with the current key")):
+                       ("rotate", "re-encrypt the outbox, the spool and the saved "
+                                  "states of calls in progress with the current key")):
         p = sub.add_parser(name, help=what, description=what,
                            epilog=ROTATE_EPILOG if name == "rotate" else None)
         config_option(p)

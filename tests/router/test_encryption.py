@@ -234,6 +234,34 @@ async def test_keys_rotate_reencrypts_the_outbox_and_the_spool(h: Harness, crm: 
         ["call-0", "call-1", "call-2", "call-9"]
 
 
+async def test_keys_rotate_reencrypts_the_states_of_calls_in_progress(h: Harness) -> None:
+    """The saved states of calls in progress (ami.parking: a call up for hours, one
+    parked at a stop, one a killed run left) are re-sealed with the current key, for
+    their hash and field, so the old key can go: a run with only the new key reads them.
+    One that does not open is listed, left as it is."""
+    from ami.parking import CallParking
+    from ami.tracker import CallTracker
+
+    old, new = ring(K1), ring(K2, K1)
+    parking = CallParking(h.redis, h.keys, "pbx:5038", CallTracker(lambda _r: None), old)
+    state = {"v": 1, "linkedid": "1.1", "caller_num": "13800138000"}
+    await h.redis.hset(h.keys.parked_calls("pbx:5038"), mapping={
+        "1.1": parking.seal("1.1", state), "2.2": old.seal("{}", "elsewhere")})
+    await h.redis.hset(h.keys.parked_calls("pbx2:5038"), "3.3",
+                       old.seal('{"v":1}', h.keys.parked_calls("pbx2:5038") + ":3.3"))
+    h.outbox.crypto = new
+    failed: list[keys_cli.NotReencrypted] = []
+    assert await keys_cli.rotate(h.redis, h.keys, h.settings.group, h.outbox,
+                                 failed) == {"parked": 2}
+    assert [(f.place, f.id) for f in failed] == [("parked", "2.2")]
+    status = await keys_cli.status(h.redis, h.keys, h.outbox)
+    assert status["parked"] == {"k2": 2, "k1": 1}
+    parking.crypto = ring(K2)
+    saved = await h.redis.hget(h.keys.parked_calls("pbx:5038"), "1.1")
+    assert saved is not None
+    assert parking.open("1.1", saved) == state
+
+
 async def test_rotate_leaves_entries_being_delivered_alone(h: Harness) -> None:
     """An entry a worker holds (pending) is not rewritten under its feet: counted as
     skipped, left as it was."""
