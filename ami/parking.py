@@ -262,7 +262,11 @@ class CallParking:
             pipe.expire(self.key, ttl)
         if released:
             pipe.hdel(self.key, *released)
-        pipe.set(self.alive_key, f"{now:.3f}", ex=ttl)
+        if not (self._gone or self.tracker.parked_waiting):
+            # not while an earlier run's calls are undecided: this run never saw them up,
+            # and a run after it (a stop before they are posted) must not take them for
+            # up until now
+            pipe.set(self.alive_key, f"{now:.3f}", ex=ttl)
         try:
             async with asyncio.timeout(self.timeout_s):
                 await pipe.execute()

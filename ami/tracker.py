@@ -496,6 +496,12 @@ class CallTracker:
                 self._parked[lid] = dict(state)
         return spent
 
+    @property
+    def parked_waiting(self) -> int:
+        """Saved states of an earlier run's calls not yet known to be up or gone (before
+        the first resync) or not yet taken as gone (:meth:`take_parked_gone`)."""
+        return len(self._parked) + len(self._parked_gone)
+
     def take_parked_gone(self) -> dict[str, dict[str, Any]]:
         """The saved states of earlier calls that the last resync did not find up."""
         gone, self._parked_gone = self._parked_gone, {}

@@ -122,8 +122,9 @@ class Keys:
 
     def parked_alive(self, scope: str) -> str:
         """String with TTL: epoch seconds when an instance following the Asterisk ``scope``
-        last saved its calls (every second while it runs): a parked call that ended while
-        nobody followed it was up until at least then."""
+        last saved its calls (every second while it runs, once the calls an earlier run
+        left are decided): a parked call that ended while nobody followed it was up until
+        at least then."""
         return f"{self.prefix}parked-alive:{scope}"
 
     def ratelimit(self, crm: str) -> str:

@@ -632,3 +632,44 @@ async def test_a_failing_round_does_not_stop_the_checkpoints(
         await task
     assert list(await stored(redis)) == [CALL_2]
     assert "call checkpoint round failed" in caplog.text
+
+
+async def test_a_restart_while_ended_calls_wait_to_be_posted_keeps_their_end(
+        redis: Redis, basic: list[Message]) -> None:
+    """Killed mid-call; the next run is stopped while the call that ended meanwhile waits
+    ``settle_s`` to be posted: the run after posts it ending when the killed run was last
+    alive, not when the stopped run was (it never saw the call up)."""
+    cut = cut_at(basic, "AgentConnect", CALL_2)
+    first = tracker_into([])
+    clock = Clock(5_000.0)
+    parking = parking_of(redis, first, clock)
+    assert await parking.load()
+    first.handle_all(basic[:cut])
+    await parking.tick()
+    clock.now = 5_020.0
+    await parking.tick()  # SIGKILL after this
+
+    second = tracker_into([])
+    clock.now = 6_000.0
+    stopped = parking_of(redis, second, clock)
+    assert await stopped.load()
+    second.resync([])
+    stopped.on_resync()
+    for now in (6_001.0, 6_002.0):
+        clock.now = now
+        await stopped.tick()
+    assert await stopped.park() == set()  # SIGTERM before settle_s
+
+    records: list[CallRecord] = []
+    third = tracker_into(records)
+    clock.now = 7_000.0
+    restarted = parking_of(redis, third, clock)
+    assert await restarted.load()
+    third.resync([])
+    restarted.on_resync()
+    clock.now = 7_010.0
+    await restarted.tick()
+    record = record_of(records, CALL_2)
+    assert record.end is not None
+    assert record.start is not None
+    assert (record.end - record.start).total_seconds() == pytest.approx(4_020.0, abs=1.0)
