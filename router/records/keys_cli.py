@@ -258,10 +258,21 @@ async def status(redis: Redis, keys: Keys, outbox: Outbox) -> dict[str, dict[str
     places["cache"] = cached
     parked: Counter[str] = Counter()
     async for key in redis.scan_iter(match=keys.parked_calls("*"), count=SCAN_CHUNK):
-        values: Any = await redis.hvals(key)
-        parked.update(key_id_of(v) or PLAIN for v in values)
+        # undecoded: a value that is no text is counted unreadable, not a traceback
+        values: Any = await redis.execute_command(  # type: ignore[no-untyped-call]
+            "HVALS", key, **{NEVER_DECODE: True})
+        parked.update(_parked_key_id(v) for v in values)
     places["parked"] = parked
     return {name: dict(c) for name, c in places.items()}
+
+
+def _parked_key_id(value: bytes) -> str:
+    """The key id of a call's saved state (PLAIN, or UNREADABLE when it is no text)."""
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        return UNREADABLE
+    return key_id_of(text) or PLAIN
 
 
 def _retry_key_id(member: str) -> str:

@@ -234,11 +234,12 @@ async def test_keys_rotate_reencrypts_the_outbox_and_the_spool(h: Harness, crm: 
         ["call-0", "call-1", "call-2", "call-9"]
 
 
-async def test_keys_rotate_reencrypts_the_states_of_calls_in_progress(h: Harness) -> None:
+async def test_keys_rotate_reencrypts_the_states_of_calls_in_progress(
+        h: Harness, redis_url: str) -> None:
     """The saved states of calls in progress (ami.parking: a call up for hours, one
     parked at a stop, one a killed run left) are re-sealed with the current key, for
     their hash and field, so the old key can go: a run with only the new key reads them.
-    One that does not open is listed, left as it is."""
+    One that does not open (or is no text) is listed, left as it is; status counts it."""
     from ami.parking import CallParking
     from ami.tracker import CallTracker
 
@@ -256,6 +257,16 @@ async def test_keys_rotate_reencrypts_the_states_of_calls_in_progress(h: Harness
     assert [(f.place, f.id) for f in failed] == [("parked", "2.2")]
     status = await keys_cli.status(h.redis, h.keys, h.outbox)
     assert status["parked"] == {"k2": 2, "k1": 1}
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        await raw.hset(h.keys.parked_calls("pbx:5038"), "4.4", b"\xff\xfe no text")
+    finally:
+        await raw.aclose()
+    failed.clear()
+    assert await keys_cli.rotate(h.redis, h.keys, h.settings.group, h.outbox, failed) == {}
+    assert sorted((f.place, f.id) for f in failed) == [("parked", "2.2"), ("parked", "4.4")]
+    status = await keys_cli.status(h.redis, h.keys, h.outbox)
+    assert status["parked"] == {"k2": 2, "k1": 1, keys_cli.UNREADABLE: 1}
     parking.crypto = ring(K2)
     saved = await h.redis.hget(h.keys.parked_calls("pbx:5038"), "1.1")
     assert saved is not None
