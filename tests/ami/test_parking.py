@@ -551,9 +551,9 @@ async def test_states_that_do_not_decode_or_have_wrong_types_are_logged_never_a_
 async def test_the_earlier_run_s_calls_are_read_and_posted_a_bounded_number_at_a_time(
         redis: Redis, basic: list[Message], monkeypatch: pytest.MonkeyPatch) -> None:
     """Many calls of the earlier run: they are read in chunks (other tasks run between
-    them) and those that ended meanwhile are posted at most MAX_PER_TICK a round, so
+    them) and those that ended meanwhile are posted at most MAX_POSTED_PER_TICK a round, so
     neither the start nor a round holds the event loop for all of them at once."""
-    monkeypatch.setattr("ami.parking.MAX_PER_TICK", 2)
+    monkeypatch.setattr("ami.parking.MAX_POSTED_PER_TICK", 2)
     state = first_of(basic, "1795338393.10")
     writer = parking_of(redis, tracker_into([]))
     lids = [f"1795338393.{n}" for n in range(600)]
@@ -588,8 +588,9 @@ async def test_the_earlier_run_s_calls_are_read_and_posted_a_bounded_number_at_a
         done = True
         await task
     assert len(opened_at) == 600
-    # the load let the loop run other tasks between its chunks of states
-    assert max(Counter(opened_at).values()) <= 200
+    # the load let the loop run other tasks between its chunks of states (about
+    # MAX_PER_TICK each: HSCAN's COUNT is a hint)
+    assert max(Counter(opened_at).values()) < 300
     tracker.resync([])
     parking.on_resync()
     clock.now += 10
