@@ -468,6 +468,29 @@ async def test_redis_down_at_shutdown_posts_the_calls_as_incomplete(
         await client.aclose()
 
 
+async def test_parking_that_fails_unforeseen_posts_the_calls_as_incomplete(
+        redis: Redis, basic: list[Message], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unforeseen error while parking (here: the tracker's states cannot be taken) is
+    logged with its traceback and nothing is parked, so the tracker posts the calls still
+    up as incomplete: shutdown goes on and no record is lost."""
+    records: list[CallRecord] = []
+    tracker = tracker_into(records)
+    parking = parking_of(redis, tracker)
+    assert await parking.load()
+    tracker.handle_all(basic[:cut_at(basic, "QueueCallerJoin", CALL_2)])
+
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(tracker, "open_states", broken)
+    with caplog.at_level(logging.ERROR, logger="ami.parking"):
+        parked = await parking.park()
+    assert parked == set()
+    assert "parking the calls in progress failed" in caplog.text
+    tracker.close(parked)
+    assert record_of(records, CALL_2).incomplete
+
 async def test_redis_down_at_start_decides_the_parked_calls_once_it_is_back(
         own_redis: RedisServer, basic: list[Message]) -> None:
     """The states cannot be read at start: nothing is written over them meanwhile (a
