@@ -328,6 +328,20 @@ async def test_parked_at_shutdown_then_picked_up_again_at_start(
     assert await stored(redis) == {}
 
 
+async def killed_mid_call(redis: Redis, basic: list[Message], cut: int) -> Clock:
+    """A first run follows the events before ``cut``, checkpoints them at t=5000, is alive
+    at 5020 (nothing changed: only the alive mark moves on) and is killed; its clock."""
+    first = tracker_into([])
+    clock = Clock(5_000.0)
+    parking = parking_of(redis, first, clock)
+    assert await parking.load()
+    first.handle_all(basic[:cut])
+    await parking.tick()
+    clock.now = 5_020.0
+    await parking.tick()
+    return clock
+
+
 async def test_a_parked_call_that_ended_meanwhile_is_posted_once_after_the_settle_time(
         redis: Redis, basic: list[Message], caplog: pytest.LogCaptureFixture) -> None:
     """Killed mid-call (its last checkpoint in Redis), the call ended while callroute was
@@ -336,15 +350,7 @@ async def test_a_parked_call_that_ended_meanwhile_is_posted_once_after_the_settl
     Posted again by a third run (a kill before the removal), it is the same record_key:
     the outbox keeps one."""
     cut = cut_at(basic, "AgentConnect", CALL_2)
-    first = tracker_into([])
-    clock = Clock(5_000.0)
-    parking = parking_of(redis, first, clock)
-    assert await parking.load()
-    first.handle_all(basic[:cut])
-    await parking.tick()
-    clock.now = 5_020.0
-    await parking.tick()  # nothing changed: only the alive mark moves on
-    # SIGKILL: nothing more
+    clock = await killed_mid_call(redis, basic, cut)
 
     records: list[CallRecord] = []
     second = tracker_into(records)
@@ -664,14 +670,7 @@ async def test_a_restart_while_ended_calls_wait_to_be_posted_keeps_their_end(
     ``settle_s`` to be posted: the run after posts it ending when the killed run was last
     alive, not when the stopped run was (it never saw the call up)."""
     cut = cut_at(basic, "AgentConnect", CALL_2)
-    first = tracker_into([])
-    clock = Clock(5_000.0)
-    parking = parking_of(redis, first, clock)
-    assert await parking.load()
-    first.handle_all(basic[:cut])
-    await parking.tick()
-    clock.now = 5_020.0
-    await parking.tick()  # SIGKILL after this
+    clock = await killed_mid_call(redis, basic, cut)
 
     second = tracker_into([])
     clock.now = 6_000.0
