@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -52,8 +51,7 @@ from redis.client import NEVER_DECODE
 from redis.exceptions import RedisError
 
 from ami.tracker import CallTracker
-from router.crypto import KeyRing
-from router.errors import CryptoError
+from router.crypto import KeyRing, open_json, seal_json
 from router.keys import Keys
 from router.metrics import PARKED_CALLS
 
@@ -110,24 +108,11 @@ class CallParking:
 
     def seal(self, linkedid: str, state: Mapping[str, Any]) -> str:
         """``state`` as compact JSON, sealed for this hash and field."""
-        text = json.dumps(state, ensure_ascii=False, separators=(",", ":"))
-        return self.crypto.seal(text, self._context(linkedid))
+        return seal_json(self.crypto, state, self._context(linkedid))
 
     def open(self, linkedid: str, raw: str | bytes) -> dict[str, Any]:
         """The state sealed as ``raw``; ValueError when it does not open or is no object."""
-        try:
-            text = raw.decode() if isinstance(raw, bytes) else raw
-        except UnicodeDecodeError as exc:
-            raise ValueError("is not UTF-8 text") from exc
-        try:
-            data = json.loads(self.crypto.open(text, self._context(linkedid)))
-        except CryptoError as exc:
-            raise ValueError(f"does not decrypt: {exc}") from exc
-        except RecursionError as exc:
-            raise ValueError("is JSON nested too deeply") from exc
-        if not isinstance(data, dict):
-            raise ValueError("is not a JSON object")
-        return data
+        return open_json(self.crypto, raw, self._context(linkedid))
 
     async def _raw(self, *args: Any) -> Any:
         """A Redis command whose reply is left as bytes (a stored value that is no UTF-8

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import re
 import secrets
@@ -150,6 +151,37 @@ class KeyRing:
         except InvalidTag as exc:
             raise CryptoError(f"a value under key {key_id!r} does not decrypt (altered, or "
                               "stored under another name)") from exc
+
+
+def seal_json(crypto: KeyRing, data: Mapping[str, Any], context: str) -> str:
+    """``data`` as compact JSON, sealed for ``context`` (the Redis key, or key and field,
+    it is stored under): the one way the pages' rows, held records and dispositions and
+    the saved states of calls in progress are written."""
+    return crypto.seal(json.dumps(data, ensure_ascii=False, separators=(",", ":")), context)
+
+
+def open_json(crypto: KeyRing, raw: str | bytes, context: str) -> dict[str, Any]:
+    """The JSON object :func:`seal_json` sealed as ``raw`` for ``context``; ValueError
+    saying why when it is no UTF-8 text, does not decrypt, is not JSON (or is nested too
+    deeply to read) or is not an object. The reason does not repeat ``context``: the
+    caller's log line names what was read."""
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError as exc:
+        raise ValueError("is not UTF-8 text") from exc
+    try:
+        text = crypto.open(text, context)
+    except CryptoError as exc:
+        raise ValueError(f"does not decrypt: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise ValueError("is not JSON") from None
+    except RecursionError:
+        raise ValueError("is JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ValueError("is not a JSON object")
+    return data
 
 
 def key_id_of(value: str | bytes) -> str | None:

@@ -7,8 +7,8 @@ cards (per agent) and the live view; ``wrapup`` holds an answered call's record 
 agent's disposition (or sends a later one as an update of the CRM's activity);
 ``pending`` keeps each agent's list of calls still awaiting a disposition;
 ``history`` keeps callroute's own call summaries and daily figures in Redis (encrypted
-at rest, as wrapup and pending are: ``sealed``); ``audit`` writes the pages' customer
-reads to the audit trail behind the push;
+at rest, as wrapup and pending are: ``router.crypto.seal_json``); ``audit`` writes the
+pages' customer reads to the audit trail behind the push;
 ``routes`` puts it all on the admin server, each route with its access rule.
 
 May import the shared basics of ``router``, ``router.auth``, and read from the

@@ -26,9 +26,8 @@ from zoneinfo import ZoneInfo
 
 from redis.asyncio import Redis
 
-from router.crypto import KeyRing
+from router.crypto import KeyRing, open_json, seal_json
 from router.keys import Keys
-from router.web.sealed import open_json, seal_json
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ class History:
         try:
             return open_json(self.crypto, item, key)
         except ValueError as exc:
-            log.warning("a history row skipped: %s", exc)
+            log.warning("a history row of %s skipped: it %s", key, exc)
             return None
 
     async def day(self, day: str) -> dict[str, Any]:

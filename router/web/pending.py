@@ -32,10 +32,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from router.crypto import KeyRing
+from router.crypto import KeyRing, open_json, seal_json
 from router.keys import Keys
 from router.log import mask_name, mask_number
-from router.web.sealed import open_json, seal_json
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +170,8 @@ class Pending:
         try:
             return open_json(self.crypto, raw, context)
         except ValueError as exc:
-            log.warning("a row of the calls awaiting a disposition dropped: %s", exc)
+            log.warning("a row of the calls awaiting a disposition (%s) dropped: it %s",
+                        context, exc)
             return None
 
 

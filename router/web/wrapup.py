@@ -55,12 +55,11 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from router.crypto import KeyRing
+from router.crypto import KeyRing, open_json, seal_json
 from router.keys import Keys
 from router.records.outbox import Record, record_dict
 from router.records.updates import update_record
 from router.web.pending import Pending
-from router.web.sealed import open_json, seal_json
 
 log = logging.getLogger(__name__)
 

@@ -186,10 +186,9 @@ async def test_a_big_days_csv_export_does_not_stall_the_event_loop(redis_url: st
     from aiohttp.test_utils import TestServer
 
     from router.auth.roles import Role
-    from router.crypto import KeyRing
+    from router.crypto import KeyRing, seal_json
     from router.web.history import summary
     from router.web.live import LiveState
-    from router.web.sealed import seal_json
     from tests.router.web.conftest import pages_app
 
     ring = KeyRing.parse("k1:" + base64.b64encode(b"1" * 32).decode())
