@@ -240,23 +240,24 @@ class _Call:
             for one, two in self.local_pairs.items():
                 if one in covered or two in covered:
                     covered.update((one, two))
-            covered.update(uid for uid, name in self.names.items()
-                           if uid not in covered and self._never_called(uid, name))
+            # never said of a call that may have missed events (a reconnect, a call
+            # picked up mid-way): its channels may have been called unseen
+            if not (self.incomplete or self.suspect):
+                called = self.dest_uids.union(self.local_pairs, self.local_pairs.values())
+                covered.update(uid for uid, name in self.names.items() if uid not in covered
+                               and self._never_called(uid, name, called))
         return bool(uids) and covered.issuperset(self.names)
 
-    def _never_called(self, uid: str, name: str) -> bool:
-        """A Local channel no Dial or Queue ever called (neither half a dial destination,
-        and no LocalBridge for it: Asterisk sends one for every Local channel it calls):
-        made for a Dial that could not call it (no such extension or context), it gets no
-        Cdr from Asterisk. Never said of a call that may have missed events (a reconnect,
-        a call picked up mid-way): its channels may have been called unseen."""
-        if (not name.startswith("Local/") or uid == self.first_uid or self.incomplete
-                or self.suspect):
+    def _never_called(self, uid: str, name: str, called: set[str]) -> bool:
+        """A Local channel no Dial or Queue ever called (neither half in ``called``: a
+        dial destination, or named by a LocalBridge, which Asterisk sends for every Local
+        channel it calls): made for a Dial that could not call it (no such extension or
+        context), it gets no Cdr from Asterisk."""
+        if not name.startswith("Local/") or uid == self.first_uid:
             return False
         partner = name[:-1] + ("2" if name.endswith(";1") else "1")
         halves = {uid} | {u for u, n in self.names.items() if n == partner}
-        bridged = set(self.local_pairs) | set(self.local_pairs.values())
-        return not halves & (self.dest_uids | bridged)
+        return not halves & called
 
 
 _STATE_SCALARS = (
